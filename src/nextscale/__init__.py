@@ -1,0 +1,34 @@
+"""nextscale: sample, serve, accelerate, train and evaluate VAR (next-scale prediction) image generators.
+
+Public API: ``VARPipeline`` (load official or native weights, sample, edit, save), ``SamplingParams``,
+``VARConfig`` / ``VQVAEConfig``. Importing the package has no side effects beyond importing torch lazily.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "VARPipeline": "nextscale.pipeline",
+    "VAROutput": "nextscale.pipeline",
+    "SamplingParams": "nextscale.engine.request",
+    "VARConfig": "nextscale.config",
+    "VQVAEConfig": "nextscale.config",
+}
+
+if TYPE_CHECKING:
+    from nextscale.config import VARConfig, VQVAEConfig
+    from nextscale.engine.request import SamplingParams
+    from nextscale.pipeline import VAROutput, VARPipeline
+
+__all__ = ["SamplingParams", "VARConfig", "VAROutput", "VARPipeline", "VQVAEConfig", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nextscale' has no attribute {name!r}")

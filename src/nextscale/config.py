@@ -1,0 +1,196 @@
+"""Frozen configuration objects for the two models, and named presets of the official release.
+
+Configs are built once at the edge (CLI, checkpoint loader, tests) and validated in ``__post_init__``;
+library code receives them and never reads argv or globals. ``to_dict``/``from_dict`` give the
+``config.json`` stored next to native weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from nextscale.errors import ConfigError
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+def _check_patch_nums(patch_nums: tuple[int, ...]) -> None:
+    if len(patch_nums) < 2:
+        raise ConfigError(f"patch_nums needs at least 2 scales, got {patch_nums}")
+    if any(not isinstance(p, int) or p < 1 for p in patch_nums):
+        raise ConfigError(f"patch_nums must be positive ints, got {patch_nums}")
+    if any(a >= b for a, b in itertools.pairwise(patch_nums)):
+        raise ConfigError(f"patch_nums must be strictly increasing, got {patch_nums}")
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """The multi-scale residual VQ-VAE (``VQVAE`` of the official code).
+
+    ``ch_mult`` sets both the channel widths and the number of down-sampling stages
+    (``len(ch_mult) - 1``); the latent side is ``patch_nums[-1]``, the image side
+    ``patch_nums[-1] * 2 ** (len(ch_mult) - 1)``.
+    """
+
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    dropout: float = 0.0
+    beta: float = 0.25
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+    default_qresi_counts: int = 0
+    quant_conv_ks: int = 3
+    using_znorm: bool = False
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        _check_patch_nums(self.patch_nums)
+        if self.vocab_size < 2 or self.z_channels < 1:
+            raise ConfigError(f"vocab_size must be >= 2 and z_channels >= 1, got {self.vocab_size}, {self.z_channels}")
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ConfigError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
+        for width in {self.ch * m for m in self.ch_mult}:
+            if width % self.norm_groups:
+                raise ConfigError(
+                    f"every VQ-VAE width must be a multiple of {self.norm_groups} (GroupNorm groups); "
+                    f"ch={self.ch} with ch_mult={self.ch_mult} gives {width}"
+                )
+        if self.share_quant_resi < 0:
+            raise ConfigError(f"share_quant_resi must be >= 0, got {self.share_quant_resi}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 (grey) or 3 (RGB), got {self.in_channels}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.patch_nums[-1]
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    """The VAR transformer. Defaults are those of ``build_vae_var(depth=16)`` (head dim 64)."""
+
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    vocab_size: int = 4096
+    z_channels: int = 32
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    cond_drop_rate: float = 0.1
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    class_names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        _check_patch_nums(self.patch_nums)
+        if self.depth < 1 or self.num_heads < 1 or self.embed_dim < 1:
+            raise ConfigError(f"depth, num_heads and embed_dim must be >= 1, got {self.depth}, {self.num_heads}, "
+                              f"{self.embed_dim}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"{len(self.class_names)} class_names given for num_classes={self.num_classes}")
+        if not 0.0 <= self.cond_drop_rate < 1.0:
+            raise ConfigError(f"cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def null_class(self) -> int:
+        """Row of ``class_emb`` used for the unconditional branch of classifier-free guidance."""
+        return self.num_classes
+
+    @classmethod
+    def official(cls, depth: int, shared_aln: bool | None = None, **overrides: Any) -> VARConfig:
+        """The shape ``build_vae_var`` gives: width 64*depth, heads = depth, 512 px schedule for d36."""
+        if shared_aln is None:
+            shared_aln = depth == 36
+        patch_nums = PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256
+        base: dict[str, Any] = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, shared_aln=shared_aln,
+                                    patch_nums=patch_nums, drop_path_rate=0.1 * depth / 24)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VARConfig:
+        return _from_dict(cls, d)
+
+
+PRESETS: dict[str, VARConfig] = {f"var-d{d}": VARConfig.official(d) for d in (16, 20, 24, 30, 36)}
+
+
+def preset(name: str) -> VARConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - {"_class_name", "_nextscale_version"})
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    for k, v in kwargs.items():
+        if isinstance(v, float) and math.isnan(v):
+            raise ConfigError(f"{cls.__name__}.{k} is NaN")
+    return cls(**kwargs)

@@ -1,0 +1,73 @@
+"""Explicit key/value caches for next-scale sampling.
+
+A VAR generation has a fixed total length (``L`` = 680 tokens at 256 px), so a cache is preallocated once
+per request: per layer, keys and values of shape [R, H, L, c]. Each scale appends ``l`` positions to every
+layer. The model never holds a cache; callers pass one into ``CachedStep`` (or the engine's ragged layout).
+
+``ConcatKVCache`` is the reference implementation (grows by concatenation, like the official code); the
+preallocated ``KVCache`` must give identical attention inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, rows: int, num_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (rows, num_heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self.max_len = max_len
+        self.rows = rows
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, rows: int, max_len: int | None = None) -> KVCache:
+        cfg = model.cfg  # type: ignore[attr-defined]
+        w = model.head.weight  # type: ignore[attr-defined]
+        return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device)
+
+    @property
+    def length(self) -> int:
+        """Positions written in the last layer (every layer has the same length after a full step)."""
+        return self.lengths[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def write(self, layer: int, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, l = self.lengths[layer], k_RHlc.shape[2]
+        if n + l > self.max_len:
+            raise RuntimeError(f"KV cache overflow in layer {layer}: {n} + {l} > {self.max_len}")
+        self.k[layer][:, :, n : n + l].copy_(k_RHlc)
+        self.v[layer][:, :, n : n + l].copy_(v_RHlc)
+        self.lengths[layer] = n + l
+        return self.k[layer][:, :, : n + l], self.v[layer][:, :, : n + l]
+
+    def check_integrity(self) -> None:
+        """All layers advanced together and stay within bounds."""
+        assert len(set(self.lengths)) == 1, f"layers out of step: {self.lengths}"
+        assert 0 <= self.length <= self.max_len, f"length {self.length} outside [0, {self.max_len}]"
+
+    def free(self) -> None:
+        self.k.clear()
+        self.v.clear()
+        self.lengths = []
+
+
+class ConcatKVCache:
+    """The official scheme, kept as the oracle: each scale's keys/values are concatenated to the cache."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def write(self, layer: int, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old_k, old_v = self.k[layer], self.v[layer]
+        k = k_RHlc if old_k is None else torch.cat((old_k, k_RHlc), dim=2)
+        v = v_RHlc if old_v is None else torch.cat((old_v, v_RHlc), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v

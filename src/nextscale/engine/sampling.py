@@ -1,0 +1,106 @@
+"""Pure sampling functions: guidance mix, top-k / top-p masking, multinomial and gumbel draws.
+
+Every random draw takes explicit generators — either ONE generator for the whole batch (the official
+stream: ``torch.multinomial`` over all B*l rows at once) or one generator PER IMAGE, so that image i is the
+same whatever batch it is generated in. Semantics follow the official ``sample_with_top_k_top_p_`` exactly:
+masking is in place on the guided logits, top-k keeps ties at the threshold, top-p drops the ascending
+cumulative mass ``<= 1 - top_p`` and always keeps the largest logit, and logits are never tempered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Generators = torch.Generator | Sequence[torch.Generator]
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for image ``index`` of a request with ``seed`` (splitmix64 of both).
+
+    Unlike ``seed + index`` it does not make (seed=0, image 1) collide with (seed=1, image 0).
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    for _ in range(2):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return z >> 1
+
+
+def image_generators(seed: int, count: int, device: torch.device | str = "cpu", start: int = 0
+                     ) -> list[torch.Generator]:
+    """One generator per image, for images ``start .. start+count-1`` of a request seeded with ``seed``."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(seed, start + i)) for i in range(count)]
+
+
+def cfg_weight(cfg: float, si: int, num_scales: int) -> float:
+    """VAR's guidance ramp: ``t = cfg * si / (S-1)``, 0 at the first scale and ``cfg`` at the last."""
+    return cfg * si / (num_scales - 1)
+
+
+def cfg_mix(logits_RlV: torch.Tensor, t: float) -> torch.Tensor:
+    """Rows [0:B] conditional, [B:2B] unconditional -> ``(1+t)*cond - t*uncond`` on logits, [B, l, V]."""
+    B = logits_RlV.shape[0] // 2
+    return (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
+
+
+def mask_top_k_(logits_BlV: torch.Tensor, top_k: int) -> torch.Tensor:
+    if top_k > 0:
+        kth = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
+    return logits_BlV
+
+
+def mask_top_p_(logits_BlV: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits_BlV.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
+    return logits_BlV
+
+
+def _per_image(generators: Generators, B: int) -> list[torch.Generator] | None:
+    if isinstance(generators, torch.Generator):
+        return None
+    gens = list(generators)
+    if len(gens) != B:
+        raise ValueError(f"need one generator per image: got {len(gens)} for {B} images")
+    return gens
+
+
+def sample_tokens(logits_BlV: torch.Tensor, top_k: int, top_p: float, generators: Generators) -> torch.Tensor:
+    """Mask ``logits_BlV`` in place (top-k, then top-p) and draw one token per position -> [B, l]."""
+    B, l, V = logits_BlV.shape
+    mask_top_p_(mask_top_k_(logits_BlV, top_k), top_p)
+    probs = logits_BlV.softmax(dim=-1)
+    gens = _per_image(generators, B)
+    if gens is None:
+        return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generators).view(B, l)
+    return torch.stack([torch.multinomial(probs[i], 1, replacement=True, generator=g).view(l)
+                        for i, g in enumerate(gens)])
+
+
+def gumbel_soft_codes(logits_BlV: torch.Tensor, ratio: float, embedding_VC: torch.Tensor, generators: Generators
+                      ) -> torch.Tensor:
+    """VAR's ``more_smooth`` mode: a gumbel-softmax mixture of codes instead of one code per position.
+
+    Temperature ``max(0.27*(1 - 0.95*ratio), 0.005)`` on logits sharpened by ``1+ratio`` (MaskGIT-style);
+    noise is ``-log(Exp(1))`` drawn after the multinomial. Returns [B, l, Cv].
+    """
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    logits = logits_BlV.mul(1 + ratio)
+    B = logits.shape[0]
+    gens = _per_image(generators, B)
+    noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format)
+    if gens is None:
+        noise.exponential_(generator=generators)
+    else:
+        for i, g in enumerate(gens):
+            noise[i].exponential_(generator=g)
+    y_soft = ((logits - noise.log()) / tau).softmax(-1)
+    return y_soft @ embedding_VC.unsqueeze(0)

@@ -1,0 +1,78 @@
+"""How the tokens of one transformer call are laid out, and which keys each query sees.
+
+The VAR blocks never own per-request state. Each call receives a *layout* object that knows
+(1) how rows map to tokens, so per-row AdaLN vectors can be broadcast (``modulate``/``gate``), and
+(2) how to attend: over the whole sequence with the block-causal mask (teacher forcing), or over an explicit
+KV cache that the caller owns (sampling one scale at a time). The serving engine adds a ragged layout that
+packs several requests at different scales into one call (see ``engine/runner.py``).
+
+Shapes: ``R`` rows (images x CFG branches), ``l`` tokens per row in this call, ``H`` heads, ``c`` head dim,
+``C = H*c``. Dense layouts carry tokens as [R, l, C] and q/k/v as [R, l, H, c].
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Layout(Protocol):
+    def modulate(self, h: torch.Tensor, scale_RC: torch.Tensor, shift_RC: torch.Tensor) -> torch.Tensor:
+        """``h * (1 + scale) + shift`` with each row's vectors applied to that row's tokens."""
+        ...
+
+    def gate(self, y: torch.Tensor, gamma_RC: torch.Tensor) -> torch.Tensor:
+        """``y * gamma`` row-wise (may work in place on ``y``)."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention output for the queries, in the same token layout as ``q`` ([..., H, c])."""
+        ...
+
+
+class KVStore(Protocol):
+    def write(self, layer: int, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's keys/values for ``layer``; return all keys/values visible to its queries."""
+        ...
+
+
+class DenseRows:
+    """Rows of equal length: tokens [R, l, C]; per-row vectors broadcast over l."""
+
+    def modulate(self, h: torch.Tensor, scale_RC: torch.Tensor, shift_RC: torch.Tensor) -> torch.Tensor:
+        # Same op order as the official AdaLN (``ln(x).mul(scale.add(1)).add_(shift)``).
+        return h.mul(scale_RC.unsqueeze(1).add(1)).add_(shift_RC.unsqueeze(1))
+
+    def gate(self, y: torch.Tensor, gamma_RC: torch.Tensor) -> torch.Tensor:
+        return y.mul_(gamma_RC.unsqueeze(1))
+
+
+class FullSequence(DenseRows):
+    """Teacher forcing: every row holds the whole (prefix of the) token pyramid; block-causal mask."""
+
+    def __init__(self, attn_bias_11LL: torch.Tensor | None):
+        self.attn_bias = attn_bias_11LL
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        bias = self.attn_bias
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
+        o_RHLc = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                attn_mask=bias, scale=scale)
+        return o_RHLc.transpose(1, 2)
+
+
+class CachedStep(DenseRows):
+    """One scale of sampling: queries see the cached keys of all coarser scales plus their own scale.
+
+    No mask is needed: within a scale attention is bidirectional, and the cache only holds coarser scales.
+    """
+
+    def __init__(self, kv: KVStore):
+        self.kv = kv
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        k_RHLc, v_RHLc = self.kv.write(layer, k.transpose(1, 2), v.transpose(1, 2))
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k_RHLc, v_RHLc, scale=scale).transpose(1, 2)
