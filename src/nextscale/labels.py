@@ -32,9 +32,9 @@ def resolve_label(label: Label, num_classes: int, class_names: Sequence[str] = (
                                     f"(or -1 for unconditional)")
         return label
     if isinstance(label, str):
+        if re.fullmatch(r"\s*-?\d+\s*", label):
+            return resolve_label(int(label), num_classes, class_names)
         key = _norm(label)
-        if key.lstrip("-").isdigit():
-            return resolve_label(int(key), num_classes, class_names)
         if key in NULL_NAMES:
             return num_classes
         table = {_norm(n): i for i, n in enumerate(class_names)}

@@ -94,14 +94,15 @@ class VARPipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, revision: str | None = None,
-                        local_files_only: bool = False) -> VARPipeline:
-        """A native model folder or hub repo id; with no argument, the bundled demo model."""
+                        local_files_only: bool = False, cache_dir: str | Path | None = None) -> VARPipeline:
+        """A native model folder or Hugging Face hub repo id (downloaded once into the HF cache); with no
+        argument, the bundled demo model."""
         if name_or_path is None:
             folder = bundled_model_dir()
             if not (folder / "model_index.json").is_file():
                 raise CheckpointError(f"no bundled demo model found at {folder}; pass a model folder or hub id")
         else:
-            folder = resolve_model_dir(name_or_path, revision, local_files_only)
+            folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
         var, vae, _ = load_native(folder)
         return cls(var, vae, device, dtype)
 
@@ -172,7 +173,7 @@ class VARPipeline:
 
     @torch.inference_mode()
     def edit(self, image: ImageInput, mask: ImageInput, class_label: int | str | None = None, cfg: float = 3.0,
-             top_k: int = 900, top_p: float = 0.95, seed: int | None = None, more_smooth: bool = False,
+             top_k: int = 0, top_p: float = 0.95, seed: int | None = None, more_smooth: bool = False,
              num_images: int = 1, output_type: OutputType = "pil",
              callback_on_scale: Callable[[ScalePreview], None] | None = None) -> VAROutput:
         """Zero-shot in-/out-painting and class-conditional editing (VAR paper Sec. 4.6).

@@ -111,8 +111,8 @@ def load_native(path: str | Path) -> tuple[VAR, VQVAE, dict[str, Any]]:
     return var, vae, index
 
 
-def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, local_files_only: bool = False
-                      ) -> Path:
+def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, local_files_only: bool = False,
+                      cache_dir: str | Path | None = None) -> Path:
     """A local folder as is; otherwise a Hugging Face hub repo id, downloaded (or found in the HF cache)."""
     p = Path(name_or_path)
     if p.is_dir():
@@ -127,7 +127,7 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, loc
         raise CheckpointError(f"{name}: loading from the hub needs huggingface_hub ({e})") from e
     try:
         local = snapshot_download(repo_id=name, revision=revision, local_files_only=local_files_only,
-                                  allow_patterns=[INDEX, "*/config.json", f"*/{WEIGHTS}"])
+                                  cache_dir=cache_dir, allow_patterns=[INDEX, "*/config.json", f"*/{WEIGHTS}"])
     except LocalEntryNotFoundError as e:
         raise CheckpointError(f"{name}: not in the local Hugging Face cache and the hub is unreachable "
                               f"(offline, or HF_HUB_OFFLINE=1)") from e

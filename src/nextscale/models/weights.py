@@ -50,6 +50,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # not even a torch.save archive: garbage, not a refused pickle
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from e
         raise CheckpointError(
             f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; "
             f"only plain state dicts are accepted (a training checkpoint? export its weights first). Detail: "

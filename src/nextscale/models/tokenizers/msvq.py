@@ -200,7 +200,9 @@ class MultiScaleQuantizer(nn.Module):
         f_hat_BChw.add_(self.phi(si, self.upsample(h_BChw.float())))
         if si == self.num_scales - 1:
             return f_hat_BChw
-        return self.downsample(f_hat_BChw, self.patch_nums[si + 1])
+        nxt_BChw = self.downsample(f_hat_BChw, self.patch_nums[si + 1])
+        # At full size that is f_hat itself, which keeps changing in place: hand out a copy.
+        return nxt_BChw.clone() if nxt_BChw is f_hat_BChw else nxt_BChw
 
     # ---- training forward (straight-through) ------------------------------------------------------------------
     def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
