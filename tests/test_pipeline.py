@@ -23,7 +23,7 @@ def test_output_types(pipe):
     pil = pipe([0, 1], seed=0)
     assert len(pil.images) == 2 and pil.images[0].size == (size, size) and pil.images[0].mode == "RGB"
     arr = pipe([0, 1], seed=0, output_type="np").images
-    assert arr.shape == (2, size, size, 3) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    assert arr.shape == (2, size, size, 3) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1
     pt = pipe([0, 1], seed=0, output_type="pt")
     assert pt.images.shape == (2, 3, size, size)
     np.testing.assert_allclose(pt.images.permute(0, 2, 3, 1).numpy(), arr)

@@ -58,7 +58,7 @@ def test_tiny_configs_roundtrip_through_official_format(tmp_path, var_kw, vae_kw
 
 
 def test_patch_nums_argument_is_checked(tmp_path, fixtures_dir):
-    with pytest.raises(CheckpointError, match="patch_nums=.*disagrees|gives"):
+    with pytest.raises(CheckpointError, match=r"patch_nums=.*disagrees|gives"):
         load_official_var(fixtures_dir / "var.pth", patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 12, 17))
     with pytest.raises(CheckpointError, match=r"10 scales / 680 tokens"):
         load_official_var(fixtures_dir / "var.pth", patch_nums=(1, 2, 3))
@@ -68,10 +68,10 @@ def test_patch_nums_argument_is_checked(tmp_path, fixtures_dir):
 
 
 def test_unknown_schedule_needs_patch_nums(tmp_path):
-    var, vae = tiny_pair(0, {}, dict(patch_nums=(1, 3, 4), ch_mult=(1, 2)))
+    var, _ = tiny_pair(0, {}, dict(patch_nums=(1, 3, 4), ch_mult=(1, 2)))
     sd = var.state_dict()
     del sd["lvl_1L"]
-    with pytest.raises(CheckpointError, match="cannot infer patch_nums .* pass patch_nums="):
+    with pytest.raises(CheckpointError, match=r"cannot infer patch_nums .* pass patch_nums="):
         infer_var_config(sd, source="x.pth")
     assert infer_var_config(sd, patch_nums=(1, 3, 4)).patch_nums == (1, 3, 4)
 
@@ -91,35 +91,35 @@ def test_corrupt_files_give_one_clear_error(tmp_path, fixtures_dir, kind):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match=r"no such file"):
         load_official_var(tmp_path / "nope.pth")
 
 
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "trainer.pth"
     torch.save({"args": argparse.Namespace(lr=1), "model": {"w": torch.zeros(1)}}, path)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"weights_only"):
         load_official_var(path)
 
 
 def test_wrong_kind_of_checkpoint_is_named(fixtures_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="this is a VQ-VAE checkpoint, not a VAR"):
+    with pytest.raises(CheckpointError, match=r"this is a VQ-VAE checkpoint, not a VAR"):
         load_official_var(fixtures_dir / "vae.pth")
-    with pytest.raises(CheckpointError, match="this is a VAR transformer checkpoint, not a VQ-VAE"):
+    with pytest.raises(CheckpointError, match=r"this is a VAR transformer checkpoint, not a VQ-VAE"):
         load_official_vae(fixtures_dir / "var.pth")
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, other)
-    with pytest.raises(CheckpointError, match="does not look like a VAR checkpoint: missing word_embed.weight"):
+    with pytest.raises(CheckpointError, match=r"does not look like a VAR checkpoint: missing word_embed.weight"):
         load_official_var(other)
     torch.save([torch.zeros(1)], other)
-    with pytest.raises(CheckpointError, match="expected a state dict"):
+    with pytest.raises(CheckpointError, match=r"expected a state dict"):
         load_official_var(other)
 
 
 def test_mismatched_pair_is_refused(tmp_path, fixtures_dir):
     _, tiny_vae = tiny_pair(0)
     torch.save(tiny_vae.state_dict(), tmp_path / "tiny_vae.pth")
-    with pytest.raises(CheckpointError, match="different families: the VAR predicts 4096 codes of dim 32, "
+    with pytest.raises(CheckpointError, match=r"different families: the VAR predicts 4096 codes of dim 32, "
                                               "the VQ-VAE has 64 codes of dim 8"):
         load_official_pair(fixtures_dir / "var.pth", tmp_path / "tiny_vae.pth")
 
@@ -141,7 +141,7 @@ def test_strict_loading_reports_what_is_wrong(tmp_path, edit, match):
 
 
 def test_wrapped_state_dict_and_512px_vae_statistics(tmp_path, fixtures_dir):
-    var, vae = tiny_pair(0)
+    var, _ = tiny_pair(0)
     torch.save({"state_dict": var.state_dict()}, tmp_path / "wrapped.pth")
     assert load_official_var(tmp_path / "wrapped.pth").cfg.embed_dim == var.cfg.embed_dim
     sd = torch.load(fixtures_dir / "vae.pth", weights_only=True)
@@ -168,14 +168,14 @@ def test_native_folder_errors(tmp_path):
     folder = save_native(tmp_path / "m", var, vae)
     w = folder / "vae" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="vae/model.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"vae/model.safetensors: not a readable safetensors file"):
         load_native(folder)
     (folder / "transformer" / "config.json").write_text("{broken")
-    with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
+    with pytest.raises(CheckpointError, match=r"config.json: invalid JSON"):
         load_native(folder)
-    with pytest.raises(CheckpointError, match="model_index.json: missing"):
+    with pytest.raises(CheckpointError, match=r"model_index.json: missing"):
         load_native(tmp_path)
-    with pytest.raises(CheckpointError, match="not a model folder .* and not a hub repo id"):
+    with pytest.raises(CheckpointError, match=r"not a model folder .* and not a hub repo id"):
         VARPipeline.from_pretrained(tmp_path / "does-not-exist")
 
 
@@ -188,7 +188,7 @@ def test_from_pretrained_hub_id_uses_the_hf_cache_offline(tmp_path):
     (tmp_path / "hub" / "models--someone--tiny-var" / "refs" / "main").write_text("0123abcd")
     pipe = VARPipeline.from_pretrained("someone/tiny-var", cache_dir=tmp_path / "hub", local_files_only=True)
     assert pipe.transformer.cfg == var.cfg
-    with pytest.raises(CheckpointError, match="someone/other: not in the local Hugging Face cache"):
+    with pytest.raises(CheckpointError, match=r"someone/other: not in the local Hugging Face cache"):
         VARPipeline.from_pretrained("someone/other", cache_dir=tmp_path / "hub", local_files_only=True)
     shutil.rmtree(tmp_path / "hub")
 

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from nextscale import __version__
-from nextscale.cli import convert, generate
+from nextscale.cli import convert, generate, train
 from nextscale.errors import NextscaleError
 
 # Subcommand modules: each exposes add_parser(subparsers) and registers its handler as ``func``.
-COMMANDS = [generate, convert]
+COMMANDS = [generate, convert, train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +42,12 @@ def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in skip}
 
 
-def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, Any] | None = None) -> Path:
-    """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists)."""
-    path = Path(path)
+def _atomic_folder(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a folder in a temporary sibling with ``fill`` and rename it into place (replacing ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        index = {"_class_name": "VARPipeline", "_nextscale_version": __version__,
-                 "transformer": ["nextscale", "VAR"], "vae": ["nextscale", "VQVAE"], **(extra_index or {})}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for name, model in (("transformer", var), ("vae", vae)):
-            (tmp / name).mkdir()
-            cfg = {"_class_name": type(model).__name__, **model.cfg.to_dict()}
-            (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            save_file(_state_for_saving(model), str(tmp / name / WEIGHTS), metadata={"format": "pt"})
+        fill(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -66,6 +59,54 @@ def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, A
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def _write_component(folder: Path, name: str, model: torch.nn.Module) -> None:
+    (folder / name).mkdir()
+    cfg = {"_class_name": type(model).__name__, **model.cfg.to_dict()}  # type: ignore[operator]
+    (folder / name / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(_state_for_saving(model), str(folder / name / WEIGHTS), metadata={"format": "pt"})
+
+
+def _write_index(folder: Path, class_name: str, extra: dict[str, Any] | None = None) -> None:
+    index = {"_class_name": class_name, "_nextscale_version": __version__, **(extra or {})}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, Any] | None = None) -> Path:
+    """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists)."""
+
+    def fill(tmp: Path) -> None:
+        _write_index(tmp, "VARPipeline", {"transformer": ["nextscale", "VAR"], "vae": ["nextscale", "VQVAE"],
+                                          **(extra_index or {})})
+        _write_component(tmp, "transformer", var)
+        _write_component(tmp, "vae", vae)
+
+    return _atomic_folder(Path(path), fill)
+
+
+def save_tokenizer(path: str | Path, vae: VQVAE, extra_index: dict[str, Any] | None = None) -> Path:
+    """A tokenizer-only folder (``vae/`` component), as ``nextscale train-vae`` writes it."""
+
+    def fill(tmp: Path) -> None:
+        _write_index(tmp, "VQVAE", {"vae": ["nextscale", "VQVAE"], **(extra_index or {})})
+        _write_component(tmp, "vae", vae)
+
+    return _atomic_folder(Path(path), fill)
+
+
+def load_tokenizer(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> VQVAE:
+    """The VQ-VAE of a tokenizer folder, of a full model folder, or of an official ``vae_*.pth`` file."""
+    p = Path(path)
+    if p.is_file():
+        from nextscale.models.weights import load_official_vae
+
+        return load_official_vae(p, patch_nums)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such tokenizer folder or file")
+    vae = _load_component(p, "vae")
+    assert isinstance(vae, VQVAE)
+    return vae
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -275,7 +275,9 @@ class VQVAE(nn.Module):
     def img_to_recon(self, img_BChw: torch.Tensor) -> torch.Tensor:
         return self.fhat_to_img(self.quantize.quantize(self.encode(img_BChw))[1][-1])
 
-    def forward(self, img_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Training pass: (unclamped reconstruction, vq loss, tokens)."""
-        f_hat, vq_loss, idx_list = self.quantize(self.encode(img_BChw))
-        return self.decode_unclamped(f_hat), vq_loss, idx_list
+    def forward(self, img_BChw: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Training pass: (unclamped reconstruction, vq loss, tokens, latent ``f`` before quantisation)."""
+        f = self.encode(img_BChw)
+        f_hat, vq_loss, idx_list = self.quantize(f)
+        return self.decode_unclamped(f_hat), vq_loss, idx_list, f.detach()

@@ -1,0 +1,24 @@
+"""The one place nextscale reads environment variables: typed accessors, read when called (never at import)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FASHION_MNIST_ROOT = "NEXTSCALE_FASHION_MNIST_ROOT"
+
+
+def fashion_mnist_root() -> Path | None:
+    """Folder with Fashion-MNIST's four IDX ``.gz`` files, from ``$NEXTSCALE_FASHION_MNIST_ROOT`` (None if unset)."""
+    value = os.environ.get(FASHION_MNIST_ROOT, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def distributed() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when launched by torchrun with more than one process, else None."""
+    if "RANK" not in os.environ:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,206 @@
+"""The training loop shared by the tokenizer and the transformer: one step contract, many guarantees.
+
+A *task* says what a batch is and what its loss is; this loop owns everything else: the official schedule,
+mixed precision, gradient accumulation and clipping, EMA, DDP, progress, metrics, evaluation and atomic,
+resumable checkpoints. *The run is a pure function of (config, seed, step)*: data order comes from a
+step-indexed sampler and every RNG state is checkpointed, so a run killed at any point and resumed ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from nextscale.train import dist
+from nextscale.train.checkpoint import LAST, load_training_state, restore_rng, rng_state, save_atomic
+from nextscale.train.config import LoopConfig
+from nextscale.train.metrics_log import MetricsLog
+from nextscale.train.optim import EMA, apply_schedule, make_adamw
+
+log = logging.getLogger("nextscale.train")
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Task(Protocol):
+    model: nn.Module  # the module being trained (unwrapped)
+    generators: dict[str, torch.Generator]  # task-owned RNGs, checkpointed with the run
+    images_per_step: int
+
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """This rank's batch for every global step from ``start_step`` on (deterministic)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any, step: int, micro: int, num_micro: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of micro-batch ``micro`` of ``batch`` (already scaled for accumulation) and metrics."""
+        ...
+
+    def after_step(self, step: int) -> dict[str, float]: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def export(self, out_dir: Path, model: nn.Module) -> Path: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Task state that must survive a resume (tensors only)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device) -> dict[str, Any]:
+    """Run (or resume) ``task`` to ``cfg.steps``; returns the last metrics and, when done, the export path."""
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoints" / LAST
+    model = task.model.to(device)
+    opt = make_adamw(model, cfg.lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16", init_scale=2.0**11,
+                                  growth_interval=1000)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    start = 0
+    if cfg.resume and ckpt_path.is_file():
+        start = _restore(ckpt_path, model, opt, scaler, ema, task, cfg)
+        if info.is_main:
+            log.info("resumed from %s at step %d", ckpt_path, start)
+    elif cfg.resume and info.is_main:
+        log.info("--resume: no checkpoint at %s yet, starting from scratch", ckpt_path)
+    ddp_model = dist.wrap(model, info, device)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main, truncate_after=start if start else None)
+    bar = _bar(cfg, start, info)
+    last: dict[str, Any] = {}
+    t0, seen = time.perf_counter(), 0
+    stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    batches = task.batches(start)
+    for step in range(start, stop):
+        batch = next(batches)
+        lr = apply_schedule(opt, cfg.lr, step, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.wd_end,
+                            cfg.wp0, cfg.wpe)
+        stats = _optimizer_step(task, ddp_model, model, opt, scaler, batch, step, cfg, device)
+        if ema is not None:
+            ema.update(model)
+        stats.update(task.after_step(step))
+        seen += task.images_per_step
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            dt = time.perf_counter() - t0
+            stats = _mean_over_ranks(stats, info)
+            last = {"step": step + 1, "lr": lr, **stats, "images_per_s": seen / max(dt, 1e-9)}
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
+            metrics.write({"split": "train", **last})
+            t0, seen = time.perf_counter(), 0
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val = _evaluate(task, model, ema)
+            metrics.write({"split": "val", "step": step + 1, **val})
+            if info.is_main:
+                log.info("step %d: %s", step + 1, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == stop:
+            _checkpoint(ckpt_path, step + 1, model, opt, scaler, ema, task, cfg, info)
+    if bar is not None:
+        bar.close()
+    result: dict[str, Any] = {"step": stop, "last": last}
+    if stop == cfg.steps and info.is_main:
+        if ema is not None:
+            ema.copy_to(model)
+        result["export"] = str(task.export(out, model))
+    dist.barrier(info)
+    return result
+
+
+def _optimizer_step(task: Task, ddp_model: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, batch: Any, step: int, cfg: LoopConfig, device: torch.device
+                    ) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    n = cfg.grad_accum
+    for micro in range(n):
+        sync = micro == n - 1 or not isinstance(ddp_model, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else ddp_model.no_sync(), _autocast(cfg, device):
+            loss, stats = task.loss(ddp_model, batch, step, micro, n)
+        scaler.scale(loss).backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v / n
+    scaler.unscale_(opt)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return {**sums, "grad_norm": float(norm)}
+
+
+def _mean_over_ranks(stats: dict[str, float], info: dist.DistInfo) -> dict[str, float]:
+    """Metrics of the global batch (each rank saw a slice of it)."""
+    if not info.enabled or not stats:
+        return stats
+    keys = sorted(stats)
+    vals = dist.all_mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64), info)
+    return dict(zip(keys, vals.tolist()))
+
+
+def _autocast(cfg: LoopConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP[cfg.precision])
+
+
+def _evaluate(task: Task, model: nn.Module, ema: EMA | None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        if ema is None:
+            return task.evaluate(model)
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ema.copy_to(model)
+        try:
+            return task.evaluate(model)
+        finally:
+            model.load_state_dict(backup)
+    finally:
+        model.train(was_training)
+
+
+def _checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                ema: EMA | None, task: Task, cfg: LoopConfig, info: dist.DistInfo) -> None:
+    if info.is_main:
+        state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng_state(task.generators), "config": cfg.to_dict(),
+                 "ema": ema.state_dict() if ema is not None else {}, "task": task.state_dict()}
+        save_atomic(state, path)
+    dist.barrier(info)
+
+
+def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             ema: EMA | None, task: Task, cfg: LoopConfig) -> int:
+    state = load_training_state(path)
+    saved = {k: v for k, v in state["config"].items() if k not in ("resume", "stop_after", "progress")}
+    now = {k: v for k, v in cfg.to_dict().items() if k in saved}
+    changed = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
+    if changed:
+        log.warning("resuming with changed settings (checkpoint -> now): %s", changed)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None and state.get("ema"):
+        ema.load_state_dict(state["ema"])
+    restore_rng(state["rng"], task.generators)
+    task.load_state_dict(state.get("task", {}))
+    return int(state["step"])
+
+
+def _bar(cfg: LoopConfig, start: int, info: dist.DistInfo) -> Any:
+    if not (cfg.progress and info.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,171 @@
+"""Training: tokenizer and transformer end to end on a tiny synthetic image folder, exact resumption after a
+kill, and DDP on 2 CPU processes matching a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nextscale.pipeline import VARPipeline
+from nextscale.train.config import VAETrainConfig, VARTrainConfig
+from nextscale.train.metrics_log import plot_losses, read_metrics
+from nextscale.train.runner import run_training
+
+CLASSES = ("disc", "bars", "checker")
+
+
+def make_folder(root: Path, per_class: int = 24, size: int = 20) -> Path:
+    """Three visually distinct classes of small RGB images (any size works: the loader resizes and crops)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            phase = rng.random()
+            if c == 0:
+                m = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < (0.2 + 0.1 * phase) ** 2).astype(float)
+            elif c == 1:
+                m = (np.sin((xx + phase) * 12) > 0).astype(float)
+            else:
+                m = ((np.floor(xx * 4 + phase) + np.floor(yy * 4)) % 2).astype(float)
+            rgb = np.stack([m, 1 - m, 0.5 * np.ones_like(m)], -1) * 255
+            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+VAE_KW = dict(image_size=16, vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), patch_nums=(1, 2, 4, 8),
+              batch_size=8, steps=6, lr=2e-3, log_every=1, eval_every=3, ckpt_every=2, dead_code_every=2,
+              progress=False)
+VAR_KW = dict(depth=2, embed_dim=64, num_heads=1, batch_size=8, steps=8, lr=1e-3, log_every=1, eval_every=4,
+              ckpt_every=2, progress=False, warmup=0.25)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data") / "imgs")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("vae")
+    result = run_training(VAETrainConfig(data=str(data_dir), out_dir=str(out), **VAE_KW))
+    assert result["step"] == 6
+    return Path(result["export"])
+
+
+def test_tokenizer_training_reports_psnr_and_usage(tokenizer):
+    recs = read_metrics(tokenizer.parent / "metrics.jsonl")
+    val = [r for r in recs if r["split"] == "val"]
+    assert val and all(f"usage_s{si}" in val[-1] and f"psnr_s{si}" in val[-1] for si in range(4))
+    assert val[-1]["psnr_s3"] >= val[-1]["psnr_s0"] - 0.5, "finer scales reconstruct at least as well"
+    train = [r for r in recs if r["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert any(r.get("codes_reseeded", 0) > 0 for r in train), "dead codes get re-seeded"
+    assert (tokenizer / "vae" / "model.safetensors").is_file()
+
+
+def test_transformer_training_exports_a_working_model(tmp_path, tokenizer, data_dir):
+    cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "run"), **VAR_KW)
+    result = run_training(cfg)
+    pipe = VARPipeline.from_pretrained(result["export"])
+    assert pipe.class_names == tuple(sorted(CLASSES))
+    out = pipe(["checker", "disc"], seed=0, output_type="np")
+    assert out.images.shape == (2, 16, 16, 3)
+    val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "val"]
+    assert {"loss", "acc", "acc_tail", "acc_s0"} <= set(val[-1])
+    png = plot_losses(tmp_path / "run" / "metrics.jsonl", tmp_path / "loss.png")
+    assert Image.open(png).size == (800, 450)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model" / "transformer" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["var", "vae"])
+def test_stop_and_resume_equals_uninterrupted(tmp_path, tokenizer, data_dir, kind):
+    def cfg(out: str, **kw):
+        if kind == "vae":
+            return VAETrainConfig(data=str(data_dir), out_dir=str(tmp_path / out), **{**VAE_KW, **kw})
+        return VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / out),
+                              **{**VAR_KW, "ema": 0.9, "hflip": True, **kw})
+
+    full = run_training(cfg("full"))
+    part = run_training(cfg("split", stop_after=3))
+    assert part["step"] == 3 and "export" not in part
+    rest = run_training(cfg("split", resume=True))
+    assert rest["step"] == cfg("x").steps
+    sub = "tokenizer/vae" if kind == "vae" else "model/transformer"
+    a = load_file(Path(full["export"]).parent / sub / "model.safetensors")
+    b = load_file(Path(rest["export"]).parent / sub / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
+              for d in ("full", "split")]
+    assert losses[0] == losses[1], "the metrics log holds one history, identical to the uninterrupted run's"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nextscale", *args]
+
+
+def test_killed_process_resumes_to_the_same_weights(tmp_path, tokenizer, data_dir):
+    common = ["train", "--data", str(data_dir), "--tokenizer", str(tokenizer), "--depth", "2", "--embed-dim", "64",
+              "--num-heads", "1", "--batch-size", "8", "--steps", "30", "--ckpt-every", "3", "--log-every", "1",
+              "--eval-every", "100", "--no-progress"]
+    subprocess.run(_cli(*common, "--out-dir", str(tmp_path / "full")), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli(*common, "--out-dir", str(tmp_path / "killed")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    assert not (tmp_path / "killed" / "model").exists(), "killed before the end"
+    subprocess.run(_cli(*common, "--out-dir", str(tmp_path / "killed"), "--resume"), check=True, capture_output=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_corrupt_checkpoint(tmp_path, tokenizer, data_dir):
+    from nextscale.errors import CheckpointError
+
+    cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "r"),
+                         **{**VAR_KW, "stop_after": 2})
+    run_training(cfg)
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="unreadable training checkpoint"):
+        run_training(VARTrainConfig(**{**cfg.to_dict(), "resume": True, "stop_after": None}))
+
+
+def test_two_process_ddp_matches_single_process(tmp_path, tokenizer, data_dir):
+    common = ["train", "--data", str(data_dir), "--tokenizer", str(tokenizer), "--depth", "2", "--embed-dim", "64",
+              "--num-heads", "1", "--batch-size", "8", "--steps", "4", "--ckpt-every", "4", "--log-every", "1",
+              "--eval-every", "100", "--no-progress"]
+    subprocess.run(_cli(*common, "--out-dir", str(tmp_path / "single")), check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          "-m", "nextscale", *common, "--out-dir", str(tmp_path / "ddp")], capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    single, ddp = ([r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
+                   for d in ("single", "ddp"))
+    assert len(single) == len(ddp) == 4
+    np.testing.assert_allclose(ddp, single, rtol=1e-4)
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+    cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert cfg["batch_size"] == 8
