@@ -1,0 +1,177 @@
+"""The continuous-batching engine: requests join at any iteration, each iteration fuses whatever is in flight.
+
+    engine = Engine(var, vae, EngineConfig())
+    rid = engine.add_request(torch.tensor([3, 3]), SamplingParams(seed=0), previews=True)
+    while engine.has_unfinished():
+        for event in engine.step(): ...          # one ScaleEvent per request advanced this iteration
+
+``step()`` is the vLLM-style contract: ``scheduler.schedule()`` -> ``runner.execute()`` -> ``scheduler.update()``.
+Each request samples with its own generators, so an image is the same whatever else is in flight (tested
+against the single-request pipeline). Finished or aborted requests free their KV cache at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.request import SamplingParams
+from nextscale.engine.runner import ModelRunner
+from nextscale.engine.sampling import image_generators
+from nextscale.engine.scheduler import Scheduler, SchedulerConfig
+from nextscale.engine.state import Generation
+from nextscale.errors import InvalidInputError
+from nextscale.models.tokenizers.msvq import VQVAE
+from nextscale.models.var import VAR
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_tokens_per_iter: int = 4096
+    kv_cache_mb: float = 4096.0  # memory for the KV caches of running requests
+    cheap_tokens: int = 16
+    max_images_per_request: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_mb <= 0:
+            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+
+
+@dataclass
+class ScaleEvent:
+    """One request advanced one scale. ``preview``: partial images [B, C, H, W] in [0, 1] when requested;
+    ``images``/``tokens`` are filled when ``finished``."""
+
+    request_id: str
+    si: int
+    num_scales: int
+    finished: bool = False
+    aborted: bool = False
+    preview: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    tokens: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    labels_B: torch.Tensor
+    params: SamplingParams
+    previews: bool
+    first_image_index: int
+    arrival: float
+    state: Generation | None = None
+
+
+class Engine:
+    def __init__(self, var: VAR, vae: VQVAE, cfg: EngineConfig | None = None):
+        self.var, self.vae = var.eval(), vae.eval()
+        self.cfg = cfg or EngineConfig()
+        self.device = var.head.weight.device
+        c = var.cfg
+        row_bytes = 2 * c.depth * c.seq_len * c.embed_dim * var.head.weight.element_size()
+        max_rows = int(self.cfg.kv_cache_mb * 2**20 // row_bytes)
+        if max_rows < 2 * self.cfg.max_images_per_request:
+            raise InvalidInputError(
+                f"kv_cache_mb={self.cfg.kv_cache_mb} holds {max_rows} rows of KV cache ({row_bytes / 2**20:.2f} MB "
+                f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
+                f"{2 * self.cfg.max_images_per_request}")
+        self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens))
+        self.runner = ModelRunner(var)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self.last_iteration_tokens = 0
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add_request(self, labels_B: torch.Tensor, params: SamplingParams, request_id: str | None = None,
+                    previews: bool = False, first_image_index: int = 0) -> str:
+        if params.seed is None:
+            raise InvalidInputError("engine requests need an explicit seed")
+        n = labels_B.numel()
+        if not 1 <= n <= self.cfg.max_images_per_request:
+            raise InvalidInputError(f"a request has 1..{self.cfg.max_images_per_request} images, got {n}")
+        params.check_vocab(self.var.V)
+        self.var.check_labels(labels_B)
+        rid = request_id or f"req-{next(self._ids)}"
+        self.scheduler.add(rid, 2 * n, tuple(pn * pn for pn in self.var.cfg.patch_nums))
+        self.requests[rid] = _Request(labels_B.to(self.device), params, previews, first_image_index,
+                                      time.perf_counter())
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its cache is released immediately."""
+        req = self.requests.pop(request_id, None)
+        self.scheduler.abort(request_id)
+        if req is not None and req.state is not None:
+            req.state.release()
+        return req is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ---- one iteration --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[ScaleEvent]:
+        out = self.scheduler.schedule()
+        for rid in out.admitted:
+            self._start(rid)
+        units = [self.requests[rid].state for rid in out.units]
+        results = self.runner.execute([u for u in units if u is not None])
+        self.last_iteration_tokens = out.tokens
+        finished = set(self.scheduler.update(out))
+        events = []
+        for rid, res in zip(out.units, results):
+            req = self.requests[rid]
+            ev = ScaleEvent(rid, res.si, res.num_scales, finished=rid in finished)
+            if ev.finished:
+                assert req.state is not None
+                ev.images = self.decode(res.f_hat_BChw)
+                ev.tokens = req.state.tokens
+                req.state.release()
+                del self.requests[rid]
+            elif req.previews:
+                ev.preview = self.decode(res.f_hat_BChw)
+            events.append(ev)
+        return events
+
+    def _start(self, rid: str) -> None:
+        req = self.requests[rid]
+        B = req.labels_B.numel()
+        p = req.params
+        assert p.seed is not None
+        gens = (torch.Generator(device=self.device).manual_seed(p.seed) if p.rng == "official"
+                else image_generators(p.seed, B, self.device, start=req.first_image_index))
+        kv = KVCache.for_model(self.var, rows=2 * B)
+        req.state = Generation(self.var, self.vae.quantize, req.labels_B, p, gens, kv=kv,
+                               lvl_pos_1LC=self.runner.lvl_pos)
+
+    def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        return self.vae.fhat_to_img(f_hat_BChw).add_(1).mul_(0.5)
+
+    # ---- offline use -----------------------------------------------------------------------------------------
+    def generate(self, requests: list[tuple[torch.Tensor, SamplingParams]]) -> list[ScaleEvent]:
+        """Run a list of requests to completion; returns their final events in input order."""
+        ids = [self.add_request(labels, params) for labels, params in requests]
+        done: dict[str, ScaleEvent] = {}
+        while self.has_unfinished():
+            done.update({e.request_id: e for e in self.step() if e.finished})
+        return [done[i] for i in ids]
+
+    def stream(self, labels_B: torch.Tensor, params: SamplingParams, previews: bool = True
+               ) -> Iterator[ScaleEvent]:
+        """One request's per-scale events, driving the engine (single-threaded use)."""
+        rid = self.add_request(labels_B, params, previews=previews)
+        while rid in self.requests:
+            yield from (e for e in self.step() if e.request_id == rid)

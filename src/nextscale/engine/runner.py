@@ -1,0 +1,124 @@
+"""Runs one fused transformer call over several requests, each at its own scale ("selective batching").
+
+The tokens of all scheduled units — every request's conditional and unconditional rows at that request's
+current scale — are packed into one [N, C] matrix, so every linear layer is one GEMM over all of them. Only
+two things are per request: the AdaLN vectors (per row, applied per segment of equal-length rows) and
+attention, which each request runs over its own KV cache. Units are ordered by scale so that requests at the
+same scale form one segment.
+
+Shapes: ``N`` packed tokens, ``R`` packed rows, ``l`` tokens per row of a unit, ``H`` heads, ``c`` head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.state import Generation, ScaleResult
+from nextscale.models.var import VAR, Conditioning
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of equal length: tokens [t0, t1), rows [r0, r1), ``l`` tokens per row."""
+
+    t0: int
+    t1: int
+    r0: int
+    r1: int
+    l: int
+
+
+@dataclass(frozen=True)
+class AttnSpan:
+    """One request's tokens [t0, t1) = its ``rows`` x ``l`` queries, attending over its own cache."""
+
+    t0: int
+    t1: int
+    rows: int
+    l: int
+    kv: KVCache
+
+
+class RaggedStep:
+    """Layout of a packed call: tokens [N, C], q/k/v [N, H, c]."""
+
+    def __init__(self, segments: list[Segment], spans: list[AttnSpan]):
+        self.segments, self.spans = segments, spans
+
+    def _rows(self, x: torch.Tensor, s: Segment) -> torch.Tensor:
+        return x[s.t0: s.t1].view(s.r1 - s.r0, s.l, x.shape[-1])
+
+    def modulate(self, h: torch.Tensor, scale_RC: torch.Tensor, shift_RC: torch.Tensor) -> torch.Tensor:
+        # ``h`` is a fresh LayerNorm output, so it is updated in place, segment by segment (same op order as the
+        # dense layout: h * (1 + scale) + shift).
+        for s in self.segments:
+            hs = self._rows(h, s)
+            hs.mul_(scale_RC[s.r0: s.r1].unsqueeze(1).add(1)).add_(shift_RC[s.r0: s.r1].unsqueeze(1))
+        return h
+
+    def gate(self, y: torch.Tensor, gamma_RC: torch.Tensor) -> torch.Tensor:
+        for s in self.segments:
+            self._rows(y, s).mul_(gamma_RC[s.r0: s.r1].unsqueeze(1))
+        return y
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        H, c = q.shape[-2:]
+        for sp in self.spans:
+
+            def per_row(t: torch.Tensor, sp: AttnSpan = sp) -> torch.Tensor:
+                return t[sp.t0: sp.t1].view(sp.rows, sp.l, H, c).transpose(1, 2)  # [R, H, l, c]
+
+            k_all, v_all = sp.kv.write(layer, per_row(k), per_row(v))
+            o = F.scaled_dot_product_attention(per_row(q), k_all, v_all, scale=scale)
+            out[sp.t0: sp.t1].view(sp.rows, sp.l, H, c).copy_(o.transpose(1, 2))
+        return out
+
+
+class ModelRunner:
+    """Executes scheduled units: pack -> one transformer call -> per-request sampling and advance."""
+
+    def __init__(self, var: VAR):
+        self.var = var
+        self.lvl_pos = var.level_pos()  # shared by every request
+
+    @torch.inference_mode()
+    def execute(self, units: list[Generation]) -> list[ScaleResult]:
+        """Advance every unit by one scale (each unit = one request at its current scale)."""
+        if not units:
+            return []
+        order = sorted(range(len(units)), key=lambda i: units[i].si)
+        ordered = [units[i] for i in order]
+        C = self.var.C
+        x = torch.cat([u.x.reshape(-1, C) for u in ordered]) if len(ordered) > 1 else ordered[0].x.reshape(-1, C)
+        cond = Conditioning.cat([u.cond for u in ordered])
+        layout = RaggedStep(*self._plan(ordered))
+        logits_NV = self.var.forward_tokens(x, cond, layout)
+        results: list[ScaleResult | None] = [None] * len(units)
+        t = 0
+        for i, u in zip(order, ordered):
+            n = u.rows * u.tokens_this_scale
+            results[i] = u.advance(logits_NV[t: t + n].view(u.rows, u.tokens_this_scale, -1))
+            t += n
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _plan(units: list[Generation]) -> tuple[list[Segment], list[AttnSpan]]:
+        segments: list[Segment] = []
+        spans: list[AttnSpan] = []
+        t = r = 0
+        for u in units:
+            l, rows = u.tokens_this_scale, u.rows
+            spans.append(AttnSpan(t, t + rows * l, rows, l, u.kv))
+            if segments and segments[-1].l == l:
+                last = segments[-1]
+                segments[-1] = Segment(last.t0, t + rows * l, last.r0, r + rows, l)
+            else:
+                segments.append(Segment(t, t + rows * l, r, r + rows, l))
+            t += rows * l
+            r += rows
+        return segments, spans

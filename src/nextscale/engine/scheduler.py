@@ -1,0 +1,133 @@
+"""Iteration-level scheduling of next-scale generation (Flover's temporal fusion, vLLM/Orca's continuous
+batching), in plain Python: no tensors, no model.
+
+*Every request has a scale index ``si`` out of the same ``S`` scales; an iteration advances a set of requests by
+one scale each, whatever scale each is at.* A unit (request, scale) costs ``rows * pn^2`` query tokens and
+cannot be split (tokens of a scale attend to each other). Each iteration:
+
+1. admits waiting requests first-come first-served while their KV caches fit the row budget
+   (every admitted row holds a full-length cache until the request ends);
+2. schedules every *cheap* unit (scales of at most ``cheap_tokens`` tokens per row) — they cost little and give
+   new requests their first preview at once;
+3. adds the remaining units oldest-first while the iteration's token budget allows; the oldest is always taken,
+   so a unit larger than the budget still runs (alone) and nothing starves. Oldest-first on the costly last
+   scales is what bounds the latency tail.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_tokens: int = 4096  # query tokens per iteration (sum over units of rows * pn^2)
+    max_rows: int = 256  # rows holding a KV cache at once (2 per image with guidance)
+    cheap_tokens: int = 16  # per-row tokens of a scale that is always scheduled (1,4,9,16 at 256 px)
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SeqState:
+    request_id: str
+    rows: int
+    scale_tokens: tuple[int, ...]  # pn^2 per scale
+    order: int = 0
+    si: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.si >= len(self.scale_tokens)
+
+    @property
+    def next_cost(self) -> int:
+        return self.rows * self.scale_tokens[self.si]
+
+
+@dataclass
+class SchedulerOutput:
+    units: list[str] = field(default_factory=list)  # request ids advancing one scale this iteration
+    admitted: list[str] = field(default_factory=list)  # newly admitted (their caches must be allocated)
+    tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.waiting: deque[SeqState] = deque()
+        self.running: dict[str, SeqState] = {}
+        self._order = itertools.count()
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    def add(self, request_id: str, rows: int, scale_tokens: tuple[int, ...]) -> None:
+        if rows > self.cfg.max_rows:
+            raise ValueError(f"request needs {rows} rows, more than the engine's max_rows={self.cfg.max_rows}")
+        if request_id in self.running or any(s.request_id == request_id for s in self.waiting):
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.waiting.append(SeqState(request_id, rows, scale_tokens, next(self._order)))
+
+    def abort(self, request_id: str) -> bool:
+        if self.running.pop(request_id, None) is not None:
+            return True
+        for s in self.waiting:
+            if s.request_id == request_id:
+                self.waiting.remove(s)
+                return True
+        return False
+
+    @property
+    def rows_in_use(self) -> int:
+        return sum(s.rows for s in self.running.values())
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step contract: schedule() -> execute -> update() ------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        free = self.cfg.max_rows - self.rows_in_use
+        while self.waiting and self.waiting[0].rows <= free:
+            seq = self.waiting.popleft()
+            self.running[seq.request_id] = seq
+            out.admitted.append(seq.request_id)
+            free -= seq.rows
+        by_age = sorted(self.running.values(), key=lambda s: s.order)
+        heavy = []
+        for seq in by_age:
+            if seq.scale_tokens[seq.si] <= self.cfg.cheap_tokens:
+                out.units.append(seq.request_id)
+                out.tokens += seq.next_cost
+            else:
+                heavy.append(seq)
+        for seq in heavy:
+            if out.tokens + seq.next_cost <= self.cfg.max_tokens or not out.units:
+                out.units.append(seq.request_id)
+                out.tokens += seq.next_cost
+        return out
+
+    def update(self, out: SchedulerOutput) -> list[str]:
+        """Advance the scheduled units; returns the requests that finished (and were released)."""
+        finished = []
+        for rid in out.units:
+            seq = self.running.get(rid)
+            if seq is None:  # aborted while its unit was running
+                continue
+            seq.si += 1
+            if seq.done:
+                del self.running[rid]
+                finished.append(rid)
+        return finished
+
+    def check_integrity(self) -> None:
+        assert self.rows_in_use <= self.cfg.max_rows, f"{self.rows_in_use} rows > budget {self.cfg.max_rows}"
+        waiting_ids = {s.request_id for s in self.waiting}
+        assert not waiting_ids & set(self.running), "a request is both waiting and running"
+        assert len(waiting_ids) == len(self.waiting), "duplicate waiting request"
+        for seq in self.running.values():
+            assert 0 <= seq.si < len(seq.scale_tokens), f"{seq.request_id} at scale {seq.si}"

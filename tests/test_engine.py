@@ -1,0 +1,185 @@
+"""Scheduler (no model) and engine (tiny model): fused iterations give every request exactly the image the
+single-request pipeline gives it, whatever the arrival pattern; aborts free everything."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.request import SamplingParams
+from nextscale.engine.scheduler import Scheduler, SchedulerConfig
+from nextscale.errors import InvalidInputError
+from nextscale.pipeline import VARPipeline
+
+from .conftest import tiny_pair
+
+SCALES = (1, 4, 9, 16)
+
+
+# ---- scheduler, no model ------------------------------------------------------------------------------------
+def drain(s: Scheduler) -> list[list[str]]:
+    iters = []
+    while s.has_work():
+        out = s.schedule()
+        iters.append(list(out.units))
+        s.update(out)
+        s.check_integrity()
+    return iters
+
+
+def test_cheap_scales_always_run_and_heavy_ones_go_oldest_first():
+    s = Scheduler(SchedulerConfig(max_tokens=40, max_rows=100, cheap_tokens=4))
+    s.add("old", 2, SCALES)
+    s.add("new", 2, SCALES)
+    out = s.schedule()
+    assert out.admitted == ["old", "new"] and out.units == ["old", "new"]
+    s.update(out)
+    s.update(s.schedule())  # scale 1: 4 tokens per row, still cheap
+    out = s.schedule()  # scale 2 (9 tokens per row, heavy): 18 + 18 <= 40
+    assert out.units == ["old", "new"] and out.tokens == 36
+    s.update(out)
+    out = s.schedule()  # scale 3: 32 tokens each, only the oldest fits the budget
+    assert out.units == ["old"] and out.tokens == 32
+    assert s.update(out) == ["old"]
+    assert s.schedule().units == ["new"]
+
+
+def test_budget_limits_heavy_units_but_never_starves():
+    s = Scheduler(SchedulerConfig(max_tokens=10, max_rows=100, cheap_tokens=1))
+    s.add("a", 2, SCALES)  # scale 3 costs 32 tokens > budget: still runs, alone
+    s.add("b", 2, SCALES)
+    iters = drain(s)
+    assert all(len(u) >= 1 for u in iters)
+    assert ["a"] in iters, "the oldest heavy unit runs alone when it exceeds the budget"
+
+
+def test_row_budget_gates_admission():
+    s = Scheduler(SchedulerConfig(max_tokens=1000, max_rows=4))
+    for rid in "abc":
+        s.add(rid, 2, SCALES)
+    out = s.schedule()
+    assert out.admitted == ["a", "b"] and len(s.waiting) == 1
+    with pytest.raises(ValueError, match="more than the engine's max_rows=4"):
+        s.add("huge", 6, SCALES)
+    with pytest.raises(ValueError, match="duplicate"):
+        s.add("a", 2, SCALES)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4), st.booleans()), min_size=1, max_size=12),
+       st.integers(4, 64), st.integers(2, 12))
+def test_scheduler_invariants_under_random_traffic(reqs, max_tokens, max_rows):
+    s = Scheduler(SchedulerConfig(max_tokens=max_tokens, max_rows=max_rows, cheap_tokens=4))
+    pending = sorted(enumerate(reqs), key=lambda x: x[1][0])
+    done, aborted, it = set(), set(), 0
+    while pending or s.has_work():
+        while pending and pending[0][1][0] <= it:
+            i, (_, n, abort) = pending.pop(0)
+            if 2 * n <= max_rows:
+                s.add(str(i), 2 * n, SCALES)
+                if abort and i % 2:
+                    assert s.abort(str(i))
+                    aborted.add(str(i))
+        out = s.schedule()
+        assert len(set(out.units)) == len(out.units), "a request advances at most one scale per iteration"
+        done.update(s.update(out))
+        s.check_integrity()
+        it += 1
+        assert it < 500
+    expected = {str(i) for i, (_, n, _) in enumerate(reqs) if 2 * n <= max_rows} - aborted
+    assert done == expected
+
+
+# ---- engine against the pipeline ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models():
+    return tiny_pair(13, dict(num_classes=5))
+
+
+def pipeline_result(models, labels, params, first=0):
+    var, vae = models
+    pipe = VARPipeline(var, vae, channels_last_decoder=False)
+    labels = [-1 if int(x) == var.num_classes else int(x) for x in labels]  # the pipeline names the null class -1
+    return pipe(labels, cfg=params.cfg, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                more_smooth=params.more_smooth, output_type="pt", first_image_index=first, rng=params.rng)
+
+
+def random_requests(rng: random.Random, count: int):
+    reqs = []
+    for i in range(count):
+        n = rng.randint(1, 3)
+        labels = torch.tensor([rng.randint(0, 5) for _ in range(n)])
+        params = SamplingParams(cfg=rng.choice([0.0, 1.5, 4.0]), top_k=rng.choice([0, 1, 20]),
+                                top_p=rng.choice([0.0, 0.9]), more_smooth=rng.random() < 0.2, seed=1000 + i,
+                                rng=rng.choice(["per_image", "per_image", "official"]))
+        reqs.append((rng.randint(0, 8), labels, params))
+    return sorted(reqs, key=lambda r: r[0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_engine_equals_pipeline_under_random_arrivals(models, seed):
+    rng = random.Random(seed)
+    var, vae = models
+    engine = Engine(var, vae, EngineConfig(max_tokens_per_iter=rng.choice([8, 40, 4096]),
+                                           kv_cache_mb=rng.choice([0.2, 100.0]), cheap_tokens=rng.choice([1, 4]),
+                                           max_images_per_request=3))
+    pending = random_requests(rng, 7)
+    ids, done, it = {}, {}, 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= it:
+            _, labels, params = pending.pop(0)
+            ids[engine.add_request(labels, params, previews=rng.random() < 0.5)] = (labels, params)
+        for ev in engine.step():
+            if ev.finished:
+                done[ev.request_id] = ev
+        engine.scheduler.check_integrity()
+        for req in engine.requests.values():
+            if req.state is not None:
+                req.state.kv.check_integrity()
+                assert req.state.kv.length == sum(p * p for p in var.cfg.patch_nums[: req.state.si])
+        it += 1
+    assert set(done) == set(ids)
+    for rid, (labels, params) in ids.items():
+        ref = pipeline_result(models, labels, params)
+        for a, b in zip(done[rid].tokens, ref.tokens):
+            assert torch.equal(a, b), rid
+        torch.testing.assert_close(done[rid].images, ref.images, atol=1e-6, rtol=0)
+
+
+def test_events_and_previews_go_coarse_to_fine(models):
+    engine = Engine(*models)
+    events = list(engine.stream(torch.tensor([1, 2]), SamplingParams(seed=3)))
+    assert [e.si for e in events] == [0, 1, 2, 3] and events[-1].finished
+    assert all(e.preview is not None and e.preview.shape == (2, 3, 8, 8) for e in events[:-1])
+    assert events[-1].images.shape == (2, 3, 8, 8) and len(events[-1].tokens) == 4
+
+
+def test_abort_frees_everything(models):
+    engine = Engine(*models)
+    a = engine.add_request(torch.tensor([1]), SamplingParams(seed=0))
+    b = engine.add_request(torch.tensor([2, 3]), SamplingParams(seed=1))
+    engine.step()
+    kv = engine.requests[a].state.kv
+    assert engine.abort(a) and not engine.abort(a)
+    assert kv.k == [] and a not in engine.scheduler.running
+    assert engine.abort(b)
+    assert not engine.has_unfinished() and engine.scheduler.rows_in_use == 0 and not engine.requests
+    (done,) = engine.generate([(torch.tensor([4]), SamplingParams(seed=2))])  # still usable afterwards
+    assert done.finished and done.images.shape[0] == 1 and not engine.requests
+
+
+def test_engine_rejects_bad_requests(models):
+    with pytest.raises(InvalidInputError, match="a request of max_images_per_request=16 needs 32"):
+        Engine(*models, EngineConfig(kv_cache_mb=0.1))
+    engine = Engine(*models, EngineConfig(max_images_per_request=2))
+    with pytest.raises(InvalidInputError, match=r"1\.\.2 images"):
+        engine.add_request(torch.tensor([1, 2, 3]), SamplingParams(seed=0))
+    with pytest.raises(ValueError, match="class labels must be in"):
+        engine.add_request(torch.tensor([9]), SamplingParams(seed=0))
+    with pytest.raises(InvalidInputError, match="explicit seed"):
+        engine.add_request(torch.tensor([1]), SamplingParams())
