@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from nextscale import __version__
-from nextscale.cli import convert, generate, train
+from nextscale.cli import convert, generate, serve, train
 from nextscale.errors import NextscaleError
 
 # Subcommand modules: each exposes add_parser(subparsers) and registers its handler as ``func``.
-COMMANDS = [generate, convert, train]
+COMMANDS = [generate, convert, serve, train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ class EngineConfig:
     kv_cache_mb: float = 4096.0  # memory for the KV caches of running requests
     cheap_tokens: int = 16
     max_images_per_request: int = 16
+    max_running_requests: int = 64
 
     def __post_init__(self) -> None:
         if self.kv_cache_mb <= 0:
@@ -80,7 +81,8 @@ class Engine:
                 f"kv_cache_mb={self.cfg.kv_cache_mb} holds {max_rows} rows of KV cache ({row_bytes / 2**20:.2f} MB "
                 f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
                 f"{2 * self.cfg.max_images_per_request}")
-        self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens))
+        self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens,
+                                                   self.cfg.max_running_requests))
         self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()

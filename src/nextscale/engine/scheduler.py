@@ -5,8 +5,8 @@ batching), in plain Python: no tensors, no model.
 one scale each, whatever scale each is at.* A unit (request, scale) costs ``rows * pn^2`` query tokens and
 cannot be split (tokens of a scale attend to each other). Each iteration:
 
-1. admits waiting requests first-come first-served while their KV caches fit the row budget
-   (every admitted row holds a full-length cache until the request ends);
+1. admits waiting requests first-come first-served while their KV caches fit the row budget (every admitted
+   row holds a full-length cache until the request ends) and fewer than ``max_running`` are in flight;
 2. schedules every *cheap* unit (scales of at most ``cheap_tokens`` tokens per row) — they cost little and give
    new requests their first preview at once;
 3. adds the remaining units oldest-first while the iteration's token budget allows; the oldest is always taken,
@@ -26,9 +26,10 @@ class SchedulerConfig:
     max_tokens: int = 4096  # query tokens per iteration (sum over units of rows * pn^2)
     max_rows: int = 256  # rows holding a KV cache at once (2 per image with guidance)
     cheap_tokens: int = 16  # per-row tokens of a scale that is always scheduled (1,4,9,16 at 256 px)
+    max_running: int = 64  # requests in flight at once (vLLM's max_num_seqs); the rest wait in the queue
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_rows"):
+        for name in ("max_tokens", "max_rows", "max_running"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -92,7 +93,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         free = self.cfg.max_rows - self.rows_in_use
-        while self.waiting and self.waiting[0].rows <= free:
+        while self.waiting and self.waiting[0].rows <= free and len(self.running) < self.cfg.max_running:
             seq = self.waiting.popleft()
             self.running[seq.request_id] = seq
             out.admitted.append(seq.request_id)
@@ -126,6 +127,7 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         assert self.rows_in_use <= self.cfg.max_rows, f"{self.rows_in_use} rows > budget {self.cfg.max_rows}"
+        assert len(self.running) <= self.cfg.max_running, f"{len(self.running)} running > {self.cfg.max_running}"
         waiting_ids = {s.request_id for s in self.waiting}
         assert not waiting_ids & set(self.running), "a request is both waiting and running"
         assert len(waiting_ids) == len(self.waiting), "duplicate waiting request"

@@ -1,0 +1,174 @@
+"""Bridge between asyncio request handlers and the engine, which runs in one dedicated thread.
+
+Handlers ``submit`` requests and read their per-scale events from an ``asyncio.Queue``; the engine thread
+owns the ``Engine`` exclusively (adds and aborts arrive as commands, so nothing races with a step) and
+hands events back with ``call_soon_threadsafe``. Torch releases the GIL inside its kernels, so the event
+loop keeps answering ``/health`` and ``/metrics`` while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nextscale.engine.engine import Engine, ScaleEvent
+from nextscale.engine.request import SamplingParams
+from nextscale.serve.metrics import ServerMetrics
+
+log = logging.getLogger("nextscale.serve")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: float):
+        super().__init__(f"queue full, retry after {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Handle:
+    request_id: str
+    images: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: bool = False
+    first_preview: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, max_queue: int = 64):
+        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._handles: dict[str, Handle] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.accepting = True
+        self._ids = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="nextscale-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout: float = 60.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``drain_timeout``), then stop the thread."""
+        self.accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self._handles and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._handles):
+            self.abort(rid)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # ---- handler side ------------------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return sum(1 for h in self._handles.values() if not h.started)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for h in self._handles.values() if h.started)
+
+    def submit(self, labels_B: torch.Tensor, params: SamplingParams, previews: bool) -> Handle:
+        if not self.accepting:
+            raise ShuttingDown()
+        with self._lock:
+            if self.queued >= self.max_queue:
+                raise QueueFull(self.metrics.retry_after(self.queued))
+            self._ids += 1
+            handle = Handle(f"img-{self._ids}", labels_B.numel())
+            self._handles[handle.request_id] = handle
+        self._commands.put(("add", (handle.request_id, labels_B, params, previews)))
+        self._wake.set()
+        self.metrics.set_queue(self.queued, self.running)
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Cancel (client gone): the engine frees the request's cache before its next step."""
+        if self._handles.pop(request_id, None) is not None:
+            self.metrics.requests.labels(status="cancelled").inc()
+            self._commands.put(("abort", request_id))
+            self._wake.set()
+            self.metrics.set_queue(self.queued, self.running)
+
+    # ---- engine thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            t0 = time.perf_counter()
+            try:
+                events = self.engine.step()
+            except Exception as e:  # one bad step must not kill the server
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self.metrics.iteration(time.perf_counter() - t0, self.engine.last_iteration_tokens)
+            for ev in events:
+                self._deliver(ev)
+            self.metrics.set_queue(self.queued, self.running)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                rid, labels, params, previews = arg
+                if rid not in self._handles:  # aborted before it reached the engine
+                    continue
+                try:
+                    self.engine.add_request(labels, params, request_id=rid, previews=previews)
+                except ValueError as e:
+                    self._post(rid, e)
+            elif kind == "abort" and arg in self.engine.requests:
+                self.engine.abort(arg)
+
+    def _deliver(self, ev: ScaleEvent) -> None:
+        handle = self._handles.get(ev.request_id)
+        if handle is None:
+            return
+        now = time.perf_counter()
+        if not handle.started:
+            handle.started = True
+        if handle.first_preview is None:
+            handle.first_preview = now
+            self.metrics.ttfp.observe(now - handle.submitted)
+        if ev.finished:
+            self._handles.pop(ev.request_id, None)
+            self.metrics.finished(handle.images, now - handle.submitted)
+        self._post(ev.request_id, ev, handle)
+
+    def _post(self, rid: str, item: Any, handle: Handle | None = None) -> None:
+        handle = handle or self._handles.pop(rid, None)
+        if handle is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(handle.events.put_nowait, item)
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid in list(self._handles):
+            if rid in self.engine.requests:
+                self.engine.abort(rid)
+            self._post(rid, err)
+            self._handles.pop(rid, None)
+            self.metrics.requests.labels(status="error").inc()

@@ -1,0 +1,76 @@
+"""HTTP request/response schemas (pydantic lives only here, at the edge).
+
+OpenAI-shaped ``POST /v1/images/generations`` with VAR's sampling fields as extensions. ``prompt`` carries a
+class name (or index); ``class_label`` is the explicit alternative. Unknown fields are rejected so a typo
+(``top-k``, ``guidance``) is a 422 naming it rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, max_length=200, description="a class name (or index) of the model")
+    class_label: int | str | None = Field(None, description="class index or name; alternative to prompt")
+    n: int = Field(1, ge=1, description="number of images")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses a generator from (seed, i)")
+    cfg: float = Field(1.5, ge=0.0, le=100.0, description="VAR guidance (0 = none)")
+    top_k: int = Field(0, ge=0, description="top-k filter, 0 = off")
+    top_p: float = Field(0.0, ge=0.0, le=1.0, description="top-p filter, 0 = off")
+    more_smooth: bool = False
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png"] = "png"
+    stream: bool = False
+    partial_images: int | None = Field(None, ge=0, description="previews to stream (default: every scale)")
+    model: str | None = None
+    size: str | None = Field(None, pattern=r"^\d+x\d+$")
+    quality: str | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _one_class(self) -> ImageGenerationRequest:
+        if self.prompt is None and self.class_label is None:
+            raise ValueError("give the class as `prompt` (a class name) or `class_label`")
+        if self.prompt is not None and self.class_label is not None:
+            raise ValueError("give either `prompt` or `class_label`, not both")
+        return self
+
+    @property
+    def label(self) -> int | str:
+        if self.class_label is not None:
+            return self.class_label
+        assert self.prompt is not None
+        return self.prompt
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str
+    seed: int
+
+
+class Usage(BaseModel):
+    images: int
+    tokens: int
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
