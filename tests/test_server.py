@@ -128,7 +128,7 @@ def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete():
         for t in threads:
             t.join()
         codes = sorted(r.status_code for r in results)
-        assert codes.count(429) >= 1 and codes.count(200) >= 3 and set(codes) <= {200, 429}
+        assert codes.count(429) >= 1 and codes.count(200) >= 2 and set(codes) <= {200, 429}
         rejected = next(r for r in results if r.status_code == 429)
         assert int(rejected.headers["Retry-After"]) >= 1 and rejected.json()["error"]["type"] == "overloaded"
         assert all(len(r.json()["data"]) == 4 for r in results if r.status_code == 200)

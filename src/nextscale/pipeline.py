@@ -25,7 +25,7 @@ from nextscale.editing import keep_maps
 from nextscale.engine.reference import reference_sample
 from nextscale.engine.request import ForcedTokens, RngMode, SamplingParams
 from nextscale.engine.sampler import sample_tokens_batch
-from nextscale.engine.sampling import Generators, image_generators
+from nextscale.engine.sampling import Generators, derive_seed
 from nextscale.engine.state import ScaleResult
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
@@ -36,6 +36,7 @@ from nextscale.models.var import VAR
 from nextscale.models.weights import load_official_pair
 
 OutputType = Literal["pil", "np", "pt", "latent"]
+DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False}
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor
 
 
@@ -73,10 +74,16 @@ class ScalePreview:
 
 class VARPipeline:
     def __init__(self, transformer: VAR, vae: VQVAE, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, channels_last_decoder: bool = True):
+                 dtype: torch.dtype = torch.float32, channels_last_decoder: bool = True,
+                 sampling_defaults: dict[str, Any] | None = None):
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.channels_last_decoder = channels_last_decoder
+        unknown = set(sampling_defaults or {}) - set(DEFAULT_SAMPLING)
+        if unknown:
+            raise InvalidInputError(f"unknown sampling_defaults {sorted(unknown)}; allowed: {sorted(DEFAULT_SAMPLING)}")
+        # The model's recommended settings (stored in model_index.json), used when a call leaves them unset.
+        self.sampling_defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
         self.to(device, dtype)
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -103,11 +110,22 @@ class VARPipeline:
                 raise CheckpointError(f"no bundled demo model found at {folder}; pass a model folder or hub id")
         else:
             folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
-        var, vae, _ = load_native(folder)
-        return cls(var, vae, device, dtype)
+        var, vae, index = load_native(folder)
+        return cls(var, vae, device, dtype, sampling_defaults=index.get("sampling_defaults"))
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return save_native(path, self.transformer, self.vae)
+        custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
+        return save_native(path, self.transformer, self.vae, {"sampling_defaults": custom} if custom else None)
+
+    def sampling_params(self, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                        more_smooth: bool | None = None, seed: int | None = None, rng: RngMode = "per_image"
+                        ) -> SamplingParams:
+        """Settings for a call: the given values, else the model's recommended ones; a random seed if none."""
+        d = self.sampling_defaults
+        return SamplingParams(cfg=d["cfg"] if cfg is None else cfg, top_k=d["top_k"] if top_k is None else top_k,
+                              top_p=d["top_p"] if top_p is None else top_p,
+                              more_smooth=d["more_smooth"] if more_smooth is None else more_smooth,
+                              seed=secrets.randbits(63) if seed is None else seed, rng=rng)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VARPipeline:
         """Move to ``device``; ``dtype`` applies to the transformer and the VQ-VAE convs (the quantiser, i.e.
@@ -155,21 +173,29 @@ class VARPipeline:
 
     # ---- sampling -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, class_labels: ClassLabels, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                 seed: int | None = None, more_smooth: bool = False, output_type: OutputType = "pil",
+    def __call__(self, class_labels: ClassLabels, cfg: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, more_smooth: bool | None = None,
+                 output_type: OutputType = "pil",
                  callback_on_scale: Callable[[ScalePreview], None] | None = None, num_images_per_label: int = 1,
                  rng: RngMode = "per_image", sampler: Literal["fast", "reference"] = "fast",
-                 first_image_index: int = 0, progress: bool = False) -> VAROutput:
+                 first_image_index: int = 0, image_indices: Sequence[int] | None = None,
+                 progress: bool = False) -> VAROutput:
         """Generate one image per label (times ``num_images_per_label``).
 
-        With ``rng="per_image"`` image i draws from a generator seeded by (seed, first_image_index + i), so a
-        shard of a larger job reproduces exactly the images of the whole job.
+        Unset sampling settings take the model's recommended values (``sampling_defaults``; VAR's generic
+        defaults are cfg=1.5, no top-k/top-p filtering). With ``rng="per_image"`` image i draws from a generator
+        seeded by (seed, first_image_index + i) — or by (seed, image_indices[i]) — so any shard of a larger
+        job reproduces exactly the images of the whole job.
         """
         labels_B = self.labels(class_labels, num_images_per_label)
-        params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                                seed=secrets.randbits(63) if seed is None else seed, rng=rng)
-        return self._generate(labels_B, params, None, output_type, callback_on_scale, sampler, progress,
-                              first_image_index)
+        params = self.sampling_params(cfg, top_k, top_p, more_smooth, seed, rng)
+        if image_indices is None:
+            indices = list(range(first_image_index, first_image_index + labels_B.shape[0]))
+        else:
+            indices = [int(g) for g in image_indices]
+            if len(indices) != labels_B.shape[0]:
+                raise InvalidInputError(f"image_indices has {len(indices)} entries for {labels_B.shape[0]} images")
+        return self._generate(labels_B, params, None, output_type, callback_on_scale, sampler, progress, indices)
 
     @torch.inference_mode()
     def edit(self, image: ImageInput, mask: ImageInput, class_label: int | str | None = None, cfg: float = 3.0,
@@ -193,19 +219,19 @@ class VARPipeline:
                                 seed=secrets.randbits(63) if seed is None else seed)
         return self._generate(labels_B, params, forced, output_type, callback_on_scale, "fast", False)
 
-    def _generators(self, params: SamplingParams, B: int, first_index: int) -> Generators:
+    def _generators(self, params: SamplingParams, indices: Sequence[int]) -> Generators:
         assert params.seed is not None
         if params.rng == "official":
             return torch.Generator(device=self.device).manual_seed(params.seed)
-        return image_generators(params.seed, B, self.device, start=first_index)
+        return [torch.Generator(device=self.device).manual_seed(derive_seed(params.seed, g)) for g in indices]
 
     def _generate(self, labels_B: torch.Tensor, params: SamplingParams, forced: ForcedTokens | None,
                   output_type: OutputType, callback: Callable[[ScalePreview], None] | None, sampler: str,
-                  progress: bool, first_index: int = 0) -> VAROutput:
+                  progress: bool, indices: Sequence[int] | None = None) -> VAROutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         params.check_vocab(self.transformer.V)
-        gens = self._generators(params, labels_B.shape[0], first_index)
+        gens = self._generators(params, range(labels_B.shape[0]) if indices is None else indices)
         bar = _progress_bar(len(self.patch_nums)) if progress else None
 
         def on_scale(r: ScaleResult) -> None:

@@ -22,11 +22,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--class", dest="classes", action="append", metavar="CLASS", default=None,
                    help="class index or name; repeat for several (default: class 0)")
     s.add_argument("--num", type=int, default=1, help="images per class (default: 1)")
-    s.add_argument("--cfg", type=float, default=1.5, help="guidance (VAR convention; default 1.5)")
-    s.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off (official demo: 900)")
-    s.add_argument("--top-p", type=float, default=0.0, help="top-p filter, 0 = off (official demo: 0.95)")
+    s.add_argument("--cfg", type=float, default=None,
+                   help="guidance, VAR convention (default: the model's recommended value, else 1.5)")
+    s.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 = off (official demo: 900)")
+    s.add_argument("--top-p", type=float, default=None, help="top-p filter, 0 = off (official demo: 0.95)")
     s.add_argument("--seed", type=int, default=0, help="seed; image i uses a generator derived from (seed, i)")
-    s.add_argument("--more-smooth", action="store_true", help="gumbel-softmax code mixing (visual quality)")
+    s.add_argument("--more-smooth", action="store_true", default=None,
+                   help="gumbel-softmax code mixing (visual quality)")
     s.add_argument("--rng", choices=("per_image", "official"), default="per_image",
                    help="per_image (batch-independent, default) or official (one stream for the batch)")
     s.add_argument("--sampler", choices=("fast", "reference"), default="fast", help=argparse.SUPPRESS)
