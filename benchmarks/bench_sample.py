@@ -18,7 +18,6 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -95,6 +95,33 @@ def test_scheduler_invariants_under_random_traffic(reqs, max_tokens, max_rows):
     assert done == expected
 
 
+def test_row_allocator_first_fit_and_coalescing():
+    from nextscale.engine.scheduler import RowAllocator
+
+    a = RowAllocator(10)
+    assert [a.allocate(4), a.allocate(4), a.allocate(4)] == [0, 4, None]
+    a.release(0, 4)
+    assert a.allocate(2) == 0 and a.allocate(2) == 2 and a.free == [(8, 10)]
+    a.release(4, 4)
+    a.release(0, 2)
+    a.release(2, 2)
+    assert a.free == [(0, 10)]
+    with pytest.raises(AssertionError, match="released twice"):
+        a.release(0, 2)
+
+
+def test_adjacent_same_scale_requests_share_one_attention_call(models):
+    from nextscale.engine.runner import ModelRunner
+
+    engine = Engine(*models)
+    for i in range(3):
+        engine.add_request(torch.tensor([i]), SamplingParams(seed=i))
+    engine.step()  # all three admitted together: slots 0-1, 2-3, 4-5, all at scale 1 now
+    states = [r.state for r in engine.requests.values()]
+    _, spans = ModelRunner._plan(sorted(states, key=lambda s: s.kv.start))
+    assert len(spans) == 1 and spans[0].rows == 6 and len(spans[0].slots) == 3
+
+
 # ---- engine against the pipeline ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models():
@@ -166,9 +193,11 @@ def test_abort_frees_everything(models):
     engine.step()
     kv = engine.requests[a].state.kv
     assert engine.abort(a) and not engine.abort(a)
-    assert kv.k == [] and a not in engine.scheduler.running
+    assert kv.start not in engine.pool.slots and a not in engine.scheduler.running
+    engine.scheduler.check_integrity()
     assert engine.abort(b)
     assert not engine.has_unfinished() and engine.scheduler.rows_in_use == 0 and not engine.requests
+    assert engine.scheduler.rows.free_rows == engine.pool.rows and not engine.pool.slots
     (done,) = engine.generate([(torch.tensor([4]), SamplingParams(seed=2))])  # still usable afterwards
     assert done.finished and done.images.shape[0] == 1 and not engine.requests
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.kv_cache import KVPool
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.sampling import image_generators
@@ -83,6 +83,7 @@ class Engine:
                 f"{2 * self.cfg.max_images_per_request}")
         self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens,
                                                    self.cfg.max_running_requests))
+        self.pool = KVPool.for_model(var, max_rows)
         self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -155,7 +156,7 @@ class Engine:
         assert p.seed is not None
         gens = (torch.Generator(device=self.device).manual_seed(p.seed) if p.rng == "official"
                 else image_generators(p.seed, B, self.device, start=req.first_image_index))
-        kv = KVCache.for_model(self.var, rows=2 * B)
+        kv = self.pool.slot(self.scheduler.running[rid].slot, 2 * B)
         req.state = Generation(self.var, self.vae.quantize, req.labels_B, p, gens, kv=kv,
                                lvl_pos_1LC=self.runner.lvl_pos)
 

@@ -5,10 +5,14 @@ per request: per layer, keys and values of shape [R, H, L, c]. Each scale append
 layer. The model never holds a cache; callers pass one into ``CachedStep`` (or the engine's ragged layout).
 
 ``ConcatKVCache`` is the reference implementation (grows by concatenation, like the official code); the
-preallocated ``KVCache`` must give identical attention inputs.
+preallocated ``KVCache`` must give identical attention inputs. The serving engine allocates caches as row
+ranges (``KVSlot``) of one ``KVPool``: requests at the same scale whose slots are adjacent then attend in one
+call over a contiguous slice of the pool, with no copy (Flover keeps batches contiguous the same way).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -71,3 +75,75 @@ class ConcatKVCache:
         v = v_RHlc if old_v is None else torch.cat((old_v, v_RHlc), dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
+
+
+class KVPool:
+    """Per-layer key/value storage [rows, H, L, c] shared by many requests, handed out as row ranges.
+
+    Which rows a request gets is decided by the scheduler's ``RowAllocator`` (plain Python); the pool only
+    holds the tensors and the live slots.
+    """
+
+    def __init__(self, num_layers: int, rows: int, num_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (rows, num_heads, max_len, head_dim)
+        # torch.empty does not touch the pages: memory is committed as slots are first written.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.rows, self.max_len, self.num_layers = rows, max_len, num_layers
+        self.slots: dict[int, KVSlot] = {}
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, rows: int) -> KVPool:
+        cfg = model.cfg  # type: ignore[attr-defined]
+        w = model.head.weight  # type: ignore[attr-defined]
+        return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
+
+    def slot(self, start: int, rows: int) -> KVSlot:
+        assert start >= 0 and start + rows <= self.rows, f"rows {start}..{start + rows} outside the pool"
+        for other in self.slots.values():
+            assert start + rows <= other.start or other.start + other.rows <= start, "overlapping KV slots"
+        slot = KVSlot(self, start, rows)
+        self.slots[start] = slot
+        return slot
+
+    def write_run(self, layer: int, run: list[KVSlot], k_RHlc: torch.Tensor, v_RHlc: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append for several adjacent slots at the same length with one copy; their keys/values as one view."""
+        first, n, l = run[0], run[0].lengths[layer], k_RHlc.shape[2]
+        rows = slice(first.start, run[-1].start + run[-1].rows)
+        assert all(a.start + a.rows == b.start for a, b in itertools.pairwise(run)), "slots are not adjacent"
+        assert all(s.lengths[layer] == n for s in run), "slots at different lengths"
+        self.k[layer][rows, :, n: n + l].copy_(k_RHlc)
+        self.v[layer][rows, :, n: n + l].copy_(v_RHlc)
+        for s in run:
+            s.lengths[layer] = n + l
+        return self.k[layer][rows, :, : n + l], self.v[layer][rows, :, : n + l]
+
+
+class KVSlot:
+    """One request's rows [start, start+rows) of a ``KVPool``; same interface as ``KVCache``."""
+
+    def __init__(self, pool: KVPool, start: int, rows: int):
+        self.pool, self.start, self.rows = pool, start, rows
+        self.lengths = [0] * pool.num_layers
+        self.max_len = pool.max_len
+
+    @property
+    def length(self) -> int:
+        return self.lengths[-1]
+
+    def write(self, layer: int, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lengths[layer] + k_RHlc.shape[2] > self.max_len:
+            raise RuntimeError(f"KV cache overflow in layer {layer}")
+        return self.pool.write_run(layer, [self], k_RHlc, v_RHlc)
+
+    def check_integrity(self) -> None:
+        assert len(set(self.lengths)) == 1, f"layers out of step: {self.lengths}"
+        assert 0 <= self.length <= self.max_len, f"length {self.length} outside [0, {self.max_len}]"
+        assert self.pool.slots.get(self.start) is self, "slot not owned by its pool"
+
+    def free(self) -> None:
+        if self.pool.slots.get(self.start) is self:
+            del self.pool.slots[self.start]
+        self.lengths = []

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.kv_cache import KVSlot
 from nextscale.engine.state import Generation, ScaleResult
+from nextscale.models.attention import KVStore
 from nextscale.models.var import VAR, Conditioning
 
 
@@ -34,13 +35,21 @@ class Segment:
 
 @dataclass(frozen=True)
 class AttnSpan:
-    """One request's tokens [t0, t1) = its ``rows`` x ``l`` queries, attending over its own cache."""
+    """Tokens [t0, t1) = ``rows`` x ``l`` queries of one request — or of several requests at the same scale
+    whose KV-pool slots are adjacent (``slots``), which then attend in one call over one slice of the pool."""
 
     t0: int
     t1: int
     rows: int
     l: int
-    kv: KVCache
+    kv: KVStore | None = None
+    slots: tuple[KVSlot, ...] = ()
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slots:
+            return self.slots[0].pool.write_run(layer, list(self.slots), k, v)
+        assert self.kv is not None
+        return self.kv.write(layer, k, v)
 
 
 class RaggedStep:
@@ -73,7 +82,7 @@ class RaggedStep:
             def per_row(t: torch.Tensor, sp: AttnSpan = sp) -> torch.Tensor:
                 return t[sp.t0: sp.t1].view(sp.rows, sp.l, H, c).transpose(1, 2)  # [R, H, l, c]
 
-            k_all, v_all = sp.kv.write(layer, per_row(k), per_row(v))
+            k_all, v_all = sp.write(layer, per_row(k), per_row(v))
             o = F.scaled_dot_product_attention(per_row(q), k_all, v_all, scale=scale)
             out[sp.t0: sp.t1].view(sp.rows, sp.l, H, c).copy_(o.transpose(1, 2))
         return out
@@ -91,7 +100,8 @@ class ModelRunner:
         """Advance every unit by one scale (each unit = one request at its current scale)."""
         if not units:
             return []
-        order = sorted(range(len(units)), key=lambda i: units[i].si)
+        # By scale, then by KV-pool row: same-scale requests with adjacent slots become one attention call.
+        order = sorted(range(len(units)), key=lambda i: (units[i].si, getattr(units[i].kv, "start", -1)))
         ordered = [units[i] for i in order]
         C = self.var.C
         x = torch.cat([u.x.reshape(-1, C) for u in ordered]) if len(ordered) > 1 else ordered[0].x.reshape(-1, C)
@@ -113,7 +123,15 @@ class ModelRunner:
         t = r = 0
         for u in units:
             l, rows = u.tokens_this_scale, u.rows
-            spans.append(AttnSpan(t, t + rows * l, rows, l, u.kv))
+            prev = spans[-1] if spans else None
+            if (isinstance(u.kv, KVSlot) and prev is not None and prev.slots and prev.l == l
+                    and prev.slots[-1].pool is u.kv.pool and prev.slots[-1].start + prev.slots[-1].rows == u.kv.start
+                    and prev.slots[-1].lengths == u.kv.lengths):
+                spans[-1] = AttnSpan(prev.t0, t + rows * l, prev.rows + rows, l, slots=(*prev.slots, u.kv))
+            elif isinstance(u.kv, KVSlot):
+                spans.append(AttnSpan(t, t + rows * l, rows, l, slots=(u.kv,)))
+            else:
+                spans.append(AttnSpan(t, t + rows * l, rows, l, kv=u.kv))
             if segments and segments[-1].l == l:
                 last = segments[-1]
                 segments[-1] = Segment(last.t0, t + rows * l, last.r0, r + rows, l)

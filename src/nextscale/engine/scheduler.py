@@ -5,8 +5,9 @@ batching), in plain Python: no tensors, no model.
 one scale each, whatever scale each is at.* A unit (request, scale) costs ``rows * pn^2`` query tokens and
 cannot be split (tokens of a scale attend to each other). Each iteration:
 
-1. admits waiting requests first-come first-served while their KV caches fit the row budget (every admitted
-   row holds a full-length cache until the request ends) and fewer than ``max_running`` are in flight;
+1. admits waiting requests first-come first-served while a contiguous range of KV-pool rows is free for them
+   (every admitted row holds a full-length cache until the request ends) and fewer than ``max_running`` are
+   in flight;
 2. schedules every *cheap* unit (scales of at most ``cheap_tokens`` tokens per row) — they cost little and give
    new requests their first preview at once;
 3. adds the remaining units oldest-first while the iteration's token budget allows; the oldest is always taken,
@@ -34,6 +35,37 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+class RowAllocator:
+    """First-fit allocation of contiguous row ranges of the KV pool (free list kept sorted and coalesced).
+
+    Contiguity matters: requests whose rows are adjacent and who are at the same scale attend in one call."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.free: list[tuple[int, int]] = [(0, rows)]
+
+    @property
+    def free_rows(self) -> int:
+        return sum(e - s for s, e in self.free)
+
+    def allocate(self, rows: int) -> int | None:
+        for i, (s, e) in enumerate(self.free):
+            if e - s >= rows:
+                self.free[i: i + 1] = [(s + rows, e)] if e - s > rows else []
+                return s
+        return None
+
+    def release(self, start: int, rows: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for s, e in sorted([*self.free, (start, start + rows)]):
+            assert not merged or merged[-1][1] <= s, f"rows {s}..{e} released twice"
+            if merged and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e)
+            else:
+                merged.append((s, e))
+        self.free = merged
+
+
 @dataclass
 class SeqState:
     request_id: str
@@ -41,6 +73,7 @@ class SeqState:
     scale_tokens: tuple[int, ...]  # pn^2 per scale
     order: int = 0
     si: int = 0
+    slot: int = -1  # first KV-pool row, once admitted
 
     @property
     def done(self) -> bool:
@@ -63,6 +96,7 @@ class Scheduler:
         self.cfg = cfg
         self.waiting: deque[SeqState] = deque()
         self.running: dict[str, SeqState] = {}
+        self.rows = RowAllocator(cfg.max_rows)
         self._order = itertools.count()
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
@@ -74,7 +108,9 @@ class Scheduler:
         self.waiting.append(SeqState(request_id, rows, scale_tokens, next(self._order)))
 
     def abort(self, request_id: str) -> bool:
-        if self.running.pop(request_id, None) is not None:
+        seq = self.running.pop(request_id, None)
+        if seq is not None:
+            self.rows.release(seq.slot, seq.rows)
             return True
         for s in self.waiting:
             if s.request_id == request_id:
@@ -92,12 +128,14 @@ class Scheduler:
     # ---- the step contract: schedule() -> execute -> update() ------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        free = self.cfg.max_rows - self.rows_in_use
-        while self.waiting and self.waiting[0].rows <= free and len(self.running) < self.cfg.max_running:
+        while self.waiting and len(self.running) < self.cfg.max_running:
+            start = self.rows.allocate(self.waiting[0].rows)
+            if start is None:  # FCFS: the head waits for room rather than being overtaken
+                break
             seq = self.waiting.popleft()
+            seq.slot = start
             self.running[seq.request_id] = seq
             out.admitted.append(seq.request_id)
-            free -= seq.rows
         by_age = sorted(self.running.values(), key=lambda s: s.order)
         heavy = []
         for seq in by_age:
@@ -122,6 +160,7 @@ class Scheduler:
             seq.si += 1
             if seq.done:
                 del self.running[rid]
+                self.rows.release(seq.slot, seq.rows)
                 finished.append(rid)
         return finished
 
@@ -133,3 +172,9 @@ class Scheduler:
         assert len(waiting_ids) == len(self.waiting), "duplicate waiting request"
         for seq in self.running.values():
             assert 0 <= seq.si < len(seq.scale_tokens), f"{seq.request_id} at scale {seq.si}"
+        owned = sorted((s.slot, s.slot + s.rows) for s in self.running.values())
+        cur = 0
+        for s, e in sorted(owned + self.rows.free):
+            assert s == cur, f"KV rows {min(s, cur)}..{max(s, cur)} lost or owned twice"
+            cur = e
+        assert cur == self.cfg.max_rows, f"rows cover {cur} of {self.cfg.max_rows}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.kv_cache import KVCache, KVSlot
 from nextscale.engine.request import ForcedTokens, SamplingParams
 from nextscale.engine.sampling import Generators, cfg_mix, cfg_weight, gumbel_soft_codes, sample_tokens
 from nextscale.models.tokenizers.msvq import MultiScaleQuantizer
@@ -37,7 +37,7 @@ class ScaleResult:
 
 class Generation:
     def __init__(self, model: VAR, quantizer: MultiScaleQuantizer, labels_B: torch.Tensor, params: SamplingParams,
-                 generators: Generators, kv: KVCache | None = None, forced: ForcedTokens | None = None,
+                 generators: Generators, kv: KVCache | KVSlot | None = None, forced: ForcedTokens | None = None,
                  lvl_pos_1LC: torch.Tensor | None = None):
         self.model, self.quant, self.params = model, quantizer, params
         self.generators, self.forced = generators, forced
@@ -50,7 +50,7 @@ class Generation:
         self.x = model.first_tokens(self.cond, self.lvl_pos)  # [R, first_l, C]
         side = quantizer.side
         self.f_hat = torch.zeros(self.B, quantizer.Cvae, side, side, device=labels_B.device)
-        self.kv = kv if kv is not None else KVCache.for_model(model, rows=2 * self.B)
+        self.kv: KVCache | KVSlot = kv if kv is not None else KVCache.for_model(model, rows=2 * self.B)
         self.tokens: list[torch.Tensor] = []
 
     @property
