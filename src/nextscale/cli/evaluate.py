@@ -31,6 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pack", action="store_true", help="only write PNGs")
     p.set_defaults(func=run_sample)
 
+    c = sub.add_parser("train-classifier", help="train the small classifier used as a feature network")
+    c.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist5k or an image folder")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--image-size", type=int, default=32)
+    c.add_argument("--epochs", type=int, default=3)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="folder to write (safetensors + config.json)")
+    c.set_defaults(func=run_train_classifier)
+
     q = sub.add_parser("eval", help="score samples against reference images in a feature network's space")
     q.add_argument("samples", help=".npz (arr_0 uint8 NHWC, optional arr_1 labels) or a PNG folder")
     q.add_argument("--ref", required=True, help="reference .npz / PNG folder / dataset split like fashion-mnist:test")
@@ -86,4 +96,20 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    import sys
+
+    from nextscale.eval.classifier import save_classifier, train_classifier
+    from nextscale.train.data import load_dataset
+
+    train = load_dataset(args.data, "train", args.image_size, root=args.data_root)
+    test = load_dataset(args.data, "test", args.image_size, root=args.data_root)
+    model, acc = train_classifier(train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                  progress=sys.stderr.isatty())
+    out = save_classifier(model, args.out, {"trained_on": args.data, "test_accuracy": acc, "epochs": args.epochs,
+                                            "seed": args.seed, "class_names": list(train.class_names)})
+    log.info("test accuracy %.4f -> %s", acc, out)
     return 0

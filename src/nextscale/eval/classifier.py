@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from torch import nn
 
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
 from nextscale.eval.metrics import ArrayLike, uint8_nhwc_to_float01
+from nextscale.fileio import atomic_folder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -212,25 +210,13 @@ def save_classifier(model: SmallClassifier, folder: str | Path, metadata: dict[s
 
     ``metadata`` (JSON-serialisable: dataset, accuracy, ...) is kept in config.json under "metadata".
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def fill(tmp: Path) -> None:
         cfg = {"_class_name": "SmallClassifier", **asdict(model.config), "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return folder
+
+    return atomic_folder(folder, fill)
 
 
 def load_classifier(folder: str | Path) -> SmallClassifier:

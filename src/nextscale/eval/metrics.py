@@ -8,8 +8,6 @@ here is float64 linear algebra in numpy/torch (no scipy).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from nextscale.errors import InvalidInputError
+from nextscale.fileio import atomic_file
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -212,16 +211,8 @@ def save_npz_samples(path: str | Path, images_NHWC_uint8: ArrayLike, labels: Arr
         if len(lab) != len(arr):
             raise InvalidInputError(f"{len(arr)} images but {len(lab)} labels")
         arrays.append(lab)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: numpy must not append ".npz" to the name
-            np.savez(f, *arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # A file object, so numpy does not append ".npz" to the temporary name.
+    return atomic_file(path, lambda f: np.savez(f, *arrays))
 
 
 def _open_npz(path: str | Path) -> tuple[Path, np.lib.npyio.NpzFile]:

@@ -14,10 +14,6 @@ to a temporary sibling and renamed into place, so an interrupted save never leav
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from nextscale import __version__
 from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.errors import CheckpointError, ConfigError
+from nextscale.fileio import atomic_folder
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.models.weights import build_vae, build_var, check_pair
@@ -40,25 +37,6 @@ _COMPONENTS = {"transformer": (VAR, VARConfig), "vae": (VQVAE, VQVAEConfig)}
 def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     skip = set(model.derived_buffer_names()) if isinstance(model, VAR) else set()
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in skip}
-
-
-def _atomic_folder(path: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a folder in a temporary sibling with ``fill`` and rename it into place (replacing ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        fill(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
 
 
 def _write_component(folder: Path, name: str, model: torch.nn.Module) -> None:
@@ -82,7 +60,7 @@ def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, A
         _write_component(tmp, "transformer", var)
         _write_component(tmp, "vae", vae)
 
-    return _atomic_folder(Path(path), fill)
+    return atomic_folder(Path(path), fill)
 
 
 def save_tokenizer(path: str | Path, vae: VQVAE, extra_index: dict[str, Any] | None = None) -> Path:
@@ -92,7 +70,7 @@ def save_tokenizer(path: str | Path, vae: VQVAE, extra_index: dict[str, Any] | N
         _write_index(tmp, "VQVAE", {"vae": ["nextscale", "VQVAE"], **(extra_index or {})})
         _write_component(tmp, "vae", vae)
 
-    return _atomic_folder(Path(path), fill)
+    return atomic_folder(Path(path), fill)
 
 
 def load_tokenizer(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> VQVAE:

@@ -8,14 +8,13 @@ one, so a crash leaves either the previous or the new checkpoint, never a torn f
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nextscale.errors import CheckpointError
+from nextscale.fileio import atomic_file
 
 LAST = "last.pt"
 
@@ -37,23 +36,7 @@ def restore_rng(state: dict[str, torch.Tensor], generators: dict[str, torch.Gene
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_file(path, lambda f: torch.save(obj, f))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
