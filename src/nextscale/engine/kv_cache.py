@@ -13,8 +13,12 @@ call over a contiguous slice of the pool, with no copy (Flover keeps batches con
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from nextscale.models.var import VAR
 
 
 class KVCache:
@@ -28,9 +32,8 @@ class KVCache:
         self.rows = rows
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, rows: int, max_len: int | None = None) -> KVCache:
-        cfg = model.cfg  # type: ignore[attr-defined]
-        w = model.head.weight  # type: ignore[attr-defined]
+    def for_model(cls, model: VAR, rows: int, max_len: int | None = None) -> KVCache:
+        cfg, w = model.cfg, model.head.weight
         return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device)
 
     @property
@@ -94,9 +97,8 @@ class KVPool:
         self.slots: dict[int, KVSlot] = {}
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, rows: int) -> KVPool:
-        cfg = model.cfg  # type: ignore[attr-defined]
-        w = model.head.weight  # type: ignore[attr-defined]
+    def for_model(cls, model: VAR, rows: int) -> KVPool:
+        cfg, w = model.cfg, model.head.weight
         return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
 
     def slot(self, start: int, rows: int) -> KVSlot:

@@ -64,9 +64,7 @@ def mask_top_p_(logits_BlV: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_BlV
 
 
-def _per_image(generators: Generators, B: int) -> list[torch.Generator] | None:
-    if isinstance(generators, torch.Generator):
-        return None
+def _per_image(generators: Sequence[torch.Generator], B: int) -> list[torch.Generator]:
     gens = list(generators)
     if len(gens) != B:
         raise ValueError(f"need one generator per image: got {len(gens)} for {B} images")
@@ -78,9 +76,9 @@ def sample_tokens(logits_BlV: torch.Tensor, top_k: int, top_p: float, generators
     B, l, V = logits_BlV.shape
     mask_top_p_(mask_top_k_(logits_BlV, top_k), top_p)
     probs = logits_BlV.softmax(dim=-1)
-    gens = _per_image(generators, B)
-    if gens is None:
+    if isinstance(generators, torch.Generator):
         return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generators).view(B, l)
+    gens = _per_image(generators, B)
     return torch.stack([torch.multinomial(probs[i], 1, replacement=True, generator=g).view(l)
                         for i, g in enumerate(gens)])
 
@@ -95,12 +93,11 @@ def gumbel_soft_codes(logits_BlV: torch.Tensor, ratio: float, embedding_VC: torc
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
     logits = logits_BlV.mul(1 + ratio)
     B = logits.shape[0]
-    gens = _per_image(generators, B)
     noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format)
-    if gens is None:
+    if isinstance(generators, torch.Generator):
         noise.exponential_(generator=generators)
     else:
-        for i, g in enumerate(gens):
+        for i, g in enumerate(_per_image(generators, B)):
             noise[i].exponential_(generator=g)
     y_soft = ((logits - noise.log()) / tau).softmax(-1)
     return y_soft @ embedding_VC.unsqueeze(0)

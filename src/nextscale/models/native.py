@@ -34,16 +34,21 @@ WEIGHTS = "model.safetensors"
 _COMPONENTS = {"transformer": (VAR, VARConfig), "vae": (VQVAE, VQVAEConfig)}
 
 
-def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     skip = set(model.derived_buffer_names()) if isinstance(model, VAR) else set()
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in skip}
+    out = {}
+    for k, v in model.state_dict().items():
+        if k not in skip:
+            v = v.detach().to("cpu")
+            out[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+    return out
 
 
-def _write_component(folder: Path, name: str, model: torch.nn.Module) -> None:
+def _write_component(folder: Path, name: str, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
     (folder / name).mkdir()
     cfg = {"_class_name": type(model).__name__, **model.cfg.to_dict()}  # type: ignore[operator]
     (folder / name / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file(_state_for_saving(model), str(folder / name / WEIGHTS), metadata={"format": "pt"})
+    save_file(_state_for_saving(model, dtype), str(folder / name / WEIGHTS), metadata={"format": "pt"})
 
 
 def _write_index(folder: Path, class_name: str, extra: dict[str, Any] | None = None) -> None:
@@ -51,13 +56,18 @@ def _write_index(folder: Path, class_name: str, extra: dict[str, Any] | None = N
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, Any] | None = None) -> Path:
-    """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists)."""
+def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, Any] | None = None,
+                transformer_dtype: torch.dtype | None = None) -> Path:
+    """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists).
+
+    ``transformer_dtype`` stores the transformer's weights in e.g. float16 to halve the folder (they load
+    back into whatever dtype the pipeline uses); the VQ-VAE is always stored as it is.
+    """
 
     def fill(tmp: Path) -> None:
         _write_index(tmp, "VARPipeline", {"transformer": ["nextscale", "VAR"], "vae": ["nextscale", "VQVAE"],
                                           **(extra_index or {})})
-        _write_component(tmp, "transformer", var)
+        _write_component(tmp, "transformer", var, transformer_dtype)
         _write_component(tmp, "vae", vae)
 
     return atomic_folder(Path(path), fill)

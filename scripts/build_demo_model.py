@@ -1,0 +1,108 @@
+"""Build the bundled demo model from scratch: one command, resumable, every step with nextscale's own code.
+
+    python scripts/build_demo_model.py
+
+1. tokenizer: multi-scale VQ-VAE on Fashion-MNIST at 32x32 (codebook 512 x 16, scales 1,2,3,4,6,8);
+2. transformer: VAR, depth 6, width 192, on the frozen tokenizer's tokens (EMA weights exported);
+3. classifier: the small CNN used as the evaluation feature network;
+4. quality: class accuracy and Fréchet distance (classifier features) of 150 samples per class for several
+   guidance settings; the best setting that meets both targets becomes the model's recommended default;
+5. writes ``src/nextscale/assets/demo-fmnist`` (transformer stored in float16 to stay under 20 MB).
+
+Each training step resumes from its checkpoint if the command is run again (e.g. after being killed).
+Needs Debian's ``dataset-fashion-mnist``. Runtime on a 2-core CPU: see README (about 1.5-2 hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from nextscale.engine.request import SamplingParams
+from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
+from nextscale.eval.quality import balanced_subset, conditional_quality
+from nextscale.models.native import save_native
+from nextscale.pipeline import VARPipeline
+from nextscale.train.config import VAETrainConfig, VARTrainConfig
+from nextscale.train.data import load_dataset
+from nextscale.train.runner import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+ACC_TARGET, FD_RATIO_TARGET = 0.95, 5.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="run folders (checkpoints, metrics)")
+    p.add_argument("--out", default=str(ROOT / "src" / "nextscale" / "assets" / "demo-fmnist"))
+    p.add_argument("--vae-steps", type=int, default=2400)
+    p.add_argument("--var-steps", type=int, default=3000)
+    p.add_argument("--cfgs", default="1.0,1.5,2.0,3.0", help="guidance values to evaluate")
+    p.add_argument("--top-p", type=float, default=0.0, help="top-p of every evaluated setting")
+    p.add_argument("--per-class", type=int, default=150)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = Path(args.work)
+
+    vae_cfg = VAETrainConfig(data="fashion-mnist", out_dir=str(work / "vae"), batch_size=64, steps=args.vae_steps,
+                             lr=2e-3, eval_every=400, ckpt_every=100, log_every=50, resume=True)
+    tokenizer = work / "vae" / "tokenizer"
+    if not (tokenizer / "model_index.json").is_file():
+        run_training(vae_cfg)
+
+    var_cfg = VARTrainConfig(data="fashion-mnist", tokenizer=str(tokenizer), out_dir=str(work / "var"),
+                             depth=6, embed_dim=192, num_heads=3, batch_size=128, steps=args.var_steps, lr=1.5e-3,
+                             weight_decay=0.05, warmup=0.03, ema=0.999, eval_every=500, ckpt_every=100,
+                             log_every=50, resume=True)
+    model_dir = work / "var" / "model"
+    if not (model_dir / "model_index.json").is_file():
+        run_training(var_cfg)
+
+    clf_dir = work / "classifier"
+    train_ds, test_ds = load_dataset("fashion-mnist", "train", 32), load_dataset("fashion-mnist", "test", 32)
+    if not (clf_dir / "config.json").is_file():
+        clf, acc = train_classifier(train_ds, test_ds, epochs=3, seed=0)
+        save_classifier(clf, clf_dir, {"trained_on": "fashion-mnist", "test_accuracy": acc, "epochs": 3,
+                                       "class_names": list(train_ds.class_names)})
+    clf = load_classifier(clf_dir)
+
+    # Evaluate the weights exactly as they will ship (transformer rounded to float16).
+    staged = work / "staged"
+    src = VARPipeline.from_pretrained(model_dir)
+    save_native(staged, src.transformer, src.vae, transformer_dtype=torch.float16)
+    pipe = VARPipeline.from_pretrained(staged)
+    settings = [SamplingParams(cfg=float(c), top_p=args.top_p, seed=0) for c in args.cfgs.split(",")]
+    real_train = balanced_subset(train_ds.images, train_ds.labels, args.per_class, 10)
+    real_test = balanced_subset(test_ds.images, test_ds.labels, args.per_class, 10)
+    report = conditional_quality(pipe, clf, real_train, real_test, settings, args.per_class)
+    ok = [s for s in report["settings"] if s["class_accuracy"] >= ACC_TARGET and s["fd_ratio"] <= FD_RATIO_TARGET]
+    best = min(ok or report["settings"], key=lambda s: (s["fd_ratio"] if ok else -s["class_accuracy"]))
+    defaults = {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}
+    report.update({"chosen_defaults": defaults, "targets_met": bool(ok),
+                   "targets": {"class_accuracy": ACC_TARGET, "fd_ratio": FD_RATIO_TARGET}})
+    for s in report["settings"]:
+        print(f"cfg {s['cfg']:.1f} top_p {s['top_p']}: accuracy {s['class_accuracy']:.3f}, "
+              f"FD {s['FD-classifier']:.2f} (ratio {s['fd_ratio']:.2f})")
+    print(f"real train vs test FD {report['real_train_vs_test']['FD-classifier']:.2f}; defaults {defaults}; "
+          f"targets met: {bool(ok)}")
+
+    out = Path(args.out)
+    save_native(out, pipe.transformer, pipe.vae, {"sampling_defaults": defaults, "trained_on": "fashion-mnist"},
+                transformer_dtype=torch.float16)
+    shutil.copytree(clf_dir, out / "classifier")
+    (out / "quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "build.json").write_text(json.dumps({"vae": vae_cfg.to_dict(), "var": var_cfg.to_dict(),
+                                                "command": "python scripts/build_demo_model.py"}, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MB)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
