@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="run folders (checkpoints, metrics)")
     p.add_argument("--out", default=str(ROOT / "src" / "nextscale" / "assets" / "demo-fmnist"))
     p.add_argument("--vae-steps", type=int, default=2400)
-    p.add_argument("--var-steps", type=int, default=3000)
+    p.add_argument("--var-steps", type=int, default=1300)
     p.add_argument("--cfgs", default="1.0,1.5,2.0,3.0", help="guidance values to evaluate")
-    p.add_argument("--top-p", type=float, default=0.0, help="top-p of every evaluated setting")
+    p.add_argument("--top-ps", default="0,0.9", help="top-p values to evaluate (grid with --cfgs)")
     p.add_argument("--per-class", type=int, default=150)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     var_cfg = VARTrainConfig(data="fashion-mnist", tokenizer=str(tokenizer), out_dir=str(work / "var"),
                              depth=6, embed_dim=192, num_heads=3, batch_size=128, steps=args.var_steps, lr=1.5e-3,
-                             weight_decay=0.05, warmup=0.03, ema=0.999, eval_every=500, ckpt_every=100,
-                             log_every=50, resume=True)
+                             weight_decay=0.05, warmup=0.03, ema=0.998, eval_every=250, ckpt_every=50,
+                             log_every=25, resume=True, compile=True)
     model_dir = work / "var" / "model"
     if not (model_dir / "model_index.json").is_file():
         run_training(var_cfg)
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     src = VARPipeline.from_pretrained(model_dir)
     save_native(staged, src.transformer, src.vae, transformer_dtype=torch.float16)
     pipe = VARPipeline.from_pretrained(staged)
-    settings = [SamplingParams(cfg=float(c), top_p=args.top_p, seed=0) for c in args.cfgs.split(",")]
+    settings = [SamplingParams(cfg=float(c), top_p=float(tp), seed=0)
+                for tp in args.top_ps.split(",") for c in args.cfgs.split(",")]
     real_train = balanced_subset(train_ds.images, train_ds.labels, args.per_class, 10)
     real_test = balanced_subset(test_ds.images, test_ds.labels, args.per_class, 10)
     report = conditional_quality(pipe, clf, real_train, real_test, settings, args.per_class)

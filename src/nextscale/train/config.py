@@ -39,6 +39,7 @@ class LoopConfig:
     resume: bool = False
     stop_after: int | None = None  # end this run after so many steps (time-boxed sessions, tests)
     progress: bool = True
+    compile: bool = False  # torch.compile the trained module (fuses the memory-bound elementwise work)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "ckpt_every"):

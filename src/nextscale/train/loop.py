@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,8 @@ def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device
     elif cfg.resume and info.is_main:
         log.info("--resume: no checkpoint at %s yet, starting from scratch", ckpt_path)
     ddp_model = dist.wrap(model, info, device)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
     metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main, truncate_after=start if start else None)
     bar = _bar(cfg, start, info)
     last: dict[str, Any] = {}
@@ -123,8 +126,9 @@ def _optimizer_step(task: Task, ddp_model: nn.Module, model: nn.Module, opt: tor
     sums: dict[str, float] = {}
     n = cfg.grad_accum
     for micro in range(n):
-        sync = micro == n - 1 or not isinstance(ddp_model, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else ddp_model.no_sync(), _autocast(cfg, device):
+        ddp = getattr(ddp_model, "_orig_mod", ddp_model)  # torch.compile wraps the DDP module
+        sync = micro == n - 1 or not isinstance(ddp, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else ddp.no_sync(), _autocast(cfg, device):
             loss, stats = task.loss(ddp_model, batch, step, micro, n)
         scaler.scale(loss).backward()
         for k, v in stats.items():
@@ -199,7 +203,8 @@ def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: t
 
 
 def _bar(cfg: LoopConfig, start: int, info: dist.DistInfo) -> Any:
-    if not (cfg.progress and info.is_main):
+    # A progress bar is for terminals; logs and CI get metrics.jsonl (and the per-evaluation log lines).
+    if not (cfg.progress and info.is_main and sys.stderr.isatty()):
         return None
     from tqdm.auto import tqdm
 
