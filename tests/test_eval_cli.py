@@ -71,3 +71,22 @@ def test_evaluate_separates_sets():
 def test_load_image_set_from_builtin_split():
     imgs, labels = load_image_set("fashion-mnist:test", image_size=32, limit=5)
     assert imgs.shape == (5, 32, 32, 1) and imgs.dtype == np.uint8 and labels.shape == (5,)
+
+
+def test_sample_fid_under_torchrun_matches_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    var, vae = tiny_pair(2)
+    model = tmp_path / "model"
+    VARPipeline(var, vae).save_pretrained(model)
+    args = ["sample-fid", "--model", str(model), "--per-class", "3", "--classes", "0,1,2", "--seed", "4"]
+    subprocess.run([sys.executable, "-m", "nextscale", *args, "--out", str(tmp_path / "one")], check=True,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29531", "-m", "nextscale", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
