@@ -12,6 +12,7 @@ the batch it is in (``rng="per_image"``, the default).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.models.weights import load_official_pair
 
+log = logging.getLogger(__name__)
 OutputType = Literal["pil", "np", "pt", "latent"]
 DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False}
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor
@@ -132,6 +134,9 @@ class VARPipeline:
         codebook search and latent accumulation, always stays float32)."""
         if device is not None:
             self.device = torch.device(device)
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                log.warning("CUDA requested but not available in this torch build or machine; using the CPU")
+                self.device = torch.device("cpu")
             self.transformer.to(self.device)
             self.vae.to(self.device)
         if dtype is not None:
