@@ -109,6 +109,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, tokenizer, data_dir, kin
     a = load_file(Path(full["export"]).parent / sub / "model.safetensors")
     b = load_file(Path(rest["export"]).parent / sub / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    val = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["split"] == "val"]
+    assert val and all(np.isfinite(v) for r in val for k, v in r.items() if isinstance(v, float)), val
     losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
               for d in ("full", "split")]
     assert losses[0] == losses[1], "the metrics log holds one history, identical to the uninterrupted run's"

@@ -163,12 +163,14 @@ def _evaluate(task: Task, model: nn.Module, ema: EMA | None) -> dict[str, float]
     try:
         if ema is None:
             return task.evaluate(model)
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        backup = {k: p.detach().clone() for k, p in model.named_parameters()}
         ema.copy_to(model)
         try:
             return task.evaluate(model)
         finally:
-            model.load_state_dict(backup)
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    p.copy_(backup[k])
     finally:
         model.train(was_training)
 

@@ -81,24 +81,28 @@ def progressive_stage(step: int, total: int, warmup: int, pg: float, pg0: int, n
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point state (weights used for sampling)."""
+    """Exponential moving average of a model's parameters (the weights exported for sampling).
+
+    Parameters only: buffers are constants or derived (VAR's mask holds -inf, and lerp(-inf, -inf) is NaN).
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+        for k, p in model.named_parameters():
+            self.shadow[k].lerp_(p.detach(), 1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for k, v in sd.items():
-            self.shadow[k].copy_(v)
+        for k, v in self.shadow.items():
+            v.copy_(sd[k])
 
+    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict({**model.state_dict(), **self.shadow})
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k])
