@@ -171,3 +171,33 @@ def test_two_process_ddp_matches_single_process(tmp_path, tokenizer, data_dir):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
     cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert cfg["batch_size"] == 8
+
+
+def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, data_dir, caplog):
+    """A 3-class model fine-tuned on 2 classes: the architecture and every non-class weight carry over, the
+    class embedding keeps the first rows and the null row, and the resize is stated in the log."""
+    import logging
+    import shutil
+
+    base = run_training(VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "base"),
+                                       **VAR_KW))
+    two = tmp_path / "two"
+    for name in CLASSES[:2]:
+        shutil.copytree(data_dir / name, two / name)
+    kw = {**VAR_KW, "depth": 1, "embed_dim": 32, "steps": 1, "lr": 1e-9, "warmup": 0.0}  # ignored: pretrained shape
+    with caplog.at_level(logging.INFO):
+        tuned = run_training(VARTrainConfig(data=str(two), tokenizer=str(tokenizer), out_dir=str(tmp_path / "ft"),
+                                            init_from=base["export"], **kw))
+    assert "class embedding resized from 3+1 to 2+1 rows" in caplog.text
+    pipe = VARPipeline.from_pretrained(tuned["export"])
+    assert pipe.class_names == tuple(sorted(CLASSES[:2])) and pipe.transformer.cfg.depth == VAR_KW["depth"]
+    a, b = weights(tmp_path / "base"), weights(tmp_path / "ft")
+    assert a.keys() == b.keys()
+    emb_a, emb_b = a["class_emb.weight"], b["class_emb.weight"]
+    assert emb_a.shape[0] == 4 and emb_b.shape[0] == 3
+    # rows are kept by index (class names of a new dataset rarely match the pretrained ones)
+    torch.testing.assert_close(emb_b[:2], emb_a[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb_b[2], emb_a[3], atol=1e-5, rtol=0)  # null (unconditional) row
+    for k in a:
+        if k != "class_emb.weight":
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
