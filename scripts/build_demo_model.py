@@ -3,7 +3,9 @@
     python scripts/build_demo_model.py
 
 1. tokenizer: multi-scale VQ-VAE on Fashion-MNIST at 32x32 (codebook 512 x 16, scales 1,2,3,4,6,8);
-2. transformer: VAR, depth 6, width 192, on the frozen tokenizer's tokens (EMA weights exported);
+2. transformer: VAR, depth 6, width 192, on the frozen tokenizer's tokens (the raw weights are exported: an
+   EMA with decay 0.998 lags a 1,300-step run — its samples scored FD 76 vs 59 and 91 % vs 96 % accuracy
+   at cfg 1.5, top-p 0.9);
 3. classifier: the small CNN used as the evaluation feature network;
 4. quality: class accuracy and Fréchet distance (classifier features) of 150 samples per class for several
    guidance settings; the best setting that meets both targets becomes the model's recommended default;
@@ -37,6 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ACC_TARGET, FD_RATIO_TARGET = 0.95, 5.0
 
 
+def choose_defaults(settings: list[dict]) -> tuple[dict, bool]:
+    """The lowest Fréchet distance among settings whose class accuracy meets the target (the most accurate
+    setting if none does); also whether that setting meets the distance target too."""
+    accurate = [s for s in settings if s["class_accuracy"] >= ACC_TARGET]
+    best = (min(accurate, key=lambda s: s["fd_ratio"]) if accurate
+            else max(settings, key=lambda s: s["class_accuracy"]))
+    ok = best["class_accuracy"] >= ACC_TARGET and best["fd_ratio"] <= FD_RATIO_TARGET
+    return {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}, ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="run folders (checkpoints, metrics)")
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     var_cfg = VARTrainConfig(data="fashion-mnist", tokenizer=str(tokenizer), out_dir=str(work / "var"),
                              depth=6, embed_dim=192, num_heads=3, batch_size=128, steps=args.var_steps, lr=1.5e-3,
-                             weight_decay=0.05, warmup=0.03, ema=0.998, eval_every=250, ckpt_every=50,
+                             weight_decay=0.05, warmup=0.03, ema=0.0, eval_every=250, ckpt_every=50,
                              log_every=25, resume=True, compile=True)
     model_dir = work / "var" / "model"
     if not (model_dir / "model_index.json").is_file():
@@ -82,16 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     real_train = balanced_subset(train_ds.images, train_ds.labels, args.per_class, 10)
     real_test = balanced_subset(test_ds.images, test_ds.labels, args.per_class, 10)
     report = conditional_quality(pipe, clf, real_train, real_test, settings, args.per_class)
-    ok = [s for s in report["settings"] if s["class_accuracy"] >= ACC_TARGET and s["fd_ratio"] <= FD_RATIO_TARGET]
-    best = min(ok or report["settings"], key=lambda s: (s["fd_ratio"] if ok else -s["class_accuracy"]))
-    defaults = {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}
-    report.update({"chosen_defaults": defaults, "targets_met": bool(ok),
+    defaults, ok = choose_defaults(report["settings"])
+    report.update({"chosen_defaults": defaults, "targets_met": ok,
                    "targets": {"class_accuracy": ACC_TARGET, "fd_ratio": FD_RATIO_TARGET}})
     for s in report["settings"]:
         print(f"cfg {s['cfg']:.1f} top_p {s['top_p']}: accuracy {s['class_accuracy']:.3f}, "
               f"FD {s['FD-classifier']:.2f} (ratio {s['fd_ratio']:.2f})")
     print(f"real train vs test FD {report['real_train_vs_test']['FD-classifier']:.2f}; defaults {defaults}; "
-          f"targets met: {bool(ok)}")
+          f"targets met: {ok}")
 
     out = Path(args.out)
     save_native(out, pipe.transformer, pipe.vae, {"sampling_defaults": defaults, "trained_on": "fashion-mnist"},
