@@ -186,7 +186,7 @@ def measure(mode: str, var: VAR, vae: VQVAE, base: SamplingParams, arrivals: lis
     else:
         run_static(var, vae, arrivals, base, kw["B"], kw["T"])
     span = max(a.done for a in arrivals) - t0
-    params = {} if mode == "continuous" else {"B": kw["B"], "T": kw["T"]}
+    params = {"admit_gap": kw["engine"].admit_gap} if mode == "continuous" else {"B": kw["B"], "T": kw["T"]}
     return RunResult(mode, load, rate, params, [a.done - a.start for a in arrivals],
                      [a.first - a.start for a in arrivals], len(arrivals) / span)
 
@@ -203,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--static-b", default="2,4,8,16", help="static batch sizes to sweep")
     p.add_argument("--static-t", default="0,0.5,2", help="batch windows to sweep, in mean inter-arrival times")
     p.add_argument("--max-tokens", type=int, default=1024, help="engine token budget per iteration")
+    p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to run (cohort admission; 0 = off)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out or f"benchmarks/results/bench_serve_{args.model}.json")
     var, vae, base = build(args.model)
     nc = var.num_classes
-    engine_cfg = EngineConfig(max_tokens_per_iter=args.max_tokens, max_images_per_request=1, max_running_requests=256)
+    gaps = [int(x) for x in args.admit_gaps.split(",")]
+    engines = {g: EngineConfig(max_tokens_per_iter=args.max_tokens, max_images_per_request=1,
+                               max_running_requests=256, admit_gap=g) for g in gaps}
+    engine_cfg = engines[gaps[0]]
     # saturation: a burst of requests through the continuous engine
     burst = schedule(0.0, max(8, args.requests // 4), nc, seed=1)
     sat = measure("continuous", var, vae, base, burst, 1.0, 0.0, engine=engine_cfg).throughput
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = load * sat
         arrivals = schedule(rate, args.requests, nc, seed=int(load * 1000))
         t0 = time.perf_counter()
-        results.append(measure("continuous", var, vae, base, fresh(arrivals), load, rate, engine=engine_cfg))
+        for ecfg in engines.values():
+            results.append(measure("continuous", var, vae, base, fresh(arrivals), load, rate, engine=ecfg))
         results.append(measure("sequential", var, vae, base, fresh(arrivals), load, rate, B=1, T=0.0))
         for b in (int(x) for x in args.static_b.split(",")):
             for tw in (float(x) for x in args.static_t.split(",")):
@@ -231,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             if key not in best or r.row()["p99"] < best[key].row()["p99"]:
                 best[key] = r
     shown = [r for r in results if r.mode != "static"] + list(best.values())
-    for r in sorted(shown, key=lambda r: (r.load, r.mode)):
+    for r in sorted(shown, key=lambda r: (r.load, r.mode, r.params.get("admit_gap", 0))):
         d = r.row()
         static_ref = best[r.load].row()
-        cfg_txt = f"B={d['B']} T={d['T']:.2g}s" if r.mode == "static" else ""
+        cfg_txt = (f"B={d['B']} T={d['T']:.2g}s" if r.mode == "static" else
+                   f"admit_gap={d['admit_gap']}" if r.mode == "continuous" and len(gaps) > 1 else "")
         rows.append([f"{r.load:.1f}", f"{r.rate:.3g}", r.mode + (f" ({cfg_txt})" if cfg_txt else ""),
                      d["throughput"], d["p50"], d["p95"], d["p99"], d["p99"] / static_ref["p99"], d["ttfp_p50"],
                      d["ttfp_p99"], d["ttfp_p99"] / static_ref["ttfp_p99"]])
@@ -243,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}, {args.requests} requests per run, saturation {sat:.3g} img/s")
     print(markdown_table(header, rows))
     write_json(out, {"benchmark": "bench_serve", "model": args.model, "machine": machine_info(),
-                     "saturation_images_per_s": sat, "engine": dataclasses.asdict(engine_cfg),
+                     "saturation_images_per_s": sat, "engines": [dataclasses.asdict(e) for e in engines.values()],
                      "runs": [r.row() for r in results]})
-    series = {m: [(r.load, r.row()["p99"]) for r in shown if r.mode == m] for m in ("sequential", "continuous")}
+    series = {"sequential": [(r.load, r.row()["p99"]) for r in shown if r.mode == "sequential"]}
+    for g in gaps:
+        series[f"continuous (admit_gap={g})" if len(gaps) > 1 else "continuous"] = [
+            (r.load, r.row()["p99"]) for r in shown if r.mode == "continuous" and r.params["admit_gap"] == g]
     series["static (best B,T)"] = [(r.load, r.row()["p99"]) for r in best.values()]
     png = line_plot(series, out.with_suffix(".png"), title=f"p99 latency vs load ({args.model})",
                     xlabel="load (fraction of saturation)", ylabel="p99 latency (s)", log_y=True)

@@ -60,10 +60,25 @@ def make_step(cfg: VARConfig, batch: int, precision: str):
     return step
 
 
+def precisions(spec: str, model: str) -> list[str]:
+    """``"fp32,bf16"`` for every model, or ``"demo:fp32,bf16;d16:fp32"`` per model (fp32 where unnamed)."""
+    if ":" not in spec:
+        chosen = spec.split(",")
+    else:
+        per = dict(part.split(":", 1) for part in spec.split(";"))
+        chosen = per.get(model, "fp32").split(",")
+    bad = [c for c in chosen if c not in ("fp32", "bf16")]
+    if bad:
+        raise SystemExit(f"unknown precision {bad[0]!r}: fp32 or bf16")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="demo,d16")
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="per model, e.g. 'fp32,bf16' or 'demo:fp32,bf16;d16:fp32' (bf16 is emulated on AVX2 CPUs)")
     p.add_argument("--out", default="benchmarks/results/bench_train.json")
     args = p.parse_args(argv)
     peaks = {"fp32": gemm_peak_gflops(torch.float32), "bf16": gemm_peak_gflops(torch.bfloat16)}
@@ -71,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     cells, rows = [], []
     for name in args.models.split(","):
         cfg, batch = MODELS[name]
-        row = [Cell(f"{name}/{prec}", {"model": name, "precision": prec, "batch": batch}) for prec in ("fp32", "bf16")]
+        precs = precisions(args.precisions, name)
+        row = [Cell(f"{name}/{prec}", {"model": name, "precision": prec, "batch": batch}) for prec in precs]
         interleave(row, [make_step(cfg, batch, c.params["precision"]) for c in row], args.steps)
         gflop = 3 * forward_gflop(cfg, batch)
         for c in row:

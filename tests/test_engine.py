@@ -58,6 +58,25 @@ def test_budget_limits_heavy_units_but_never_starves():
     assert ["a"] in iters, "the oldest heavy unit runs alone when it exceeds the budget"
 
 
+def test_admit_gap_starts_arrivals_in_cohorts():
+    s = Scheduler(SchedulerConfig(max_tokens=1000, max_rows=100, admit_gap=2))
+    s.add("a", 2, SCALES)
+    s.add("b", 2, SCALES)
+    out = s.schedule()
+    assert out.admitted == ["a", "b"]  # nothing running: the whole queue starts as one cohort
+    s.update(out)
+    s.add("c", 2, SCALES)
+    out = s.schedule()  # a, b at scale 1 < 2: c waits
+    assert out.admitted == [] and out.units == ["a", "b"]
+    s.update(out)
+    s.add("d", 2, SCALES)
+    out = s.schedule()  # a, b at scale 2: c and d start together
+    assert out.admitted == ["c", "d"] and out.units == ["a", "b", "c", "d"]
+    assert s.rows.free == [(8, 100)], "a cohort's KV rows are contiguous"
+    with pytest.raises(ValueError, match="admit_gap must be >= 0"):
+        SchedulerConfig(admit_gap=-1)
+
+
 def test_row_budget_gates_admission():
     s = Scheduler(SchedulerConfig(max_tokens=1000, max_rows=4))
     for rid in "abc":
@@ -72,9 +91,9 @@ def test_row_budget_gates_admission():
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4), st.booleans()), min_size=1, max_size=12),
-       st.integers(4, 64), st.integers(2, 12))
-def test_scheduler_invariants_under_random_traffic(reqs, max_tokens, max_rows):
-    s = Scheduler(SchedulerConfig(max_tokens=max_tokens, max_rows=max_rows, cheap_tokens=4))
+       st.integers(4, 64), st.integers(2, 12), st.integers(0, 3))
+def test_scheduler_invariants_under_random_traffic(reqs, max_tokens, max_rows, admit_gap):
+    s = Scheduler(SchedulerConfig(max_tokens=max_tokens, max_rows=max_rows, cheap_tokens=4, admit_gap=admit_gap))
     pending = sorted(enumerate(reqs), key=lambda x: x[1][0])
     done, aborted, it = set(), set(), 0
     while pending or s.has_work():
@@ -154,7 +173,7 @@ def test_engine_equals_pipeline_under_random_arrivals(models, seed):
     var, vae = models
     engine = Engine(var, vae, EngineConfig(max_tokens_per_iter=rng.choice([8, 40, 4096]),
                                            kv_cache_mb=rng.choice([0.2, 100.0]), cheap_tokens=rng.choice([1, 4]),
-                                           max_images_per_request=3))
+                                           max_images_per_request=3, admit_gap=rng.choice([0, 0, 2])))
     pending = random_requests(rng, 7)
     ids, done, it = {}, {}, 0
     while pending or engine.has_unfinished():

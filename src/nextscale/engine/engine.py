@@ -37,6 +37,7 @@ class EngineConfig:
     cheap_tokens: int = 16
     max_images_per_request: int = 16
     max_running_requests: int = 64
+    admit_gap: int = 0  # start waiting requests in cohorts, this many scales apart (0 = at the next iteration)
 
     def __post_init__(self) -> None:
         if self.kv_cache_mb <= 0:
@@ -82,7 +83,7 @@ class Engine:
                 f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
                 f"{2 * self.cfg.max_images_per_request}")
         self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens,
-                                                   self.cfg.max_running_requests))
+                                                   self.cfg.max_running_requests, self.cfg.admit_gap))
         self.pool = KVPool.for_model(var, max_rows)
         self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}

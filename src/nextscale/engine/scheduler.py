@@ -7,7 +7,9 @@ cannot be split (tokens of a scale attend to each other). Each iteration:
 
 1. admits waiting requests first-come first-served while a contiguous range of KV-pool rows is free for them
    (every admitted row holds a full-length cache until the request ends) and fewer than ``max_running`` are
-   in flight;
+   in flight — with ``admit_gap > 0`` only once every running request is at least that many scales in, so
+   arrivals start in cohorts: where a forward's cost is mostly fixed per call (small models, GPUs), each
+   distinct scale in an iteration is another set of small kernels, and cohorts keep that number low;
 2. schedules every *cheap* unit (scales of at most ``cheap_tokens`` tokens per row) — they cost little and give
    new requests their first preview at once;
 3. adds the remaining units oldest-first while the iteration's token budget allows; the oldest is always taken,
@@ -28,11 +30,14 @@ class SchedulerConfig:
     max_rows: int = 256  # rows holding a KV cache at once (2 per image with guidance)
     cheap_tokens: int = 16  # per-row tokens of a scale that is always scheduled (1,4,9,16 at 256 px)
     max_running: int = 64  # requests in flight at once (vLLM's max_num_seqs); the rest wait in the queue
+    admit_gap: int = 0  # admit only when every running request is >= this many scales in (0 = at once)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_rows", "max_running"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.admit_gap < 0:
+            raise ValueError(f"admit_gap must be >= 0, got {self.admit_gap}")
 
 
 class RowAllocator:
@@ -128,7 +133,9 @@ class Scheduler:
     # ---- the step contract: schedule() -> execute -> update() ------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        while self.waiting and len(self.running) < self.cfg.max_running:
+        gap = self.cfg.admit_gap
+        may_admit = gap == 0 or all(seq.si >= gap for seq in self.running.values())
+        while may_admit and self.waiting and len(self.running) < self.cfg.max_running:
             start = self.rows.allocate(self.waiting[0].rows)
             if start is None:  # FCFS: the head waits for room rather than being overtaken
                 break
