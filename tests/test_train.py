@@ -185,9 +185,14 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
     for name in CLASSES[:2]:
         shutil.copytree(data_dir / name, two / name)
     kw = {**VAR_KW, "depth": 1, "embed_dim": 32, "steps": 1, "lr": 1e-9, "warmup": 0.0}  # ignored: pretrained shape
-    with caplog.at_level(logging.INFO):
-        tuned = run_training(VARTrainConfig(data=str(two), tokenizer=str(tokenizer), out_dir=str(tmp_path / "ft"),
-                                            init_from=base["export"], **kw))
+    logger = logging.getLogger("nextscale")  # an in-process CLI run may have stopped it propagating to root
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="nextscale"):
+            tuned = run_training(VARTrainConfig(data=str(two), tokenizer=str(tokenizer),
+                                                out_dir=str(tmp_path / "ft"), init_from=base["export"], **kw))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "class embedding resized from 3+1 to 2+1 rows" in caplog.text
     pipe = VARPipeline.from_pretrained(tuned["export"])
     assert pipe.class_names == tuple(sorted(CLASSES[:2])) and pipe.transformer.cfg.depth == VAR_KW["depth"]
