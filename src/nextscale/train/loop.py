@@ -163,14 +163,8 @@ def _evaluate(task: Task, model: nn.Module, ema: EMA | None) -> dict[str, float]
     try:
         if ema is None:
             return task.evaluate(model)
-        backup = {k: p.detach().clone() for k, p in model.named_parameters()}
-        ema.copy_to(model)
-        try:
+        with ema.applied(model):
             return task.evaluate(model)
-        finally:
-            with torch.no_grad():
-                for k, p in model.named_parameters():
-                    p.copy_(backup[k])
     finally:
         model.train(was_training)
 

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -106,3 +108,15 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         for k, p in model.named_parameters():
             p.copy_(self.shadow[k])
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """The averaged weights in ``model`` for the duration of the block; the trained ones afterwards."""
+        trained = {k: p.detach().clone() for k, p in model.named_parameters()}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    p.copy_(trained[k])
