@@ -168,7 +168,7 @@ def run_continuous(var: VAR, vae: VQVAE, arrivals: list[Arrival], base: Sampling
         for a in new:
             params = SamplingParams(cfg=base.cfg, top_k=base.top_k, top_p=base.top_p, seed=a.seed)
             by_id[engine.add_request(torch.tensor([a.label]), params)] = a
-        for ev in engine.step():
+        for ev in engine.step(interrupt=lambda: not q.empty()):
             now = time.perf_counter()
             a = by_id[ev.request_id]
             if ev.si == 0:
@@ -186,7 +186,7 @@ def measure(mode: str, var: VAR, vae: VQVAE, base: SamplingParams, arrivals: lis
     else:
         run_static(var, vae, arrivals, base, kw["B"], kw["T"])
     span = max(a.done for a in arrivals) - t0
-    params = {"admit_gap": kw["engine"].admit_gap} if mode == "continuous" else {"B": kw["B"], "T": kw["T"]}
+    params = {} if mode == "continuous" else {"B": kw["B"], "T": kw["T"]}
     return RunResult(mode, load, rate, params, [a.done - a.start for a in arrivals],
                      [a.first - a.start for a in arrivals], len(arrivals) / span)
 
@@ -195,67 +195,114 @@ def fresh(arrivals: list[Arrival]) -> list[Arrival]:
     return [Arrival(a.idx, a.t, a.label, a.seed) for a in arrivals]
 
 
+def summarise(runs: list[RunResult]) -> dict:
+    """Median over repetitions (each on its own arrival schedule) of every latency statistic."""
+    rows = [r.row() for r in runs]
+    keys = ("throughput", "p50", "p95", "p99", "ttfp_p50", "ttfp_p99")
+    return {**{k: float(np.median([row[k] for row in rows])) for k in keys}, "reps": len(rows)}
+
+
+def label(r: RunResult) -> str:
+    if r.mode == "static":
+        return f"static (B={r.params['B']} T={r.params['T']:.2g}s)"
+    if r.mode == "continuous" and r.params.get("name"):
+        return f"continuous ({r.params['name']})"
+    return r.mode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="demo | d16 | d16-128px")
+    p.add_argument("--model", default="demo", help="demo | demo-random | d16 | d16-128px")
     p.add_argument("--requests", type=int, default=200, help="requests per run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="arrival schedules per load; every mode runs on each, statistics are medians over them")
     p.add_argument("--loads", default="0.3,0.5,0.7,0.9", help="fractions of the saturation rate")
+    p.add_argument("--saturation", type=float, default=None,
+                   help="images/s to take as saturation instead of measuring it with a burst")
     p.add_argument("--static-b", default="2,4,8,16", help="static batch sizes to sweep")
     p.add_argument("--static-t", default="0,0.5,2", help="batch windows to sweep, in mean inter-arrival times")
-    p.add_argument("--max-tokens", type=int, default=1024, help="engine token budget per iteration")
+    p.add_argument("--max-tokens", default="1024",
+                   help="engine token budget(s) per iteration, comma-separated: each is a continuous configuration")
+    p.add_argument("--first-scale-priority", default="0", help="0, 1 or 0,1: engine first_scale_priority values")
     p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to run (cohort admission; 0 = off)")
+    p.add_argument("--no-sequential", action="store_true", help="skip the one-request-at-a-time mode")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out or f"benchmarks/results/bench_serve_{args.model}.json")
     var, vae, base = build(args.model)
     nc = var.num_classes
-    gaps = [int(x) for x in args.admit_gaps.split(",")]
-    engines = {g: EngineConfig(max_tokens_per_iter=args.max_tokens, max_images_per_request=1,
-                               max_running_requests=256, admit_gap=g) for g in gaps}
-    engine_cfg = engines[gaps[0]]
-    # saturation: a burst of requests through the continuous engine
-    burst = schedule(0.0, max(8, args.requests // 4), nc, seed=1)
-    sat = measure("continuous", var, vae, base, burst, 1.0, 0.0, engine=engine_cfg).throughput
+    engines: dict[str, EngineConfig] = {}
+    for mt in (int(x) for x in args.max_tokens.split(",")):
+        for prio in (bool(int(x)) for x in args.first_scale_priority.split(",")):
+            for g in (int(x) for x in args.admit_gaps.split(",")):
+                name = f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
+                engines[name] = EngineConfig(max_tokens_per_iter=mt, max_images_per_request=1, max_running_requests=256,
+                                             admit_gap=g, first_scale_priority=prio)
+    if args.saturation:
+        sat = args.saturation
+    else:  # a burst through the first continuous configuration (an overestimate when bursts batch better)
+        burst = schedule(0.0, max(8, args.requests // 4), nc, seed=1)
+        sat = measure("continuous", var, vae, base, burst, 1.0, 0.0, engine=next(iter(engines.values()))).throughput
     print(f"saturation ~ {sat:.3g} images/s", file=sys.stderr)
     results: list[RunResult] = []
     for load in (float(x) for x in args.loads.split(",")):
         rate = load * sat
-        arrivals = schedule(rate, args.requests, nc, seed=int(load * 1000))
         t0 = time.perf_counter()
-        for ecfg in engines.values():
-            results.append(measure("continuous", var, vae, base, fresh(arrivals), load, rate, engine=ecfg))
-        results.append(measure("sequential", var, vae, base, fresh(arrivals), load, rate, B=1, T=0.0))
-        for b in (int(x) for x in args.static_b.split(",")):
-            for tw in (float(x) for x in args.static_t.split(",")):
-                results.append(measure("static", var, vae, base, fresh(arrivals), load, rate, B=b, T=tw / rate))
+        for rep in range(args.repeats):
+            arrivals = schedule(rate, args.requests, nc, seed=int(load * 1000) + 7919 * rep)
+            for name, ecfg in engines.items():
+                r = measure("continuous", var, vae, base, fresh(arrivals), load, rate, engine=ecfg)
+                r.params.update(name=name if len(engines) > 1 else "", rep=rep)
+                results.append(r)
+            if not args.no_sequential:
+                results.append(measure("sequential", var, vae, base, fresh(arrivals), load, rate, B=1, T=0.0))
+                results[-1].params["rep"] = rep
+            for b in (int(x) for x in args.static_b.split(",")):
+                for tw in (float(x) for x in args.static_t.split(",")):
+                    results.append(measure("static", var, vae, base, fresh(arrivals), load, rate, B=b, T=tw / rate))
+                    results[-1].params["rep"] = rep
         print(f"load {load}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    rows, best = [], {}
+
+    groups: dict[tuple[float, str], list[RunResult]] = {}
     for r in results:
-        if r.mode == "static":
-            key = r.load
-            if key not in best or r.row()["p99"] < best[key].row()["p99"]:
-                best[key] = r
-    shown = [r for r in results if r.mode != "static"] + list(best.values())
-    for r in sorted(shown, key=lambda r: (r.load, r.mode, r.params.get("admit_gap", 0))):
-        d = r.row()
-        static_ref = best[r.load].row()
-        cfg_txt = (f"B={d['B']} T={d['T']:.2g}s" if r.mode == "static" else
-                   f"admit_gap={d['admit_gap']}" if r.mode == "continuous" and len(gaps) > 1 else "")
-        rows.append([f"{r.load:.1f}", f"{r.rate:.3g}", r.mode + (f" ({cfg_txt})" if cfg_txt else ""),
-                     d["throughput"], d["p50"], d["p95"], d["p99"], d["p99"] / static_ref["p99"], d["ttfp_p50"],
-                     d["ttfp_p99"], d["ttfp_p99"] / static_ref["ttfp_p99"]])
-    header = ["load", "req/s", "mode", "images/s", "p50 s", "p95 s", "p99 s", "p99 / static", "TTFP p50 s",
-              "TTFP p99 s", "TTFP p99 / static"]
-    print(f"model {args.model}, {args.requests} requests per run, saturation {sat:.3g} img/s")
+        groups.setdefault((r.load, label(r)), []).append(r)
+    summary = {key: summarise(runs) for key, runs in groups.items()}
+    loads = sorted({k[0] for k in summary})
+    best = {ld: min((k for k in summary if k[0] == ld and k[1].startswith("static")), key=lambda k: summary[k]["p99"])
+            for ld in loads}
+
+    def per_schedule_ratio(key: tuple[float, str], stat: str) -> tuple[float, float]:
+        """Median and max over schedules of (this mode's statistic / the best static's, same schedule)."""
+        ref = {r.params["rep"]: r.row()[stat] for r in groups[best[key[0]]]}
+        ratios = [r.row()[stat] / ref[r.params["rep"]] for r in groups[key]]
+        return float(np.median(ratios)), float(max(ratios))
+
+    rows = []
+    for key in sorted(summary, key=lambda k: (k[0], not k[1].startswith("continuous"), k[1])):
+        if key[1].startswith("static") and key != best[key[0]]:
+            continue
+        d, ref = summary[key], summary[best[key[0]]]
+        q99 = per_schedule_ratio(key, "p99")
+        t99 = per_schedule_ratio(key, "ttfp_p99")
+        rows.append([f"{key[0]:.1f}", f"{key[0] * sat:.3g}", key[1], d["throughput"], d["p50"], d["p95"], d["p99"],
+                     d["p99"] / ref["p99"], f"{q99[0]:.2f} / {q99[1]:.2f}", d["ttfp_p50"], d["ttfp_p99"],
+                     d["ttfp_p99"] / ref["ttfp_p99"], f"{t99[0]:.2f} / {t99[1]:.2f}"])
+    header = ["load", "req/s", "mode", "images/s", "p50 s", "p95 s", "p99 s", "p99 / static",
+              "per-schedule p99 ratio med / max", "TTFP p50 s", "TTFP p99 s", "TTFP p99 / static",
+              "per-schedule TTFP ratio med / max"]
+    print(f"model {args.model}, {args.requests} requests per run, {args.repeats} schedule(s) per load, "
+          f"saturation {sat:.3g} img/s; statistics are medians over schedules")
     print(markdown_table(header, rows))
     write_json(out, {"benchmark": "bench_serve", "model": args.model, "machine": machine_info(),
-                     "saturation_images_per_s": sat, "engines": [dataclasses.asdict(e) for e in engines.values()],
-                     "runs": [r.row() for r in results]})
-    series = {"sequential": [(r.load, r.row()["p99"]) for r in shown if r.mode == "sequential"]}
-    for g in gaps:
-        series[f"continuous (admit_gap={g})" if len(gaps) > 1 else "continuous"] = [
-            (r.load, r.row()["p99"]) for r in shown if r.mode == "continuous" and r.params["admit_gap"] == g]
-    series["static (best B,T)"] = [(r.load, r.row()["p99"]) for r in best.values()]
+                     "saturation_images_per_s": sat, "repeats": args.repeats,
+                     "engines": {n: dataclasses.asdict(e) for n, e in engines.items()},
+                     "runs": [{**r.row(), "label": label(r)} for r in results],
+                     "summary": [{"load": k[0], "mode": k[1], **v} for k, v in summary.items()]})
+    series: dict[str, list[tuple[float, float]]] = {}
+    for key in sorted(summary):
+        if not key[1].startswith("static"):
+            series.setdefault(key[1], []).append((key[0], summary[key]["p99"]))
+    series["static (best B,T)"] = [(ld, summary[best[ld]]["p99"]) for ld in loads]
     png = line_plot(series, out.with_suffix(".png"), title=f"p99 latency vs load ({args.model})",
                     xlabel="load (fraction of saturation)", ylabel="p99 latency (s)", log_y=True)
     print(f"wrote {out} and {png}", file=sys.stderr)

@@ -173,14 +173,16 @@ def test_engine_equals_pipeline_under_random_arrivals(models, seed):
     var, vae = models
     engine = Engine(var, vae, EngineConfig(max_tokens_per_iter=rng.choice([8, 40, 4096]),
                                            kv_cache_mb=rng.choice([0.2, 100.0]), cheap_tokens=rng.choice([1, 4]),
-                                           max_images_per_request=3, admit_gap=rng.choice([0, 0, 2])))
+                                           max_images_per_request=3, admit_gap=rng.choice([0, 0, 2]),
+                                           first_scale_priority=rng.random() < 0.5))
     pending = random_requests(rng, 7)
     ids, done, it = {}, {}, 0
     while pending or engine.has_unfinished():
         while pending and pending[0][0] <= it:
             _, labels, params = pending.pop(0)
             ids[engine.add_request(labels, params, previews=rng.random() < 0.5)] = (labels, params)
-        for ev in engine.step():
+        # final decodes are interrupted at random points and resumed in later steps
+        for ev in engine.step(interrupt=lambda: rng.random() < 0.3):
             if ev.finished:
                 done[ev.request_id] = ev
         engine.scheduler.check_integrity()
@@ -195,6 +197,57 @@ def test_engine_equals_pipeline_under_random_arrivals(models, seed):
         for a, b in zip(done[rid].tokens, ref.tokens):
             assert torch.equal(a, b), rid
         torch.testing.assert_close(done[rid].images, ref.images, atol=1e-6, rtol=0)
+
+
+def test_first_scale_priority_runs_new_arrivals_first_but_cannot_starve_older_requests():
+    s = Scheduler(SchedulerConfig(max_tokens=1000, max_rows=100, cheap_tokens=1, first_scale_priority=True))
+    s.add("old", 2, SCALES)
+    s.update(s.schedule())
+    s.update(s.schedule())  # "old" is at scale 2 now (heavy)
+    for i in range(Scheduler.MAX_CHEAP_ONLY_RUN):
+        s.add(f"new{i}", 2, SCALES)
+        out = s.schedule()
+        assert out.units == [f"new{i}"] and out.cheap_only, "a new arrival's first scale runs without heavy units"
+        s.update(out)
+    s.add("newer", 2, SCALES)
+    out = s.schedule()  # one more priority iteration would keep starving the others: everything runs
+    assert not out.cheap_only and "old" in out.units and "newer" in out.units
+    s.update(out)
+    s.check_integrity()
+
+
+def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(models):
+    var, vae = models
+    params = SamplingParams(seed=5)
+    ref = Engine(var, vae).generate([(torch.tensor([1, 2]), params)])[0]
+    engine = Engine(var, vae)
+    a = engine.add_request(torch.tensor([1, 2]), params)
+    b = engine.add_request(torch.tensor([3]), SamplingParams(seed=6))
+    events = []
+    for _ in range(len(var.cfg.patch_nums)):
+        events += engine.step(interrupt=lambda: True)  # every decode stops after its first piece
+    assert not any(e.finished for e in events) and engine.num_decoding == 2
+    assert engine.is_pending(a) and engine.is_pending(b) and engine.has_unfinished()
+    assert engine.abort(b) and not engine.is_pending(b) and not engine.abort(b)
+    steps = 0
+    while engine.has_unfinished():
+        events += engine.step(interrupt=lambda: True)
+        steps += 1
+    finals = [e for e in events if e.finished]
+    assert [e.request_id for e in finals] == [a], "the aborted request's images are never delivered"
+    # the first piece ran in the last sampling step; one piece per step after it, then the clamp
+    assert steps == len(vae.decoder.stages()) + 1, "one decoder piece per step"
+    torch.testing.assert_close(finals[0].images, ref.images, atol=0, rtol=0)
+    assert all(torch.equal(x, y) for x, y in zip(finals[0].tokens, ref.tokens))
+
+
+def test_decoder_pieces_compose_to_the_whole_decode(models):
+    _, vae = models
+    f_hat = torch.randn(2, vae.quantize.Cvae, vae.quantize.side, vae.quantize.side)
+    with torch.inference_mode():
+        pieces = list(vae.fhat_to_img_steps(f_hat))
+        assert len(pieces) == len(vae.decoder.stages()) + 1 > 3
+        assert torch.equal(pieces[-1], vae.fhat_to_img(f_hat))
 
 
 def test_events_and_previews_go_coarse_to_fine(models):

@@ -26,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--admit-gap", type=int, default=0,
                    help="start waiting requests only when every running one is this many scales in (cohorts; "
                         "helps small models whose iterations cost mostly per-kernel overhead; default: 0)")
+    s.add_argument("--first-scale-priority", action="store_true",
+                   help="right after new requests are admitted, run an iteration of cheap early scales only, so their "
+                        "first preview does not wait behind costly late scales (for large, compute-bound models; "
+                        "pair with a --max-tokens-per-iter of about one last-scale unit)")
     s.add_argument("--kv-cache-mb", type=float, default=4096.0, help="memory for KV caches (default: 4096)")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on shutdown")
     p.set_defaults(func=run)
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     engine_cfg = EngineConfig(max_tokens_per_iter=args.max_tokens_per_iter, kv_cache_mb=args.kv_cache_mb,
                               max_images_per_request=args.max_images, max_running_requests=args.max_running,
-                              admit_gap=args.admit_gap)
+                              admit_gap=args.admit_gap, first_scale_priority=args.first_scale_priority)
     name = args.name or (args.model.rstrip("/").split("/")[-1] if args.model else
                          "var" if args.checkpoint else "demo-fmnist")
     cfg = ServerConfig(model_name=name, max_queue=args.max_queue, max_images_per_request=args.max_images,

@@ -8,13 +8,19 @@
 ``step()`` is the vLLM-style contract: ``scheduler.schedule()`` -> ``runner.execute()`` -> ``scheduler.update()``.
 Each request samples with its own generators, so an image is the same whatever else is in flight (tested
 against the single-request pipeline). Finished or aborted requests free their KV cache at once.
+
+The final VQ-VAE decode of the requests that finish in one iteration is batched and *resumable*: it runs
+decoder piece by piece (``VQVAE.fhat_to_img_steps``) after the transformer iteration, and ``step(interrupt)``
+stops between pieces when ``interrupt()`` says new requests are waiting, resuming in the next step. For a
+large decoder (seconds at d16 shape on a CPU) this keeps a new arrival's first scale from waiting behind it.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +44,7 @@ class EngineConfig:
     max_images_per_request: int = 16
     max_running_requests: int = 64
     admit_gap: int = 0  # start waiting requests in cohorts, this many scales apart (0 = at the next iteration)
+    first_scale_priority: bool = False  # see SchedulerConfig: for compute-bound models with long iterations
 
     def __post_init__(self) -> None:
         if self.kv_cache_mb <= 0:
@@ -57,6 +64,32 @@ class ScaleEvent:
     preview: torch.Tensor | None = None
     images: torch.Tensor | None = None
     tokens: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Decode:
+    """The latents of requests that finished in one iteration, going through the decoder as one batch."""
+
+    events: list[ScaleEvent]
+    sizes: list[int]
+    steps: Iterator[torch.Tensor]
+    out: torch.Tensor | None = None
+    cancelled: set[str] = field(default_factory=set)
+
+    def run(self, interrupt: Callable[[], bool] | None) -> bool:
+        """Run decoder pieces until the images are done (True) or ``interrupt()`` asks to yield (False)."""
+        for piece in self.steps:
+            self.out = piece
+            if interrupt is not None and interrupt():
+                return False
+        return True
+
+    def finish(self) -> list[ScaleEvent]:
+        assert self.out is not None
+        images = self.out.add_(1).mul_(0.5).split(self.sizes)
+        for ev, img in zip(self.events, images):
+            ev.images = img
+        return [ev for ev in self.events if ev.request_id not in self.cancelled]
 
 
 @dataclass
@@ -83,12 +116,14 @@ class Engine:
                 f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
                 f"{2 * self.cfg.max_images_per_request}")
         self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens,
-                                                   self.cfg.max_running_requests, self.cfg.admit_gap))
+                                                   self.cfg.max_running_requests, self.cfg.admit_gap,
+                                                   self.cfg.first_scale_priority))
         self.pool = KVPool.for_model(var, max_rows)
         self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.last_iteration_tokens = 0
+        self._decodes: deque[_Decode] = deque()
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, labels_B: torch.Tensor, params: SamplingParams, request_id: str | None = None,
@@ -112,10 +147,24 @@ class Engine:
         self.scheduler.abort(request_id)
         if req is not None and req.state is not None:
             req.state.release()
+        for job in self._decodes:
+            if any(ev.request_id == request_id for ev in job.events) and request_id not in job.cancelled:
+                job.cancelled.add(request_id)
+                return True
         return req is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._decodes)
+
+    def is_pending(self, request_id: str) -> bool:
+        """Not yet delivered: waiting, running or being decoded."""
+        return request_id in self.requests or any(
+            ev.request_id == request_id and request_id not in job.cancelled for job in self._decodes
+            for ev in job.events)
+
+    @property
+    def num_decoding(self) -> int:
+        return sum(len(job.events) - len(job.cancelled) for job in self._decodes)
 
     @property
     def num_waiting(self) -> int:
@@ -127,7 +176,13 @@ class Engine:
 
     # ---- one iteration --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[ScaleEvent]:
+    def step(self, interrupt: Callable[[], bool] | None = None) -> list[ScaleEvent]:
+        """One transformer iteration, then the pending final decodes (oldest first).
+
+        ``interrupt``: called between decoder pieces; returning True defers the rest of the decoding to the next
+        step (a caller passes "are new requests waiting?"). Finished requests' events come out of the step
+        that completes their decode.
+        """
         out = self.scheduler.schedule()
         for rid in out.admitted:
             self._start(rid)
@@ -135,19 +190,26 @@ class Engine:
         results = self.runner.execute([u for u in units if u is not None])
         self.last_iteration_tokens = out.tokens
         finished = set(self.scheduler.update(out))
-        events = []
+        events, done = [], []
         for rid, res in zip(out.units, results):
             req = self.requests[rid]
             ev = ScaleEvent(rid, res.si, res.num_scales, finished=rid in finished)
             if ev.finished:
                 assert req.state is not None
-                ev.images = self.decode(res.f_hat_BChw)
                 ev.tokens = req.state.tokens
                 req.state.release()
                 del self.requests[rid]
-            elif req.previews:
-                ev.preview = self.decode(res.f_hat_BChw)
-            events.append(ev)
+                done.append((ev, res.f_hat_BChw))
+            else:
+                if req.previews:
+                    ev.preview = self.decode(res.f_hat_BChw)
+                events.append(ev)
+        if done:
+            f_hat = torch.cat([f for _, f in done]) if len(done) > 1 else done[0][1]
+            self._decodes.append(_Decode([ev for ev, _ in done], [f.shape[0] for _, f in done],
+                                         self.vae.fhat_to_img_steps(f_hat)))
+        while self._decodes and self._decodes[0].run(interrupt):
+            events.extend(self._decodes.popleft().finish())
         return events
 
     def _start(self, rid: str) -> None:
@@ -177,5 +239,5 @@ class Engine:
                ) -> Iterator[ScaleEvent]:
         """One request's per-scale events, driving the engine (single-threaded use)."""
         rid = self.add_request(labels_B, params, previews=previews)
-        while rid in self.requests:
+        while self.is_pending(rid):
             yield from (e for e in self.step() if e.request_id == rid)

@@ -14,7 +14,9 @@ cannot be split (tokens of a scale attend to each other). Each iteration:
    new requests their first preview at once;
 3. adds the remaining units oldest-first while the iteration's token budget allows; the oldest is always taken,
    so a unit larger than the budget still runs (alone) and nothing starves. Oldest-first on the costly last
-   scales is what bounds the latency tail.
+   scales is what bounds the latency tail. With ``first_scale_priority`` an iteration right after admissions
+   skips this step (at most two iterations in a row), so a new arrival's first scale waits for one short
+   iteration rather than for the costly units of older requests.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class SchedulerConfig:
     cheap_tokens: int = 16  # per-row tokens of a scale that is always scheduled (1,4,9,16 at 256 px)
     max_running: int = 64  # requests in flight at once (vLLM's max_num_seqs); the rest wait in the queue
     admit_gap: int = 0  # admit only when every running request is >= this many scales in (0 = at once)
+    # When requests have just been admitted, run an iteration of cheap units only (at most two in a row), so
+    # their first preview does not wait behind the costly scales of older requests. Worth it where an iteration
+    # with costly units takes long (compute-bound models); it costs an extra iteration per arrival otherwise.
+    first_scale_priority: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_rows", "max_running"):
@@ -94,15 +100,20 @@ class SchedulerOutput:
     units: list[str] = field(default_factory=list)  # request ids advancing one scale this iteration
     admitted: list[str] = field(default_factory=list)  # newly admitted (their caches must be allocated)
     tokens: int = 0
+    cheap_only: bool = False  # a first-scale-priority iteration (costly units skipped)
 
 
 class Scheduler:
+    # Costly units are skipped for at most this many iterations in a row, however fast requests arrive.
+    MAX_CHEAP_ONLY_RUN = 2
+
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.waiting: deque[SeqState] = deque()
         self.running: dict[str, SeqState] = {}
         self.rows = RowAllocator(cfg.max_rows)
         self._order = itertools.count()
+        self._cheap_only_run = 0  # consecutive first-scale-priority iterations so far
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
     def add(self, request_id: str, rows: int, scale_tokens: tuple[int, ...]) -> None:
@@ -144,17 +155,23 @@ class Scheduler:
             self.running[seq.request_id] = seq
             out.admitted.append(seq.request_id)
         by_age = sorted(self.running.values(), key=lambda s: s.order)
+        cheap_only = (self.cfg.first_scale_priority and self._cheap_only_run < self.MAX_CHEAP_ONLY_RUN
+                      and any(seq.si == 0 for seq in by_age))
         heavy = []
         for seq in by_age:
-            if seq.scale_tokens[seq.si] <= self.cfg.cheap_tokens:
+            if seq.scale_tokens[seq.si] <= self.cfg.cheap_tokens or (cheap_only and seq.si == 0):
                 out.units.append(seq.request_id)
                 out.tokens += seq.next_cost
             else:
                 heavy.append(seq)
         for seq in heavy:
+            if cheap_only:
+                break
             if out.tokens + seq.next_cost <= self.cfg.max_tokens or not out.units:
                 out.units.append(seq.request_id)
                 out.tokens += seq.next_cost
+        out.cheap_only = cheap_only
+        self._cheap_only_run = self._cheap_only_run + 1 if cheap_only else 0
         return out
 
     def update(self, out: SchedulerOutput) -> list[str]:

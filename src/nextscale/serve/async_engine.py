@@ -118,7 +118,8 @@ class AsyncEngine:
                 continue
             t0 = time.perf_counter()
             try:
-                events = self.engine.step()
+                # new submissions or aborts pause a long final decode, so they are taken in at once
+                events = self.engine.step(interrupt=lambda: not self._commands.empty())
             except Exception as e:  # one bad step must not kill the server
                 log.exception("engine step failed")
                 self._fail_all(e)
@@ -142,7 +143,7 @@ class AsyncEngine:
                     self.engine.add_request(labels, params, request_id=rid, previews=previews)
                 except ValueError as e:
                     self._post(rid, e)
-            elif kind == "abort" and arg in self.engine.requests:
+            elif kind == "abort" and self.engine.is_pending(arg):
                 self.engine.abort(arg)
 
     def _deliver(self, ev: ScaleEvent) -> None:

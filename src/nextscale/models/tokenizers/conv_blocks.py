@@ -7,6 +7,8 @@ official state dict loads strictly. Quirks that numerical equality depends on: G
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,14 +155,24 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The decoder as consecutive pieces (conv_in + mid blocks, then one resnet block, attention or upsample
+        at a time); ``forward`` is their composition. A server runs a long decode piece by piece so that work
+        for newly arrived requests can run in between (``engine.Engine``)."""
+        steps: list[Callable[[torch.Tensor], torch.Tensor]] = [
+            lambda z: self.mid.block_1(self.conv_in(z)), self.mid.attn_1, self.mid.block_2]
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):
-                h = block(h)
+                steps.append(block)
                 if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+                    steps.append(up.attn[i_block])
             if i_level != 0:
-                h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                steps.append(up.upsample)
+        steps.append(lambda h: self.conv_out(F.silu(self.norm_out(h))))
+        return steps
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for step in self.stages():
+            z = step(z)
+        return z

@@ -12,7 +12,7 @@ step of the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -261,11 +261,21 @@ class VQVAE(nn.Module):
 
     def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         """Latent -> image clamped to [-1, 1]; runs in the decoder's dtype and memory format."""
+        *_, img = self.fhat_to_img_steps(f_hat_BChw)
+        return img
+
+    def fhat_to_img_steps(self, f_hat_BChw: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``fhat_to_img`` one decoder piece per ``next()`` (intermediate activations are yielded); the last
+        value is the image. A resumable decode: the serving engine interleaves it with transformer work."""
         w = self.post_quant_conv.weight
-        x = f_hat_BChw.to(dtype=w.dtype)
+        h = f_hat_BChw.to(dtype=w.dtype)
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.decode_unclamped(x).float().clamp_(-1, 1)
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.post_quant_conv(h)
+        for step in self.decoder.stages():
+            h = step(h)
+            yield h
+        yield h.float().clamp_(-1, 1)
 
     @torch.no_grad()
     def idx_to_img(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
