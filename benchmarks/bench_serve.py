@@ -1,7 +1,7 @@
 """Serving under open-loop Poisson load: one request at a time vs static batching vs the continuous engine.
 
-    python benchmarks/bench_serve.py --model demo                 # the bundled Fashion-MNIST model
-    python benchmarks/bench_serve.py --model d16 --requests 24    # random weights shaped like VAR-d16
+    python benchmarks/bench_serve.py --model demo --repeats 3     # the bundled Fashion-MNIST model
+    python benchmarks/bench_serve.py --model d16-128px --requests 12 --max-tokens 160,320 --first-scale-priority 1
 
 All three modes run in this process on the same model and the same kernels (``engine.runner``), fed the same
 arrival schedule in real time by a driver thread: *sequential* serves one request at a time; *static*
@@ -10,13 +10,16 @@ collects up to B requests or waits T seconds after the first, then runs that bat
 *continuous* is ``Engine``: arrivals join at the next iteration. Each request is one image (guided, the
 model's default settings); latency = arrival -> decoded image; TTFP = arrival -> first scale's tokens (a
 coarse preview is one decode away in every mode). Loads are fractions of the measured saturation rate.
-Writes a markdown table, JSON and a PNG plot (p99 latency against load).
+Each load runs ``--repeats`` arrival schedules with every mode on each; the table reports medians over them and
+each mode's per-schedule ratio to the best static configuration (single runs of a Poisson schedule are noisy:
+p99 is set by the schedule's largest burst). Writes a markdown table, JSON and a PNG plot (p99 against load).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import queue
 import sys
 import threading
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine token budget(s) per iteration, comma-separated: each is a continuous configuration")
     p.add_argument("--first-scale-priority", default="0", help="0, 1 or 0,1: engine first_scale_priority values")
     p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to run (cohort admission; 0 = off)")
+    p.add_argument("--max-running", default="256", help="engine max_running_requests value(s), comma-separated")
     p.add_argument("--no-sequential", action="store_true", help="skip the one-request-at-a-time mode")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -232,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     var, vae, base = build(args.model)
     nc = var.num_classes
     engines: dict[str, EngineConfig] = {}
-    for mt in (int(x) for x in args.max_tokens.split(",")):
-        for prio in (bool(int(x)) for x in args.first_scale_priority.split(",")):
-            for g in (int(x) for x in args.admit_gaps.split(",")):
-                name = f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
-                engines[name] = EngineConfig(max_tokens_per_iter=mt, max_images_per_request=1, max_running_requests=256,
-                                             admit_gap=g, first_scale_priority=prio)
+    for mt, prio, g, k in itertools.product([int(x) for x in args.max_tokens.split(",")],
+                                            [bool(int(x)) for x in args.first_scale_priority.split(",")],
+                                            [int(x) for x in args.admit_gaps.split(",")],
+                                            [int(x) for x in args.max_running.split(",")]):
+        name = (f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
+                + (f" max_running={k}" if k != 256 else ""))
+        engines[name] = EngineConfig(max_tokens_per_iter=mt, max_images_per_request=1, max_running_requests=k,
+                                     admit_gap=g, first_scale_priority=prio)
     if args.saturation:
         sat = args.saturation
     else:  # a burst through the first continuous configuration (an overestimate when bursts batch better)
