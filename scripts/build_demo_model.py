@@ -49,6 +49,17 @@ def choose_defaults(settings: list[dict]) -> tuple[dict, bool]:
     return {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}, ok
 
 
+def portable(cfg: dict, work: Path) -> dict:
+    """The config with run folders written relative to the ``--work`` folder (``WORK/...``), so the shipped
+    build record names no path of the machine that built it."""
+    def rel(v: object) -> object:
+        if isinstance(v, str) and Path(v).is_relative_to(work):
+            return str(Path("WORK") / Path(v).relative_to(work))
+        return v
+
+    return {k: rel(v) for k, v in cfg.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="run folders (checkpoints, metrics)")
@@ -108,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 transformer_dtype=torch.float16)
     shutil.copytree(clf_dir, out / "classifier")
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "build.json").write_text(json.dumps({"vae": vae_cfg.to_dict(), "var": var_cfg.to_dict(),
-                                                "command": "python scripts/build_demo_model.py"}, indent=2) + "\n")
+    (out / "build.json").write_text(json.dumps({"vae": portable(vae_cfg.to_dict(), work),
+                                                "var": portable(var_cfg.to_dict(), work),
+                                                "command": "python scripts/build_demo_model.py --work WORK"},
+                                               indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MB)")
     return 0 if ok else 1
