@@ -239,6 +239,10 @@ def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(mode
     assert steps == len(vae.decoder.stages()) + 1, "one decoder piece per step"
     torch.testing.assert_close(finals[0].images, ref.images, atol=0, rtol=0)
     assert all(torch.equal(x, y) for x, y in zip(finals[0].tokens, ref.tokens))
+    c = engine.add_request(torch.tensor([4]), SamplingParams(seed=7))  # decoded alone, aborted mid-decode
+    while not engine.num_decoding:
+        engine.step(interrupt=lambda: True)
+    assert engine.abort(c) and not engine.has_unfinished(), "a decode nobody waits for is dropped"
 
 
 def test_decoder_pieces_compose_to_the_whole_decode(models):

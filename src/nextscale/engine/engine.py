@@ -150,6 +150,8 @@ class Engine:
         for job in self._decodes:
             if any(ev.request_id == request_id for ev in job.events) and request_id not in job.cancelled:
                 job.cancelled.add(request_id)
+                if len(job.cancelled) == len(job.events):  # nobody left to deliver to: stop decoding
+                    self._decodes.remove(job)
                 return True
         return req is not None
 
