@@ -1,7 +1,7 @@
 """Serving under open-loop Poisson load: one request at a time vs static batching vs the continuous engine.
 
     python benchmarks/bench_serve.py --model demo --repeats 3     # the bundled Fashion-MNIST model
-    python benchmarks/bench_serve.py --model d16-128px --requests 12 --max-tokens 160,320 --first-scale-priority 1
+    python benchmarks/bench_serve.py --model d16-128px --requests 12 --max-tokens 240 --first-scale-priority 1
 
 All three modes run in this process on the same model and the same kernels (``engine.runner``), fed the same
 arrival schedule in real time by a driver thread: *sequential* serves one request at a time; *static*

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--first-scale-priority", action="store_true",
                    help="right after new requests are admitted, run an iteration of cheap early scales only, so their "
                         "first preview does not wait behind costly late scales (for large, compute-bound models; "
-                        "pair with a --max-tokens-per-iter of about one last-scale unit)")
+                        "pair with a --max-tokens-per-iter of about two last-scale units)")
     s.add_argument("--kv-cache-mb", type=float, default=4096.0, help="memory for KV caches (default: 4096)")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on shutdown")
     p.set_defaults(func=run)
