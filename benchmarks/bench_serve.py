@@ -208,7 +208,7 @@ def summarise(runs: list[RunResult]) -> dict:
 def label(r: RunResult) -> str:
     if r.mode == "static":
         return f"static (B={r.params['B']} T={r.params['T']:.2g}s)"
-    if r.mode == "continuous" and r.params.get("name"):
+    if r.mode == "continuous":
         return f"continuous ({r.params['name']})"
     return r.mode
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             arrivals = schedule(rate, args.requests, nc, seed=int(load * 1000) + 7919 * rep)
             for name, ecfg in engines.items():
                 r = measure("continuous", var, vae, base, fresh(arrivals), load, rate, engine=ecfg)
-                r.params.update(name=name if len(engines) > 1 else "", rep=rep)
+                r.params.update(name=name, rep=rep)
                 results.append(r)
             if not args.no_sequential:
                 results.append(measure("sequential", var, vae, base, fresh(arrivals), load, rate, B=1, T=0.0))

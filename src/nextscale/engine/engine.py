@@ -74,7 +74,6 @@ class _Decode:
     sizes: list[int]
     steps: Iterator[torch.Tensor]
     out: torch.Tensor | None = None
-    cancelled: set[str] = field(default_factory=set)
 
     def run(self, interrupt: Callable[[], bool] | None) -> bool:
         """Run decoder pieces until the images are done (True) or ``interrupt()`` asks to yield (False)."""
@@ -86,10 +85,9 @@ class _Decode:
 
     def finish(self) -> list[ScaleEvent]:
         assert self.out is not None
-        images = self.out.add_(1).mul_(0.5).split(self.sizes)
-        for ev, img in zip(self.events, images):
+        for ev, img in zip(self.events, self.out.add_(1).mul_(0.5).split(self.sizes)):
             ev.images = img
-        return [ev for ev in self.events if ev.request_id not in self.cancelled]
+        return self.events
 
 
 @dataclass
@@ -123,7 +121,8 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.last_iteration_tokens = 0
-        self._decodes: deque[_Decode] = deque()
+        self._decodes: deque[_Decode] = deque()  # oldest first
+        self._decoding: dict[str, _Decode] = {}  # request id -> its decode, until delivered or aborted
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, labels_B: torch.Tensor, params: SamplingParams, request_id: str | None = None,
@@ -147,26 +146,21 @@ class Engine:
         self.scheduler.abort(request_id)
         if req is not None and req.state is not None:
             req.state.release()
-        for job in self._decodes:
-            if any(ev.request_id == request_id for ev in job.events) and request_id not in job.cancelled:
-                job.cancelled.add(request_id)
-                if len(job.cancelled) == len(job.events):  # nobody left to deliver to: stop decoding
-                    self._decodes.remove(job)
-                return True
-        return req is not None
+        job = self._decoding.pop(request_id, None)
+        if job is not None and not any(ev.request_id in self._decoding for ev in job.events):
+            self._decodes.remove(job)  # nobody left to deliver to: stop decoding
+        return req is not None or job is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._decodes)
 
     def is_pending(self, request_id: str) -> bool:
         """Not yet delivered: waiting, running or being decoded."""
-        return request_id in self.requests or any(
-            ev.request_id == request_id and request_id not in job.cancelled for job in self._decodes
-            for ev in job.events)
+        return request_id in self.requests or request_id in self._decoding
 
     @property
     def num_decoding(self) -> int:
-        return sum(len(job.events) - len(job.cancelled) for job in self._decodes)
+        return len(self._decoding)
 
     @property
     def num_waiting(self) -> int:
@@ -208,10 +202,13 @@ class Engine:
                 events.append(ev)
         if done:
             f_hat = torch.cat([f for _, f in done]) if len(done) > 1 else done[0][1]
-            self._decodes.append(_Decode([ev for ev, _ in done], [f.shape[0] for _, f in done],
-                                         self.vae.fhat_to_img_steps(f_hat)))
+            job = _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
+            self._decodes.append(job)
+            self._decoding.update((ev.request_id, job) for ev in job.events)
         while self._decodes and self._decodes[0].run(interrupt):
-            events.extend(self._decodes.popleft().finish())
+            # requests aborted during the decode are no longer in ``_decoding``: their images are dropped
+            events.extend(ev for ev in self._decodes.popleft().finish()
+                          if self._decoding.pop(ev.request_id, None) is not None)
         return events
 
     def _start(self, rid: str) -> None:

@@ -164,9 +164,7 @@ class Scheduler:
                 out.tokens += seq.next_cost
             else:
                 heavy.append(seq)
-        for seq in heavy:
-            if cheap_only:
-                break
+        for seq in [] if cheap_only else heavy:
             if out.tokens + seq.next_cost <= self.cfg.max_tokens or not out.units:
                 out.units.append(seq.request_id)
                 out.tokens += seq.next_cost
