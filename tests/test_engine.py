@@ -174,7 +174,7 @@ def test_engine_equals_pipeline_under_random_arrivals(models, seed):
     engine = Engine(var, vae, EngineConfig(max_tokens_per_iter=rng.choice([8, 40, 4096]),
                                            kv_cache_mb=rng.choice([0.2, 100.0]), cheap_tokens=rng.choice([1, 4]),
                                            max_images_per_request=3, admit_gap=rng.choice([0, 0, 2]),
-                                           first_scale_priority=rng.random() < 0.5))
+                                           first_scale_priority=rng.random() < 0.5, decode_slice=0))
     pending = random_requests(rng, 7)
     ids, done, it = {}, {}, 0
     while pending or engine.has_unfinished():
@@ -220,7 +220,7 @@ def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(mode
     var, vae = models
     params = SamplingParams(seed=5)
     ref = Engine(var, vae).generate([(torch.tensor([1, 2]), params)])[0]
-    engine = Engine(var, vae)
+    engine = Engine(var, vae, EngineConfig(decode_slice=0))
     a = engine.add_request(torch.tensor([1, 2]), params)
     b = engine.add_request(torch.tensor([3]), SamplingParams(seed=6))
     events = []
@@ -243,6 +243,19 @@ def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(mode
     while not engine.num_decoding:
         engine.step(interrupt=lambda: True)
     assert engine.abort(c) and not engine.has_unfinished(), "a decode nobody waits for is dropped"
+
+
+def test_decode_gets_a_time_slice_before_it_yields(models):
+    var, vae = models
+    engine = Engine(var, vae, EngineConfig(decode_slice=1e9))  # a slice far longer than any decode
+    rid = engine.add_request(torch.tensor([1]), SamplingParams(seed=2))
+    finished = []
+    for _ in range(len(var.cfg.patch_nums)):
+        finished += [e for e in engine.step(interrupt=lambda: True) if e.finished]
+    assert [e.request_id for e in finished] == [rid] and not engine.has_unfinished(), \
+        "within its slice the decode completes in the last sampling step even though interrupt() is True"
+    with pytest.raises(ValueError, match="decode_slice"):
+        EngineConfig(decode_slice=-1.0)
 
 
 def test_decoder_pieces_compose_to_the_whole_decode(models):

@@ -11,8 +11,11 @@ against the single-request pipeline). Finished or aborted requests free their KV
 
 The final VQ-VAE decode of the requests that finish in one iteration is batched and *resumable*: it runs
 decoder piece by piece (``VQVAE.fhat_to_img_steps``) after the transformer iteration, and ``step(interrupt)``
-stops between pieces when ``interrupt()`` says new requests are waiting, resuming in the next step. For a
+can stop between pieces when ``interrupt()`` says new requests are waiting, resuming in the next step. For a
 large decoder (seconds at d16 shape on a CPU) this keeps a new arrival's first scale from waiting behind it.
+The decode first gets a time slice as long as the step's transformer iteration (``decode_slice``): yielding at
+every piece starves it under steady arrivals (one piece per iteration; at the demo model's load 0.7 this
+tripled p99 latency), while a short decode is always cheaper to finish than to defer.
 """
 
 from __future__ import annotations
@@ -45,10 +48,16 @@ class EngineConfig:
     max_running_requests: int = 64
     admit_gap: int = 0  # start waiting requests in cohorts, this many scales apart (0 = at the next iteration)
     first_scale_priority: bool = False  # see SchedulerConfig: for compute-bound models with long iterations
+    # A step decodes for at least this multiple of its transformer iteration's time before it yields to waiting
+    # requests (0: yield between any two decoder pieces). Bounds a new arrival's extra wait to about one
+    # iteration while guaranteeing the decode progresses.
+    decode_slice: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kv_cache_mb <= 0:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if not self.decode_slice >= 0:
+            raise ValueError(f"decode_slice must be >= 0, got {self.decode_slice}")
 
 
 @dataclass
@@ -88,6 +97,11 @@ class _Decode:
         for ev, img in zip(self.events, self.out.add_(1).mul_(0.5).split(self.sizes)):
             ev.images = img
         return self.events
+
+
+def _after(deadline: float, interrupt: Callable[[], bool]) -> Callable[[], bool]:
+    """``interrupt``, consulted only from ``deadline`` (a ``time.perf_counter()`` value) on."""
+    return lambda: time.perf_counter() >= deadline and interrupt()
 
 
 @dataclass
@@ -175,10 +189,11 @@ class Engine:
     def step(self, interrupt: Callable[[], bool] | None = None) -> list[ScaleEvent]:
         """One transformer iteration, then the pending final decodes (oldest first).
 
-        ``interrupt``: called between decoder pieces; returning True defers the rest of the decoding to the next
-        step (a caller passes "are new requests waiting?"). Finished requests' events come out of the step
-        that completes their decode.
+        ``interrupt``: called between decoder pieces once the decode has had its time slice (``decode_slice``);
+        returning True defers the rest of the decoding to the next step (a caller passes "are new requests
+        waiting?"). Finished requests' events come out of the step that completes their decode.
         """
+        t_start = time.perf_counter()
         out = self.scheduler.schedule()
         for rid in out.admitted:
             self._start(rid)
@@ -205,7 +220,9 @@ class Engine:
             job = _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
             self._decodes.append(job)
             self._decoding.update((ev.request_id, job) for ev in job.events)
-        while self._decodes and self._decodes[0].run(interrupt):
+        slice_end = time.perf_counter() + self.cfg.decode_slice * (time.perf_counter() - t_start)
+        may_yield = None if interrupt is None else _after(slice_end, interrupt)
+        while self._decodes and self._decodes[0].run(may_yield):
             # requests aborted during the decode are no longer in ``_decoding``: their images are dropped
             events.extend(ev for ev in self._decodes.popleft().finish()
                           if self._decoding.pop(ev.request_id, None) is not None)
