@@ -13,9 +13,10 @@ The final VQ-VAE decode of the requests that finish in one iteration is batched 
 decoder piece by piece (``VQVAE.fhat_to_img_steps``) after the transformer iteration, and ``step(interrupt)``
 can stop between pieces when ``interrupt()`` says new requests are waiting, resuming in the next step. For a
 large decoder (seconds at d16 shape on a CPU) this keeps a new arrival's first scale from waiting behind it.
-The decode first gets a time slice as long as the step's transformer iteration (``decode_slice``): yielding at
-every piece starves it under steady arrivals (one piece per iteration; at the demo model's load 0.7 this
-tripled p99 latency), while a short decode is always cheaper to finish than to defer.
+Only a decode expected to outlast the step's transformer iteration pauses (``decode_slice``; the decoder's
+time per image is measured as the engine runs): a short one costs an arrival little and is cheaper to finish
+than to defer — pausing the demo model's 8 ms decode at every piece under steady arrivals advanced it one piece
+per iteration and tripled p99 latency at load 0.7.
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ class EngineConfig:
     max_running_requests: int = 64
     admit_gap: int = 0  # start waiting requests in cohorts, this many scales apart (0 = at the next iteration)
     first_scale_priority: bool = False  # see SchedulerConfig: for compute-bound models with long iterations
-    # A step decodes for at least this multiple of its transformer iteration's time before it yields to waiting
-    # requests (0: yield between any two decoder pieces). Bounds a new arrival's extra wait to about one
-    # iteration while guaranteeing the decode progresses.
+    # A finished batch's decode runs without pausing when it is expected to take at most this multiple of the
+    # step's transformer iteration; longer ones pause between decoder pieces while requests wait (0: always).
     decode_slice: float = 1.0
 
     def __post_init__(self) -> None:
@@ -83,25 +83,29 @@ class _Decode:
     sizes: list[int]
     steps: Iterator[torch.Tensor]
     out: torch.Tensor | None = None
+    seconds: float = 0.0  # decoding time so far, over all the steps it ran in
+
+    @property
+    def images(self) -> int:
+        return sum(self.sizes)
 
     def run(self, interrupt: Callable[[], bool] | None) -> bool:
         """Run decoder pieces until the images are done (True) or ``interrupt()`` asks to yield (False)."""
-        for piece in self.steps:
-            self.out = piece
-            if interrupt is not None and interrupt():
-                return False
-        return True
+        t0 = time.perf_counter()
+        try:
+            for piece in self.steps:
+                self.out = piece
+                if interrupt is not None and interrupt():
+                    return False
+            return True
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def finish(self) -> list[ScaleEvent]:
         assert self.out is not None
         for ev, img in zip(self.events, self.out.add_(1).mul_(0.5).split(self.sizes)):
             ev.images = img
         return self.events
-
-
-def _after(deadline: float, interrupt: Callable[[], bool]) -> Callable[[], bool]:
-    """``interrupt``, consulted only from ``deadline`` (a ``time.perf_counter()`` value) on."""
-    return lambda: time.perf_counter() >= deadline and interrupt()
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Engine:
         self.last_iteration_tokens = 0
         self._decodes: deque[_Decode] = deque()  # oldest first
         self._decoding: dict[str, _Decode] = {}  # request id -> its decode, until delivered or aborted
+        self._decode_s_per_image: float | None = None  # measured on the last completed decode
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, labels_B: torch.Tensor, params: SamplingParams, request_id: str | None = None,
@@ -189,9 +194,9 @@ class Engine:
     def step(self, interrupt: Callable[[], bool] | None = None) -> list[ScaleEvent]:
         """One transformer iteration, then the pending final decodes (oldest first).
 
-        ``interrupt``: called between decoder pieces once the decode has had its time slice (``decode_slice``);
-        returning True defers the rest of the decoding to the next step (a caller passes "are new requests
-        waiting?"). Finished requests' events come out of the step that completes their decode.
+        ``interrupt``: called between the pieces of a long decode (see ``decode_slice``); returning True defers
+        the rest of the decoding to the next step (a caller passes "are new requests waiting?"). Finished
+        requests' events come out of the step that completes their decode.
         """
         t_start = time.perf_counter()
         out = self.scheduler.schedule()
@@ -220,9 +225,14 @@ class Engine:
             job = _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
             self._decodes.append(job)
             self._decoding.update((ev.request_id, job) for ev in job.events)
-        slice_end = time.perf_counter() + self.cfg.decode_slice * (time.perf_counter() - t_start)
-        may_yield = None if interrupt is None else _after(slice_end, interrupt)
-        while self._decodes and self._decodes[0].run(may_yield):
+        iteration_s = time.perf_counter() - t_start
+        while self._decodes:
+            job = self._decodes[0]
+            short = (self._decode_s_per_image is not None
+                     and self._decode_s_per_image * job.images <= self.cfg.decode_slice * iteration_s)
+            if not job.run(None if short else interrupt):
+                break
+            self._decode_s_per_image = job.seconds / job.images
             # requests aborted during the decode are no longer in ``_decoding``: their images are dropped
             events.extend(ev for ev in self._decodes.popleft().finish()
                           if self._decoding.pop(ev.request_id, None) is not None)
