@@ -69,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfgs", default="1.0,1.5,2.0,3.0", help="guidance values to evaluate")
     p.add_argument("--top-ps", default="0,0.9", help="top-p values to evaluate (grid with --cfgs)")
     p.add_argument("--per-class", type=int, default=150)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="training autocast: bf16 pays off only with native bf16 (AVX512-BF16/AMX CPUs, GPUs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work)
 
     vae_cfg = VAETrainConfig(data="fashion-mnist", out_dir=str(work / "vae"), batch_size=64, steps=args.vae_steps,
-                             lr=2e-3, eval_every=400, ckpt_every=100, log_every=50, resume=True)
+                             lr=2e-3, eval_every=400, ckpt_every=100, log_every=50, resume=True,
+                             precision=args.precision)
     tokenizer = work / "vae" / "tokenizer"
     if not (tokenizer / "model_index.json").is_file():
         run_training(vae_cfg)
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     var_cfg = VARTrainConfig(data="fashion-mnist", tokenizer=str(tokenizer), out_dir=str(work / "var"),
                              depth=6, embed_dim=192, num_heads=3, batch_size=128, steps=args.var_steps, lr=1.5e-3,
                              weight_decay=0.05, warmup=0.03, ema=0.0, eval_every=250, ckpt_every=50,
-                             log_every=25, resume=True, compile=True)
+                             log_every=25, resume=True, compile=True,
+                             precision=args.precision)
     model_dir = work / "var" / "model"
     if not (model_dir / "model_index.json").is_file():
         run_training(var_cfg)

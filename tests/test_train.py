@@ -206,3 +206,20 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
     for k in a:
         if k != "class_emb.weight":
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["var", "vae"])
+def test_bf16_autocast_training_runs_and_exports_float32_weights(tmp_path, tokenizer, data_dir, kind):
+    # the quantizer's nearest-code search must stay in float32 under autocast (it fails on mixed dtypes)
+    if kind == "vae":
+        cfg = VAETrainConfig(data=str(data_dir), out_dir=str(tmp_path / "run"), precision="bf16",
+                             **{**VAE_KW, "steps": 3, "eval_every": 3})
+    else:
+        cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "run"),
+                             precision="bf16", **{**VAR_KW, "steps": 3, "eval_every": 3})
+    out = run_training(cfg)
+    sub = "tokenizer/vae" if kind == "vae" else "model/transformer"
+    w = load_file(Path(out["export"]).parent / sub / "model.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
