@@ -205,6 +205,21 @@ def summarise(runs: list[RunResult]) -> dict:
     return {**{k: float(np.median([row[k] for row in rows])) for k in keys}, "reps": len(rows)}
 
 
+def engine_configs(max_tokens: str, first_scale_priority: str, admit_gaps: str, max_running: str = "256"
+                   ) -> dict[str, EngineConfig]:
+    """Every combination of the comma-separated option values, as named engine configurations."""
+    engines: dict[str, EngineConfig] = {}
+    for mt, prio, g, k in itertools.product([int(x) for x in max_tokens.split(",")],
+                                            [bool(int(x)) for x in first_scale_priority.split(",")],
+                                            [int(x) for x in admit_gaps.split(",")],
+                                            [int(x) for x in max_running.split(",")]):
+        name = (f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
+                + (f" max_running={k}" if k != 256 else ""))
+        engines[name] = EngineConfig(max_tokens_per_iter=mt, max_images_per_request=1, max_running_requests=k,
+                                     admit_gap=g, first_scale_priority=prio)
+    return engines
+
+
 def label(r: RunResult) -> str:
     if r.mode == "static":
         return f"static (B={r.params['B']} T={r.params['T']:.2g}s)"
@@ -235,15 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"benchmarks/results/bench_serve_{args.model}.json")
     var, vae, base = build(args.model)
     nc = var.num_classes
-    engines: dict[str, EngineConfig] = {}
-    for mt, prio, g, k in itertools.product([int(x) for x in args.max_tokens.split(",")],
-                                            [bool(int(x)) for x in args.first_scale_priority.split(",")],
-                                            [int(x) for x in args.admit_gaps.split(",")],
-                                            [int(x) for x in args.max_running.split(",")]):
-        name = (f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
-                + (f" max_running={k}" if k != 256 else ""))
-        engines[name] = EngineConfig(max_tokens_per_iter=mt, max_images_per_request=1, max_running_requests=k,
-                                     admit_gap=g, first_scale_priority=prio)
+    engines = engine_configs(args.max_tokens, args.first_scale_priority, args.admit_gaps, args.max_running)
     if args.saturation:
         sat = args.saturation
     else:  # a burst through the first continuous configuration (an overestimate when bursts batch better)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_serve import Arrival, build, new_state, schedule
+from bench_serve import Arrival, build, engine_configs, new_state, schedule
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
 from nextscale.eval.bench import machine_info, markdown_table, write_json
@@ -64,8 +64,8 @@ def measure_costs(var, vae, base, n: int = 8, reps: int = 5) -> CostModel:
     runner = ModelRunner(var)
     S = var.scales.num_scales
 
-    def states(k: int, seed: int = 0) -> list:
-        return [new_state(var, vae, Arrival(i, 0.0, i % var.num_classes, seed + i), base, runner.lvl_pos)
+    def states(k: int) -> list:
+        return [new_state(var, vae, Arrival(i, 0.0, i % var.num_classes, i), base, runner.lvl_pos)
                 for i in range(k)]
 
     def timed(fn) -> float:
@@ -168,13 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     cost = measured.scaled(args.unit_cost_scale)
     print(f"cost model (ms): F {cost.F * 1e3:.2f}, c {[round(x * 1e3, 2) for x in cost.c]}, G {cost.G * 1e3:.2f}, "
           f"decode {cost.d0 * 1e3:.2f} + {cost.d1 * 1e3:.2f} n", file=sys.stderr)
-    engines = {}
-    for mt in (int(x) for x in args.max_tokens.split(",")):
-        for g in (int(x) for x in args.admit_gaps.split(",")):
-            for prio in (bool(int(x)) for x in args.first_scale_priority.split(",")):
-                name = (f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else ""))
-                engines[name] = SchedulerConfig(max_tokens=mt, max_rows=1 << 20, max_running=1 << 20,
-                                                admit_gap=g, first_scale_priority=prio)
+    # the engine's scheduling settings as bench_serve runs them; KV memory is not modelled (rows unbounded)
+    engines = {name: SchedulerConfig(e.max_tokens_per_iter, 1 << 20, e.cheap_tokens, e.max_running_requests,
+                                     e.admit_gap, e.first_scale_priority)
+               for name, e in engine_configs(args.max_tokens, args.first_scale_priority, args.admit_gaps).items()}
     burst = np.zeros(max(64, args.requests))
     sat = len(burst) / simulate_engine(cost, burst, next(iter(engines.values())))[0].max()
     rows, summary = [], []
