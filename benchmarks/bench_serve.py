@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.request import SamplingParams
@@ -245,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to run (cohort admission; 0 = off)")
     p.add_argument("--max-running", default="256", help="engine max_running_requests value(s), comma-separated")
     p.add_argument("--no-sequential", action="store_true", help="skip the one-request-at-a-time mode")
+    p.add_argument("--allocator", choices=CHOICES, default="auto",
+                   help="as `nextscale serve --allocator`: every mode runs in this process, so all get the same one")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    allocator = use_tcmalloc(args.allocator)
     out = Path(args.out or f"benchmarks/results/bench_serve_{args.model}.json")
     var, vae, base = build(args.model)
     nc = var.num_classes
@@ -304,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
               "per-schedule p99 ratio med / max", "TTFP p50 s", "TTFP p99 s", "TTFP p99 / static",
               "per-schedule TTFP ratio med / max"]
     print(f"model {args.model}, {args.requests} requests per run, {args.repeats} schedule(s) per load, "
-          f"saturation {sat:.3g} img/s; statistics are medians over schedules")
+          f"saturation {sat:.3g} img/s, allocator {allocator}; statistics are medians over schedules")
     print(markdown_table(header, rows))
     write_json(out, {"benchmark": "bench_serve", "model": args.model, "machine": machine_info(),
-                     "saturation_images_per_s": sat, "repeats": args.repeats,
+                     "allocator": allocator, "saturation_images_per_s": sat, "repeats": args.repeats,
                      "engines": {n: dataclasses.asdict(e) for n, e in engines.items()},
                      "runs": [{**r.row(), "label": label(r)} for r in results],
                      "summary": [{"load": k[0], "mode": k[1], **v} for k, v in summary.items()]})

