@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allocator", choices=CHOICES, default="auto",
                    help="memory allocator: auto re-executes under tcmalloc when it is installed (the engine's "
                         "ever-changing shapes make glibc malloc page-fault; p99 latency down by about a third on "
-                        "the demo model at 70%% load), else tunes glibc; tcmalloc requires it; system leaves malloc alone")
+                        "the demo model at 70%% load), else tunes glibc; tcmalloc requires it; system leaves malloc "
+                        "alone")
     p.set_defaults(func=run)
 
 
