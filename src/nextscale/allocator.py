@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from nextscale import env
+from nextscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +73,29 @@ def use_tcmalloc(choice: str = "auto") -> str:
     """Make this command run on tcmalloc: re-execute it with ``LD_PRELOAD`` (this call then does not return).
 
     ``choice``: ``auto`` falls back to ``tune_glibc`` when tcmalloc is missing; ``tcmalloc`` raises instead;
-    ``system`` changes nothing. Returns the allocator the process keeps. Call it first thing in a command, before
-    threads start or work is done: the process is replaced.
+    ``system`` changes nothing; anything else raises ``ConfigError``. Returns the allocator the process keeps.
+    Call it first thing in a command, before threads start or work is done: the process is replaced.
     """
     if choice not in CHOICES:
-        raise ValueError(f"allocator must be one of {', '.join(CHOICES)}, got {choice!r}")
+        raise ConfigError(f"allocator must be one of {', '.join(CHOICES)}, got {choice!r}")
     current = loaded_allocator()
     if choice == "system" or current != "system":
         return current
     if platform.system() != "Linux":  # LD_PRELOAD and the page-fault pattern are Linux's
         if choice == "tcmalloc":
-            raise RuntimeError(f"cannot switch to tcmalloc on {platform.system()}: only Linux is supported")
+            raise ConfigError(f"cannot switch to tcmalloc on {platform.system()}: only Linux is supported")
         return current
     lib = find_tcmalloc()
     if lib is not None and not env.allocator_reexeced():
         log.info("re-executing under %s (LD_PRELOAD) for steady allocation costs", lib)
-        preload = " ".join(x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x)
+        preload = " ".join(x for x in (lib, env.ld_preload()) if x)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": preload, env.ALLOCATOR_REEXEC: "1"})
     reason = ("tcmalloc was preloaded but did not load" if lib is not None
               else "no tcmalloc library found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
     if choice == "tcmalloc":
-        raise RuntimeError(f"cannot switch to tcmalloc: {reason}")
+        raise ConfigError(f"cannot switch to tcmalloc: {reason}")
     tuned = tune_glibc()
     log.warning("%s; %s", reason, "tuned glibc malloc instead" if tuned else "using the system allocator")
     return "system"

@@ -28,3 +28,8 @@ def distributed() -> tuple[int, int, int] | None:
 def allocator_reexeced() -> bool:
     """True in a command that ``allocator.use_tcmalloc`` already re-executed (so it never loops)."""
     return os.environ.get(ALLOCATOR_REEXEC) == "1"
+
+
+def ld_preload() -> str:
+    """The dynamic loader's preload list (``$LD_PRELOAD``), empty if unset."""
+    return os.environ.get("LD_PRELOAD", "").strip()
