@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from bench_serve import Arrival, build, engine_configs, new_state, schedule
+from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
 from nextscale.eval.bench import machine_info, markdown_table, write_json
@@ -160,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", default="512,16384", help="engine token budgets to simulate")
     p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to simulate")
     p.add_argument("--first-scale-priority", default="0", help="0, 1 or 0,1")
+    p.add_argument("--allocator", choices=CHOICES, default="auto",
+                   help="as bench_serve: costs are measured on the allocator the real server runs on")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    use_tcmalloc(args.allocator)
     out = Path(args.out or f"benchmarks/results/sim_serve_{args.model}.json")
     var, vae, base = build(args.model)
     measured = measure_costs(var, vae, base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -61,6 +62,4 @@ def test_system_leaves_the_process_alone():
 
 
 def test_tune_glibc_applies_on_glibc():
-    import platform
-
     assert allocator.tune_glibc() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from nextscale import env
+
 
 def _busy_jiffies() -> tuple[float, float] | None:
     try:
@@ -157,7 +159,7 @@ def machine_info() -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "ld_preload": os.environ.get("LD_PRELOAD", "")}
+            "ld_preload": env.ld_preload()}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
