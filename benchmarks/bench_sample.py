@@ -22,8 +22,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from nextscale.bench import Cell, gemm_peak_gflops, interleave, machine_info, markdown_table, write_json
 from nextscale.config import VARConfig, VQVAEConfig
-from nextscale.eval.bench import Cell, gemm_peak_gflops, interleave, machine_info, markdown_table, write_json
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.pipeline import VARPipeline

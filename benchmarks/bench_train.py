@@ -18,8 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from nextscale.bench import Cell, gemm_peak_gflops, interleave, machine_info, markdown_table, write_json
 from nextscale.config import VARConfig
-from nextscale.eval.bench import Cell, gemm_peak_gflops, interleave, machine_info, markdown_table, write_json
 from nextscale.models.var import VAR
 from nextscale.train.optim import make_adamw
 

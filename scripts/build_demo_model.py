@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from nextscale.data import load_dataset
 from nextscale.engine.request import SamplingParams
 from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
-from nextscale.eval.quality import balanced_subset, conditional_quality
+from nextscale.jobs.quality import balanced_subset, conditional_quality
 from nextscale.models.native import save_native
 from nextscale.pipeline import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
-from nextscale.train.data import load_dataset
 from nextscale.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]

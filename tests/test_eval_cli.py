@@ -10,7 +10,7 @@ import torch
 from nextscale.engine.request import SamplingParams
 from nextscale.eval.classifier import SmallClassifier, save_classifier
 from nextscale.eval.evaluate import evaluate, load_image_set
-from nextscale.eval.sample_set import SampleSetSpec, generate_set, pack
+from nextscale.jobs.sample_set import SampleSetSpec, generate_set, pack
 from nextscale.pipeline import VARPipeline
 
 from .conftest import tiny_pair

@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from nextscale.eval.sample_set import SampleSetSpec, generate_set, pack
+    from nextscale.jobs.sample_set import SampleSetSpec, generate_set, pack
     from nextscale.train import dist
 
     info = dist.init(torch.device(args.device))
@@ -102,8 +102,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_train_classifier(args: argparse.Namespace) -> int:
     import sys
 
+    from nextscale.data import load_dataset
     from nextscale.eval.classifier import save_classifier, train_classifier
-    from nextscale.train.data import load_dataset
 
     train = load_dataset(args.data, "train", args.image_size, root=args.data_root)
     test = load_dataset(args.data, "test", args.image_size, root=args.data_root)

@@ -32,7 +32,7 @@ def load_image_set(spec: str | Path, image_size: int | None = None, limit: int |
     dataset split written ``fashion-mnist:test`` / ``mnist5k:test``."""
     text = str(spec)
     if ":" in text and not Path(text).exists():
-        from nextscale.train.data import load_dataset
+        from nextscale.data import load_dataset
 
         name, split = text.split(":", 1)
         ds = load_dataset(name, split, image_size or 32)

@@ -1,1 +1,1 @@
-"""Training: datasets, samplers and the training loops of the tokenizer and the transformer."""
+"""Training: the training loops of the tokenizer and the transformer (datasets and data order: ``nextscale.data``)."""

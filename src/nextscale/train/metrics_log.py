@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nextscale.eval.plot import line_plot
+from nextscale.plot import line_plot
 
 
 class MetricsLog:

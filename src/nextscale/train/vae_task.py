@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.config import VQVAEConfig
+from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.models.native import save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.train import dist
 from nextscale.train.config import VAETrainConfig
-from nextscale.train.data import ShardedBatchSampler, load_dataset
 
 log = logging.getLogger("nextscale.train")
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.config import VARConfig
+from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.errors import CheckpointError
 from nextscale.models.native import load_native, load_tokenizer, save_native
 from nextscale.models.tokenizers.msvq import VQVAE
@@ -28,7 +29,6 @@ from nextscale.models.weights import load_official_var
 from nextscale.train import dist
 from nextscale.train.checkpoint import save_atomic
 from nextscale.train.config import VARTrainConfig
-from nextscale.train.data import ShardedBatchSampler, load_dataset
 from nextscale.train.optim import progressive_stage
 
 log = logging.getLogger("nextscale.train")

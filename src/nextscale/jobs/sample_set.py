@@ -10,7 +10,6 @@ protocol is recorded next to it in ``protocol.json``.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,6 @@ from nextscale import __version__
 from nextscale.engine.request import SamplingParams
 from nextscale.eval.metrics import save_npz_samples
 from nextscale.pipeline import VARPipeline
-
-log = logging.getLogger("nextscale.eval")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Package layering: no module of src/nextscale imports a layer above it or beside it.
+
+Read from the source with ``ast`` (imports inside functions and under ``TYPE_CHECKING`` count: a lazy import is
+still a dependency), so a circle between layers fails here before it fails as an ImportError at some call site.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "nextscale"
+
+# The layer order, written down once (shared/design/ARCHITECTURE.md): each layer names the layers it may import
+# directly; what those may import, it may too. Layers not connected either way (data/eval/train, engine/eval,
+# serve/jobs) are beside each other and must not import each other.
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "base": (),  # errors, env, fileio, config, allocator, plot, bench, and the root package's __version__
+    "models": ("base",),
+    "data": ("base",),
+    "eval": ("models", "data"),  # Inception weights load through models.weights; reference images come from data
+    "engine": ("models",),
+    "pipeline": ("engine",),
+    "train": ("models", "data"),
+    "serve": ("pipeline",),
+    "jobs": ("pipeline", "eval"),  # batch work that drives a pipeline: FID sample sets, quality reports
+    "cli": ("serve", "jobs", "train"),
+}
+# Top-level modules of nextscale/ (sub-packages are layers of their own name).
+TOP_LEVEL: dict[str, str] = {
+    "errors": "base", "env": "base", "fileio": "base", "config": "base", "allocator": "base", "plot": "base",
+    "bench": "base", "pipeline": "pipeline", "editing": "pipeline", "images": "pipeline", "labels": "pipeline",
+    "__main__": "cli",
+}
+# The root package re-exports the public API lazily (by name, through importlib), so importing it for
+# ``__version__`` never pulls in the pipeline; its own TYPE_CHECKING imports are exempt for that reason.
+FACADE = PACKAGE / "__init__.py"
+MODULES = [p for p in sorted(PACKAGE.rglob("*.py")) if p != FACADE]
+
+
+def _reachable(layer: str) -> set[str]:
+    seen, todo = set(), list(MAY_IMPORT[layer])
+    while todo:
+        if (low := todo.pop()) not in seen:
+            seen.add(low)
+            todo.extend(MAY_IMPORT[low])
+    return seen
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str:
+    """``nextscale.x.y`` -> the layer of ``x``; the root package itself (``__version__``) is base."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "base"
+    head = parts[1]
+    if head in MAY_IMPORT and (PACKAGE / head).is_dir():
+        return head
+    if head in TOP_LEVEL:
+        return TOP_LEVEL[head]
+    raise AssertionError(f"{module}: no layer; add it to MAY_IMPORT (a package) or TOP_LEVEL (a module) in "
+                         f"{Path(__file__).name}")
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported nextscale module) for every import in the file, at any depth."""
+    own = _module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            for a in node.names:  # `from nextscale import env` imports a module; `... import __version__` does not
+                sub = f"{module}.{a.name}"
+                is_module = any(p.exists() for p in (SRC / f"{sub.replace('.', '/')}.py", SRC / sub.replace(".", "/")))
+                found.append((node.lineno, sub if is_module else module))
+    return [(line, m) for line, m in found if m == "nextscale" or m.startswith("nextscale.")]
+
+
+def test_layer_map_is_a_dag():
+    for layer in MAY_IMPORT:
+        assert layer not in _reachable(layer), f"layer {layer!r} can reach itself: the order has a circle"
+
+
+def test_every_module_has_a_layer():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        _layer(_module_name(path))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_a_layer_above_or_beside_it(path: Path):
+    own = _layer(_module_name(path))
+    allowed = {own} | _reachable(own)
+    bad = [f"line {line}: {m} (layer {_layer(m)})" for line, m in _imports(path) if _layer(m) not in allowed]
+    assert not bad, (f"{path.relative_to(SRC)} is in layer {own!r}, which may import only "
+                     f"{sorted(allowed)}; it imports " + "; ".join(bad))
