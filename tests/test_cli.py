@@ -1,6 +1,8 @@
 import json
+import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ def official_files(tmp_path):
     torch.save(var.state_dict(), tmp_path / "var.pth")
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
+    (tmp_path / "empty.pth").touch()
+    with (tmp_path / "pickle.pth").open("wb") as f:
+        pickle.dump(vae.state_dict(), f)
     return tmp_path
 
 
@@ -57,6 +62,19 @@ def test_convert_info_and_generate_by_class_name(official_files, capsys, tmp_pat
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["s_000_coat.png", "s_001_trouser.png"]
 
 
+def test_info_counts_parameters_the_same_for_a_file_and_its_converted_folder(official_files, capsys, tmp_path):
+    d = official_files
+    assert run(["convert", str(d / "var.pth"), str(d / "vae.pth"), "-o", str(tmp_path / "m")], capsys)[0] == 0
+    for kind, file in (("transformer", "var.pth"), ("vae", "vae.pth")):
+        paths = (str(d / file), str(tmp_path / "m"))
+        lines = [next(line.strip() for line in run(["info", p, "--patch-nums", "1,2,3,4"], capsys)[1].splitlines()
+                      if line.strip().startswith(f"{kind}:")) for p in paths]
+        assert lines[0] == lines[1] and lines[0].endswith(" parameters"), lines
+        counts = [json.loads(run(["info", p, "--patch-nums", "1,2,3,4", "--json"], capsys)[1])[kind]["params"]
+                  for p in paths]
+        assert counts[0] == counts[1] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--checkpoint", "{d}/vae.pth", "--vae", "{d}/vae.pth"], "this is a VQ-VAE checkpoint, not a VAR"),
     (["generate", "--checkpoint", "{d}/var.pth"], "--checkpoint and --vae must be given together"),
@@ -65,9 +83,15 @@ def test_convert_info_and_generate_by_class_name(official_files, capsys, tmp_pat
     (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--num", "0"], "--num must be >= 1"),
     (["generate", "--checkpoint", "{d}/missing.pth", "--vae", "{d}/vae.pth"], "missing.pth: no such file"),
     (["info", "{d}/names.txt"], "not a readable PyTorch checkpoint"),
+    (["generate", "--checkpoint", "{d}/empty.pth", "--vae", "{d}/vae.pth"], "empty.pth: the file is empty (0 bytes)"),
+    (["info", "{d}/empty.pth"], "empty.pth: the file is empty (0 bytes)"),
+    (["info", "{d}/pickle.pth"], "pickle.pth: not a readable PyTorch checkpoint (a pickle.dump file"),
 ])
 def test_errors_are_one_line(official_files, capsys, argv, message):
-    code, _, err = run([a.format(d=official_files) for a in argv], capsys)
+    with warnings.catch_warnings(record=True) as caught:  # a warning would print lines before the error
+        warnings.simplefilter("always")
+        code, _, err = run([a.format(d=official_files) for a in argv], capsys)
+    assert not caught, [str(w.message) for w in caught]
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nextscale: error: ") and message in lines[0], err

@@ -3,8 +3,13 @@ kill, and DDP on 2 CPU processes matching a single process."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,7 +138,7 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, tokenizer, data_di
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert ckpt.exists()
+    assert ckpt.exists() or ckpt.with_name("prev.pt").exists(), "last.pt, or prev.pt while last.pt was written"
     assert not (tmp_path / "killed" / "model").exists(), "killed before the end"
     subprocess.run(_cli(*common, "--out-dir", str(tmp_path / "killed"), "--resume"), check=True, capture_output=True)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
@@ -150,6 +155,97 @@ def test_resume_refuses_a_corrupt_checkpoint(tmp_path, tokenizer, data_dir):
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="unreadable training checkpoint"):
         run_training(VARTrainConfig(**{**cfg.to_dict(), "resume": True, "stop_after": None}))
+
+
+def _flags(kw: dict) -> list[str]:
+    """The command-line spelling of training keyword arguments."""
+    out: list[str] = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        else:
+            out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+    return out
+
+
+@contextlib.contextmanager
+def _train_logs(caplog):
+    logger = logging.getLogger("nextscale")  # an in-process CLI run may have stopped it propagating to root
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="nextscale"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_corrupt_last_checkpoint_points_to_the_older_one(tmp_path, data_dir, capsys):
+    """A killed run left an empty last.pt and a temp file: --resume names the bad file and the older checkpoint
+    in one line; --resume-from that one cleans up and finishes, and last.pt plus one older are kept."""
+    from nextscale.cli.main import main
+    from nextscale.train.checkpoint import load_training_state
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    argv = ["train-vae", "--data", str(data_dir), "--out-dir", str(tmp_path / "run"),
+            *_flags({**VAE_KW, "eval_every": 100})]
+    assert main([*argv, "--stop-after", "4"]) == 0
+    capsys.readouterr()
+    assert [load_training_state(ckpts / n)["step"] for n in ("prev.pt", "last.pt")] == [2, 4]
+    (ckpts / "last.pt").write_bytes(b"")
+    (ckpts / ".last.pt.k1ll3d").write_bytes(b"half a checkpoint")  # what a kill during torch.save leaves
+    (ckpts / "notes.txt").write_text("not ours to delete")
+    assert main([*argv, "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "last.pt: the file is empty (0 bytes)" in lines[0], lines
+    assert f"--resume-from {ckpts / 'prev.pt'}" in lines[0], lines
+    assert main([*argv, "--resume-from", str(ckpts / "prev.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "removed 1 stale temp file" in err and f"resumed from {ckpts / 'prev.pt'} at step 2" in err, err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "notes.txt", "prev.pt"]
+    assert [load_training_state(ckpts / n)["step"] for n in ("prev.pt", "last.pt")] == [4, 6]
+    assert (tmp_path / "run" / "tokenizer" / "vae" / "model.safetensors").is_file()
+
+
+def test_resume_uses_prev_when_killed_between_rotating_and_writing(tmp_path, data_dir, caplog):
+    cfg = VAETrainConfig(data=str(data_dir), out_dir=str(tmp_path / "run"), **{**VAE_KW, "eval_every": 100})
+    run_training(dataclasses.replace(cfg, stop_after=4))
+    ckpts = tmp_path / "run" / "checkpoints"
+    os.replace(ckpts / "last.pt", ckpts / "prev.pt")  # the step-6 save's first move; killed before the write
+    with _train_logs(caplog):
+        assert run_training(dataclasses.replace(cfg, resume=True))["step"] == 6
+    assert f"resumed from {ckpts / 'prev.pt'} at step 4" in caplog.text
+
+
+def test_progress_lines_every_tenth_of_the_run_and_every_interval(caplog):
+    from nextscale.train.loop import ProgressLines
+
+    now = [0.0]
+    lines = ProgressLines(VAETrainConfig(steps=100, progress_every_s=3.0), start=0, stop=100, clock=lambda: now[0])
+    with _train_logs(caplog):
+        for step in range(1, 21):
+            now[0] += 1.0
+            lines.update(step, loss=float(step), images=8)
+    assert [int(s) for s in re.findall(r"step (\d+)/100", caplog.text)] == [3, 6, 9, 10, 13, 16, 19, 20]
+    # loss: mean since the previous line; images/s: since the previous line; ETA: at this invocation's pace
+    assert caplog.records[-1].getMessage() == "step 20/100 (20%): loss 20.0000, 8.0 images/s, ETA 1m20s"
+
+
+@pytest.mark.parametrize("terminal, progress, expect", [(True, True, "bar"), (False, True, "lines"),
+                                                         (False, False, None)])
+def test_a_terminal_gets_the_bar_and_logs_get_lines(monkeypatch, terminal, progress, expect):
+    from nextscale.train import loop
+    from nextscale.train.dist import DistInfo
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    bar, lines = loop._progress(VAETrainConfig(steps=10, progress=progress), 0, 10, DistInfo())
+    assert (bar is not None, lines is not None) == (expect == "bar", expect == "lines")
+    if bar is not None:
+        bar.close()
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, tokenizer, data_dir):

@@ -2,7 +2,9 @@
 
 import argparse
 import dataclasses
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,11 +97,32 @@ def test_missing_file(tmp_path):
         load_official_var(tmp_path / "nope.pth")
 
 
+def test_empty_file_is_named(tmp_path):
+    (tmp_path / "var.pth").touch()  # an interrupted download or copy
+    with pytest.raises(CheckpointError, match=r"^\S+/var.pth: the file is empty \(0 bytes\)$"):
+        load_official_var(tmp_path / "var.pth")
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_plain_pickle_is_refused_without_torch_warnings(tmp_path, protocol):
+    path = tmp_path / "var.pth"
+    with path.open("wb") as f:
+        pickle.dump({"args": argparse.Namespace(lr=1)}, f, protocol=protocol)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as err:
+        warnings.simplefilter("always")
+        load_official_var(path)
+    assert not caught, [str(w.message) for w in caught]
+    message = str(err.value).removeprefix(f"{path}: ")
+    assert len(message.splitlines()) == 1 and "\x1b" not in message and "pickle" in message, message
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "trainer.pth"
     torch.save({"args": argparse.Namespace(lr=1), "model": {"w": torch.zeros(1)}}, path)
-    with pytest.raises(CheckpointError, match=r"weights_only"):
+    with pytest.raises(CheckpointError, match=r"weights_only") as err:
         load_official_var(path)
+    # the detail is torch's reason, not its multi-line advice with terminal escape codes
+    assert "argparse.Namespace" in str(err.value) and "\x1b" not in str(err.value), str(err.value)
 
 
 def test_wrong_kind_of_checkpoint_is_named(fixtures_dir, tmp_path):

@@ -46,8 +46,13 @@ def _count(model: Any) -> int:
 
 def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Configuration and parameter counts of an official .pth file or a native model folder."""
+    import torch
+
+    from nextscale.config import VARConfig, VQVAEConfig
     from nextscale.errors import CheckpointError
     from nextscale.models.native import load_native
+    from nextscale.models.tokenizers.msvq import VQVAE
+    from nextscale.models.var import VAR
     from nextscale.models.weights import infer_vae_config, infer_var_config, read_state_dict
 
     path = Path(path)
@@ -57,7 +62,7 @@ def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dic
                 "transformer": {"params": _count(var), "config": var.cfg.to_dict()},
                 "vae": {"params": _count(vae), "config": vae.cfg.to_dict()}}
     sd = read_state_dict(path)
-    params = sum(v.numel() for v in sd.values())
+    cfg: VARConfig | VQVAEConfig
     try:
         cfg = infer_var_config(sd, patch_nums, str(path))
         kind = "transformer"
@@ -67,7 +72,11 @@ def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dic
             kind = "vae"
         except CheckpointError:
             raise var_err from None
-    return {"format": "official", "path": str(path), kind: {"tensors": len(sd), "numel": params,
+    # Counted on a meta-device model, not over the file's tensors (which include buffers): the same number
+    # `info` shows for the folder `convert` makes of this file.
+    with torch.device("meta"):
+        params = _count(VAR(cfg) if isinstance(cfg, VARConfig) else VQVAE(cfg))
+    return {"format": "official", "path": str(path), kind: {"params": params, "tensors": len(sd),
                                                             "config": cfg.to_dict()}}
 
 
@@ -81,8 +90,7 @@ def run_info(args: argparse.Namespace) -> int:
         if kind not in info:
             continue
         part = info[kind]
-        count = part.get("params", part.get("numel"))
-        print(f"  {kind}: {count:,} {'parameters' if 'params' in part else 'numbers (incl. buffers)'}")
+        print(f"  {kind}: {part['params']:,} parameters")
         for k, v in part["config"].items():
             if k == "class_names" and v:
                 v = f"{len(v)} names: {', '.join(v[:5])}{', ...' if len(v) > 5 else ''}"

@@ -27,7 +27,7 @@ from nextscale.errors import CheckpointError, ConfigError
 from nextscale.fileio import atomic_folder
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
-from nextscale.models.weights import build_vae, build_var, check_pair
+from nextscale.models.weights import build_vae, build_var, check_pair, error_detail
 
 INDEX = "model_index.json"
 WEIGHTS = "model.safetensors"
@@ -161,5 +161,5 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, loc
         raise CheckpointError(f"{name}: not in the local Hugging Face cache and the hub is unreachable "
                               f"(offline, or HF_HUB_OFFLINE=1)") from e
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise CheckpointError(f"{name}: could not fetch from the Hugging Face hub: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"{name}: could not fetch from the Hugging Face hub: {error_detail(e)}") from e
     return Path(local)

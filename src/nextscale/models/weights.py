@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +37,9 @@ _VAE_KEYS = ("encoder.conv_in.weight", "decoder.conv_out.weight", "quantize.embe
              "quant_conv.weight", "post_quant_conv.weight")
 # Mixing ratio of the Phi convs: a constructor argument, not stored in the files (0.5 in every release).
 OFFICIAL_PHI_RATIO = 0.5
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# How a legacy (non-zip) torch.save file starts: pickle protocol 2, then the long int 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH_SAVE = pickle.PROTO + b"\x02" + pickle.LONG1 + b"\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -44,21 +49,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = safe_torch_load(path, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            obj = safe_torch_load(path)  # legacy (non-zip) format
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):  # not even a torch.save archive: garbage, not a refused pickle
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?)") from e
+        if hint := _not_torch_save(path):  # garbage, not a refused pickle
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({hint})") from e
         raise CheckpointError(
             f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; "
             f"only plain state dicts are accepted (a training checkpoint? export its weights first). Detail: "
-            f"{str(e).splitlines()[0]}") from e
+            f"{error_detail(e)}") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0]}") from e
+                              f"{error_detail(e)}") from e
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and set(obj) == {wrapper}:
             obj = obj[wrapper]
@@ -68,6 +75,45 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: not a plain state dict; non-tensor entries: {bad[:5]}")
     return dict(obj)
+
+
+def safe_torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a file a user handed us.
+
+    An empty file is named as such (torch reports it as a message-less ``EOFError``). The weights-only
+    unpickler's warnings (e.g. about a ``pickle.dump`` file's protocol) are silenced here, and only here: the
+    one-line error the caller raises says what is wrong, a two-line warning before it only adds noise.
+    """
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def error_detail(e: BaseException) -> str:
+    """One line of why a load failed: the first sentence of torch's reason when it states one (the rest is
+    advice on allow-listing classes), else the message's first non-empty line, else the exception's type
+    (messages can be empty, and torch's carry terminal escape codes)."""
+    text = _ANSI_ESCAPE.sub("", str(e))
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (reason if found else text).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0].split(". ")[0].rstrip(".") + "." if found else lines[0]
+
+
+def _not_torch_save(path: Path) -> str | None:
+    """Why a file that does not unpickle is no torch.save output at all; None if it looks like one."""
+    if zipfile.is_zipfile(path):
+        return None
+    with path.open("rb") as f:
+        head = f.read(len(_LEGACY_TORCH_SAVE))
+    if head == _LEGACY_TORCH_SAVE:  # torch.save's legacy format: a protocol-2 pickle of its magic number first
+        return None
+    if head[:1] == pickle.PROTO:  # a pickle, but not one torch.save wrote
+        return "a pickle.dump file, not torch.save output?"
+    return "truncated or corrupt?"
 
 
 def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], kind: str, source: str) -> None:

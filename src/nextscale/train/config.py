@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,10 @@ class LoopConfig:
     eval_every: int = 500
     ckpt_every: int = 200
     resume: bool = False
+    resume_from: str | None = None  # a training checkpoint to continue from (e.g. checkpoints/prev.pt)
     stop_after: int | None = None  # end this run after so many steps (time-boxed sessions, tests)
     progress: bool = True
+    progress_every_s: float = 30.0  # without a terminal: a progress line this often (and at each 10 % of steps)
     compile: bool = False  # torch.compile the trained module (fuses the memory-bound elementwise work)
 
     def __post_init__(self) -> None:
@@ -58,6 +61,8 @@ class LoopConfig:
             raise ConfigError(f"ema decay must be in [0, 1), got {self.ema}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not 0 < self.progress_every_s < math.inf:
+            raise ConfigError(f"progress_every_s must be a number of seconds > 0, got {self.progress_every_s}")
 
     @property
     def warmup_steps(self) -> int:

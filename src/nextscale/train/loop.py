@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,13 +22,15 @@ import torch
 from torch import nn
 
 from nextscale.train import dist
-from nextscale.train.checkpoint import LAST, load_training_state, restore_rng, rng_state, save_atomic
+from nextscale.train.checkpoint import LAST, Resumed, restore_rng, rng_state, save_checkpoint
 from nextscale.train.config import LoopConfig
 from nextscale.train.metrics_log import MetricsLog
 from nextscale.train.optim import EMA, apply_schedule, make_adamw
 
 log = logging.getLogger("nextscale.train")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Config fields that say how this invocation runs, not what is trained: a resume may change them silently.
+NOT_TRAINING_SETTINGS = ("resume", "resume_from", "stop_after", "progress", "progress_every_s")
 
 
 class Task(Protocol):
@@ -58,30 +60,30 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
-def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device) -> dict[str, Any]:
-    """Run (or resume) ``task`` to ``cfg.steps``; returns the last metrics and, when done, the export path."""
+def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device, resumed: Resumed | None
+          ) -> dict[str, Any]:
+    """Run ``task`` to ``cfg.steps`` (from ``resumed``); returns the last metrics and, when done, the export path."""
     out = Path(cfg.out_dir)
-    ckpt_path = out / "checkpoints" / LAST
+    ckpt_dir = out / "checkpoints"
     model = task.model.to(device)
     opt = make_adamw(model, cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16", init_scale=2.0**11,
                                   growth_interval=1000)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     start = 0
-    if cfg.resume and ckpt_path.is_file():
-        start = _restore(ckpt_path, model, opt, scaler, ema, task, cfg)
+    if resumed is not None:
+        start = _restore(resumed.state, model, opt, scaler, ema, task, cfg)
         if info.is_main:
-            log.info("resumed from %s at step %d", ckpt_path, start)
-    elif cfg.resume and info.is_main:
-        log.info("--resume: no checkpoint at %s yet, starting from scratch", ckpt_path)
+            log.info("resumed from %s at step %d", resumed.path, start)
+    newest = resumed.path if resumed is not None else None
     ddp_model = dist.wrap(model, info, device)
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
     metrics = MetricsLog(out / "metrics.jsonl", enabled=info.is_main, truncate_after=start if start else None)
-    bar = _bar(cfg, start, info)
     last: dict[str, Any] = {}
     t0, seen = time.perf_counter(), 0
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    bar, lines = _progress(cfg, start, stop, info)
     batches = task.batches(start)
     for step in range(start, stop):
         batch = next(batches)
@@ -94,6 +96,8 @@ def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device
         seen += task.images_per_step
         if bar is not None:
             bar.update(1)
+        if lines is not None:
+            lines.update(step + 1, stats["loss"], task.images_per_step)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             dt = time.perf_counter() - t0
             stats = _mean_over_ranks(stats, info)
@@ -108,7 +112,8 @@ def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device
             if info.is_main:
                 log.info("step %d: %s", step + 1, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == stop:
-            _checkpoint(ckpt_path, step + 1, model, opt, scaler, ema, task, cfg, info)
+            _checkpoint(ckpt_dir, newest, step + 1, model, opt, scaler, ema, task, cfg, info)
+            newest = ckpt_dir / LAST
     if bar is not None:
         bar.close()
     result: dict[str, Any] = {"step": stop, "last": last}
@@ -169,20 +174,20 @@ def _evaluate(task: Task, model: nn.Module, ema: EMA | None) -> dict[str, float]
         model.train(was_training)
 
 
-def _checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                ema: EMA | None, task: Task, cfg: LoopConfig, info: dist.DistInfo) -> None:
+def _checkpoint(folder: Path, newest: Path | None, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, ema: EMA | None, task: Task, cfg: LoopConfig, info: dist.DistInfo
+                ) -> None:
     if info.is_main:
         state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rng_state(task.generators), "config": cfg.to_dict(),
                  "ema": ema.state_dict() if ema is not None else {}, "task": task.state_dict()}
-        save_atomic(state, path)
+        save_checkpoint(state, folder, newest)
     dist.barrier(info)
 
 
-def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
              ema: EMA | None, task: Task, cfg: LoopConfig) -> int:
-    state = load_training_state(path)
-    saved = {k: v for k, v in state["config"].items() if k not in ("resume", "stop_after", "progress")}
+    saved = {k: v for k, v in state["config"].items() if k not in NOT_TRAINING_SETTINGS}
     now = {k: v for k, v in cfg.to_dict().items() if k in saved}
     changed = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
     if changed:
@@ -198,10 +203,40 @@ def _restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: t
     return int(state["step"])
 
 
-def _bar(cfg: LoopConfig, start: int, info: dist.DistInfo) -> Any:
-    # A progress bar is for terminals; logs and CI get metrics.jsonl (and the per-evaluation log lines).
-    if not (cfg.progress and info.is_main and sys.stderr.isatty()):
-        return None
+def _progress(cfg: LoopConfig, start: int, stop: int, info: dist.DistInfo) -> tuple[Any, ProgressLines | None]:
+    """A tqdm bar on a terminal; in logs and CI, where a bar only shows up at the end, progress lines."""
+    if not (cfg.progress and info.is_main):
+        return None, None
+    if not sys.stderr.isatty():
+        return None, ProgressLines(cfg, start, stop)
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True), None
+
+
+class ProgressLines:
+    """A log line every ``cfg.progress_every_s`` seconds and at each tenth of the steps: a short run still shows
+    its course in ten lines, a long one never goes quiet for longer than the interval."""
+
+    def __init__(self, cfg: LoopConfig, start: int, stop: int, clock: Callable[[], float] = time.monotonic):
+        self.steps, self.start, self.stop, self.clock = cfg.steps, start, stop, clock
+        self.every_s, self.stride = cfg.progress_every_s, max(1, math.ceil(cfg.steps / 10))
+        self.t_start = self.t_line = clock()
+        self.loss_sum, self.n, self.images = 0.0, 0, 0
+
+    def update(self, step: int, loss: float, images: int) -> None:
+        """``step`` steps are done; the latest had ``loss`` (this rank's) over ``images`` images."""
+        self.loss_sum, self.n, self.images = self.loss_sum + loss, self.n + 1, self.images + images
+        now = self.clock()
+        if step % self.stride and now - self.t_line < self.every_s:
+            return
+        eta_s = (self.stop - step) * (now - self.t_start) / (step - self.start)
+        log.info("step %d/%d (%d%%): loss %.4f, %.1f images/s, ETA %s", step, self.steps, 100 * step // self.steps,
+                 self.loss_sum / self.n, self.images / max(now - self.t_line, 1e-9), _duration(eta_s))
+        self.t_line, self.loss_sum, self.n, self.images = now, 0.0, 0, 0
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
