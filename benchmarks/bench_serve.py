@@ -31,16 +31,17 @@ import numpy as np
 import torch
 
 from nextscale.allocator import CHOICES, use_tcmalloc
+from nextscale.bench import machine_info, markdown_table, write_json
 from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.sampling import image_generators
+from nextscale.engine.scheduler import SchedulerConfig
 from nextscale.engine.state import Generation
-from nextscale.eval.bench import machine_info, markdown_table, write_json
-from nextscale.eval.plot import line_plot
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
+from nextscale.plot import line_plot
 
 
 @dataclass
@@ -216,8 +217,8 @@ def engine_configs(max_tokens: str, first_scale_priority: str, admit_gaps: str, 
                                             [int(x) for x in max_running.split(",")]):
         name = (f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
                 + (f" max_running={k}" if k != 256 else ""))
-        engines[name] = EngineConfig(max_tokens_per_iter=mt, max_images_per_request=1, max_running_requests=k,
-                                     admit_gap=g, first_scale_priority=prio)
+        scheduler = SchedulerConfig(max_tokens=mt, max_running=k, admit_gap=g, first_scale_priority=prio)
+        engines[name] = EngineConfig(scheduler=scheduler, max_images_per_request=1)
     return engines
 
 

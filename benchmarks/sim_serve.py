@@ -32,9 +32,9 @@ import torch
 
 from bench_serve import Arrival, build, engine_configs, new_state, schedule
 from nextscale.allocator import CHOICES, use_tcmalloc
+from nextscale.bench import machine_info, markdown_table, write_json
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
-from nextscale.eval.bench import machine_info, markdown_table, write_json
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cost model (ms): F {cost.F * 1e3:.2f}, c {[round(x * 1e3, 2) for x in cost.c]}, G {cost.G * 1e3:.2f}, "
           f"decode {cost.d0 * 1e3:.2f} + {cost.d1 * 1e3:.2f} n", file=sys.stderr)
     # the engine's scheduling settings as bench_serve runs them; KV memory is not modelled (rows unbounded)
-    engines = {name: SchedulerConfig(e.max_tokens_per_iter, 1 << 20, e.cheap_tokens, e.max_running_requests,
-                                     e.admit_gap, e.first_scale_priority)
+    engines = {name: dataclasses.replace(e.scheduler, max_rows=1 << 20)
                for name, e in engine_configs(args.max_tokens, args.first_scale_priority, args.admit_gaps).items()}
     burst = np.zeros(max(64, args.requests))
     sat = len(burst) / simulate_engine(cost, burst, next(iter(engines.values())))[0].max()

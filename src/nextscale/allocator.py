@@ -29,6 +29,7 @@ from nextscale.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "tcmalloc", "system")
+TUNED_GLIBC = "glibc (tuned with mallopt)"  # what use_tcmalloc reports after falling back to tune_glibc
 _KNOWN = (("tcmalloc", "libtcmalloc"), ("jemalloc", "libjemalloc"), ("mimalloc", "libmimalloc"))
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -73,7 +74,8 @@ def use_tcmalloc(choice: str = "auto") -> str:
     """Make this command run on tcmalloc: re-execute it with ``LD_PRELOAD`` (this call then does not return).
 
     ``choice``: ``auto`` falls back to ``tune_glibc`` when tcmalloc is missing; ``tcmalloc`` raises instead;
-    ``system`` changes nothing; anything else raises ``ConfigError``. Returns the allocator the process keeps.
+    ``system`` changes nothing; anything else raises ``ConfigError``. Returns the allocator the process keeps,
+    as its log line names it: ``loaded_allocator()``'s name, or ``TUNED_GLIBC`` after the fallback.
     Call it first thing in a command, before threads start or work is done: the process is replaced.
     """
     if choice not in CHOICES:
@@ -96,6 +98,8 @@ def use_tcmalloc(choice: str = "auto") -> str:
               else "no tcmalloc library found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
     if choice == "tcmalloc":
         raise ConfigError(f"cannot switch to tcmalloc: {reason}")
-    tuned = tune_glibc()
-    log.warning("%s; %s", reason, "tuned glibc malloc instead" if tuned else "using the system allocator")
+    if tune_glibc():
+        log.warning("%s; using %s instead", reason, TUNED_GLIBC)
+        return TUNED_GLIBC
+    log.warning("%s; using the system allocator", reason)
     return "system"

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
+from typing import Any
 
 from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.cli.common import add_model_args, load_pipeline
+from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.serve.config import ServerConfig
 
 log = logging.getLogger("nextscale")
+# Defaults come from the dataclasses (flags default to None: "not given"); these instances only print them.
+ENGINE, SERVER = EngineConfig(), ServerConfig()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,21 +25,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    s.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting to start before new ones get HTTP 429 (default: 64)")
-    s.add_argument("--max-images", type=int, default=8, help="largest n per request (default: 8)")
-    s.add_argument("--max-running", type=int, default=64, help="requests generated concurrently (default: 64)")
-    s.add_argument("--max-tokens-per-iter", type=int, default=4096,
-                   help="query tokens fused into one engine iteration (default: 4096)")
-    s.add_argument("--admit-gap", type=int, default=0,
+    s.add_argument("--max-queue", type=int,
+                   help=f"requests waiting to start before new ones get HTTP 429 (default: {SERVER.max_queue})")
+    s.add_argument("--max-images", type=int, dest="max_images_per_request", metavar="MAX_IMAGES",
+                   help=f"largest n per request (default: {ENGINE.max_images_per_request})")
+    s.add_argument("--max-running", type=int,
+                   help=f"requests generated concurrently (default: {ENGINE.scheduler.max_running})")
+    s.add_argument("--max-tokens-per-iter", type=int, dest="max_tokens", metavar="MAX_TOKENS_PER_ITER",
+                   help=f"query tokens fused into one engine iteration (default: {ENGINE.scheduler.max_tokens})")
+    s.add_argument("--admit-gap", type=int,
                    help="start waiting requests only when every running one is this many scales in (cohorts; "
-                        "helps small models whose iterations cost mostly per-kernel overhead; default: 0)")
-    s.add_argument("--first-scale-priority", action="store_true",
+                        "helps small models whose iterations cost mostly per-kernel overhead; default: "
+                        f"{ENGINE.scheduler.admit_gap})")
+    s.add_argument("--first-scale-priority", action="store_true", default=None,
                    help="right after new requests are admitted, run an iteration of cheap early scales only, so their "
                         "first preview does not wait behind costly late scales (for large, compute-bound models; "
                         "pair with a --max-tokens-per-iter of about two last-scale units)")
-    s.add_argument("--kv-cache-mb", type=float, default=4096.0, help="memory for KV caches (default: 4096)")
-    s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on shutdown")
+    s.add_argument("--kv-cache-mb", type=float, help=f"memory for KV caches (default: {ENGINE.kv_cache_mb:g})")
+    s.add_argument("--drain-timeout", type=float,
+                   help=f"seconds to finish in-flight work on shutdown (default: {SERVER.drain_timeout:g})")
     s.add_argument("--allocator", choices=CHOICES, default="auto",
                    help="memory allocator: auto re-executes under tcmalloc when it is installed (the engine's "
                         "ever-changing shapes make glibc malloc page-fault; p99 latency down by about a third on "
@@ -41,23 +52,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` set on the command line (flag dests are field names); others keep defaults."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
 def run(args: argparse.Namespace) -> int:
     allocator = use_tcmalloc(args.allocator)  # first: it may replace this process
-    import uvicorn
+    import uvicorn  # the serve extra: imported only by the command that needs it
 
-    from nextscale.engine.engine import Engine, EngineConfig
-    from nextscale.serve.api import ServerConfig, create_app
+    from nextscale.serve.api import create_app
 
-    pipe = load_pipeline(args)
-    engine_cfg = EngineConfig(max_tokens_per_iter=args.max_tokens_per_iter, kv_cache_mb=args.kv_cache_mb,
-                              max_images_per_request=args.max_images, max_running_requests=args.max_running,
-                              admit_gap=args.admit_gap, first_scale_priority=args.first_scale_priority)
     name = args.name or (args.model.rstrip("/").split("/")[-1] if args.model else
                          "var" if args.checkpoint else "demo-fmnist")
-    cfg = ServerConfig(model_name=name, max_queue=args.max_queue, max_images_per_request=args.max_images,
-                       drain_timeout=args.drain_timeout, engine=engine_cfg)
+    # settings are checked before the model loads
+    engine_cfg = EngineConfig(scheduler=SchedulerConfig(**given(args, SchedulerConfig)), **given(args, EngineConfig))
+    cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
+    pipe = load_pipeline(args)
     app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg), cfg)
     log.info("serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)", name,
              args.host, args.port, allocator)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=cfg.drain_timeout)
     return 0

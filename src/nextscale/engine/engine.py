@@ -25,39 +25,44 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nextscale.engine.kv_cache import KVPool
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
-from nextscale.engine.sampling import image_generators
+from nextscale.engine.sampling import cfg_rows
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
 from nextscale.engine.state import Generation
-from nextscale.errors import InvalidInputError
-from nextscale.models.tokenizers.msvq import VQVAE
+from nextscale.errors import ConfigError, InvalidInputError
+from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
 from nextscale.models.var import VAR
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_tokens_per_iter: int = 4096
+    # Batching policy (token budget, cheap scales, max running, cohorts). Leave its max_rows alone: the engine
+    # sets it to the rows that kv_cache_mb holds, so the KV budget is stated once, in megabytes.
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache_mb: float = 4096.0  # memory for the KV caches of running requests
-    cheap_tokens: int = 16
-    max_images_per_request: int = 16
-    max_running_requests: int = 64
-    admit_gap: int = 0  # start waiting requests in cohorts, this many scales apart (0 = at the next iteration)
-    first_scale_priority: bool = False  # see SchedulerConfig: for compute-bound models with long iterations
+    # Largest n of one request; the server's HTTP limit too. 8 fills the playground's grid and keeps one
+    # request from holding many of the running slots' KV rows (2 per image).
+    max_images_per_request: int = 8
     # A finished batch's decode runs without pausing when it is expected to take at most this multiple of the
     # step's transformer iteration; longer ones pause between decoder pieces while requests wait (0: always).
     decode_slice: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kv_cache_mb <= 0:
-            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if not self.kv_cache_mb > 0:
+            raise ConfigError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.max_images_per_request < 1:
+            raise ConfigError(f"max_images_per_request must be >= 1, got {self.max_images_per_request}")
         if not self.decode_slice >= 0:
-            raise ValueError(f"decode_slice must be >= 0, got {self.decode_slice}")
+            raise ConfigError(f"decode_slice must be >= 0, got {self.decode_slice}")
+        if self.scheduler.max_rows != SchedulerConfig.max_rows:
+            raise ConfigError(f"scheduler.max_rows={self.scheduler.max_rows} is not used: the engine derives its "
+                              f"KV rows from kv_cache_mb; set kv_cache_mb instead")
 
 
 @dataclass
@@ -103,7 +108,7 @@ class _Decode:
 
     def finish(self) -> list[ScaleEvent]:
         assert self.out is not None
-        for ev, img in zip(self.events, self.out.add_(1).mul_(0.5).split(self.sizes)):
+        for ev, img in zip(self.events, to_unit_range_(self.out).split(self.sizes)):
             ev.images = img
         return self.events
 
@@ -126,14 +131,12 @@ class Engine:
         c = var.cfg
         row_bytes = 2 * c.depth * c.seq_len * c.embed_dim * var.head.weight.element_size()
         max_rows = int(self.cfg.kv_cache_mb * 2**20 // row_bytes)
-        if max_rows < 2 * self.cfg.max_images_per_request:
+        if max_rows < cfg_rows(self.cfg.max_images_per_request):
             raise InvalidInputError(
                 f"kv_cache_mb={self.cfg.kv_cache_mb} holds {max_rows} rows of KV cache ({row_bytes / 2**20:.2f} MB "
                 f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
-                f"{2 * self.cfg.max_images_per_request}")
-        self.scheduler = Scheduler(SchedulerConfig(self.cfg.max_tokens_per_iter, max_rows, self.cfg.cheap_tokens,
-                                                   self.cfg.max_running_requests, self.cfg.admit_gap,
-                                                   self.cfg.first_scale_priority))
+                f"{cfg_rows(self.cfg.max_images_per_request)}")
+        self.scheduler = Scheduler(replace(self.cfg.scheduler, max_rows=max_rows))
         self.pool = KVPool.for_model(var, max_rows)
         self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}
@@ -154,7 +157,7 @@ class Engine:
         params.check_vocab(self.var.V)
         self.var.check_labels(labels_B)
         rid = request_id or f"req-{next(self._ids)}"
-        self.scheduler.add(rid, 2 * n, tuple(pn * pn for pn in self.var.cfg.patch_nums))
+        self.scheduler.add(rid, cfg_rows(n), tuple(pn * pn for pn in self.var.cfg.patch_nums))
         self.requests[rid] = _Request(labels_B.to(self.device), params, previews, first_image_index,
                                       time.perf_counter())
         return rid
@@ -241,16 +244,13 @@ class Engine:
     def _start(self, rid: str) -> None:
         req = self.requests[rid]
         B = req.labels_B.numel()
-        p = req.params
-        assert p.seed is not None
-        gens = (torch.Generator(device=self.device).manual_seed(p.seed) if p.rng == "official"
-                else image_generators(p.seed, B, self.device, start=req.first_image_index))
-        kv = self.pool.slot(self.scheduler.running[rid].slot, 2 * B)
-        req.state = Generation(self.var, self.vae.quantize, req.labels_B, p, gens, kv=kv,
+        gens = req.params.generators(B, self.device, start=req.first_image_index)
+        kv = self.pool.slot(self.scheduler.running[rid].slot, cfg_rows(B))
+        req.state = Generation(self.var, self.vae.quantize, req.labels_B, req.params, gens, kv=kv,
                                lvl_pos_1LC=self.runner.lvl_pos)
 
     def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        return self.vae.fhat_to_img(f_hat_BChw).add_(1).mul_(0.5)
+        return self.vae.decode_images(f_hat_BChw)
 
     # ---- offline use -----------------------------------------------------------------------------------------
     def generate(self, requests: list[tuple[torch.Tensor, SamplingParams]]) -> list[ScaleEvent]:

@@ -25,11 +25,13 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from nextscale.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_tokens: int = 4096  # query tokens per iteration (sum over units of rows * pn^2)
-    max_rows: int = 256  # rows holding a KV cache at once (2 per image with guidance)
+    max_rows: int = 256  # rows holding a KV cache at once (2 per image with guidance); Engine: from kv_cache_mb
     cheap_tokens: int = 16  # per-row tokens of a scale that is always scheduled (1,4,9,16 at 256 px)
     max_running: int = 64  # requests in flight at once (vLLM's max_num_seqs); the rest wait in the queue
     admit_gap: int = 0  # admit only when every running request is >= this many scales in (0 = at once)
@@ -41,9 +43,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_rows", "max_running"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.admit_gap < 0:
-            raise ValueError(f"admit_gap must be >= 0, got {self.admit_gap}")
+            raise ConfigError(f"admit_gap must be >= 0, got {self.admit_gap}")
 
 
 class RowAllocator:

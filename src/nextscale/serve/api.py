@@ -10,11 +10,11 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -23,23 +23,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from nextscale.engine.engine import Engine, EngineConfig, ScaleEvent
+from nextscale.engine.engine import Engine, ScaleEvent
 from nextscale.engine.request import SamplingParams
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_pil
 from nextscale.labels import resolve_label
 from nextscale.serve.async_engine import AsyncEngine, Handle, QueueFull, ShuttingDown
+from nextscale.serve.config import ServerConfig
 from nextscale.serve.metrics import ServerMetrics
 from nextscale.serve.protocol import ImageGenerationRequest
 
-
-@dataclass(frozen=True)
-class ServerConfig:
-    model_name: str = "nextscale"
-    max_queue: int = 64  # requests waiting to start before new ones get 429
-    max_images_per_request: int = 8
-    drain_timeout: float = 60.0
-    engine: EngineConfig = field(default_factory=EngineConfig)
+log = logging.getLogger("nextscale.serve")
 
 
 def error(status: int, message: str, kind: str, param: str | None = None,
@@ -76,119 +70,124 @@ async def next_event(handle: Handle) -> ScaleEvent:
     return item
 
 
-def create_app(engine: Engine, cfg: ServerConfig | None = None, warmup: bool = True) -> FastAPI:
-    cfg = cfg or ServerConfig()
-    metrics = ServerMetrics()
-    bridge = AsyncEngine(engine, metrics, cfg.max_queue)
-    var = engine.var
-    state = {"ready": False}
-    names = var.cfg.class_names
-    size = engine.vae.cfg.image_size
+def sse_event(kind: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n".encode()
+
+
+async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 in the API's error shape, naming the field and what it allows."""
+    first: dict[str, Any] = next(iter(exc.errors()), {})
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        msg = f"unknown field {param!r}; allowed fields: {', '.join(ImageGenerationRequest.model_fields)}"
+    elif first.get("type") == "json_invalid":
+        msg, param = "request body is not valid JSON", None
+    elif first.get("type") == "finite_number":  # spelled as the client sent it: NaN, Infinity, -Infinity
+        msg = f"{param} must be a finite number, got {json.dumps(first.get('input'), default=str)}"
+    elif param:
+        msg = f"{param}: {msg}"
+    return error(422, msg, "invalid_request_error", param)
+
+
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def playground() -> str:
+    return resources.files("nextscale.serve").joinpath("static/playground.html").read_text()
+
+
+def bad_field(param: str, message: str) -> InvalidInputError:
+    e = InvalidInputError(message)
+    e.param = param  # type: ignore[attr-defined]
+    return e
+
+
+class _Server:
+    """What the routes share (the engine's bridge, settings, metrics, readiness), with one method per route."""
+
+    def __init__(self, engine: Engine, cfg: ServerConfig, warmup: bool):
+        self.cfg, self.warmup = cfg, warmup
+        self.metrics = ServerMetrics()
+        self.bridge = AsyncEngine(engine, self.metrics, cfg.max_queue)
+        self.var = engine.var
+        self.max_images = engine.cfg.max_images_per_request  # the engine's limit is the API's
+        self.names = self.var.cfg.class_names
+        self.size = engine.vae.cfg.image_size
+        self.is_ready = False
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bridge.start(asyncio.get_running_loop())
-        if warmup:  # one tiny real generation before /ready says yes
-            h = bridge.submit(torch.tensor([0]), SamplingParams(seed=0), previews=False)
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        self.bridge.start(asyncio.get_running_loop())
+        if self.warmup:  # one tiny real generation before /ready says yes
+            h = self.bridge.submit(torch.tensor([0]), SamplingParams(seed=0), previews=False)
             while not (await next_event(h)).finished:
                 pass
-        state["ready"] = True
+        self.is_ready = True
         yield
-        state["ready"] = False
-        await bridge.shutdown(cfg.drain_timeout)
+        self.is_ready = False
+        await self.bridge.shutdown(self.cfg.drain_timeout)
 
-    app = FastAPI(title="nextscale", version="0.1.0", lifespan=lifespan)
-    app.state.bridge, app.state.metrics = bridge, metrics
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            allowed = ", ".join(ImageGenerationRequest.model_fields)
-            msg = f"unknown field {param!r}; allowed fields: {allowed}"
-        elif first.get("type") == "json_invalid":
-            msg, param = "request body is not valid JSON", None
-        elif param:
-            msg = f"{param}: {msg}"
-        return error(422, msg, "invalid_request_error", param)
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        if state["ready"] and bridge.accepting:
+    async def ready(self) -> JSONResponse:
+        if self.is_ready and self.bridge.accepting:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(self) -> dict[str, Any]:
+        var, names = self.var, self.names
         return {"object": "list", "data": [{
-            "id": cfg.model_name, "object": "model", "created": 0, "owned_by": "nextscale",
-            "image_size": size, "num_scales": len(var.cfg.patch_nums), "num_classes": var.num_classes,
+            "id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "nextscale",
+            "image_size": self.size, "num_scales": len(var.cfg.patch_nums), "num_classes": var.num_classes,
             "classes": list(names) if names else [str(i) for i in range(var.num_classes)],
-            "max_images_per_request": cfg.max_images_per_request}]}
+            "max_images_per_request": self.max_images}]}
 
-    @app.get("/", response_class=HTMLResponse)
-    async def playground() -> str:
-        return resources.files("nextscale.serve").joinpath("static/playground.html").read_text()
-
-    @app.post("/v1/images/generations", response_model=None)
-    async def generate(body: ImageGenerationRequest, request: Request) -> Response:
+    async def generate(self, body: ImageGenerationRequest, request: Request) -> Response:
         try:
-            label, params = _validate(body)
+            label, params = self._validate(body)
         except InvalidInputError as e:
             return error(422, str(e), "invalid_request_error", getattr(e, "param", None))
-        if not state["ready"]:
+        if not self.is_ready:
             return error(503, "server is starting up", "unavailable")
-        previews = preview_scales(len(var.cfg.patch_nums), body.partial_images) if body.stream else set()
+        previews = preview_scales(len(self.var.cfg.patch_nums), body.partial_images) if body.stream else set()
         labels = torch.full((body.n,), label, dtype=torch.long)
         try:
-            handle = bridge.submit(labels, params, previews=bool(previews))
+            handle = self.bridge.submit(labels, params, previews=bool(previews))
         except QueueFull as e:
-            metrics.requests.labels(status="rejected").inc()
-            return error(429, f"too many requests waiting (max_queue={cfg.max_queue}); retry later", "overloaded",
-                         headers={"Retry-After": str(round(e.retry_after))})
+            self.metrics.requests.labels(status="rejected").inc()
+            return error(429, f"too many requests waiting (max_queue={self.cfg.max_queue}); retry later",
+                         "overloaded", headers={"Retry-After": str(round(e.retry_after))})
         except ShuttingDown:
             return error(503, "server is shutting down", "unavailable")
+        names = self.names
         tag = names[label] if names and label < len(names) else str(label)
         if body.stream:
-            return StreamingResponse(_sse(handle, previews, tag, params), media_type="text/event-stream",
+            return StreamingResponse(self._sse(handle, request, previews, tag, params), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(handle, request, tag, params)
+        return await self._complete(handle, request, tag, params)
 
-    def _validate(body: ImageGenerationRequest) -> tuple[int, SamplingParams]:
-        def bad(param: str, message: str) -> InvalidInputError:
-            e = InvalidInputError(message)
-            e.param = param  # type: ignore[attr-defined]
-            return e
-
-        if body.n > cfg.max_images_per_request:
-            raise bad("n", f"n={body.n} is too large: allowed 1..{cfg.max_images_per_request}")
+    def _validate(self, body: ImageGenerationRequest) -> tuple[int, SamplingParams]:
+        size, var = self.size, self.var
+        if body.n > self.max_images:
+            raise bad_field("n", f"n={body.n} is too large: allowed 1..{self.max_images}")
         if body.size is not None and body.size != f"{size}x{size}":
-            raise bad("size", f"size {body.size!r} is not supported: this model makes {size}x{size} images")
-        if body.model is not None and body.model != cfg.model_name:
-            raise bad("model", f"unknown model {body.model!r}; this server serves {cfg.model_name!r}")
+            raise bad_field("size", f"size {body.size!r} is not supported: this model makes {size}x{size} images")
+        if body.model is not None and body.model != self.cfg.model_name:
+            raise bad_field("model", f"unknown model {body.model!r}; this server serves {self.cfg.model_name!r}")
         if body.top_k > var.V:
-            raise bad("top_k", f"top_k={body.top_k} exceeds the codebook size {var.V} (0..{var.V})")
+            raise bad_field("top_k", f"top_k={body.top_k} exceeds the codebook size {var.V} (0..{var.V})")
         try:
-            label = resolve_label(body.label, var.num_classes, names)
+            label = resolve_label(body.label, var.num_classes, self.names)
         except InvalidInputError as e:
-            raise bad("class_label" if body.class_label is not None else "prompt", str(e)) from None
+            raise bad_field("class_label" if body.class_label is not None else "prompt", str(e)) from None
         seed = secrets.randbits(63) if body.seed is None else body.seed
         return label, SamplingParams(cfg=body.cfg, top_k=body.top_k, top_p=body.top_p, more_smooth=body.more_smooth,
                                      seed=seed)
 
-    async def _complete(handle: Handle, request: Request, tag: str, params: SamplingParams) -> Response:
+    async def _complete(self, handle: Handle, request: Request, tag: str, params: SamplingParams) -> Response:
         async def wait_final() -> ScaleEvent:
             while not (ev := await next_event(handle)).finished:
                 pass
@@ -203,7 +202,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, warmup: bool = T
         gone_task.cancel()
         if final_task not in done:
             final_task.cancel()
-            bridge.abort(handle.request_id)
+            self.bridge.abort(handle.request_id)
+            log.debug("%s: client disconnected; request cancelled", handle.request_id)
             return error(499, "client disconnected", "cancelled")
         try:
             final = final_task.result()
@@ -216,34 +216,63 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None, warmup: bool = T
                              "data": [{"b64_json": b, "revised_prompt": tag, "seed": params.seed} for b in b64],
                              "usage": {"images": len(b64), "tokens": tokens}})
 
-    async def _sse(handle: Handle, previews: set[int], tag: str, params: SamplingParams) -> AsyncIterator[bytes]:
-        def event(kind: str, payload: dict[str, Any]) -> bytes:
-            return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n".encode()
+    async def _sse(self, handle: Handle, request: Request, previews: set[int], tag: str, params: SamplingParams
+                   ) -> AsyncIterator[bytes]:
+        """The request's events, one write per scale; stops, quietly, once the client is gone.
 
-        finished = False
-        partial_index = 0
+        One write per scale, not one per image: the event loop notices a reset connection between writes only,
+        and asyncio warns "socket.send() raised exception." from the sixth write into a lost one."""
+        finished = failed = False
+        partials = 0
         try:
             while not finished:
                 try:
                     ev = await next_event(handle)
                 except Exception as e:  # surfaced to the client as an SSE error event
-                    yield event("error", {"message": f"generation failed: {e}"})
+                    failed = True
+                    yield sse_event("error", {"message": f"generation failed: {e}"})
+                    return
+                if await request.is_disconnected():
                     return
                 finished = ev.finished
-                common = {"created_at": int(time.time()), "size": f"{size}x{size}", "output_format": "png",
-                          "revised_prompt": tag, "seed": params.seed, "scale": ev.si, "num_scales": ev.num_scales}
-                if ev.preview is not None and ev.si in previews:
-                    for i, b in enumerate(await asyncio.to_thread(png_b64, ev.preview)):
-                        yield event("image_generation.partial_image",
-                                    {**common, "b64_json": b, "partial_image_index": partial_index, "image_index": i})
-                    partial_index += 1
-                if finished:
-                    assert ev.images is not None
-                    for i, b in enumerate(await asyncio.to_thread(png_b64, ev.images)):
-                        yield event("image_generation.completed", {**common, "b64_json": b, "image_index": i})
+                preview = ev.preview is not None and ev.si in previews
+                if chunk := await self._scale_events(ev, partials if preview else None, tag, params):
+                    yield chunk
+                partials += preview
             yield b"data: [DONE]\n\n"
         finally:
-            if not finished:  # client went away mid-stream: free its capacity now
-                bridge.abort(handle.request_id)
+            if not finished:  # client gone (or the engine failed): free the request's capacity now
+                self.bridge.abort(handle.request_id)
+                if not failed:
+                    log.debug("%s: client disconnected mid-stream; request cancelled", handle.request_id)
 
+    async def _scale_events(self, ev: ScaleEvent, partial_index: int | None, tag: str, params: SamplingParams
+                            ) -> bytes:
+        """One scale's SSE events: its partial images (when ``partial_index`` numbers them), the final ones."""
+        common = {"created_at": int(time.time()), "size": f"{self.size}x{self.size}", "output_format": "png",
+                  "revised_prompt": tag, "seed": params.seed, "scale": ev.si, "num_scales": ev.num_scales}
+        out = []
+        if partial_index is not None:
+            assert ev.preview is not None
+            out += [sse_event("image_generation.partial_image",
+                              {**common, "b64_json": b, "partial_image_index": partial_index, "image_index": i})
+                    for i, b in enumerate(await asyncio.to_thread(png_b64, ev.preview))]
+        if ev.finished:
+            assert ev.images is not None
+            out += [sse_event("image_generation.completed", {**common, "b64_json": b, "image_index": i})
+                    for i, b in enumerate(await asyncio.to_thread(png_b64, ev.images))]
+        return b"".join(out)
+
+
+def create_app(engine: Engine, cfg: ServerConfig | None = None, warmup: bool = True) -> FastAPI:
+    server = _Server(engine, cfg or ServerConfig(), warmup)
+    app = FastAPI(title="nextscale", version="0.1.0", lifespan=server.lifespan)
+    app.state.bridge, app.state.metrics = server.bridge, server.metrics
+    app.exception_handler(RequestValidationError)(invalid_body)
+    app.get("/health")(health)
+    app.get("/ready")(server.ready)
+    app.get("/metrics")(server.prometheus)
+    app.get("/v1/models")(server.models)
+    app.get("/", response_class=HTMLResponse)(playground)
+    app.post("/v1/images/generations", response_model=None)(server.generate)
     return app

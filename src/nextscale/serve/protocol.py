@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity are valid JSON to Python's parser; rejecting them here names the field (the bounds
+    # checks would call NaN "not <= 100").
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str | None = Field(None, max_length=200, description="a class name (or index) of the model")
     class_label: int | str | None = Field(None, description="class index or name; alternative to prompt")
