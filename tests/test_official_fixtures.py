@@ -14,10 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nextscale.engine.kv_cache import KVCache
 from nextscale.engine.reference import reference_sample
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.sampler import sample_tokens_batch
-from nextscale.engine.sampling import cfg_weight
+from nextscale.engine.sampling import cfg_double, cfg_labels, cfg_mix, cfg_rows, cfg_weight
+from nextscale.models.attention import CachedStep
 from nextscale.models.scales import phi_index_table
 
 LATENT_TOL, LOGIT_TOL, IMAGE_TOL = 1e-5, 1e-4, 1e-4
@@ -107,54 +109,58 @@ def test_teacher_forcing_logits_and_loss(fixtures_dir, official_pair):
         np.testing.assert_allclose(loss.item(), float(ref[key]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["reference", "fast"])
+SAMPLERS = {"reference": lambda var, vae, *a: reference_sample(var, vae, *a),
+            "fast": lambda var, vae, *a: sample_tokens_batch(var, vae.quantize, *a)}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_greedy_sampling_run(fixtures_dir, official_pair, sampler):
     var, vae = official_pair
     ref = load(fixtures_dir, "var_sample_greedy.npz")
     labels = torch.from_numpy(ref["labels"])
     params = SamplingParams(cfg=float(ref["cfg"]), top_k=int(ref["top_k"]), top_p=float(ref["top_p"]),
                             seed=int(ref["g_seed"]), rng="official")
-    gen = torch.Generator().manual_seed(params.seed)
-    if sampler == "reference":
-        out = reference_sample(var, vae, labels, params, gen)
-        tokens, f_hat, image = out.tokens, out.f_hat_BChw, out.images_BChw
-        close(torch.cat(out.next_inputs, 1), ref["next_scale_inputs"], LATENT_TOL)
-    else:
-        state = sample_tokens_batch(var, vae.quantize, labels, params, gen)
-        tokens, f_hat = state.tokens, state.f_hat
-        with torch.no_grad():
-            image = vae.fhat_to_img(f_hat).add(1).mul(0.5)
-    for si, idx in enumerate(tokens):
+    out = SAMPLERS[sampler](var, vae, labels, params, params.generators(len(labels)))
+    for si, idx in enumerate(out.tokens):
         np.testing.assert_array_equal(idx.numpy(), ref[f"idx_s{si}"])
-    close(f_hat, ref["fhat_final"], LATENT_TOL)
-    close(image, ref["image"], IMAGE_TOL)
+    close(torch.cat(out.next_inputs, 1), ref["next_scale_inputs"], LATENT_TOL)
+    close(out.f_hat_BChw, ref["fhat_final"], LATENT_TOL)
+    with torch.no_grad():
+        close(vae.decode_images(out.f_hat_BChw), ref["image"], IMAGE_TOL)
 
 
-def test_guided_logits_match_teacher_forcing_on_sampler_inputs(fixtures_dir, official_pair):
-    """The KV-cached step logic equals teacher forcing on the sampler's own inputs (README check)."""
+@pytest.mark.parametrize("path", ["teacher_forcing", "kv_cached_steps"])
+def test_guided_logits_on_sampler_inputs(fixtures_dir, official_pair, path):
+    """The official sampler's guided logits of the first four scales (README check), recomputed on its own inputs
+    by one masked teacher-forcing pass, and scale by scale through the KV cache as the samplers run."""
     var, _ = official_pair
     ref = load(fixtures_dir, "var_sample_greedy.npz")
-    x = torch.from_numpy(ref["next_scale_inputs"])
+    x_BLCv = torch.from_numpy(ref["next_scale_inputs"])
     labels = torch.from_numpy(ref["labels"])
+    S, num = var.scales.num_scales, 4
+    L = var.scales.begin_ends[num - 1][1]  # 30 tokens: scales 0..3
     with torch.no_grad():
-        cond = var(labels, x)[:, :30]
-        uncond = var(torch.full_like(labels, 1000), x)[:, :30]
-    t = torch.tensor([cfg_weight(4.0, int(s), 10) for s in var.lvl_1L[0, :30]]).view(1, 30, 1)
-    close((1 + t) * cond - t * uncond, ref["cfg_logits_first_scales"], LOGIT_TOL, LOGIT_TOL)
+        if path == "teacher_forcing":
+            logits_RLV = torch.cat([var(labels, x_BLCv)[:, :L], var(torch.full_like(labels, 1000), x_BLCv)[:, :L]])
+        else:
+            rows = cfg_labels(labels, var.num_classes)
+            cond, lvl_pos = var.condition(rows), var.level_pos()
+            layout = CachedStep(KVCache.for_model(var, rows=cfg_rows(len(labels))))
+            x_RlC, pieces = var.first_tokens(cond, lvl_pos), []
+            for si in range(num):
+                pieces.append(var.forward_tokens(x_RlC, cond, layout))
+                b, e = var.scales.begin_ends[si + 1]
+                x_RlC = cfg_double(var.next_tokens(si + 1, x_BLCv[:, b - 1: e - 1], lvl_pos))
+            logits_RLV = torch.cat(pieces, 1)
+    t = torch.tensor([cfg_weight(4.0, int(s), S) for s in var.lvl_1L[0, :L]]).view(1, L, 1)
+    close(cfg_mix(logits_RLV, t), ref["cfg_logits_first_scales"], LOGIT_TOL, LOGIT_TOL)
 
 
-@pytest.mark.parametrize("sampler", ["reference", "fast"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_topk_topp_run_with_torch_cpu_rng(fixtures_dir, official_pair, sampler):
     var, vae = official_pair
     ref = load(fixtures_dir, "var_sample_topk_torchrng.npz")
     params = SamplingParams(cfg=1.5, top_k=900, top_p=0.95, seed=0, rng="official")
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.tensor([980, 437])
-    if sampler == "reference":
-        out = reference_sample(var, vae, labels, params, gen)
-        tokens, f_hat = out.tokens, out.f_hat_BChw
-    else:
-        state = sample_tokens_batch(var, vae.quantize, labels, params, gen)
-        tokens, f_hat = state.tokens, state.f_hat
-    np.testing.assert_array_equal(torch.cat(tokens, 1).numpy(), ref["idx_all"])
-    close(f_hat, ref["fhat_final"], LATENT_TOL)
+    out = SAMPLERS[sampler](var, vae, torch.tensor([980, 437]), params, params.generators(2))
+    np.testing.assert_array_equal(torch.cat(out.tokens, 1).numpy(), ref["idx_all"])
+    close(out.f_hat_BChw, ref["fhat_final"], LATENT_TOL)

@@ -80,6 +80,19 @@ def test_callback_previews_go_coarse_to_fine(pipe):
     assert not torch.allclose(previews[0][1], out.images)
 
 
+def test_previews_kept_past_the_callback_keep_their_own_scale(pipe):
+    kept, seen = [], []
+
+    def keep(p):
+        kept.append(p)
+        seen.append(p.to_images("pt"))
+
+    out = pipe([1, 2], seed=0, output_type="pt", callback_on_scale=keep)
+    later = [p.to_images("pt") for p in kept]  # decoded after the call, when the running latent is final
+    assert all(torch.equal(a, b) for a, b in zip(seen, later))
+    assert not torch.allclose(later[0], out.images), "the first preview is not the final image"
+
+
 def test_save_and_load_pretrained_give_identical_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "m")
     again = VARPipeline.from_pretrained(tmp_path / "m")

@@ -30,13 +30,8 @@ PARAMS = {
 
 
 def run_both(var, vae, labels, params):
-    def gens():
-        if params.rng == "official":
-            return torch.Generator().manual_seed(params.seed)
-        return image_generators(params.seed, labels.shape[0])
-
-    ref = reference_sample(var, vae, labels, params, gens())
-    fast = sample_tokens_batch(var, vae.quantize, labels, params, gens())
+    ref = reference_sample(var, vae, labels, params, params.generators(labels.shape[0]))
+    fast = sample_tokens_batch(var, vae.quantize, labels, params, params.generators(labels.shape[0]))
     return ref, fast
 
 
@@ -50,7 +45,8 @@ def test_fast_path_equals_reference_token_for_token(variant, pname):
     assert len(fast.tokens) == len(var.cfg.patch_nums)
     for a, b in zip(ref.tokens, fast.tokens):
         assert torch.equal(a, b)
-    assert torch.equal(ref.f_hat_BChw, fast.f_hat)
+    assert torch.equal(ref.f_hat_BChw, fast.f_hat_BChw)
+    assert all(torch.equal(a, b) for a, b in zip(ref.next_inputs, fast.next_inputs))
 
 
 def test_official_rng_mode_fast_equals_reference():
@@ -102,16 +98,10 @@ def test_forcing_every_token_reproduces_the_input_tokens():
     idx = [torch.randint(0, 64, (B, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in (1, 2, 3, 4)]
     forced = ForcedTokens(idx=idx, keep=[torch.ones_like(i, dtype=torch.bool) for i in idx])
     params = SamplingParams(cfg=2.0, top_k=5, seed=0)
-    for sampler in ("reference", "fast"):
-        gens = image_generators(0, B)
-        if sampler == "reference":
-            out = reference_sample(var, vae, torch.tensor([1, 2]), params, gens, forced)
-            tokens, f_hat = out.tokens, out.f_hat_BChw
-        else:
-            st = sample_tokens_batch(var, vae.quantize, torch.tensor([1, 2]), params, gens, forced)
-            tokens, f_hat = st.tokens, st.f_hat
-        assert all(torch.equal(a, b) for a, b in zip(tokens, idx))
-        torch.testing.assert_close(f_hat, vae.quantize.idx_to_fhat(idx))
+    for out in (reference_sample(var, vae, torch.tensor([1, 2]), params, image_generators(0, B), forced),
+                sample_tokens_batch(var, vae.quantize, torch.tensor([1, 2]), params, image_generators(0, B), forced)):
+        assert all(torch.equal(a, b) for a, b in zip(out.tokens, idx))
+        torch.testing.assert_close(out.f_hat_BChw, vae.quantize.idx_to_fhat(idx))
 
 
 def test_partial_forcing_keeps_exactly_the_kept_positions():

@@ -26,7 +26,7 @@ from nextscale.editing import keep_maps
 from nextscale.engine.reference import reference_sample
 from nextscale.engine.request import ForcedTokens, RngMode, SamplingParams
 from nextscale.engine.sampler import sample_tokens_batch
-from nextscale.engine.sampling import Generators, derive_seed
+from nextscale.engine.sampling import cfg_rows
 from nextscale.engine.state import ScaleResult
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
@@ -173,6 +173,14 @@ class VARPipeline:
     def patch_nums(self) -> tuple[int, ...]:
         return self.transformer.cfg.patch_nums
 
+    def suggested_batch_size(self, kv_budget_mb: float = 1024.0, cap: int = 64) -> int:
+        """Images to sample at once: as many as keep the KV caches of one batch within ``kv_budget_mb`` (the
+        dominant per-image memory of a batch: both guidance rows, every layer, the whole token pyramid), at most
+        ``cap`` (past that, CPU throughput no longer grows with the batch)."""
+        c = self.transformer.cfg
+        per_image = cfg_rows(1) * 2 * c.depth * c.seq_len * c.embed_dim * self.transformer.head.weight.element_size()
+        return max(1, min(cap, int(kv_budget_mb * 2**20 // per_image)))
+
     def labels(self, class_labels: ClassLabels, num_images_per_label: int = 1) -> torch.Tensor:
         return resolve_labels(class_labels, self.num_classes, self.class_names, num_images_per_label).to(self.device)
 
@@ -224,42 +232,38 @@ class VARPipeline:
                                 seed=secrets.randbits(63) if seed is None else seed)
         return self._generate(labels_B, params, forced, output_type, callback_on_scale, "fast", False)
 
-    def _generators(self, params: SamplingParams, indices: Sequence[int]) -> Generators:
-        assert params.seed is not None
-        if params.rng == "official":
-            return torch.Generator(device=self.device).manual_seed(params.seed)
-        return [torch.Generator(device=self.device).manual_seed(derive_seed(params.seed, g)) for g in indices]
-
     def _generate(self, labels_B: torch.Tensor, params: SamplingParams, forced: ForcedTokens | None,
                   output_type: OutputType, callback: Callable[[ScalePreview], None] | None, sampler: str,
                   progress: bool, indices: Sequence[int] | None = None) -> VAROutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         params.check_vocab(self.transformer.V)
-        gens = self._generators(params, range(labels_B.shape[0]) if indices is None else indices)
+        gens = params.generators(labels_B.shape[0], self.device, indices=indices)
         bar = _progress_bar(len(self.patch_nums)) if progress else None
 
         def on_scale(r: ScaleResult) -> None:
             if bar is not None:
                 bar.update(1)
             if callback is not None:
-                callback(ScalePreview(r.si, r.num_scales, r.idx_Bl, r.f_hat_BChw, self))
+                # A preview owns its latent: the running one keeps changing in place, and a caller may decode the
+                # previews after the call (a copy of a few KB per image, nothing next to a transformer step).
+                callback(ScalePreview(r.si, r.num_scales, r.idx_Bl, r.f_hat_BChw.clone(), self))
 
+        if sampler not in ("fast", "reference"):
+            raise InvalidInputError(f"sampler must be 'fast' or 'reference', got {sampler!r}")
         try:
             if sampler == "reference":
-                ref = reference_sample(self.transformer, self.vae, labels_B, params, gens, forced)
-                tokens, f_hat = ref.tokens, ref.f_hat_BChw
-            elif sampler == "fast":
-                state = sample_tokens_batch(self.transformer, self.vae.quantize, labels_B, params, gens, forced,
-                                            on_scale if (callback or bar) else None)
-                tokens, f_hat = state.tokens, state.f_hat
+                res = reference_sample(self.transformer, self.vae, labels_B, params, gens, forced)
             else:
-                raise InvalidInputError(f"sampler must be 'fast' or 'reference', got {sampler!r}")
+                res = sample_tokens_batch(self.transformer, self.vae.quantize, labels_B, params, gens, forced,
+                                          on_scale if (callback or bar) else None)
         finally:
             if bar is not None:
                 bar.close()
+        f_hat = res.f_hat_BChw
         images = None if output_type == "latent" else self.decode_latent(f_hat)
-        return VAROutput(self._format(images, f_hat, output_type), tokens, labels_B.tolist(), params.seed or 0, params)
+        return VAROutput(self._format(images, f_hat, output_type), res.tokens, labels_B.tolist(), params.seed or 0,
+                         params)
 
     # ---- tokenizer helpers ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -275,7 +279,7 @@ class VARPipeline:
 
     def decode_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         """Latent -> images [B, C, H, W] in [0, 1] (float32)."""
-        return self.vae.fhat_to_img(f_hat_BChw).add_(1).mul_(0.5)
+        return self.vae.decode_images(f_hat_BChw)
 
     def _format(self, images: torch.Tensor | None, f_hat: torch.Tensor, output_type: OutputType) -> Any:
         if output_type == "latent" or images is None:

@@ -5,9 +5,10 @@ per request: per layer, keys and values of shape [R, H, L, c]. Each scale append
 layer. The model never holds a cache; callers pass one into ``CachedStep`` (or the engine's ragged layout).
 
 ``ConcatKVCache`` is the reference implementation (grows by concatenation, like the official code); the
-preallocated ``KVCache`` must give identical attention inputs. The serving engine allocates caches as row
-ranges (``KVSlot``) of one ``KVPool``: requests at the same scale whose slots are adjacent then attend in one
-call over a contiguous slice of the pool, with no copy (Flover keeps batches contiguous the same way).
+preallocated caches must give identical attention inputs. The serving engine allocates caches as row ranges
+(``KVSlot``) of one ``KVPool``: requests at the same scale whose slots are adjacent then attend in one call over a
+contiguous slice of the pool, with no copy (Flover keeps batches contiguous the same way). The pipeline's
+``KVCache`` is the same thing with a pool of its own.
 """
 
 from __future__ import annotations
@@ -19,50 +20,6 @@ import torch
 
 if TYPE_CHECKING:
     from nextscale.models.var import VAR
-
-
-class KVCache:
-    def __init__(self, num_layers: int, rows: int, num_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (rows, num_heads, max_len, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = [0] * num_layers
-        self.max_len = max_len
-        self.rows = rows
-
-    @classmethod
-    def for_model(cls, model: VAR, rows: int, max_len: int | None = None) -> KVCache:
-        cfg, w = model.cfg, model.head.weight
-        return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device)
-
-    @property
-    def length(self) -> int:
-        """Positions written in the last layer (every layer has the same length after a full step)."""
-        return self.lengths[-1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    def write(self, layer: int, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, l = self.lengths[layer], k_RHlc.shape[2]
-        if n + l > self.max_len:
-            raise RuntimeError(f"KV cache overflow in layer {layer}: {n} + {l} > {self.max_len}")
-        self.k[layer][:, :, n : n + l].copy_(k_RHlc)
-        self.v[layer][:, :, n : n + l].copy_(v_RHlc)
-        self.lengths[layer] = n + l
-        return self.k[layer][:, :, : n + l], self.v[layer][:, :, : n + l]
-
-    def check_integrity(self) -> None:
-        """All layers advanced together and stay within bounds."""
-        assert len(set(self.lengths)) == 1, f"layers out of step: {self.lengths}"
-        assert 0 <= self.length <= self.max_len, f"length {self.length} outside [0, {self.max_len}]"
-
-    def free(self) -> None:
-        self.k.clear()
-        self.v.clear()
-        self.lengths = []
 
 
 class ConcatKVCache:
@@ -149,3 +106,28 @@ class KVSlot:
         if self.pool.slots.get(self.start) is self:
             del self.pool.slots[self.start]
         self.lengths = []
+
+
+class KVCache(KVSlot):
+    """A cache of its own for one batch (the pipeline's sampler): a ``KVSlot`` spanning a private one-slot pool,
+    so the pool and the engine's slots share one write path and one integrity check."""
+
+    def __init__(self, num_layers: int, rows: int, num_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        pool = KVPool(num_layers, rows, num_heads, head_dim, max_len, dtype, device)
+        super().__init__(pool, 0, rows)
+        pool.slots[0] = self
+
+    @classmethod
+    def for_model(cls, model: VAR, rows: int, max_len: int | None = None) -> KVCache:
+        cfg, w = model.cfg, model.head.weight
+        return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.pool.k, *self.pool.v))
+
+    def free(self) -> None:
+        super().free()
+        self.pool.k.clear()  # the pool is private: its memory goes with the slot
+        self.pool.v.clear()

@@ -7,32 +7,31 @@ model's dtype with fp32 logits. Shapes: ``B`` images, ``2B`` rows (conditional r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from nextscale.engine.kv_cache import ConcatKVCache
 from nextscale.engine.request import ForcedTokens, SamplingParams
-from nextscale.engine.sampling import Generators, cfg_mix, cfg_weight, gumbel_soft_codes, sample_tokens
+from nextscale.engine.sampling import (
+    Generators,
+    cfg_double,
+    cfg_labels,
+    cfg_mix,
+    cfg_weight,
+    gumbel_soft_codes,
+    sample_tokens,
+)
+from nextscale.engine.state import SampleResult
 from nextscale.models.attention import CachedStep
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 
 
-@dataclass
-class ReferenceOutput:
-    tokens: list[torch.Tensor]  # one [B, pn*pn] map per scale
-    f_hat_BChw: torch.Tensor  # final latent
-    images_BChw: torch.Tensor  # decoded, in [0, 1]
-    next_inputs: list[torch.Tensor]  # area-downsampled f_hat fed to scales 1.. ([B, l, Cv] each)
-
-
 @torch.no_grad()
 def reference_sample(var: VAR, vae: VQVAE, labels_B: torch.Tensor, params: SamplingParams,
-                     generators: Generators, forced: ForcedTokens | None = None) -> ReferenceOutput:
+                     generators: Generators, forced: ForcedTokens | None = None) -> SampleResult:
     B, quant = labels_B.shape[0], vae.quantize
     S = var.scales.num_scales
-    rows_R = torch.cat((labels_B, torch.full_like(labels_B, var.num_classes)))
+    rows_R = cfg_labels(labels_B, var.num_classes)
     lvl_pos = var.level_pos()
     x_RlC = var.first_tokens(var.condition(rows_R), lvl_pos)
     kv = ConcatKVCache(var.depth)
@@ -58,6 +57,5 @@ def reference_sample(var: VAR, vae: VQVAE, labels_B: torch.Tensor, params: Sampl
         if si < S - 1:
             nxt_BlCv = nxt_BChw.view(B, quant.Cvae, -1).transpose(1, 2)
             next_inputs.append(nxt_BlCv)
-            x_RlC = var.next_tokens(si + 1, nxt_BlCv, lvl_pos).repeat(2, 1, 1)
-    images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
-    return ReferenceOutput(tokens, f_hat, images, next_inputs)
+            x_RlC = cfg_double(var.next_tokens(si + 1, nxt_BlCv, lvl_pos))
+    return SampleResult(tokens, f_hat, next_inputs)

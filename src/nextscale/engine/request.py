@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from nextscale.engine.sampling import Generators, request_generators
 from nextscale.errors import InvalidInputError
 
 RngMode = Literal["per_image", "official"]
@@ -45,6 +47,13 @@ class SamplingParams:
             raise InvalidInputError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
         if self.rng not in ("per_image", "official"):
             raise InvalidInputError(f"rng must be 'per_image' or 'official', got {self.rng!r}")
+
+    def generators(self, count: int, device: torch.device | str = "cpu", start: int = 0,
+                   indices: Sequence[int] | None = None) -> Generators:
+        """This request's random streams: images ``start .. start+count-1`` (or ``indices``) of ``seed``."""
+        if self.seed is None:
+            raise InvalidInputError("sampling needs a seed (SamplingParams(seed=...))")
+        return request_generators(self.seed, self.rng, count, device, start, indices)
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.top_k > vocab_size:

@@ -13,8 +13,8 @@ import torch
 
 from nextscale.engine.kv_cache import KVCache
 from nextscale.engine.request import ForcedTokens, SamplingParams
-from nextscale.engine.sampling import Generators
-from nextscale.engine.state import Generation, ScaleResult
+from nextscale.engine.sampling import Generators, cfg_rows
+from nextscale.engine.state import Generation, SampleResult, ScaleResult
 from nextscale.models.attention import CachedStep
 from nextscale.models.tokenizers.msvq import MultiScaleQuantizer
 from nextscale.models.var import VAR
@@ -25,9 +25,9 @@ ScaleCallback = Callable[[ScaleResult], None]
 @torch.no_grad()
 def sample_tokens_batch(var: VAR, quantizer: MultiScaleQuantizer, labels_B: torch.Tensor, params: SamplingParams,
                         generators: Generators, forced: ForcedTokens | None = None,
-                        on_scale: ScaleCallback | None = None) -> Generation:
-    """Run all scales for ``labels_B``; returns the finished ``Generation`` (tokens and final ``f_hat``)."""
-    kv = KVCache.for_model(var, rows=2 * labels_B.shape[0])
+                        on_scale: ScaleCallback | None = None) -> SampleResult:
+    """Run all scales for ``labels_B``: tokens, final latent and the per-scale inputs."""
+    kv = KVCache.for_model(var, rows=cfg_rows(labels_B.shape[0]))
     state = Generation(var, quantizer, labels_B, params, generators, kv=kv, forced=forced)
     layout = CachedStep(kv)
     try:
@@ -38,4 +38,4 @@ def sample_tokens_batch(var: VAR, quantizer: MultiScaleQuantizer, labels_B: torc
                 on_scale(result)
     finally:
         kv.free()
-    return state
+    return state.result()

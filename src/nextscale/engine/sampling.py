@@ -31,10 +31,43 @@ def derive_seed(seed: int, index: int) -> int:
     return z >> 1
 
 
-def image_generators(seed: int, count: int, device: torch.device | str = "cpu", start: int = 0
-                     ) -> list[torch.Generator]:
-    """One generator per image, for images ``start .. start+count-1`` of a request seeded with ``seed``."""
-    return [torch.Generator(device=device).manual_seed(derive_seed(seed, start + i)) for i in range(count)]
+def image_generators(seed: int, count: int, device: torch.device | str = "cpu", start: int = 0,
+                     indices: Sequence[int] | None = None) -> list[torch.Generator]:
+    """One generator per image: images ``start .. start+count-1`` of a request seeded with ``seed``, or the
+    images ``indices`` (a shard of a larger job) when given."""
+    ids = range(start, start + count) if indices is None else indices
+    return [torch.Generator(device=device).manual_seed(derive_seed(seed, int(i))) for i in ids]
+
+
+def request_generators(seed: int, rng: str, count: int, device: torch.device | str = "cpu", start: int = 0,
+                       indices: Sequence[int] | None = None) -> Generators:
+    """The generators of one request (the single place both the pipeline and the engine build them):
+    ``rng="official"`` is one stream for the whole batch, as ``autoregressive_infer_cfg(g_seed=seed)``;
+    otherwise one generator per image (``image_generators``)."""
+    if rng == "official":
+        return torch.Generator(device=device).manual_seed(seed)
+    return image_generators(seed, count, device, start, indices)
+
+
+# ---- classifier-free guidance rows -------------------------------------------------------------------------
+# With guidance every image runs as two rows through the transformer: its conditional row, and an unconditional
+# row (the null class). All conditional rows come first, then the unconditional ones, as in the official code.
+CFG_BRANCHES = 2
+
+
+def cfg_rows(num_images: int) -> int:
+    """Transformer rows (and KV-cache rows) for ``num_images`` guided images."""
+    return CFG_BRANCHES * num_images
+
+
+def cfg_labels(labels_B: torch.Tensor, null_class: int) -> torch.Tensor:
+    """Class labels of the rows: [B] -> [2B], the conditional labels, then the null class for every image."""
+    return torch.cat((labels_B, torch.full_like(labels_B, null_class)))
+
+
+def cfg_double(x_BlC: torch.Tensor) -> torch.Tensor:
+    """The same input feeds both branches of every image: [B, l, C] -> [2B, l, C]."""
+    return x_BlC.repeat(CFG_BRANCHES, 1, 1)
 
 
 def cfg_weight(cfg: float, si: int, num_scales: int) -> float:
@@ -44,7 +77,7 @@ def cfg_weight(cfg: float, si: int, num_scales: int) -> float:
 
 def cfg_mix(logits_RlV: torch.Tensor, t: float) -> torch.Tensor:
     """Rows [0:B] conditional, [B:2B] unconditional -> ``(1+t)*cond - t*uncond`` on logits, [B, l, V]."""
-    B = logits_RlV.shape[0] // 2
+    B = logits_RlV.shape[0] // CFG_BRANCHES
     return (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
 
 

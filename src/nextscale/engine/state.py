@@ -16,14 +16,36 @@ import torch
 
 from nextscale.engine.kv_cache import KVCache, KVSlot
 from nextscale.engine.request import ForcedTokens, SamplingParams
-from nextscale.engine.sampling import Generators, cfg_mix, cfg_weight, gumbel_soft_codes, sample_tokens
+from nextscale.engine.sampling import (
+    Generators,
+    cfg_double,
+    cfg_labels,
+    cfg_mix,
+    cfg_rows,
+    cfg_weight,
+    gumbel_soft_codes,
+    sample_tokens,
+)
 from nextscale.models.tokenizers.msvq import MultiScaleQuantizer
 from nextscale.models.var import VAR, Conditioning
 
 
 @dataclass
+class SampleResult:
+    """What a sampler returns — the fast loop (``engine/sampler.py``) and the reference alike."""
+
+    tokens: list[torch.Tensor]  # one [B, pn*pn] map per scale
+    f_hat_BChw: torch.Tensor  # the final latent
+    next_inputs: list[torch.Tensor]  # the area-downsampled latent fed to scales 1.. ([B, l, Cv] each)
+
+
+@dataclass
 class ScaleResult:
-    """What one scale produced: its token map and the running latent after adding it."""
+    """What one scale produced: its token map and the running latent after adding it.
+
+    ``f_hat_BChw`` is the running latent itself, which later scales update in place (copying it at every scale
+    would cost every caller): a caller that keeps it past the callback must copy it (the pipeline's previews do).
+    """
 
     si: int
     num_scales: int
@@ -37,7 +59,7 @@ class ScaleResult:
 
 class Generation:
     def __init__(self, model: VAR, quantizer: MultiScaleQuantizer, labels_B: torch.Tensor, params: SamplingParams,
-                 generators: Generators, kv: KVCache | KVSlot | None = None, forced: ForcedTokens | None = None,
+                 generators: Generators, kv: KVSlot | None = None, forced: ForcedTokens | None = None,
                  lvl_pos_1LC: torch.Tensor | None = None):
         self.model, self.quant, self.params = model, quantizer, params
         self.generators, self.forced = generators, forced
@@ -45,13 +67,13 @@ class Generation:
         self.num_scales = model.scales.num_scales
         self.si = 0
         self.lvl_pos = model.level_pos() if lvl_pos_1LC is None else lvl_pos_1LC
-        rows = torch.cat((labels_B, torch.full_like(labels_B, model.num_classes)))
-        self.cond: Conditioning = model.condition(rows)
+        self.cond: Conditioning = model.condition(cfg_labels(labels_B, model.num_classes))
         self.x = model.first_tokens(self.cond, self.lvl_pos)  # [R, first_l, C]
         side = quantizer.side
         self.f_hat = torch.zeros(self.B, quantizer.Cvae, side, side, device=labels_B.device)
-        self.kv: KVCache | KVSlot = kv if kv is not None else KVCache.for_model(model, rows=2 * self.B)
+        self.kv: KVSlot = kv if kv is not None else KVCache.for_model(model, rows=self.rows)
         self.tokens: list[torch.Tensor] = []
+        self.next_inputs: list[torch.Tensor] = []
 
     @property
     def done(self) -> bool:
@@ -59,7 +81,7 @@ class Generation:
 
     @property
     def rows(self) -> int:
-        return 2 * self.B
+        return cfg_rows(self.B)
 
     @property
     def tokens_this_scale(self) -> int:
@@ -86,10 +108,13 @@ class Generation:
         self.tokens.append(idx_Bl)
         self.si += 1
         if not self.done:
-            x_BlC = self.model.next_tokens(self.si, nxt_BChw.view(B, self.quant.Cvae, -1).transpose(1, 2),
-                                           self.lvl_pos)
-            self.x = x_BlC.repeat(2, 1, 1)  # the same map feeds both guidance branches
+            nxt_BlCv = nxt_BChw.view(B, self.quant.Cvae, -1).transpose(1, 2)
+            self.next_inputs.append(nxt_BlCv)
+            self.x = cfg_double(self.model.next_tokens(self.si, nxt_BlCv, self.lvl_pos))
         return ScaleResult(si, self.num_scales, idx_Bl, self.f_hat)
+
+    def result(self) -> SampleResult:
+        return SampleResult(self.tokens, self.f_hat, self.next_inputs)
 
     def release(self) -> None:
         self.kv.free()

@@ -264,6 +264,10 @@ class VQVAE(nn.Module):
         *_, img = self.fhat_to_img_steps(f_hat_BChw)
         return img
 
+    def decode_images(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """Latent -> images [B, C, H, W] in [0, 1], float32 (what users get; ``fhat_to_img`` is in [-1, 1])."""
+        return to_unit_range_(self.fhat_to_img(f_hat_BChw))
+
     def fhat_to_img_steps(self, f_hat_BChw: torch.Tensor) -> Iterator[torch.Tensor]:
         """``fhat_to_img`` one decoder piece per ``next()`` (intermediate activations are yielded); the last
         value is the image. A resumable decode: the serving engine interleaves it with transformer work."""
@@ -291,3 +295,8 @@ class VQVAE(nn.Module):
         f = self.encode(img_BChw)
         f_hat, vq_loss, idx_list = self.quantize(f)
         return self.decode_unclamped(f_hat), vq_loss, idx_list, f.detach()
+
+
+def to_unit_range_(img_BChw: torch.Tensor) -> torch.Tensor:
+    """The decoder's [-1, 1] output -> [0, 1], in place (the one place this convention is written down)."""
+    return img_BChw.add_(1).mul_(0.5)
