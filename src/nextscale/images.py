@@ -31,11 +31,16 @@ def to_pil(images_BChw: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 
+def auto_grid_cols(n: int) -> int:
+    """About square; up to four images in one row."""
+    return min(n, math.ceil(math.sqrt(n)) if n > 4 else n)
+
+
 def make_grid(images: Sequence[Image.Image], ncols: int | None = None, pad: int = 2) -> Image.Image:
     if not images:
         raise InvalidInputError("cannot make a grid of zero images")
     n = len(images)
-    ncols = ncols or min(n, math.ceil(math.sqrt(n)) if n > 4 else n)
+    ncols = ncols or auto_grid_cols(n)
     nrows = math.ceil(n / ncols)
     w, h = images[0].size
     grid = Image.new(images[0].mode, (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad), 255 if

@@ -1,11 +1,13 @@
 """Class labels given as indices or names -> a LongTensor of class indices.
 
 Names are matched case-insensitively, ignoring spaces, underscores and hyphens ("t-shirt/top" ==
-"T_shirt/Top"). ``-1``, ``"null"`` or ``"unconditional"`` select the null class (unguided generation).
+"T_shirt/Top"); an unambiguous short form also matches ("t-shirt", "tshirt" and "top" -> "T-shirt/top").
+``-1``, ``"null"`` or ``"unconditional"`` select the null class (unguided generation).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 
@@ -37,15 +39,32 @@ def resolve_label(label: Label, num_classes: int, class_names: Sequence[str] = (
         key = _norm(label)
         if key in NULL_NAMES:
             return num_classes
-        table = {_norm(n): i for i, n in enumerate(class_names)}
-        if key in table:
-            return table[key]
         if not class_names:
             raise InvalidInputError(f"unknown class {label!r}: this model has no class names; use an index "
                                     f"0..{num_classes - 1}")
-        shown = ", ".join(repr(n) for n in class_names[:12]) + (", ..." if len(class_names) > 12 else "")
-        raise InvalidInputError(f"unknown class {label!r}; allowed: {shown} or an index 0..{num_classes - 1}")
+        return _match_name(label, key, class_names, num_classes)
     raise InvalidInputError(f"class label must be an int or a class name, got {type(label).__name__}")
+
+
+def _match_name(label: str, key: str, class_names: Sequence[str], num_classes: int) -> int:
+    """Exact (normalised) name, else an unambiguous short form: one of a name's ``/``-separated alternatives
+    ("top" for "T-shirt/top") or a prefix of it ("tshirt", "t-shirt", "sneak")."""
+    names = [_norm(n) for n in class_names]
+    if key in names:
+        return names.index(key)
+    hits = [i for i, n in enumerate(names) if key in n.split("/")]
+    hits = hits or [i for i, n in enumerate(names) if any(part.startswith(key) for part in n.split("/"))]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise InvalidInputError(f"class {label!r} is ambiguous: it matches "
+                                f"{', '.join(repr(class_names[i]) for i in hits[:10])}; give more of the name")
+    if len(class_names) <= 50:
+        shown = ", ".join(repr(n) for n in class_names)
+    else:  # e.g. ImageNet's 1,000: the nearest names, not a wall of text
+        close = difflib.get_close_matches(key, names, n=8, cutoff=0.5)
+        shown = ", ".join(repr(class_names[names.index(c)]) for c in close) + f" ... ({len(class_names)} names)"
+    raise InvalidInputError(f"unknown class {label!r}; allowed: {shown} or an index 0..{num_classes - 1}")
 
 
 def resolve_labels(labels: Label | Sequence[Label] | torch.Tensor, num_classes: int,

@@ -1,17 +1,31 @@
-"""``nextscale generate``: class labels -> PNG images (a grid, or one file per image)."""
+"""``nextscale generate``: class labels -> images (a grid, or one file per image), any number of them.
+
+Images are sampled in chunks of ``--batch-size`` and each chunk's files are written (atomically) as soon as it is
+done, so memory stays flat however large ``--num`` is; a folder output resumes by skipping the files that exist
+(image i always comes from the seed (seed, i), so a resumed job writes exactly the images of an uninterrupted one).
+Every output option is checked before any sampling.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nextscale.cli.common import add_model_args, load_pipeline
 from nextscale.errors import InvalidInputError
+from nextscale.images import auto_grid_cols
 
 log = logging.getLogger("nextscale")
+
+# A grid holds every image in memory and in one file: beyond this it is no longer something to look at.
+MAX_GRID_IMAGES = 256
+MAX_GRID_PIXELS = 64 * 2**20
+GRID_PAD = 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,28 +45,106 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gumbel-softmax code mixing (visual quality)")
     s.add_argument("--rng", choices=("per_image", "official"), default="per_image",
                    help="per_image (batch-independent, default) or official (one stream for the batch)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="images sampled at once (default: chosen from the model's KV-cache size)")
     s.add_argument("--sampler", choices=("fast", "reference"), default="fast", help=argparse.SUPPRESS)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", default="samples.png",
-                   help="PNG file for a grid; an existing directory or a path ending in / gets one file per image")
-    o.add_argument("--separate", action="store_true", help="write one file per image next to --output")
-    o.add_argument("--grid-cols", type=int, default=None, help="columns of the grid")
+                   help="a grid image (.png, .jpg/.jpeg or .webp); an existing directory or a path ending in / gets "
+                        "one PNG per image (existing files are kept: an interrupted run resumes)")
+    o.add_argument("--separate", action="store_true",
+                   help="one file per image next to --output, named after it (<stem>_<i>_<class>.<ext>)")
+    o.add_argument("--grid-cols", type=int, default=None,
+                   help="columns of the grid (default: automatic, about square)")
     p.set_defaults(func=run)
+
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where the images go, decided and checked before sampling."""
+
+    folder: Path | None  # one file per image in this folder, or None for a grid at ``grid``
+    grid: Path | None
+    stem: str = ""
+    suffix: str = ".png"
+    grid_cols: int | None = None
+
+    def image_path(self, index: int, tag: str, total: int) -> Path:
+        assert self.folder is not None
+        safe = "".join(c if c.isalnum() else "-" for c in tag).strip("-").lower()
+        return self.folder / f"{self.stem}{index:0{max(3, len(str(total - 1)))}d}_{safe}{self.suffix}"
+
+
+def plan_output(output: str, separate: bool, grid_cols: int | None, total: int, image_size: int) -> OutputPlan:
+    """Validate the output options against the job; one-line errors, before anything is sampled."""
+    if grid_cols is not None and grid_cols < 1:
+        raise InvalidInputError(f"--grid-cols must be >= 1 (omit it for an automatic layout), got {grid_cols}")
+    target = Path(output)
+    if target.is_dir() or output.endswith(("/", "\\")):
+        return OutputPlan(folder=target, grid=None)
+    suffix = target.suffix.lower()
+    if suffix not in FORMATS:
+        raise InvalidInputError(f"-o {output}: unknown image format {target.suffix or '(no extension)'!r}; use "
+                                f"{', '.join(FORMATS)} (or a folder ending in / for one PNG per image)")
+    if separate:
+        return OutputPlan(folder=target.parent, grid=None, stem=target.stem + "_", suffix=suffix)
+    cols = grid_cols or auto_grid_cols(total)
+    rows = math.ceil(total / cols)
+    side = image_size + GRID_PAD
+    pixels = (cols * side + GRID_PAD) * (rows * side + GRID_PAD)
+    if total > MAX_GRID_IMAGES or pixels > MAX_GRID_PIXELS:
+        raise InvalidInputError(
+            f"a grid of {total} images ({pixels / 2**20:.0f} megapixels) is too large: at most {MAX_GRID_IMAGES} "
+            f"images and {MAX_GRID_PIXELS // 2**20} megapixels; write one file per image with -o DIR/ instead")
+    return OutputPlan(folder=None, grid=target, grid_cols=cols)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise InvalidInputError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe = load_pipeline(args)
+    labels = pipe.labels(args.classes or [0], args.num).tolist()
+    total = len(labels)
+    plan = plan_output(args.output, args.separate, args.grid_cols, total, pipe.image_size)
+    batch = args.batch_size or pipe.suggested_batch_size()
+    if args.rng == "official" and total > batch:
+        raise InvalidInputError(f"--rng official draws all {total} images from one stream, so they must be one "
+                                f"batch: pass --batch-size {total} (or use --rng per_image)")
+    tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in labels]
+    todo = list(range(total))
+    if plan.folder is not None:
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        if args.rng == "per_image":  # only per-image seeds make a file independent of the rest of the job
+            todo = [i for i in todo if not _exists(plan.image_path(i, tags[i], total))]
+            if len(todo) < total:
+                log.info("%d of %d image(s) already in %s: generating the other %d", total - len(todo), total,
+                         plan.folder, len(todo))
+    grid_images: list = []
     t0 = time.perf_counter()
-    out = pipe(args.classes or [0], cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-               more_smooth=args.more_smooth, num_images_per_label=args.num, rng=args.rng, sampler=args.sampler,
-               progress=sys.stderr.isatty() and not args.quiet)
+    with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
+        for c in range(0, len(todo), batch):
+            chunk = todo[c: c + batch]
+            out = pipe([labels[i] for i in chunk], cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, more_smooth=args.more_smooth, rng=args.rng, sampler=args.sampler,
+                       image_indices=chunk)
+            if plan.folder is None:
+                grid_images.extend(out.images)
+            else:
+                for i, im in zip(chunk, out.images):
+                    save_image(im, plan.image_path(i, tags[i], total))
+            progress.update(len(chunk))
     dt = time.perf_counter() - t0
-    tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in out.labels]
-    paths = write_images(out.images, tags, args.output, args.separate, args.grid_cols)
-    shown = ", ".join(str(p) for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
-    log.info("%d image(s) of %s in %.1fs -> %s", len(out.images), ", ".join(sorted(set(tags))), dt, shown)
+    if plan.grid is not None:
+        from nextscale.images import make_grid
+
+        save_image(make_grid(grid_images, plan.grid_cols, GRID_PAD), plan.grid)
+    where = plan.grid if plan.grid is not None else plan.folder
+    log.info("%d image(s) of %s in %.1fs -> %s", len(todo), ", ".join(dict.fromkeys(tags)), dt, where)
     return 0
 
 
@@ -62,22 +154,43 @@ def label_tag(label: int, names: tuple[str, ...], num_classes: int) -> str:
     return names[label] if names else str(label)
 
 
-def write_images(images: list, tags: list[str], output: str, separate: bool, grid_cols: int | None) -> list[Path]:
-    """A grid at ``output`` (.png), or one ``<stem>_<i>_<tag>.png`` per image (``separate`` or a folder)."""
-    from nextscale.images import make_grid
+def save_image(image, path: Path) -> None:  # image: PIL.Image
+    """Write atomically in the format the extension names: a full disk or a kill never leaves a torn file."""
+    from nextscale.fileio import atomic_file
 
-    target = Path(output)
-    is_folder = target.is_dir() or output.endswith(("/", "\\"))
-    if not (separate or is_folder):
-        target = target if target.suffix.lower() == ".png" else target.with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, grid_cols).save(target)
-        return [target]
-    folder, stem = (target, "") if is_folder else (target.parent, target.stem + "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (im, tag) in enumerate(zip(images, tags)):
-        safe = "".join(c if c.isalnum() else "-" for c in tag).strip("-").lower()
-        paths.append(folder / f"{stem}{i:03d}_{safe}.png")
-        im.save(paths[-1])
-    return paths
+    atomic_file(path, lambda f: image.save(f, format=FORMATS[path.suffix.lower()]))
+
+
+def _exists(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+class _Progress:
+    """A tqdm bar (images/s, ETA) on a terminal; elsewhere a log line at most every 10 s."""
+
+    def __init__(self, total: int, bar: bool):
+        self.total, self.done, self.t0, self.last = total, 0, time.perf_counter(), time.perf_counter()
+        self.bar = None
+        if bar and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="generating")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 10 and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            log.info("%d/%d images (%.1f images/s, ETA %.0fs)", self.done, self.total, rate,
+                     (self.total - self.done) / rate)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
