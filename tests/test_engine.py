@@ -19,6 +19,12 @@ from nextscale.pipeline import VARPipeline
 from .conftest import tiny_pair
 
 SCALES = (1, 4, 9, 16)
+# The engine's contract: tokens (and so latents) exactly as the single-request pipeline; images to decoder round-off,
+# because the engine decodes every request finishing in an iteration as one batch, and CPU convolution kernels
+# round differently at different batch sizes. Measured max |batch - alone| on images in [0, 1]: 2.3e-6 on AVX-512,
+# AVX2 and default kernels with 1 and 2 threads (AMD EPYC), 1.05e-5 on an AVX-512/AMX Intel CPU. 1e-4 (the
+# pipeline's batch-vs-alone tolerance) is ~10x the worst seen and 1/39 of one 8-bit level.
+DECODE_ROUNDOFF = 1e-4
 
 
 # ---- scheduler, no model ------------------------------------------------------------------------------------
@@ -90,8 +96,12 @@ def test_row_budget_gates_admission():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4), st.booleans()), min_size=1, max_size=12),
-       st.integers(4, 64), st.integers(2, 12), st.integers(0, 3))
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4), st.booleans()), min_size=1, max_size=12),
+    st.integers(4, 64),
+    st.integers(2, 12),
+    st.integers(0, 3),
+)
 def test_scheduler_invariants_under_random_traffic(reqs, max_tokens, max_rows, admit_gap):
     s = Scheduler(SchedulerConfig(max_tokens=max_tokens, max_rows=max_rows, cheap_tokens=4, admit_gap=admit_gap))
     pending = sorted(enumerate(reqs), key=lambda x: x[1][0])
@@ -151,8 +161,17 @@ def pipeline_result(models, labels, params, first=0):
     var, vae = models
     pipe = VARPipeline(var, vae, channels_last_decoder=False)
     labels = [-1 if int(x) == var.num_classes else int(x) for x in labels]  # the pipeline names the null class -1
-    return pipe(labels, cfg=params.cfg, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-                more_smooth=params.more_smooth, output_type="pt", first_image_index=first, rng=params.rng)
+    return pipe(
+        labels,
+        cfg=params.cfg,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        more_smooth=params.more_smooth,
+        output_type="pt",
+        first_image_index=first,
+        rng=params.rng,
+    )
 
 
 def random_requests(rng: random.Random, count: int):
@@ -160,9 +179,14 @@ def random_requests(rng: random.Random, count: int):
     for i in range(count):
         n = rng.randint(1, 3)
         labels = torch.tensor([rng.randint(0, 5) for _ in range(n)])
-        params = SamplingParams(cfg=rng.choice([0.0, 1.5, 4.0]), top_k=rng.choice([0, 1, 20]),
-                                top_p=rng.choice([0.0, 0.9]), more_smooth=rng.random() < 0.2, seed=1000 + i,
-                                rng=rng.choice(["per_image", "per_image", "official"]))
+        params = SamplingParams(
+            cfg=rng.choice([0.0, 1.5, 4.0]),
+            top_k=rng.choice([0, 1, 20]),
+            top_p=rng.choice([0.0, 0.9]),
+            more_smooth=rng.random() < 0.2,
+            seed=1000 + i,
+            rng=rng.choice(["per_image", "per_image", "official"]),
+        )
         reqs.append((rng.randint(0, 8), labels, params))
     return sorted(reqs, key=lambda r: r[0])
 
@@ -171,10 +195,16 @@ def random_requests(rng: random.Random, count: int):
 def test_engine_equals_pipeline_under_random_arrivals(models, seed):
     rng = random.Random(seed)
     var, vae = models
-    engine = Engine(var, vae, EngineConfig(max_tokens_per_iter=rng.choice([8, 40, 4096]),
-                                           kv_cache_mb=rng.choice([0.2, 100.0]), cheap_tokens=rng.choice([1, 4]),
-                                           max_images_per_request=3, admit_gap=rng.choice([0, 0, 2]),
-                                           first_scale_priority=rng.random() < 0.5, decode_slice=0))
+    budget, kv_cache_mb = rng.choice([8, 40, 4096]), rng.choice([0.2, 100.0])
+    scheduler = SchedulerConfig(
+        max_tokens=budget,
+        cheap_tokens=rng.choice([1, 4]),
+        admit_gap=rng.choice([0, 0, 2]),
+        first_scale_priority=rng.random() < 0.5,
+    )
+    engine = Engine(
+        var, vae, EngineConfig(scheduler=scheduler, kv_cache_mb=kv_cache_mb, max_images_per_request=3, decode_slice=0)
+    )
     pending = random_requests(rng, 7)
     ids, done, it = {}, {}, 0
     while pending or engine.has_unfinished():
@@ -196,7 +226,7 @@ def test_engine_equals_pipeline_under_random_arrivals(models, seed):
         ref = pipeline_result(models, labels, params)
         for a, b in zip(done[rid].tokens, ref.tokens):
             assert torch.equal(a, b), rid
-        torch.testing.assert_close(done[rid].images, ref.images, atol=1e-6, rtol=0)
+        torch.testing.assert_close(done[rid].images, ref.images, atol=DECODE_ROUNDOFF, rtol=0)
 
 
 def test_first_scale_priority_runs_new_arrivals_first_but_cannot_starve_older_requests():
@@ -237,7 +267,7 @@ def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(mode
     assert [e.request_id for e in finals] == [a], "the aborted request's images are never delivered"
     # the first piece ran in the last sampling step; one piece per step after it, then the clamp
     assert steps == len(vae.decoder.stages()) + 1, "one decoder piece per step"
-    torch.testing.assert_close(finals[0].images, ref.images, atol=0, rtol=0)
+    torch.testing.assert_close(finals[0].images, ref.images, atol=DECODE_ROUNDOFF, rtol=0)  # decoded with b
     assert all(torch.equal(x, y) for x, y in zip(finals[0].tokens, ref.tokens))
     c = engine.add_request(torch.tensor([4]), SamplingParams(seed=7))  # decoded alone, aborted mid-decode
     while not engine.num_decoding:
@@ -298,7 +328,7 @@ def test_abort_frees_everything(models):
 
 
 def test_engine_rejects_bad_requests(models):
-    with pytest.raises(InvalidInputError, match="a request of max_images_per_request=16 needs 32"):
+    with pytest.raises(InvalidInputError, match="a request of max_images_per_request=8 needs 16"):
         Engine(*models, EngineConfig(kv_cache_mb=0.1))
     engine = Engine(*models, EngineConfig(max_images_per_request=2))
     with pytest.raises(InvalidInputError, match=r"1\.\.2 images"):
