@@ -69,14 +69,17 @@ def make_runners(var: VAR, vae: VQVAE, modes: list[str], B: int):
     pipes, fns = {}, {}
     for mode in modes:
         dtype = torch.bfloat16 if mode == "fast-bf16" else torch.float32
-        pipes[mode] = VARPipeline(copy.deepcopy(var), copy.deepcopy(vae), dtype=dtype,
-                                  channels_last_decoder=mode != "reference")
+        pipes[mode] = VARPipeline(
+            copy.deepcopy(var), copy.deepcopy(vae), dtype=dtype, channels_last_decoder=mode != "reference"
+        )
     results: dict[str, list] = {}
 
     def reference() -> None:
         pipe = pipes["reference"]
-        toks = [pipe([lab], seed=0, output_type="pt", sampler="reference", first_image_index=i, **SAMPLING).tokens
-                for i, lab in enumerate(labels)]
+        toks = [
+            pipe([lab], seed=0, output_type="pt", sampler="reference", first_image_index=i, **SAMPLING).tokens
+            for i, lab in enumerate(labels)
+        ]
         results["reference"] = [torch.cat([t[si] for t in toks]) for si in range(len(toks[0]))]
 
     def fast(mode: str) -> None:
@@ -99,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     print("machine:", machine_info(), file=sys.stderr)
     peaks = {"float32": gemm_peak_gflops(torch.float32), "bfloat16": gemm_peak_gflops(torch.bfloat16)}
-    print(f"GEMM peak (F.linear 2048x1024 -> 4096): fp32 {peaks['float32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bfloat16']:.0f} GFLOP/s", file=sys.stderr)
+    print(
+        f"GEMM peak (F.linear 2048x1024 -> 4096): fp32 {peaks['float32']:.0f} GFLOP/s, "
+        f"bf16 {peaks['bfloat16']:.0f} GFLOP/s",
+        file=sys.stderr,
+    )
     cells: list[Cell] = []
     for name in args.models.split(","):
         var, vae = build(name)
@@ -129,14 +135,45 @@ def main(argv: list[str] | None = None) -> int:
         gfs = c.extra["gflop_per_image"] * ips
         peak = peaks["bfloat16" if mode.endswith("bf16") else "float32"]
         speed = ref.median_s / c.median_s if ref else float("nan")
-        rows.append([c.params["model"], B, mode, ips, c.median_s / B, speed, c.peak_rss_mb, gfs,
-                     f"{100 * gfs / peak:.0f}%", len(c.clean()),
-                     c.extra.get("fast_fp32_tokens_equal_reference", "") if mode == "fast" else ""])
-    header = ["model", "batch", "mode", "images/s", "s/image", "x reference", "peak RSS MB", "GFLOP/s",
-              "% GEMM peak", "clean reps", "fp32 fast == ref tokens"]
+        rows.append(
+            [
+                c.params["model"],
+                B,
+                mode,
+                ips,
+                c.median_s / B,
+                speed,
+                c.peak_rss_mb,
+                gfs,
+                f"{100 * gfs / peak:.0f}%",
+                len(c.clean()),
+                c.extra.get("fast_fp32_tokens_equal_reference", "") if mode == "fast" else "",
+            ]
+        )
+    header = [
+        "model",
+        "batch",
+        "mode",
+        "images/s",
+        "s/image",
+        "x reference",
+        "peak RSS MB",
+        "GFLOP/s",
+        "% GEMM peak",
+        "clean reps",
+        "fp32 fast == ref tokens",
+    ]
     print(markdown_table(header, rows))
-    write_json(args.out, {"benchmark": "bench_sample", "machine": machine_info(), "gemm_peak_gflops": peaks,
-                          "sampling": SAMPLING, "cells": [c.to_dict() for c in cells]})
+    write_json(
+        args.out,
+        {
+            "benchmark": "bench_sample",
+            "machine": machine_info(),
+            "gemm_peak_gflops": peaks,
+            "sampling": SAMPLING,
+            "cells": [c.to_dict() for c in cells],
+        },
+    )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -69,10 +69,18 @@ class RunResult:
         return float(np.percentile(xs, q)) if xs else float("nan")
 
     def row(self) -> dict:
-        return {"mode": self.mode, "load": self.load, "rate": self.rate, **self.params,
-                "throughput": self.throughput, "p50": self.pct(self.latency, 50), "p95": self.pct(self.latency, 95),
-                "p99": self.pct(self.latency, 99), "ttfp_p50": self.pct(self.ttfp, 50),
-                "ttfp_p99": self.pct(self.ttfp, 99)}
+        return {
+            "mode": self.mode,
+            "load": self.load,
+            "rate": self.rate,
+            **self.params,
+            "throughput": self.throughput,
+            "p50": self.pct(self.latency, 50),
+            "p95": self.pct(self.latency, 95),
+            "p99": self.pct(self.latency, 99),
+            "ttfp_p50": self.pct(self.ttfp, 50),
+            "ttfp_p99": self.pct(self.ttfp, 99),
+        }
 
 
 def build(name: str) -> tuple[VAR, VQVAE, SamplingParams]:
@@ -86,14 +94,26 @@ def build(name: str) -> tuple[VAR, VQVAE, SamplingParams]:
         var_cfg, vae_cfg = VARConfig(depth=16, embed_dim=1024, num_heads=16), VQVAEConfig(ch=160)
     elif name == "demo-random":  # the demo model's shape with random weights
         pn = (1, 2, 3, 4, 6, 8)
-        var_cfg = VARConfig(depth=6, embed_dim=192, num_heads=3, num_classes=10, vocab_size=512, z_channels=16,
-                            patch_nums=pn)
-        vae_cfg = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                              in_channels=1, using_sa=False, using_mid_sa=False, patch_nums=pn)
+        var_cfg = VARConfig(
+            depth=6, embed_dim=192, num_heads=3, num_classes=10, vocab_size=512, z_channels=16, patch_nums=pn
+        )
+        vae_cfg = VQVAEConfig(
+            vocab_size=512,
+            z_channels=16,
+            ch=32,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            in_channels=1,
+            using_sa=False,
+            using_mid_sa=False,
+            patch_nums=pn,
+        )
     elif name == "d16-128px":
         pn = (1, 2, 3, 4, 5, 6, 8)
-        var_cfg, vae_cfg = VARConfig(depth=16, embed_dim=1024, num_heads=16, patch_nums=pn), \
-            VQVAEConfig(ch=160, ch_mult=(1, 1, 2, 2, 4), patch_nums=pn)
+        var_cfg, vae_cfg = (
+            VARConfig(depth=16, embed_dim=1024, num_heads=16, patch_nums=pn),
+            VQVAEConfig(ch=160, ch_mult=(1, 1, 2, 2, 4), patch_nums=pn),
+        )
     else:
         raise SystemExit(f"unknown model {name!r}: demo, demo-random, d16, d16-128px")
     var = VAR(var_cfg)
@@ -126,8 +146,9 @@ def drive(arrivals: list[Arrival], q: queue.Queue, t0: float) -> threading.Threa
 
 def new_state(var: VAR, vae: VQVAE, a: Arrival, base: SamplingParams, lvl_pos: torch.Tensor) -> Generation:
     params = SamplingParams(cfg=base.cfg, top_k=base.top_k, top_p=base.top_p, seed=a.seed)
-    return Generation(var, vae.quantize, torch.tensor([a.label]), params, image_generators(a.seed, 1),
-                      lvl_pos_1LC=lvl_pos)
+    return Generation(
+        var, vae.quantize, torch.tensor([a.label]), params, image_generators(a.seed, 1), lvl_pos_1LC=lvl_pos
+    )
 
 
 @torch.inference_mode()
@@ -183,8 +204,9 @@ def run_continuous(var: VAR, vae: VQVAE, arrivals: list[Arrival], base: Sampling
                 finished += 1
 
 
-def measure(mode: str, var: VAR, vae: VQVAE, base: SamplingParams, arrivals: list[Arrival], load: float,
-            rate: float, **kw) -> RunResult:
+def measure(
+    mode: str, var: VAR, vae: VQVAE, base: SamplingParams, arrivals: list[Arrival], load: float, rate: float, **kw
+) -> RunResult:
     t0 = time.perf_counter()
     if mode == "continuous":
         run_continuous(var, vae, arrivals, base, kw["engine"])
@@ -192,8 +214,15 @@ def measure(mode: str, var: VAR, vae: VQVAE, base: SamplingParams, arrivals: lis
         run_static(var, vae, arrivals, base, kw["B"], kw["T"])
     span = max(a.done for a in arrivals) - t0
     params = {} if mode == "continuous" else {"B": kw["B"], "T": kw["T"]}
-    return RunResult(mode, load, rate, params, [a.done - a.start for a in arrivals],
-                     [a.first - a.start for a in arrivals], len(arrivals) / span)
+    return RunResult(
+        mode,
+        load,
+        rate,
+        params,
+        [a.done - a.start for a in arrivals],
+        [a.first - a.start for a in arrivals],
+        len(arrivals) / span,
+    )
 
 
 def fresh(arrivals: list[Arrival]) -> list[Arrival]:
@@ -207,16 +236,23 @@ def summarise(runs: list[RunResult]) -> dict:
     return {**{k: float(np.median([row[k] for row in rows])) for k in keys}, "reps": len(rows)}
 
 
-def engine_configs(max_tokens: str, first_scale_priority: str, admit_gaps: str, max_running: str = "256"
-                   ) -> dict[str, EngineConfig]:
+def engine_configs(
+    max_tokens: str, first_scale_priority: str, admit_gaps: str, max_running: str = "256"
+) -> dict[str, EngineConfig]:
     """Every combination of the comma-separated option values, as named engine configurations."""
     engines: dict[str, EngineConfig] = {}
-    for mt, prio, g, k in itertools.product([int(x) for x in max_tokens.split(",")],
-                                            [bool(int(x)) for x in first_scale_priority.split(",")],
-                                            [int(x) for x in admit_gaps.split(",")],
-                                            [int(x) for x in max_running.split(",")]):
-        name = (f"budget={mt}" + (" first-scale-priority" if prio else "") + (f" admit_gap={g}" if g else "")
-                + (f" max_running={k}" if k != 256 else ""))
+    for mt, prio, g, k in itertools.product(
+        [int(x) for x in max_tokens.split(",")],
+        [bool(int(x)) for x in first_scale_priority.split(",")],
+        [int(x) for x in admit_gaps.split(",")],
+        [int(x) for x in max_running.split(",")],
+    ):
+        name = (
+            f"budget={mt}"
+            + (" first-scale-priority" if prio else "")
+            + (f" admit_gap={g}" if g else "")
+            + (f" max_running={k}" if k != 256 else "")
+        )
         scheduler = SchedulerConfig(max_tokens=mt, max_running=k, admit_gap=g, first_scale_priority=prio)
         engines[name] = EngineConfig(scheduler=scheduler, max_images_per_request=1)
     return engines
@@ -234,21 +270,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="demo | demo-random | d16 | d16-128px")
     p.add_argument("--requests", type=int, default=200, help="requests per run")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="arrival schedules per load; every mode runs on each, statistics are medians over them")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="arrival schedules per load; every mode runs on each, statistics are medians over them",
+    )
     p.add_argument("--loads", default="0.3,0.5,0.7,0.9", help="fractions of the saturation rate")
-    p.add_argument("--saturation", type=float, default=None,
-                   help="images/s to take as saturation instead of measuring it with a burst")
+    p.add_argument(
+        "--saturation",
+        type=float,
+        default=None,
+        help="images/s to take as saturation instead of measuring it with a burst",
+    )
     p.add_argument("--static-b", default="2,4,8,16", help="static batch sizes to sweep")
     p.add_argument("--static-t", default="0,0.5,2", help="batch windows to sweep, in mean inter-arrival times")
-    p.add_argument("--max-tokens", default="1024",
-                   help="engine token budget(s) per iteration, comma-separated: each is a continuous configuration")
+    p.add_argument(
+        "--max-tokens",
+        default="1024",
+        help="engine token budget(s) per iteration, comma-separated: each is a continuous configuration",
+    )
     p.add_argument("--first-scale-priority", default="0", help="0, 1 or 0,1: engine first_scale_priority values")
     p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to run (cohort admission; 0 = off)")
     p.add_argument("--max-running", default="256", help="engine max_running_requests value(s), comma-separated")
     p.add_argument("--no-sequential", action="store_true", help="skip the one-request-at-a-time mode")
-    p.add_argument("--allocator", choices=CHOICES, default="auto",
-                   help="as `nextscale serve --allocator`: every mode runs in this process, so all get the same one")
+    p.add_argument(
+        "--allocator",
+        choices=CHOICES,
+        default="auto",
+        help="as `nextscale serve --allocator`: every mode runs in this process, so all get the same one",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     allocator = use_tcmalloc(args.allocator)
@@ -286,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         groups.setdefault((r.load, label(r)), []).append(r)
     summary = {key: summarise(runs) for key, runs in groups.items()}
     loads = sorted({k[0] for k in summary})
-    best = {ld: min((k for k in summary if k[0] == ld and k[1].startswith("static")), key=lambda k: summary[k]["p99"])
-            for ld in loads}
+    best = {
+        ld: min((k for k in summary if k[0] == ld and k[1].startswith("static")), key=lambda k: summary[k]["p99"])
+        for ld in loads
+    }
 
     def per_schedule_ratio(key: tuple[float, str], stat: str) -> tuple[float, float]:
         """Median and max over schedules of (this mode's statistic / the best static's, same schedule)."""
@@ -302,27 +355,70 @@ def main(argv: list[str] | None = None) -> int:
         d, ref = summary[key], summary[best[key[0]]]
         q99 = per_schedule_ratio(key, "p99")
         t99 = per_schedule_ratio(key, "ttfp_p99")
-        rows.append([f"{key[0]:.1f}", f"{key[0] * sat:.3g}", key[1], d["throughput"], d["p50"], d["p95"], d["p99"],
-                     d["p99"] / ref["p99"], f"{q99[0]:.2f} / {q99[1]:.2f}", d["ttfp_p50"], d["ttfp_p99"],
-                     d["ttfp_p99"] / ref["ttfp_p99"], f"{t99[0]:.2f} / {t99[1]:.2f}"])
-    header = ["load", "req/s", "mode", "images/s", "p50 s", "p95 s", "p99 s", "p99 / static",
-              "per-schedule p99 ratio med / max", "TTFP p50 s", "TTFP p99 s", "TTFP p99 / static",
-              "per-schedule TTFP ratio med / max"]
-    print(f"model {args.model}, {args.requests} requests per run, {args.repeats} schedule(s) per load, "
-          f"saturation {sat:.3g} img/s, allocator {allocator}; statistics are medians over schedules")
+        rows.append(
+            [
+                f"{key[0]:.1f}",
+                f"{key[0] * sat:.3g}",
+                key[1],
+                d["throughput"],
+                d["p50"],
+                d["p95"],
+                d["p99"],
+                d["p99"] / ref["p99"],
+                f"{q99[0]:.2f} / {q99[1]:.2f}",
+                d["ttfp_p50"],
+                d["ttfp_p99"],
+                d["ttfp_p99"] / ref["ttfp_p99"],
+                f"{t99[0]:.2f} / {t99[1]:.2f}",
+            ]
+        )
+    header = [
+        "load",
+        "req/s",
+        "mode",
+        "images/s",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "p99 / static",
+        "per-schedule p99 ratio med / max",
+        "TTFP p50 s",
+        "TTFP p99 s",
+        "TTFP p99 / static",
+        "per-schedule TTFP ratio med / max",
+    ]
+    print(
+        f"model {args.model}, {args.requests} requests per run, {args.repeats} schedule(s) per load, "
+        f"saturation {sat:.3g} img/s, allocator {allocator}; statistics are medians over schedules"
+    )
     print(markdown_table(header, rows))
-    write_json(out, {"benchmark": "bench_serve", "model": args.model, "machine": machine_info(),
-                     "allocator": allocator, "saturation_images_per_s": sat, "repeats": args.repeats,
-                     "engines": {n: dataclasses.asdict(e) for n, e in engines.items()},
-                     "runs": [{**r.row(), "label": label(r)} for r in results],
-                     "summary": [{"load": k[0], "mode": k[1], **v} for k, v in summary.items()]})
+    write_json(
+        out,
+        {
+            "benchmark": "bench_serve",
+            "model": args.model,
+            "machine": machine_info(),
+            "allocator": allocator,
+            "saturation_images_per_s": sat,
+            "repeats": args.repeats,
+            "engines": {n: dataclasses.asdict(e) for n, e in engines.items()},
+            "runs": [{**r.row(), "label": label(r)} for r in results],
+            "summary": [{"load": k[0], "mode": k[1], **v} for k, v in summary.items()],
+        },
+    )
     series: dict[str, list[tuple[float, float]]] = {}
     for key in sorted(summary):
         if not key[1].startswith("static"):
             series.setdefault(key[1], []).append((key[0], summary[key]["p99"]))
     series["static (best B,T)"] = [(ld, summary[best[ld]]["p99"]) for ld in loads]
-    png = line_plot(series, out.with_suffix(".png"), title=f"p99 latency vs load ({args.model})",
-                    xlabel="load (fraction of saturation)", ylabel="p99 latency (s)", log_y=True)
+    png = line_plot(
+        series,
+        out.with_suffix(".png"),
+        title=f"p99 latency vs load ({args.model})",
+        xlabel="load (fraction of saturation)",
+        ylabel="p99 latency (s)",
+        log_y=True,
+    )
     print(f"wrote {out} and {png}", file=sys.stderr)
     return 0
 

@@ -24,8 +24,18 @@ from nextscale.models.var import VAR
 from nextscale.train.optim import make_adamw
 
 MODELS = {
-    "demo": (VARConfig(depth=6, embed_dim=192, num_heads=3, num_classes=10, vocab_size=512, z_channels=16,
-                       patch_nums=(1, 2, 3, 4, 6, 8)), 128),
+    "demo": (
+        VARConfig(
+            depth=6,
+            embed_dim=192,
+            num_heads=3,
+            num_classes=10,
+            vocab_size=512,
+            z_channels=16,
+            patch_nums=(1, 2, 3, 4, 6, 8),
+        ),
+        128,
+    ),
     "d16": (VARConfig(depth=16, embed_dim=1024, num_heads=16), 8),
 }
 
@@ -46,7 +56,7 @@ def make_step(cfg: VARConfig, batch: int, precision: str):
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g)
     x_in = torch.randn(batch, cfg.seq_len - 1, cfg.z_channels, generator=g)
     gt = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def step() -> None:
         with amp:
@@ -77,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="demo,d16")
     p.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
-    p.add_argument("--precisions", default="fp32,bf16",
-                   help="per model, e.g. 'fp32,bf16' or 'demo:fp32,bf16;d16:fp32' (bf16 is emulated on AVX2 CPUs)")
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="per model, e.g. 'fp32,bf16' or 'demo:fp32,bf16;d16:fp32' (bf16 is emulated on AVX2 CPUs)",
+    )
     p.add_argument("--out", default="benchmarks/results/bench_train.json")
     args = p.parse_args(argv)
     peaks = {"fp32": gemm_peak_gflops(torch.float32), "bf16": gemm_peak_gflops(torch.bfloat16)}
@@ -94,13 +107,45 @@ def main(argv: list[str] | None = None) -> int:
             ips = batch / c.median_s
             gfs = gflop / c.median_s
             c.extra.update({"images_per_s": ips, "gflop_per_step": gflop})
-            rows.append([name, c.params["precision"], batch, ips, c.median_s, c.peak_rss_mb, gfs,
-                         f"{100 * gfs / peaks[c.params['precision']]:.0f}%", len(c.clean())])
+            rows.append(
+                [
+                    name,
+                    c.params["precision"],
+                    batch,
+                    ips,
+                    c.median_s,
+                    c.peak_rss_mb,
+                    gfs,
+                    f"{100 * gfs / peaks[c.params['precision']]:.0f}%",
+                    len(c.clean()),
+                ]
+            )
         cells += row
-    print(markdown_table(["model", "precision", "batch", "images/s", "s/step", "peak RSS MB", "GFLOP/s",
-                          "% GEMM peak", "clean reps"], rows))
-    write_json(args.out, {"benchmark": "bench_train", "machine": machine_info(), "gemm_peak_gflops": peaks,
-                          "cells": [c.to_dict() for c in cells]})
+    print(
+        markdown_table(
+            [
+                "model",
+                "precision",
+                "batch",
+                "images/s",
+                "s/step",
+                "peak RSS MB",
+                "GFLOP/s",
+                "% GEMM peak",
+                "clean reps",
+            ],
+            rows,
+        )
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "bench_train",
+            "machine": machine_info(),
+            "gemm_peak_gflops": peaks,
+            "cells": [c.to_dict() for c in cells],
+        },
+    )
     return 0
 
 

@@ -66,8 +66,7 @@ def measure_costs(var, vae, base, n: int = 8, reps: int = 5) -> CostModel:
     S = var.scales.num_scales
 
     def states(k: int) -> list:
-        return [new_state(var, vae, Arrival(i, 0.0, i % var.num_classes, i), base, runner.lvl_pos)
-                for i in range(k)]
+        return [new_state(var, vae, Arrival(i, 0.0, i % var.num_classes, i), base, runner.lvl_pos) for i in range(k)]
 
     def timed(fn) -> float:
         t = time.perf_counter()
@@ -152,8 +151,12 @@ def simulate_engine(cost: CostModel, arrivals: np.ndarray, cfg: SchedulerConfig)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="demo | demo-random | d16 | d16-128px")
-    p.add_argument("--unit-cost-scale", type=float, default=1.0,
-                   help="multiply the measured per-unit costs (what-if: < 1 models a dispatch-bound device)")
+    p.add_argument(
+        "--unit-cost-scale",
+        type=float,
+        default=1.0,
+        help="multiply the measured per-unit costs (what-if: < 1 models a dispatch-bound device)",
+    )
     p.add_argument("--requests", type=int, default=150, help="requests per schedule")
     p.add_argument("--schedules", type=int, default=50, help="Poisson schedules per load")
     p.add_argument("--loads", default="0.3,0.5,0.7,0.9", help="fractions of the saturation rate")
@@ -161,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", default="512,16384", help="engine token budgets to simulate")
     p.add_argument("--admit-gaps", default="0", help="engine admit_gap values to simulate")
     p.add_argument("--first-scale-priority", default="0", help="0, 1 or 0,1")
-    p.add_argument("--allocator", choices=CHOICES, default="auto",
-                   help="as bench_serve: costs are measured on the allocator the real server runs on")
+    p.add_argument(
+        "--allocator",
+        choices=CHOICES,
+        default="auto",
+        help="as bench_serve: costs are measured on the allocator the real server runs on",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     use_tcmalloc(args.allocator)
@@ -170,17 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     var, vae, base = build(args.model)
     measured = measure_costs(var, vae, base)
     cost = measured.scaled(args.unit_cost_scale)
-    print(f"cost model (ms): F {cost.F * 1e3:.2f}, c {[round(x * 1e3, 2) for x in cost.c]}, G {cost.G * 1e3:.2f}, "
-          f"decode {cost.d0 * 1e3:.2f} + {cost.d1 * 1e3:.2f} n", file=sys.stderr)
+    print(
+        f"cost model (ms): F {cost.F * 1e3:.2f}, c {[round(x * 1e3, 2) for x in cost.c]}, G {cost.G * 1e3:.2f}, "
+        f"decode {cost.d0 * 1e3:.2f} + {cost.d1 * 1e3:.2f} n",
+        file=sys.stderr,
+    )
     # the engine's scheduling settings as bench_serve runs them; KV memory is not modelled (rows unbounded)
-    engines = {name: dataclasses.replace(e.scheduler, max_rows=1 << 20)
-               for name, e in engine_configs(args.max_tokens, args.first_scale_priority, args.admit_gaps).items()}
+    engines = {
+        name: dataclasses.replace(e.scheduler, max_rows=1 << 20)
+        for name, e in engine_configs(args.max_tokens, args.first_scale_priority, args.admit_gaps).items()
+    }
     burst = np.zeros(max(64, args.requests))
     sat = len(burst) / simulate_engine(cost, burst, next(iter(engines.values())))[0].max()
     rows, summary = [], []
     for load in (float(x) for x in args.loads.split(",")):
-        scheds = [np.sort(np.array([a.t for a in schedule(load * sat, args.requests, 1, seed=s)]))
-                  for s in range(args.schedules)]
+        scheds = [
+            np.sort(np.array([a.t for a in schedule(load * sat, args.requests, 1, seed=s)]))
+            for s in range(args.schedules)
+        ]
         res: dict[str, list[tuple[float, float]]] = {}
         for B in (int(x) for x in args.static_b.split(",")):
             res[f"static (B={B})"] = [_p99s(simulate_static(cost, a, B)) for a in scheds]
@@ -191,18 +205,59 @@ def main(argv: list[str] | None = None) -> int:
         for key in [k for k in res if k.startswith("continuous")] + [best]:
             v = np.array(res[key])
             r99, rt = v[:, 0] / ref[:, 0], v[:, 1] / ref[:, 1]
-            rows.append([f"{load:.1f}", f"{load * sat:.3g}", key, np.median(v[:, 0]), np.median(r99),
-                         f"{np.median(r99):.2f} / {np.percentile(r99, 90):.2f}", np.median(v[:, 1]), np.median(rt)])
-            summary.append({"load": load, "mode": key, "p99": float(np.median(v[:, 0])),
-                            "p99_ratio_median": float(np.median(r99)), "ttfp_p99": float(np.median(v[:, 1])),
-                            "ttfp_p99_ratio_median": float(np.median(rt))})
-    print(f"model {args.model}, unit-cost scale {args.unit_cost_scale:g}, {args.schedules} schedules x "
-          f"{args.requests} requests per load, simulated saturation {sat:.3g} img/s")
-    print(markdown_table(["load", "req/s", "mode", "p99 s", "p99 / static", "per-schedule p99 ratio med / p90",
-                          "TTFP p99 s", "TTFP p99 / static"], rows))
-    write_json(out, {"benchmark": "sim_serve", "model": args.model, "machine": machine_info(),
-                     "measured_cost_model_s": dataclasses.asdict(measured), "unit_cost_scale": args.unit_cost_scale,
-                     "saturation_images_per_s": sat, "summary": summary})
+            rows.append(
+                [
+                    f"{load:.1f}",
+                    f"{load * sat:.3g}",
+                    key,
+                    np.median(v[:, 0]),
+                    np.median(r99),
+                    f"{np.median(r99):.2f} / {np.percentile(r99, 90):.2f}",
+                    np.median(v[:, 1]),
+                    np.median(rt),
+                ]
+            )
+            summary.append(
+                {
+                    "load": load,
+                    "mode": key,
+                    "p99": float(np.median(v[:, 0])),
+                    "p99_ratio_median": float(np.median(r99)),
+                    "ttfp_p99": float(np.median(v[:, 1])),
+                    "ttfp_p99_ratio_median": float(np.median(rt)),
+                }
+            )
+    print(
+        f"model {args.model}, unit-cost scale {args.unit_cost_scale:g}, {args.schedules} schedules x "
+        f"{args.requests} requests per load, simulated saturation {sat:.3g} img/s"
+    )
+    print(
+        markdown_table(
+            [
+                "load",
+                "req/s",
+                "mode",
+                "p99 s",
+                "p99 / static",
+                "per-schedule p99 ratio med / p90",
+                "TTFP p99 s",
+                "TTFP p99 / static",
+            ],
+            rows,
+        )
+    )
+    write_json(
+        out,
+        {
+            "benchmark": "sim_serve",
+            "model": args.model,
+            "machine": machine_info(),
+            "measured_cost_model_s": dataclasses.asdict(measured),
+            "unit_cost_scale": args.unit_cost_scale,
+            "saturation_images_per_s": sat,
+            "summary": summary,
+        },
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -43,8 +43,7 @@ def choose_defaults(settings: list[dict]) -> tuple[dict, bool]:
     """The lowest Fréchet distance among settings whose class accuracy meets the target (the most accurate
     setting if none does); also whether that setting meets the distance target too."""
     accurate = [s for s in settings if s["class_accuracy"] >= ACC_TARGET]
-    best = (min(accurate, key=lambda s: s["fd_ratio"]) if accurate
-            else max(settings, key=lambda s: s["class_accuracy"]))
+    best = min(accurate, key=lambda s: s["fd_ratio"]) if accurate else max(settings, key=lambda s: s["class_accuracy"])
     ok = best["class_accuracy"] >= ACC_TARGET and best["fd_ratio"] <= FD_RATIO_TARGET
     return {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}, ok
 
@@ -52,6 +51,7 @@ def choose_defaults(settings: list[dict]) -> tuple[dict, bool]:
 def portable(cfg: dict, work: Path) -> dict:
     """The config with run folders written relative to the ``--work`` folder (``WORK/...``), so the shipped
     build record names no path of the machine that built it."""
+
     def rel(v: object) -> object:
         if isinstance(v, str) and Path(v).is_relative_to(work):
             return str(Path("WORK") / Path(v).relative_to(work))
@@ -69,24 +69,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfgs", default="1.0,1.5,2.0,3.0", help="guidance values to evaluate")
     p.add_argument("--top-ps", default="0,0.9", help="top-p values to evaluate (grid with --cfgs)")
     p.add_argument("--per-class", type=int, default=150)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="training autocast: bf16 pays off only with native bf16 (AVX512-BF16/AMX CPUs, GPUs)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="training autocast: bf16 pays off only with native bf16 (AVX512-BF16/AMX CPUs, GPUs)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work)
 
-    vae_cfg = VAETrainConfig(data="fashion-mnist", out_dir=str(work / "vae"), batch_size=64, steps=args.vae_steps,
-                             lr=2e-3, eval_every=400, ckpt_every=100, log_every=50, resume=True,
-                             precision=args.precision)
+    vae_cfg = VAETrainConfig(
+        data="fashion-mnist",
+        out_dir=str(work / "vae"),
+        batch_size=64,
+        steps=args.vae_steps,
+        lr=2e-3,
+        eval_every=400,
+        ckpt_every=100,
+        log_every=50,
+        resume=True,
+        precision=args.precision,
+    )
     tokenizer = work / "vae" / "tokenizer"
     if not (tokenizer / "model_index.json").is_file():
         run_training(vae_cfg)
 
-    var_cfg = VARTrainConfig(data="fashion-mnist", tokenizer=str(tokenizer), out_dir=str(work / "var"),
-                             depth=6, embed_dim=192, num_heads=3, batch_size=128, steps=args.var_steps, lr=1.5e-3,
-                             weight_decay=0.05, warmup=0.03, ema=0.0, eval_every=250, ckpt_every=50,
-                             log_every=25, resume=True, compile=True,
-                             precision=args.precision)
+    var_cfg = VARTrainConfig(
+        data="fashion-mnist",
+        tokenizer=str(tokenizer),
+        out_dir=str(work / "var"),
+        depth=6,
+        embed_dim=192,
+        num_heads=3,
+        batch_size=128,
+        steps=args.var_steps,
+        lr=1.5e-3,
+        weight_decay=0.05,
+        warmup=0.03,
+        ema=0.0,
+        eval_every=250,
+        ckpt_every=50,
+        log_every=25,
+        resume=True,
+        compile=True,
+        precision=args.precision,
+    )
     model_dir = work / "var" / "model"
     if not (model_dir / "model_index.json").is_file():
         run_training(var_cfg)
@@ -95,8 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     train_ds, test_ds = load_dataset("fashion-mnist", "train", 32), load_dataset("fashion-mnist", "test", 32)
     if not (clf_dir / "config.json").is_file():
         clf, acc = train_classifier(train_ds, test_ds, epochs=3, seed=0)
-        save_classifier(clf, clf_dir, {"trained_on": "fashion-mnist", "test_accuracy": acc, "epochs": 3,
-                                       "class_names": list(train_ds.class_names)})
+        save_classifier(
+            clf,
+            clf_dir,
+            {
+                "trained_on": "fashion-mnist",
+                "test_accuracy": acc,
+                "epochs": 3,
+                "class_names": list(train_ds.class_names),
+            },
+        )
     clf = load_classifier(clf_dir)
 
     # Evaluate the weights exactly as they will ship (transformer rounded to float16).
@@ -104,29 +140,53 @@ def main(argv: list[str] | None = None) -> int:
     src = VARPipeline.from_pretrained(model_dir)
     save_native(staged, src.transformer, src.vae, transformer_dtype=torch.float16)
     pipe = VARPipeline.from_pretrained(staged)
-    settings = [SamplingParams(cfg=float(c), top_p=float(tp), seed=0)
-                for tp in args.top_ps.split(",") for c in args.cfgs.split(",")]
+    settings = [
+        SamplingParams(cfg=float(c), top_p=float(tp), seed=0)
+        for tp in args.top_ps.split(",")
+        for c in args.cfgs.split(",")
+    ]
     real_train = balanced_subset(train_ds.images, train_ds.labels, args.per_class, 10)
     real_test = balanced_subset(test_ds.images, test_ds.labels, args.per_class, 10)
     report = conditional_quality(pipe, clf, real_train, real_test, settings, args.per_class)
     defaults, ok = choose_defaults(report["settings"])
-    report.update({"chosen_defaults": defaults, "targets_met": ok,
-                   "targets": {"class_accuracy": ACC_TARGET, "fd_ratio": FD_RATIO_TARGET}})
+    report.update(
+        {
+            "chosen_defaults": defaults,
+            "targets_met": ok,
+            "targets": {"class_accuracy": ACC_TARGET, "fd_ratio": FD_RATIO_TARGET},
+        }
+    )
     for s in report["settings"]:
-        print(f"cfg {s['cfg']:.1f} top_p {s['top_p']}: accuracy {s['class_accuracy']:.3f}, "
-              f"FD {s['FD-classifier']:.2f} (ratio {s['fd_ratio']:.2f})")
-    print(f"real train vs test FD {report['real_train_vs_test']['FD-classifier']:.2f}; defaults {defaults}; "
-          f"targets met: {ok}")
+        print(
+            f"cfg {s['cfg']:.1f} top_p {s['top_p']}: accuracy {s['class_accuracy']:.3f}, "
+            f"FD {s['FD-classifier']:.2f} (ratio {s['fd_ratio']:.2f})"
+        )
+    print(
+        f"real train vs test FD {report['real_train_vs_test']['FD-classifier']:.2f}; defaults {defaults}; "
+        f"targets met: {ok}"
+    )
 
     out = Path(args.out)
-    save_native(out, pipe.transformer, pipe.vae, {"sampling_defaults": defaults, "trained_on": "fashion-mnist"},
-                transformer_dtype=torch.float16)
+    save_native(
+        out,
+        pipe.transformer,
+        pipe.vae,
+        {"sampling_defaults": defaults, "trained_on": "fashion-mnist"},
+        transformer_dtype=torch.float16,
+    )
     shutil.copytree(clf_dir, out / "classifier")
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "build.json").write_text(json.dumps({"vae": portable(vae_cfg.to_dict(), work),
-                                                "var": portable(var_cfg.to_dict(), work),
-                                                "command": "python scripts/build_demo_model.py --work WORK"},
-                                               indent=2) + "\n")
+    (out / "build.json").write_text(
+        json.dumps(
+            {
+                "vae": portable(vae_cfg.to_dict(), work),
+                "var": portable(var_cfg.to_dict(), work),
+                "command": "python scripts/build_demo_model.py --work WORK",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MB)")
     return 0 if ok else 1

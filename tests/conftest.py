@@ -40,15 +40,31 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def tiny_vae_config(**kw) -> VQVAEConfig:
-    base = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4),
-                using_sa=True, using_mid_sa=True)
+    base = dict(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        patch_nums=(1, 2, 3, 4),
+        using_sa=True,
+        using_mid_sa=True,
+    )
     base.update(kw)
     return VQVAEConfig(**base)
 
 
 def tiny_var_config(**kw) -> VARConfig:
-    base = dict(depth=2, embed_dim=64, num_heads=2, num_classes=5, vocab_size=64, z_channels=8,
-                patch_nums=(1, 2, 3, 4), drop_path_rate=0.0)
+    base = dict(
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        num_classes=5,
+        vocab_size=64,
+        z_channels=8,
+        patch_nums=(1, 2, 3, 4),
+        drop_path_rate=0.0,
+    )
     base.update(kw)
     return VARConfig(**base)
 
@@ -56,8 +72,9 @@ def tiny_var_config(**kw) -> VARConfig:
 def tiny_pair(seed: int = 0, var_kw: dict | None = None, vae_kw: dict | None = None) -> tuple[VAR, VQVAE]:
     torch.manual_seed(seed)
     vae_cfg = tiny_vae_config(**(vae_kw or {}))
-    var_cfg = tiny_var_config(patch_nums=vae_cfg.patch_nums, vocab_size=vae_cfg.vocab_size,
-                              z_channels=vae_cfg.z_channels, **(var_kw or {}))
+    var_cfg = tiny_var_config(
+        patch_nums=vae_cfg.patch_nums, vocab_size=vae_cfg.vocab_size, z_channels=vae_cfg.z_channels, **(var_kw or {})
+    )
     return randomize_(VAR(var_cfg), seed), randomize_(VQVAE(vae_cfg), seed + 1)
 
 

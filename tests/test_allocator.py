@@ -11,15 +11,18 @@ import pytest
 
 from nextscale import allocator, env
 
-PROBE = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
-         "from nextscale.allocator import use_tcmalloc, loaded_allocator; "
-         "print(sys.argv[1:], use_tcmalloc(sys.argv[1]), loaded_allocator(), sep='|')")
+PROBE = (
+    "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+    "from nextscale.allocator import use_tcmalloc, loaded_allocator; "
+    "print(sys.argv[1:], use_tcmalloc(sys.argv[1]), loaded_allocator(), sep='|')"
+)
 
 
 def _run(choice: str, **extra_env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", env.ALLOCATOR_REEXEC)}
-    return subprocess.run([sys.executable, "-c", PROBE, choice], env={**clean, **extra_env}, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, choice], env={**clean, **extra_env}, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_loaded_allocator_reads_the_process_maps(tmp_path):

@@ -49,8 +49,7 @@ def test_learns_separable_patterns(trained):
 
 def test_training_is_deterministic(trained):
     model, acc = trained
-    again, acc2 = train_classifier(_patterns(240, 0), _patterns(90, 1), epochs=2, batch_size=32, seed=0,
-                                   progress=False)
+    again, acc2 = train_classifier(_patterns(240, 0), _patterns(90, 1), epochs=2, batch_size=32, seed=0, progress=False)
     assert acc2 == acc
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     state = torch.random.get_rng_state()

@@ -36,9 +36,32 @@ def run(argv, capsys):
 def test_generate_from_official_files_grid(official_files, capsys):
     d = official_files
     out = d / "grid.png"
-    code, _, err = run(["generate", "--checkpoint", str(d / "var.pth"), "--vae", str(d / "vae.pth"), "--class", "1",
-                        "--class", "3", "--num", "2", "--cfg", "2", "--top-k", "10", "--top-p", "0.9", "--seed", "0",
-                        "-o", str(out)], capsys)
+    code, _, err = run(
+        [
+            "generate",
+            "--checkpoint",
+            str(d / "var.pth"),
+            "--vae",
+            str(d / "vae.pth"),
+            "--class",
+            "1",
+            "--class",
+            "3",
+            "--num",
+            "2",
+            "--cfg",
+            "2",
+            "--top-k",
+            "10",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "0",
+            "-o",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     im = Image.open(out)
     assert im.size[0] > 2 * 16 and im.mode == "RGB"
@@ -48,16 +71,31 @@ def test_generate_from_official_files_grid(official_files, capsys):
 def test_convert_info_and_generate_by_class_name(official_files, capsys, tmp_path):
     d = official_files
     model = tmp_path / "native"
-    code, _, err = run(["convert", str(d / "var.pth"), str(d / "vae.pth"), "-o", str(model), "--class-names",
-                        str(d / "names.txt")], capsys)
+    code, _, err = run(
+        ["convert", str(d / "var.pth"), str(d / "vae.pth"), "-o", str(model), "--class-names", str(d / "names.txt")],
+        capsys,
+    )
     assert code == 0, err
     code, out, _ = run(["info", str(model), "--json"], capsys)
     info = json.loads(out)
     assert info["format"] == "native" and info["transformer"]["config"]["class_names"] == NAMES
     code, out, _ = run(["info", str(d / "vae.pth"), "--patch-nums", "1,2,3,4"], capsys)
     assert code == 0 and "vae:" in out and "ch_mult" in out
-    code, _, err = run(["generate", "--model", str(model), "--class", "coat", "--class", "Trouser", "--separate",
-                        "-o", str(tmp_path / "imgs" / "s.png")], capsys)
+    code, _, err = run(
+        [
+            "generate",
+            "--model",
+            str(model),
+            "--class",
+            "coat",
+            "--class",
+            "Trouser",
+            "--separate",
+            "-o",
+            str(tmp_path / "imgs" / "s.png"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["s_000_coat.png", "s_001_trouser.png"]
 
@@ -67,26 +105,42 @@ def test_info_counts_parameters_the_same_for_a_file_and_its_converted_folder(off
     assert run(["convert", str(d / "var.pth"), str(d / "vae.pth"), "-o", str(tmp_path / "m")], capsys)[0] == 0
     for kind, file in (("transformer", "var.pth"), ("vae", "vae.pth")):
         paths = (str(d / file), str(tmp_path / "m"))
-        lines = [next(line.strip() for line in run(["info", p, "--patch-nums", "1,2,3,4"], capsys)[1].splitlines()
-                      if line.strip().startswith(f"{kind}:")) for p in paths]
+        lines = [
+            next(
+                line.strip()
+                for line in run(["info", p, "--patch-nums", "1,2,3,4"], capsys)[1].splitlines()
+                if line.strip().startswith(f"{kind}:")
+            )
+            for p in paths
+        ]
         assert lines[0] == lines[1] and lines[0].endswith(" parameters"), lines
-        counts = [json.loads(run(["info", p, "--patch-nums", "1,2,3,4", "--json"], capsys)[1])[kind]["params"]
-                  for p in paths]
+        counts = [
+            json.loads(run(["info", p, "--patch-nums", "1,2,3,4", "--json"], capsys)[1])[kind]["params"] for p in paths
+        ]
         assert counts[0] == counts[1] > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--checkpoint", "{d}/vae.pth", "--vae", "{d}/vae.pth"], "this is a VQ-VAE checkpoint, not a VAR"),
-    (["generate", "--checkpoint", "{d}/var.pth"], "--checkpoint and --vae must be given together"),
-    (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--class", "7"], "class 7 is out of range"),
-    (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--cfg", "-2"], "cfg must be a finite"),
-    (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--num", "0"], "--num must be >= 1"),
-    (["generate", "--checkpoint", "{d}/missing.pth", "--vae", "{d}/vae.pth"], "missing.pth: no such file"),
-    (["info", "{d}/names.txt"], "not a readable PyTorch checkpoint"),
-    (["generate", "--checkpoint", "{d}/empty.pth", "--vae", "{d}/vae.pth"], "empty.pth: the file is empty (0 bytes)"),
-    (["info", "{d}/empty.pth"], "empty.pth: the file is empty (0 bytes)"),
-    (["info", "{d}/pickle.pth"], "pickle.pth: not a readable PyTorch checkpoint (a pickle.dump file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--checkpoint", "{d}/vae.pth", "--vae", "{d}/vae.pth"], "this is a VQ-VAE checkpoint, not a VAR"),
+        (["generate", "--checkpoint", "{d}/var.pth"], "--checkpoint and --vae must be given together"),
+        (
+            ["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--class", "7"],
+            "class 7 is out of range",
+        ),
+        (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--cfg", "-2"], "cfg must be a finite"),
+        (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--num", "0"], "--num must be >= 1"),
+        (["generate", "--checkpoint", "{d}/missing.pth", "--vae", "{d}/vae.pth"], "missing.pth: no such file"),
+        (["info", "{d}/names.txt"], "not a readable PyTorch checkpoint"),
+        (
+            ["generate", "--checkpoint", "{d}/empty.pth", "--vae", "{d}/vae.pth"],
+            "empty.pth: the file is empty (0 bytes)",
+        ),
+        (["info", "{d}/empty.pth"], "empty.pth: the file is empty (0 bytes)"),
+        (["info", "{d}/pickle.pth"], "pickle.pth: not a readable PyTorch checkpoint (a pickle.dump file"),
+    ],
+)
 def test_errors_are_one_line(official_files, capsys, argv, message):
     with warnings.catch_warnings(record=True) as caught:  # a warning would print lines before the error
         warnings.simplefilter("always")
@@ -98,6 +152,7 @@ def test_errors_are_one_line(official_files, capsys, argv, message):
 
 
 def test_module_entry_point_help():
-    res = subprocess.run([sys.executable, "-m", "nextscale", "generate", "--help"], capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "nextscale", "generate", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--top-k" in res.stdout and "--model" in res.stdout

@@ -209,8 +209,10 @@ def _fashion_installed() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _fashion_installed(), reason="Debian package dataset-fashion-mnist is not installed "
-                    "(sudo apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not _fashion_installed(),
+    reason="Debian package dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist():
     train, test = fashion_mnist("train"), fashion_mnist("test")
     assert (len(train), len(test)) == (60000, 10000)

@@ -22,8 +22,14 @@ def test_bundled_model_is_small_and_complete():
     folder = bundled_model_dir()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, f"bundled model is {size / 2**20:.1f} MB"
-    for name in ("model_index.json", "transformer/model.safetensors", "vae/model.safetensors",
-                 "classifier/model.safetensors", "quality.json", "build.json"):
+    for name in (
+        "model_index.json",
+        "transformer/model.safetensors",
+        "vae/model.safetensors",
+        "classifier/model.safetensors",
+        "quality.json",
+        "build.json",
+    ):
         assert (folder / name).is_file(), name
 
 
@@ -55,8 +61,11 @@ def test_quality_with_default_settings_is_as_recorded(pipe):
     report = conditional_quality(pipe, clf, real_train, real_test, [params], 150)
     r = report["settings"][0]
     recorded = json.loads((bundled_model_dir() / "quality.json").read_text())
-    same = [s for s in recorded["settings"] if (s["cfg"], s["top_k"], s["top_p"]) == (params.cfg, params.top_k,
-                                                                                      params.top_p)]
+    same = [
+        s
+        for s in recorded["settings"]
+        if (s["cfg"], s["top_k"], s["top_p"]) == (params.cfg, params.top_k, params.top_p)
+    ]
     assert same, "the default setting is one of the recorded ones"
     # quality.json records what the shipped weights produce (a token may flip with another thread count)
     assert abs(same[0]["class_accuracy"] - r["class_accuracy"]) <= 3 / 1500, (same[0], r)

@@ -45,12 +45,41 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
     var, vae = tiny_pair(2)
     model = tmp_path / "model"
     VARPipeline(var, vae).save_pretrained(model)
-    assert main(["sample-fid", "--model", str(model), "--out", str(tmp_path / "s"), "--per-class", "4",
-                 "--classes", "0,1", "--seed", "0"]) == 0
+    assert (
+        main(
+            [
+                "sample-fid",
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "s"),
+                "--per-class",
+                "4",
+                "--classes",
+                "0,1",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     clf = SmallClassifier(in_channels=3, num_classes=5, image_size=8)
     save_classifier(clf, tmp_path / "clf")
-    assert main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s"), "--features",
-                 f"classifier:{tmp_path / 'clf'}", "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "s.npz"),
+                "--ref",
+                str(tmp_path / "s"),
+                "--features",
+                f"classifier:{tmp_path / 'clf'}",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["samples"] == 8 and abs(result["FD-classifier(clf)"]) < 1e-6, "a set against itself: FD 0"
     assert result["precision"] == 1.0 and result["recall"] == 1.0 and "class_accuracy" in result
@@ -81,11 +110,26 @@ def test_sample_fid_under_torchrun_matches_one_process(tmp_path):
     model = tmp_path / "model"
     VARPipeline(var, vae).save_pretrained(model)
     args = ["sample-fid", "--model", str(model), "--per-class", "3", "--classes", "0,1,2", "--seed", "4"]
-    subprocess.run([sys.executable, "-m", "nextscale", *args, "--out", str(tmp_path / "one")], check=True,
-                   capture_output=True)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29531", "-m", "nextscale", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [sys.executable, "-m", "nextscale", *args, "--out", str(tmp_path / "one")], check=True, capture_output=True
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29531",
+            "-m",
+            "nextscale",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])

@@ -35,19 +35,23 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--grid-cols", "-2"], "--grid-cols must be >= 1 (omit it for an automatic layout), got -2"),
-    (["--grid-cols", "0"], "--grid-cols must be >= 1"),
-    (["-o", "{t}/x.gif"], "unknown image format '.gif'; use .png, .jpg, .jpeg, .webp"),
-    (["-o", "{t}/noext"], "unknown image format '(no extension)'"),
-    (["--num", "300", "-o", "{t}/g.png"], "a grid of 300 images (0 megapixels) is too large: at most 256 images"),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--num", "3", "--rng", "official", "--batch-size", "2"], "pass --batch-size 3 (or use --rng per_image)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--grid-cols", "-2"], "--grid-cols must be >= 1 (omit it for an automatic layout), got -2"),
+        (["--grid-cols", "0"], "--grid-cols must be >= 1"),
+        (["-o", "{t}/x.gif"], "unknown image format '.gif'; use .png, .jpg, .jpeg, .webp"),
+        (["-o", "{t}/noext"], "unknown image format '(no extension)'"),
+        (["--num", "300", "-o", "{t}/g.png"], "a grid of 300 images (0 megapixels) is too large: at most 256 images"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--num", "3", "--rng", "official", "--batch-size", "2"], "pass --batch-size 3 (or use --rng per_image)"),
+    ],
+)
 def test_output_options_are_refused_before_any_sampling(tmp_path, capsys, counted, argv, message):
     argv = [a.format(t=tmp_path) for a in argv]
-    code, err = run(["generate", "--class", "bag", *argv] + ([] if "-o" in argv else ["-o", str(tmp_path / "g.png")]),
-                    capsys)
+    code, err = run(
+        ["generate", "--class", "bag", *argv] + ([] if "-o" in argv else ["-o", str(tmp_path / "g.png")]), capsys
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert counted == [], "nothing is sampled for a job that cannot be written"
@@ -56,8 +60,23 @@ def test_output_options_are_refused_before_any_sampling(tmp_path, capsys, counte
 
 def test_a_huge_grid_is_refused_at_once(tmp_path):
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "nextscale", "generate", "--class", "sneaker", "--num", "100000",
-                          "-o", str(tmp_path / "grid.png")], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nextscale",
+            "generate",
+            "--class",
+            "sneaker",
+            "--num",
+            "100000",
+            "-o",
+            str(tmp_path / "grid.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert time.perf_counter() - t0 < 10
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "write one file per image with -o DIR/" in res.stderr
 
@@ -122,9 +141,11 @@ def test_a_full_disk_leaves_no_torn_file_and_keeps_the_old_one(tmp_path, capsys,
 def test_two_thousand_images_in_flat_memory(tmp_path):
     """The issue's target: 2,000 PNGs from the bundled model with peak RSS under 1.5 GB (measured in a fresh
     process, so nothing else this test session allocated counts)."""
-    code = ("import resource, sys; from nextscale.cli.main import main; "
-            f"assert main(['generate', '--class', 'sneaker', '--num', '2000', '-o', {str(tmp_path) + '/'!r}]) == 0; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        "import resource, sys; from nextscale.cli.main import main; "
+        f"assert main(['generate', '--class', 'sneaker', '--num', '2000', '-o', {str(tmp_path) + '/'!r}]) == 0; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=1200)
     assert len(list(tmp_path.glob("*.png"))) == 2000
     peak_mb = int(res.stdout.split()[-1]) / 1024

@@ -140,8 +140,10 @@ def test_strict_loading_errors(weights, tmp_path: Path):
 
 def test_num_batches_tracked_is_optional(weights, tmp_path: Path):
     _, sd = weights
-    with_counters = {**sd, **{k: torch.tensor(7) for k in FIDInception3().state_dict()
-                              if k.endswith("num_batches_tracked")}}
+    with_counters = {
+        **sd,
+        **{k: torch.tensor(7) for k in FIDInception3().state_dict() if k.endswith("num_batches_tracked")},
+    }
     torch.save(with_counters, tmp_path / "counters.pth")
     model = load_fid_inception(tmp_path / "counters.pth")
     assert torch.equal(model.state_dict()["fc.weight"], sd["fc.weight"])

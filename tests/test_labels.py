@@ -10,10 +10,24 @@ from nextscale.labels import resolve_label, resolve_labels
 FMNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
-@pytest.mark.parametrize("name, index", [
-    ("T-shirt/top", 0), ("t_shirt / TOP", 0), ("t-shirt", 0), ("tshirt", 0), ("T-Shirt", 0), ("top", 0),
-    ("shirt", 6), ("ankle", 9), ("ankle-boot", 9), ("sneak", 7), ("7", 7), (-1, 10), ("unconditional", 10),
-])
+@pytest.mark.parametrize(
+    "name, index",
+    [
+        ("T-shirt/top", 0),
+        ("t_shirt / TOP", 0),
+        ("t-shirt", 0),
+        ("tshirt", 0),
+        ("T-Shirt", 0),
+        ("top", 0),
+        ("shirt", 6),
+        ("ankle", 9),
+        ("ankle-boot", 9),
+        ("sneak", 7),
+        ("7", 7),
+        (-1, 10),
+        ("unconditional", 10),
+    ],
+)
 def test_names_and_unambiguous_short_forms(name, index):
     assert resolve_label(name, 10, FMNIST) == index
 

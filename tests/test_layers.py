@@ -31,8 +31,17 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
 }
 # Top-level modules of nextscale/ (sub-packages are layers of their own name).
 TOP_LEVEL: dict[str, str] = {
-    "errors": "base", "env": "base", "fileio": "base", "config": "base", "allocator": "base", "plot": "base",
-    "bench": "base", "pipeline": "pipeline", "editing": "pipeline", "images": "pipeline", "labels": "pipeline",
+    "errors": "base",
+    "env": "base",
+    "fileio": "base",
+    "config": "base",
+    "allocator": "base",
+    "plot": "base",
+    "bench": "base",
+    "pipeline": "pipeline",
+    "editing": "pipeline",
+    "images": "pipeline",
+    "labels": "pipeline",
     "__main__": "cli",
 }
 # The root package re-exports the public API lazily (by name, through importlib), so importing it for
@@ -65,8 +74,9 @@ def _layer(module: str) -> str:
         return head
     if head in TOP_LEVEL:
         return TOP_LEVEL[head]
-    raise AssertionError(f"{module}: no layer; add it to MAY_IMPORT (a package) or TOP_LEVEL (a module) in "
-                         f"{Path(__file__).name}")
+    raise AssertionError(
+        f"{module}: no layer; add it to MAY_IMPORT (a package) or TOP_LEVEL (a module) in {Path(__file__).name}"
+    )
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -102,5 +112,7 @@ def test_no_module_imports_a_layer_above_or_beside_it(path: Path):
     own = _layer(_module_name(path))
     allowed = {own} | _reachable(own)
     bad = [f"line {line}: {m} (layer {_layer(m)})" for line, m in _imports(path) if _layer(m) not in allowed]
-    assert not bad, (f"{path.relative_to(SRC)} is in layer {own!r}, which may import only "
-                     f"{sorted(allowed)}; it imports " + "; ".join(bad))
+    assert not bad, (
+        f"{path.relative_to(SRC)} is in layer {own!r}, which may import only "
+        f"{sorted(allowed)}; it imports " + "; ".join(bad)
+    )

@@ -70,7 +70,7 @@ def test_encode(fixtures_dir, official_pair, input_images):
 def split_scales(idx_all: np.ndarray, patch_nums) -> list[torch.Tensor]:
     out, cur = [], 0
     for pn in patch_nums:
-        out.append(torch.from_numpy(idx_all[:, cur: cur + pn * pn]))
+        out.append(torch.from_numpy(idx_all[:, cur : cur + pn * pn]))
         cur += pn * pn
     return out
 
@@ -109,8 +109,10 @@ def test_teacher_forcing_logits_and_loss(fixtures_dir, official_pair):
         np.testing.assert_allclose(loss.item(), float(ref[key]), rtol=1e-5)
 
 
-SAMPLERS = {"reference": lambda var, vae, *a: reference_sample(var, vae, *a),
-            "fast": lambda var, vae, *a: sample_tokens_batch(var, vae.quantize, *a)}
+SAMPLERS = {
+    "reference": lambda var, vae, *a: reference_sample(var, vae, *a),
+    "fast": lambda var, vae, *a: sample_tokens_batch(var, vae.quantize, *a),
+}
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -118,8 +120,13 @@ def test_greedy_sampling_run(fixtures_dir, official_pair, sampler):
     var, vae = official_pair
     ref = load(fixtures_dir, "var_sample_greedy.npz")
     labels = torch.from_numpy(ref["labels"])
-    params = SamplingParams(cfg=float(ref["cfg"]), top_k=int(ref["top_k"]), top_p=float(ref["top_p"]),
-                            seed=int(ref["g_seed"]), rng="official")
+    params = SamplingParams(
+        cfg=float(ref["cfg"]),
+        top_k=int(ref["top_k"]),
+        top_p=float(ref["top_p"]),
+        seed=int(ref["g_seed"]),
+        rng="official",
+    )
     out = SAMPLERS[sampler](var, vae, labels, params, params.generators(len(labels)))
     for si, idx in enumerate(out.tokens):
         np.testing.assert_array_equal(idx.numpy(), ref[f"idx_s{si}"])
@@ -150,7 +157,7 @@ def test_guided_logits_on_sampler_inputs(fixtures_dir, official_pair, path):
             for si in range(num):
                 pieces.append(var.forward_tokens(x_RlC, cond, layout))
                 b, e = var.scales.begin_ends[si + 1]
-                x_RlC = cfg_double(var.next_tokens(si + 1, x_BLCv[:, b - 1: e - 1], lvl_pos))
+                x_RlC = cfg_double(var.next_tokens(si + 1, x_BLCv[:, b - 1 : e - 1], lvl_pos))
             logits_RLV = torch.cat(pieces, 1)
     t = torch.tensor([cfg_weight(4.0, int(s), S) for s in var.lvl_1L[0, :L]]).view(1, L, 1)
     close(cfg_mix(logits_RLV, t), ref["cfg_logits_first_scales"], LOGIT_TOL, LOGIT_TOL)

@@ -73,8 +73,9 @@ def test_reference_sampler_through_the_pipeline(pipe):
 
 def test_callback_previews_go_coarse_to_fine(pipe):
     previews = []
-    out = pipe([1], seed=0, output_type="pt",
-               callback_on_scale=lambda p: previews.append((p.scale_index, p.to_images("pt"))))
+    out = pipe(
+        [1], seed=0, output_type="pt", callback_on_scale=lambda p: previews.append((p.scale_index, p.to_images("pt")))
+    )
     assert [si for si, _ in previews] == [0, 1, 2, 3]
     torch.testing.assert_close(previews[-1][1], out.images)
     assert not torch.allclose(previews[0][1], out.images)

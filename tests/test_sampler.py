@@ -87,7 +87,7 @@ def test_cached_steps_equal_teacher_forcing(variant):
             kv.check_integrity()
             if si + 1 < len(var.cfg.patch_nums):
                 b, e = var.scales.begin_ends[si + 1]
-                x = var.next_tokens(si + 1, x_in[:, b - 1: e - 1], lvl_pos)
+                x = var.next_tokens(si + 1, x_in[:, b - 1 : e - 1], lvl_pos)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-5, rtol=2e-5)
     assert kv.length == var.scales.seq_len
 
@@ -98,8 +98,10 @@ def test_forcing_every_token_reproduces_the_input_tokens():
     idx = [torch.randint(0, 64, (B, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in (1, 2, 3, 4)]
     forced = ForcedTokens(idx=idx, keep=[torch.ones_like(i, dtype=torch.bool) for i in idx])
     params = SamplingParams(cfg=2.0, top_k=5, seed=0)
-    for out in (reference_sample(var, vae, torch.tensor([1, 2]), params, image_generators(0, B), forced),
-                sample_tokens_batch(var, vae.quantize, torch.tensor([1, 2]), params, image_generators(0, B), forced)):
+    for out in (
+        reference_sample(var, vae, torch.tensor([1, 2]), params, image_generators(0, B), forced),
+        sample_tokens_batch(var, vae.quantize, torch.tensor([1, 2]), params, image_generators(0, B), forced),
+    ):
         assert all(torch.equal(a, b) for a, b in zip(out.tokens, idx))
         torch.testing.assert_close(out.f_hat_BChw, vae.quantize.idx_to_fhat(idx))
 
@@ -108,8 +110,14 @@ def test_partial_forcing_keeps_exactly_the_kept_positions():
     var, vae = tiny_pair(8)
     idx = [torch.full((1, pn * pn), 7) for pn in (1, 2, 3, 4)]
     keep = [torch.rand(1, pn * pn, generator=torch.Generator().manual_seed(pn)) > 0.5 for pn in (1, 2, 3, 4)]
-    st = sample_tokens_batch(var, vae.quantize, torch.tensor([1]), SamplingParams(cfg=1.0, seed=0),
-                             image_generators(0, 1), ForcedTokens(idx, keep))
+    st = sample_tokens_batch(
+        var,
+        vae.quantize,
+        torch.tensor([1]),
+        SamplingParams(cfg=1.0, seed=0),
+        image_generators(0, 1),
+        ForcedTokens(idx, keep),
+    )
     for tok, k in zip(st.tokens, keep):
         assert (tok[k] == 7).all()
 
@@ -117,8 +125,14 @@ def test_partial_forcing_keeps_exactly_the_kept_positions():
 def test_on_scale_callback_sees_every_scale_in_order():
     var, vae = tiny_pair(2)
     seen = []
-    sample_tokens_batch(var, vae.quantize, torch.tensor([0]), SamplingParams(seed=0), image_generators(0, 1),
-                        on_scale=lambda r: seen.append((r.si, r.idx_Bl.shape[1], r.is_last)))
+    sample_tokens_batch(
+        var,
+        vae.quantize,
+        torch.tensor([0]),
+        SamplingParams(seed=0),
+        image_generators(0, 1),
+        on_scale=lambda r: seen.append((r.si, r.idx_Bl.shape[1], r.is_last)),
+    )
     assert seen == [(0, 1, False), (1, 4, False), (2, 9, False), (3, 16, True)]
 
 

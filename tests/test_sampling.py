@@ -90,15 +90,16 @@ def test_per_image_generators_make_images_batch_independent():
     logits = torch.randn(4, 6, 32)
     batch = sample_tokens(logits.clone(), 0, 0.0, image_generators(7, 4))
     for i in range(4):
-        alone = sample_tokens(logits[i: i + 1].clone(), 0, 0.0, image_generators(7, 1, start=i))
+        alone = sample_tokens(logits[i : i + 1].clone(), 0, 0.0, image_generators(7, 1, start=i))
         assert torch.equal(batch[i], alone[0])
 
 
 def test_official_mode_is_one_multinomial_over_the_batch():
     logits = torch.randn(2, 3, 9)
     got = sample_tokens(logits.clone(), 0, 0.0, torch.Generator().manual_seed(3))
-    want = torch.multinomial(logits.softmax(-1).view(-1, 9), 1, replacement=True,
-                            generator=torch.Generator().manual_seed(3)).view(2, 3)
+    want = torch.multinomial(
+        logits.softmax(-1).view(-1, 9), 1, replacement=True, generator=torch.Generator().manual_seed(3)
+    ).view(2, 3)
     assert torch.equal(got, want)
 
 
@@ -116,10 +117,18 @@ def test_gumbel_codes_are_convex_mixtures_and_reproducible():
     assert (a <= codebook.max(0).values + 1e-5).all() and (a >= codebook.min(0).values - 1e-5).all()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(cfg=-1.0), "cfg"), (dict(cfg=float("nan")), "cfg"), (dict(top_k=-2), "top_k"),
-    (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed"), (dict(rng="global"), "rng"), (dict(top_k=2.5), "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cfg=-1.0), "cfg"),
+        (dict(cfg=float("nan")), "cfg"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(seed=-1), "seed"),
+        (dict(rng="global"), "rng"),
+        (dict(top_k=2.5), "top_k"),
+    ],
+)
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(InvalidInputError, match=match):
         SamplingParams(**kwargs)

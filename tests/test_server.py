@@ -63,9 +63,14 @@ def test_health_ready_models_metrics_and_page(client):
     page = client.get("/")
     assert page.status_code == 200 and "nextscale playground" in page.text
     text = client.get("/metrics").text
-    for name in ("nextscale_queue_depth", "nextscale_running_requests", "nextscale_images_per_second",
-                 "nextscale_request_latency_seconds_bucket", "nextscale_tokens_per_iteration_bucket",
-                 "nextscale_time_to_first_preview_seconds_bucket"):
+    for name in (
+        "nextscale_queue_depth",
+        "nextscale_running_requests",
+        "nextscale_images_per_second",
+        "nextscale_request_latency_seconds_bucket",
+        "nextscale_tokens_per_iteration_bucket",
+        "nextscale_time_to_first_preview_seconds_bucket",
+    ):
         assert name in text
 
 
@@ -81,8 +86,9 @@ def test_generation_equals_the_pipeline(client):
 
 
 def test_stream_sends_a_preview_per_scale_then_the_final_images(client):
-    with client.stream("POST", "/v1/images/generations",
-                       json={"class_label": 2, "n": 2, "seed": 1, "stream": True}) as r:
+    with client.stream(
+        "POST", "/v1/images/generations", json={"class_label": 2, "n": 2, "seed": 1, "stream": True}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     kinds = [e["type"] for e in events]
@@ -99,20 +105,23 @@ def test_partial_images_selects_previews():
     assert len(preview_scales(10, 3)) == 3 and max(preview_scales(10, 3)) == 8
 
 
-@pytest.mark.parametrize("body, param, text", [
-    ({"prompt": "sneaker"}, "prompt", "unknown class 'sneaker'; allowed: 'T-shirt/top'"),
-    ({"class_label": 9}, "class_label", "class 9 is out of range"),
-    ({"prompt": "coat", "cfg": -1}, "cfg", "greater than or equal to 0"),
-    ({"prompt": "coat", "n": 5}, "n", "n=5 is too large: allowed 1..4"),
-    ({"prompt": "coat", "n": 0}, "n", "greater than or equal to 1"),
-    ({"prompt": "coat", "top_p": 2}, "top_p", "less than or equal to 1"),
-    ({"prompt": "coat", "top_k": 100}, "top_k", "exceeds the codebook size 64"),
-    ({"prompt": "coat", "size": "512x512"}, "size", "this model makes 8x8 images"),
-    ({"prompt": "coat", "response_format": "url"}, "response_format", "b64_json"),
-    ({"prompt": "coat", "guidance": 3}, "guidance", "unknown field 'guidance'; allowed fields: prompt"),
-    ({}, None, "give the class as `prompt`"),
-    ({"prompt": "coat", "seed": "abc"}, "seed", "valid integer"),
-])
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"prompt": "sneaker"}, "prompt", "unknown class 'sneaker'; allowed: 'T-shirt/top'"),
+        ({"class_label": 9}, "class_label", "class 9 is out of range"),
+        ({"prompt": "coat", "cfg": -1}, "cfg", "greater than or equal to 0"),
+        ({"prompt": "coat", "n": 5}, "n", "n=5 is too large: allowed 1..4"),
+        ({"prompt": "coat", "n": 0}, "n", "greater than or equal to 1"),
+        ({"prompt": "coat", "top_p": 2}, "top_p", "less than or equal to 1"),
+        ({"prompt": "coat", "top_k": 100}, "top_k", "exceeds the codebook size 64"),
+        ({"prompt": "coat", "size": "512x512"}, "size", "this model makes 8x8 images"),
+        ({"prompt": "coat", "response_format": "url"}, "response_format", "b64_json"),
+        ({"prompt": "coat", "guidance": 3}, "guidance", "unknown field 'guidance'; allowed fields: prompt"),
+        ({}, None, "give the class as `prompt`"),
+        ({"prompt": "coat", "seed": "abc"}, "seed", "valid integer"),
+    ],
+)
 def test_invalid_bodies_get_422_naming_the_field(client, body, param, text):
     r = client.post("/v1/images/generations", json=body)
     assert r.status_code == 422
@@ -131,6 +140,7 @@ def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete():
     app, _, _ = make_app(max_queue=2, engine_cfg=one_at_a_time)
     results: list[httpx.Response] = []
     with TestClient(app) as c:
+
         def fire(i: int) -> None:
             results.append(c.post("/v1/images/generations", json={"prompt": "dress", "n": 4, "seed": i}))
 
@@ -189,8 +199,9 @@ def test_disconnecting_client_frees_its_capacity(live_server, monkeypatch):
         return encode(images)
 
     monkeypatch.setattr(api, "png_b64", encode_one_scale_before_the_hang_up)
-    with httpx.stream("POST", f"{url}/v1/images/generations", json={"prompt": "coat", "n": 4, "seed": 0,
-                                                                     "stream": True}, timeout=30) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/images/generations", json={"prompt": "coat", "n": 4, "seed": 0, "stream": True}, timeout=30
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # got the first preview, now hang up
@@ -219,9 +230,14 @@ def test_shutdown_drains_in_flight_work():
     assert not bridge.accepting
 
 
-@pytest.mark.parametrize("raw, param", [('{"prompt": "coat", "cfg": NaN}', "cfg"),
-                                        ('{"prompt": "coat", "top_p": Infinity}', "top_p"),
-                                        ('{"prompt": "coat", "cfg": -Infinity}', "cfg")])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ('{"prompt": "coat", "cfg": NaN}', "cfg"),
+        ('{"prompt": "coat", "top_p": Infinity}', "top_p"),
+        ('{"prompt": "coat", "cfg": -Infinity}', "cfg"),
+    ],
+)
 def test_non_finite_numbers_are_422_naming_the_field(client, raw, param):
     r = client.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422
@@ -248,8 +264,10 @@ def test_a_client_resetting_mid_stream_ends_quietly(monkeypatch, caplog):
     with live(app) as url, caplog.at_level(logging.DEBUG, logger="nextscale.serve"):
         body = json.dumps({"prompt": "coat", "n": 8, "seed": 0, "stream": True}).encode()
         client.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        client.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         bridge = app.state.bridge
         deadline = time.time() + 10
         while (not reset.is_set() or bridge._handles or bridge.engine.requests) and time.time() < deadline:

@@ -49,11 +49,35 @@ def make_folder(root: Path, per_class: int = 24, size: int = 20) -> Path:
     return root
 
 
-VAE_KW = dict(image_size=16, vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), patch_nums=(1, 2, 4, 8),
-              batch_size=8, steps=6, lr=2e-3, log_every=1, eval_every=3, ckpt_every=2, dead_code_every=2,
-              progress=False)
-VAR_KW = dict(depth=2, embed_dim=64, num_heads=1, batch_size=8, steps=8, lr=1e-3, log_every=1, eval_every=4,
-              ckpt_every=2, progress=False, warmup=0.25)
+VAE_KW = dict(
+    image_size=16,
+    vocab_size=32,
+    z_channels=8,
+    ch=32,
+    ch_mult=(1, 2),
+    patch_nums=(1, 2, 4, 8),
+    batch_size=8,
+    steps=6,
+    lr=2e-3,
+    log_every=1,
+    eval_every=3,
+    ckpt_every=2,
+    dead_code_every=2,
+    progress=False,
+)
+VAR_KW = dict(
+    depth=2,
+    embed_dim=64,
+    num_heads=1,
+    batch_size=8,
+    steps=8,
+    lr=1e-3,
+    log_every=1,
+    eval_every=4,
+    ckpt_every=2,
+    progress=False,
+    warmup=0.25,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +126,12 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, tokenizer, data_dir, kin
     def cfg(out: str, **kw):
         if kind == "vae":
             return VAETrainConfig(data=str(data_dir), out_dir=str(tmp_path / out), **{**VAE_KW, **kw})
-        return VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / out),
-                              **{**VAR_KW, "ema": 0.9, "hflip": True, **kw})
+        return VARTrainConfig(
+            data=str(data_dir),
+            tokenizer=str(tokenizer),
+            out_dir=str(tmp_path / out),
+            **{**VAR_KW, "ema": 0.9, "hflip": True, **kw},
+        )
 
     full = run_training(cfg("full"))
     part = run_training(cfg("split", stop_after=3))
@@ -116,8 +144,10 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, tokenizer, data_dir, kin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     val = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["split"] == "val"]
     assert val and all(np.isfinite(v) for r in val for k, v in r.items() if isinstance(v, float)), val
-    losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
-              for d in ("full", "split")]
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
+        for d in ("full", "split")
+    ]
     assert losses[0] == losses[1], "the metrics log holds one history, identical to the uninterrupted run's"
 
 
@@ -126,12 +156,34 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_killed_process_resumes_to_the_same_weights(tmp_path, tokenizer, data_dir):
-    common = ["train", "--data", str(data_dir), "--tokenizer", str(tokenizer), "--depth", "2", "--embed-dim", "64",
-              "--num-heads", "1", "--batch-size", "8", "--steps", "30", "--ckpt-every", "3", "--log-every", "1",
-              "--eval-every", "100", "--no-progress"]
+    common = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--tokenizer",
+        str(tokenizer),
+        "--depth",
+        "2",
+        "--embed-dim",
+        "64",
+        "--num-heads",
+        "1",
+        "--batch-size",
+        "8",
+        "--steps",
+        "30",
+        "--ckpt-every",
+        "3",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "100",
+        "--no-progress",
+    ]
     subprocess.run(_cli(*common, "--out-dir", str(tmp_path / "full")), check=True, capture_output=True)
-    proc = subprocess.Popen(_cli(*common, "--out-dir", str(tmp_path / "killed")), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(*common, "--out-dir", str(tmp_path / "killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -148,8 +200,9 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, tokenizer, data_di
 def test_resume_refuses_a_corrupt_checkpoint(tmp_path, tokenizer, data_dir):
     from nextscale.errors import CheckpointError
 
-    cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "r"),
-                         **{**VAR_KW, "stop_after": 2})
+    cfg = VARTrainConfig(
+        data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "r"), **{**VAR_KW, "stop_after": 2}
+    )
     run_training(cfg)
     ckpt = tmp_path / "r" / "checkpoints" / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
@@ -187,8 +240,14 @@ def test_corrupt_last_checkpoint_points_to_the_older_one(tmp_path, data_dir, cap
     from nextscale.train.checkpoint import load_training_state
 
     ckpts = tmp_path / "run" / "checkpoints"
-    argv = ["train-vae", "--data", str(data_dir), "--out-dir", str(tmp_path / "run"),
-            *_flags({**VAE_KW, "eval_every": 100})]
+    argv = [
+        "train-vae",
+        "--data",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path / "run"),
+        *_flags({**VAE_KW, "eval_every": 100}),
+    ]
     assert main([*argv, "--stop-after", "4"]) == 0
     capsys.readouterr()
     assert [load_training_state(ckpts / n)["step"] for n in ("prev.pt", "last.pt")] == [2, 4]
@@ -231,8 +290,9 @@ def test_progress_lines_every_tenth_of_the_run_and_every_interval(caplog):
     assert caplog.records[-1].getMessage() == "step 20/100 (20%): loss 20.0000, 8.0 images/s, ETA 1m20s"
 
 
-@pytest.mark.parametrize("terminal, progress, expect", [(True, True, "bar"), (False, True, "lines"),
-                                                         (False, False, None)])
+@pytest.mark.parametrize(
+    "terminal, progress, expect", [(True, True, "bar"), (False, True, "lines"), (False, False, None)]
+)
 def test_a_terminal_gets_the_bar_and_logs_get_lines(monkeypatch, terminal, progress, expect):
     from nextscale.train import loop
     from nextscale.train.dist import DistInfo
@@ -249,17 +309,54 @@ def test_a_terminal_gets_the_bar_and_logs_get_lines(monkeypatch, terminal, progr
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, tokenizer, data_dir):
-    common = ["train", "--data", str(data_dir), "--tokenizer", str(tokenizer), "--depth", "2", "--embed-dim", "64",
-              "--num-heads", "1", "--batch-size", "8", "--steps", "4", "--ckpt-every", "4", "--log-every", "1",
-              "--eval-every", "100", "--no-progress"]
+    common = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--tokenizer",
+        str(tokenizer),
+        "--depth",
+        "2",
+        "--embed-dim",
+        "64",
+        "--num-heads",
+        "1",
+        "--batch-size",
+        "8",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "4",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "100",
+        "--no-progress",
+    ]
     subprocess.run(_cli(*common, "--out-dir", str(tmp_path / "single")), check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          "-m", "nextscale", *common, "--out-dir", str(tmp_path / "ddp")], capture_output=True,
-                         text=True, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            "-m",
+            "nextscale",
+            *common,
+            "--out-dir",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    single, ddp = ([r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
-                   for d in ("single", "ddp"))
+    single, ddp = (
+        [r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "train"]
+        for d in ("single", "ddp")
+    )
     assert len(single) == len(ddp) == 4
     np.testing.assert_allclose(ddp, single, rtol=1e-4)
     a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
@@ -275,8 +372,9 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
     import logging
     import shutil
 
-    base = run_training(VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "base"),
-                                       **VAR_KW))
+    base = run_training(
+        VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "base"), **VAR_KW)
+    )
     two = tmp_path / "two"
     for name in CLASSES[:2]:
         shutil.copytree(data_dir / name, two / name)
@@ -285,8 +383,15 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="nextscale"):
-            tuned = run_training(VARTrainConfig(data=str(two), tokenizer=str(tokenizer),
-                                                out_dir=str(tmp_path / "ft"), init_from=base["export"], **kw))
+            tuned = run_training(
+                VARTrainConfig(
+                    data=str(two),
+                    tokenizer=str(tokenizer),
+                    out_dir=str(tmp_path / "ft"),
+                    init_from=base["export"],
+                    **kw,
+                )
+            )
     finally:
         logger.removeHandler(caplog.handler)
     assert "class embedding resized from 3+1 to 2+1 rows" in caplog.text
@@ -308,11 +413,20 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
 def test_bf16_autocast_training_runs_and_exports_float32_weights(tmp_path, tokenizer, data_dir, kind):
     # the quantizer's nearest-code search must stay in float32 under autocast (it fails on mixed dtypes)
     if kind == "vae":
-        cfg = VAETrainConfig(data=str(data_dir), out_dir=str(tmp_path / "run"), precision="bf16",
-                             **{**VAE_KW, "steps": 3, "eval_every": 3})
+        cfg = VAETrainConfig(
+            data=str(data_dir),
+            out_dir=str(tmp_path / "run"),
+            precision="bf16",
+            **{**VAE_KW, "steps": 3, "eval_every": 3},
+        )
     else:
-        cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "run"),
-                             precision="bf16", **{**VAR_KW, "steps": 3, "eval_every": 3})
+        cfg = VARTrainConfig(
+            data=str(data_dir),
+            tokenizer=str(tokenizer),
+            out_dir=str(tmp_path / "run"),
+            precision="bf16",
+            **{**VAR_KW, "steps": 3, "eval_every": 3},
+        )
     out = run_training(cfg)
     sub = "tokenizer/vae" if kind == "vae" else "model/transformer"
     w = load_file(Path(out["export"]).parent / sub / "model.safetensors")

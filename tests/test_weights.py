@@ -42,12 +42,15 @@ def test_official_fixture_config_is_inferred(official_pair):
     assert (c.share_quant_resi, c.quant_resi, c.using_sa, c.using_mid_sa) == (4, 0.5, True, True)
 
 
-@pytest.mark.parametrize("var_kw, vae_kw", [
-    ({}, {}),
-    (dict(shared_aln=True, num_classes=3), dict(share_quant_resi=0)),
-    (dict(mlp_ratio=2.0), dict(share_quant_resi=1, in_channels=1, using_sa=False, using_mid_sa=False)),
-    ({}, dict(patch_nums=(1, 2, 4), ch_mult=(1, 1, 2), num_res_blocks=2)),
-])
+@pytest.mark.parametrize(
+    "var_kw, vae_kw",
+    [
+        ({}, {}),
+        (dict(shared_aln=True, num_classes=3), dict(share_quant_resi=0)),
+        (dict(mlp_ratio=2.0), dict(share_quant_resi=1, in_channels=1, using_sa=False, using_mid_sa=False)),
+        ({}, dict(patch_nums=(1, 2, 4), ch_mult=(1, 1, 2), num_res_blocks=2)),
+    ],
+)
 def test_tiny_configs_roundtrip_through_official_format(tmp_path, var_kw, vae_kw):
     var, vae = tiny_pair(0, var_kw, vae_kw)
     var_path, vae_path = save_official(tmp_path, var, vae)
@@ -142,18 +145,24 @@ def test_wrong_kind_of_checkpoint_is_named(fixtures_dir, tmp_path):
 def test_mismatched_pair_is_refused(tmp_path, fixtures_dir):
     _, tiny_vae = tiny_pair(0)
     torch.save(tiny_vae.state_dict(), tmp_path / "tiny_vae.pth")
-    with pytest.raises(CheckpointError, match=r"different families: the VAR predicts 4096 codes of dim 32, "
-                                              "the VQ-VAE has 64 codes of dim 8"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"different families: the VAR predicts 4096 codes of dim 32, "
+        "the VQ-VAE has 64 codes of dim 8",
+    ):
         load_official_pair(fixtures_dir / "var.pth", tmp_path / "tiny_vae.pth")
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda sd: sd.pop("head.bias"), "missing keys .*head.bias"),
-    (lambda sd: sd.__setitem__("extra.weight", torch.zeros(1)), "unexpected keys .*extra.weight"),
-    (lambda sd: sd.__setitem__("head.bias", torch.zeros(63)), r"shape mismatches .*head.bias \(63,\)"),
-    (lambda sd: sd.__setitem__("blocks.0.attn.zero_k_bias", torch.ones(64)), "zero_k_bias buffer is not zero"),
-    (lambda sd: sd["attn_bias_for_masking"].zero_(), "attn_bias_for_masking does not match"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda sd: sd.pop("head.bias"), "missing keys .*head.bias"),
+        (lambda sd: sd.__setitem__("extra.weight", torch.zeros(1)), "unexpected keys .*extra.weight"),
+        (lambda sd: sd.__setitem__("head.bias", torch.zeros(63)), r"shape mismatches .*head.bias \(63,\)"),
+        (lambda sd: sd.__setitem__("blocks.0.attn.zero_k_bias", torch.ones(64)), "zero_k_bias buffer is not zero"),
+        (lambda sd: sd["attn_bias_for_masking"].zero_(), "attn_bias_for_masking does not match"),
+    ],
+)
 def test_strict_loading_reports_what_is_wrong(tmp_path, edit, match):
     var, _ = tiny_pair(0)
     sd = dict(var.state_dict())
@@ -221,8 +230,13 @@ def test_preset_configs_have_the_release_parameter_counts():
     from nextscale.config import PRESETS
     from nextscale.models.var import VAR
 
-    expected = {"var-d16": 310_283_520, "var-d20": 600_917_136, "var-d24": 1_033_399_360,
-                "var-d30": 2_010_020_356, "var-d36": 2_353_893_904}
+    expected = {
+        "var-d16": 310_283_520,
+        "var-d20": 600_917_136,
+        "var-d24": 1_033_399_360,
+        "var-d30": 2_010_020_356,
+        "var-d36": 2_353_893_904,
+    }
     for name, count in expected.items():
         with torch.device("meta"):
             model = VAR(PRESETS[name])

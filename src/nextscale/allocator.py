@@ -94,8 +94,11 @@ def use_tcmalloc(choice: str = "auto") -> str:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": preload, env.ALLOCATOR_REEXEC: "1"})
-    reason = ("tcmalloc was preloaded but did not load" if lib is not None
-              else "no tcmalloc library found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+    reason = (
+        "tcmalloc was preloaded but did not load"
+        if lib is not None
+        else "no tcmalloc library found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)"
+    )
     if choice == "tcmalloc":
         raise ConfigError(f"cannot switch to tcmalloc: {reason}")
     if tune_glibc():

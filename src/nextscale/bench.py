@@ -119,9 +119,15 @@ class Cell:
         return max(r.peak_rss_mb for r in self.reps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": self.params, "min_s": self.min_s, "median_s": self.median_s,
-                "peak_rss_mb": self.peak_rss_mb, "reps": [asdict(r) | {"contaminated": r.contaminated}
-                                                          for r in self.reps], **self.extra}
+        return {
+            "name": self.name,
+            "params": self.params,
+            "min_s": self.min_s,
+            "median_s": self.median_s,
+            "peak_rss_mb": self.peak_rss_mb,
+            "reps": [asdict(r) | {"contaminated": r.contaminated} for r in self.reps],
+            **self.extra,
+        }
 
 
 def interleave(cells: Sequence[Cell], fns: Sequence[Callable[[], Any]], reps: int, warmup: bool = True) -> None:
@@ -156,10 +162,16 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "ld_preload": env.ld_preload()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "ld_preload": env.ld_preload(),
+    }
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

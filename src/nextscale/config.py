@@ -120,8 +120,9 @@ class VARConfig:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         _check_patch_nums(self.patch_nums)
         if self.depth < 1 or self.num_heads < 1 or self.embed_dim < 1:
-            raise ConfigError(f"depth, num_heads and embed_dim must be >= 1, got {self.depth}, {self.num_heads}, "
-                              f"{self.embed_dim}")
+            raise ConfigError(
+                f"depth, num_heads and embed_dim must be >= 1, got {self.depth}, {self.num_heads}, {self.embed_dim}"
+            )
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_classes < 1:
@@ -154,8 +155,14 @@ class VARConfig:
         if shared_aln is None:
             shared_aln = depth == 36
         patch_nums = PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256
-        base: dict[str, Any] = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, shared_aln=shared_aln,
-                                    patch_nums=patch_nums, drop_path_rate=0.1 * depth / 24)
+        base: dict[str, Any] = dict(
+            depth=depth,
+            embed_dim=64 * depth,
+            num_heads=depth,
+            shared_aln=shared_aln,
+            patch_nums=patch_nums,
+            drop_path_rate=0.1 * depth / 24,
+        )
         base.update(overrides)
         return cls(**base)
 

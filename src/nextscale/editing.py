@@ -31,5 +31,5 @@ def keep_maps(keep_hw: torch.Tensor, patch_nums: Sequence[int], batch: int) -> l
 def box_mask(size: int, y0: float, x0: float, y1: float, x1: float) -> torch.Tensor:
     """A [size, size] mask that is 1 inside the box given in fractions of the side (0..1), else 0."""
     m = torch.zeros(size, size)
-    m[round(y0 * size): round(y1 * size), round(x0 * size): round(x1 * size)] = 1
+    m[round(y0 * size) : round(y1 * size), round(x0 * size) : round(x1 * size)] = 1
     return m

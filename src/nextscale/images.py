@@ -43,8 +43,11 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, pad: int 
     ncols = ncols or auto_grid_cols(n)
     nrows = math.ceil(n / ncols)
     w, h = images[0].size
-    grid = Image.new(images[0].mode, (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad), 255 if
-                     images[0].mode == "L" else (255, 255, 255))
+    grid = Image.new(
+        images[0].mode,
+        (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad),
+        255 if images[0].mode == "L" else (255, 255, 255),
+    )
     for i, im in enumerate(images):
         r, c = divmod(i, ncols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
@@ -114,6 +117,7 @@ def mask_to_tensor(mask: ImageInput, size: int) -> torch.Tensor:
         if t.max() > 1:
             t = t / 255.0
         if t.shape != (size, size):
-            t = torch.nn.functional.interpolate(t[None, None], size=(size, size), mode="bilinear",
-                                                align_corners=False)[0, 0]
+            t = torch.nn.functional.interpolate(t[None, None], size=(size, size), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
     return (t > 0.5).float()

@@ -30,8 +30,9 @@ def resolve_label(label: Label, num_classes: int, class_names: Sequence[str] = (
         if label == -1:
             return num_classes
         if not 0 <= label < num_classes:
-            raise InvalidInputError(f"class {label} is out of range: allowed 0..{num_classes - 1} "
-                                    f"(or -1 for unconditional)")
+            raise InvalidInputError(
+                f"class {label} is out of range: allowed 0..{num_classes - 1} (or -1 for unconditional)"
+            )
         return label
     if isinstance(label, str):
         if re.fullmatch(r"\s*-?\d+\s*", label):
@@ -40,8 +41,9 @@ def resolve_label(label: Label, num_classes: int, class_names: Sequence[str] = (
         if key in NULL_NAMES:
             return num_classes
         if not class_names:
-            raise InvalidInputError(f"unknown class {label!r}: this model has no class names; use an index "
-                                    f"0..{num_classes - 1}")
+            raise InvalidInputError(
+                f"unknown class {label!r}: this model has no class names; use an index 0..{num_classes - 1}"
+            )
         return _match_name(label, key, class_names, num_classes)
     raise InvalidInputError(f"class label must be an int or a class name, got {type(label).__name__}")
 
@@ -57,8 +59,10 @@ def _match_name(label: str, key: str, class_names: Sequence[str], num_classes: i
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
-        raise InvalidInputError(f"class {label!r} is ambiguous: it matches "
-                                f"{', '.join(repr(class_names[i]) for i in hits[:10])}; give more of the name")
+        raise InvalidInputError(
+            f"class {label!r} is ambiguous: it matches "
+            f"{', '.join(repr(class_names[i]) for i in hits[:10])}; give more of the name"
+        )
     if len(class_names) <= 50:
         shown = ", ".join(repr(n) for n in class_names)
     else:  # e.g. ImageNet's 1,000: the nearest names, not a wall of text
@@ -67,8 +71,9 @@ def _match_name(label: str, key: str, class_names: Sequence[str], num_classes: i
     raise InvalidInputError(f"unknown class {label!r}; allowed: {shown} or an index 0..{num_classes - 1}")
 
 
-def resolve_labels(labels: Label | Sequence[Label] | torch.Tensor, num_classes: int,
-                   class_names: Sequence[str] = (), repeat: int = 1) -> torch.Tensor:
+def resolve_labels(
+    labels: Label | Sequence[Label] | torch.Tensor, num_classes: int, class_names: Sequence[str] = (), repeat: int = 1
+) -> torch.Tensor:
     """Labels -> LongTensor [len(labels) * repeat] (each label repeated ``repeat`` times in a row)."""
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise InvalidInputError(f"num_images_per_label must be an int >= 1, got {repeat!r}")

@@ -75,9 +75,15 @@ class ScalePreview:
 
 
 class VARPipeline:
-    def __init__(self, transformer: VAR, vae: VQVAE, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, channels_last_decoder: bool = True,
-                 sampling_defaults: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        transformer: VAR,
+        vae: VQVAE,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last_decoder: bool = True,
+        sampling_defaults: dict[str, Any] | None = None,
+    ):
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.channels_last_decoder = channels_last_decoder
@@ -90,9 +96,15 @@ class VARPipeline:
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
-    def from_official(cls, var_path: str | Path, vae_path: str | Path, patch_nums: Sequence[int] | None = None,
-                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                      class_names: Sequence[str] | None = None) -> VARPipeline:
+    def from_official(
+        cls,
+        var_path: str | Path,
+        vae_path: str | Path,
+        patch_nums: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        class_names: Sequence[str] | None = None,
+    ) -> VARPipeline:
         """Load the official ``var_d*.pth`` + ``vae_ch160v4096z32.pth`` files as they are."""
         var, vae = load_official_pair(var_path, vae_path, tuple(patch_nums) if patch_nums else None)
         pipe = cls(var, vae, device, dtype)
@@ -101,9 +113,15 @@ class VARPipeline:
         return pipe
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | None = None, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, revision: str | None = None,
-                        local_files_only: bool = False, cache_dir: str | Path | None = None) -> VARPipeline:
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        cache_dir: str | Path | None = None,
+    ) -> VARPipeline:
         """A native model folder or Hugging Face hub repo id (downloaded once into the HF cache); with no
         argument, the bundled demo model."""
         if name_or_path is None:
@@ -119,15 +137,25 @@ class VARPipeline:
         custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
         return save_native(path, self.transformer, self.vae, {"sampling_defaults": custom} if custom else None)
 
-    def sampling_params(self, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                        more_smooth: bool | None = None, seed: int | None = None, rng: RngMode = "per_image"
-                        ) -> SamplingParams:
+    def sampling_params(
+        self,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        more_smooth: bool | None = None,
+        seed: int | None = None,
+        rng: RngMode = "per_image",
+    ) -> SamplingParams:
         """Settings for a call: the given values, else the model's recommended ones; a random seed if none."""
         d = self.sampling_defaults
-        return SamplingParams(cfg=d["cfg"] if cfg is None else cfg, top_k=d["top_k"] if top_k is None else top_k,
-                              top_p=d["top_p"] if top_p is None else top_p,
-                              more_smooth=d["more_smooth"] if more_smooth is None else more_smooth,
-                              seed=secrets.randbits(63) if seed is None else seed, rng=rng)
+        return SamplingParams(
+            cfg=d["cfg"] if cfg is None else cfg,
+            top_k=d["top_k"] if top_k is None else top_k,
+            top_p=d["top_p"] if top_p is None else top_p,
+            more_smooth=d["more_smooth"] if more_smooth is None else more_smooth,
+            seed=secrets.randbits(63) if seed is None else seed,
+            rng=rng,
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VARPipeline:
         """Move to ``device``; ``dtype`` applies to the transformer and the VQ-VAE convs (the quantiser, i.e.
@@ -186,13 +214,23 @@ class VARPipeline:
 
     # ---- sampling -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, class_labels: ClassLabels, cfg: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, more_smooth: bool | None = None,
-                 output_type: OutputType = "pil",
-                 callback_on_scale: Callable[[ScalePreview], None] | None = None, num_images_per_label: int = 1,
-                 rng: RngMode = "per_image", sampler: Literal["fast", "reference"] = "fast",
-                 first_image_index: int = 0, image_indices: Sequence[int] | None = None,
-                 progress: bool = False) -> VAROutput:
+    def __call__(
+        self,
+        class_labels: ClassLabels,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        more_smooth: bool | None = None,
+        output_type: OutputType = "pil",
+        callback_on_scale: Callable[[ScalePreview], None] | None = None,
+        num_images_per_label: int = 1,
+        rng: RngMode = "per_image",
+        sampler: Literal["fast", "reference"] = "fast",
+        first_image_index: int = 0,
+        image_indices: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> VAROutput:
         """Generate one image per label (times ``num_images_per_label``).
 
         Unset sampling settings take the model's recommended values (``sampling_defaults``; VAR's generic
@@ -211,10 +249,20 @@ class VARPipeline:
         return self._generate(labels_B, params, None, output_type, callback_on_scale, sampler, progress, indices)
 
     @torch.inference_mode()
-    def edit(self, image: ImageInput, mask: ImageInput, class_label: int | str | None = None, cfg: float = 3.0,
-             top_k: int = 0, top_p: float = 0.95, seed: int | None = None, more_smooth: bool = False,
-             num_images: int = 1, output_type: OutputType = "pil",
-             callback_on_scale: Callable[[ScalePreview], None] | None = None) -> VAROutput:
+    def edit(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        class_label: int | str | None = None,
+        cfg: float = 3.0,
+        top_k: int = 0,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        more_smooth: bool = False,
+        num_images: int = 1,
+        output_type: OutputType = "pil",
+        callback_on_scale: Callable[[ScalePreview], None] | None = None,
+    ) -> VAROutput:
         """Zero-shot in-/out-painting and class-conditional editing (VAR paper Sec. 4.6).
 
         ``mask`` is 1 (white) where new content is generated and 0 (black) where ``image`` is kept; the
@@ -226,15 +274,30 @@ class VARPipeline:
         keep_hw = 1.0 - mask_to_tensor(mask, size)
         labels_B = self.labels(-1 if class_label is None else class_label, num_images)
         idx_list = self.encode(img)
-        forced = ForcedTokens(idx=[i.expand(num_images, -1) for i in idx_list],
-                              keep=[k.to(self.device) for k in keep_maps(keep_hw, self.patch_nums, num_images)])
-        params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                                seed=secrets.randbits(63) if seed is None else seed)
+        forced = ForcedTokens(
+            idx=[i.expand(num_images, -1) for i in idx_list],
+            keep=[k.to(self.device) for k in keep_maps(keep_hw, self.patch_nums, num_images)],
+        )
+        params = SamplingParams(
+            cfg=cfg,
+            top_k=top_k,
+            top_p=top_p,
+            more_smooth=more_smooth,
+            seed=secrets.randbits(63) if seed is None else seed,
+        )
         return self._generate(labels_B, params, forced, output_type, callback_on_scale, "fast", False)
 
-    def _generate(self, labels_B: torch.Tensor, params: SamplingParams, forced: ForcedTokens | None,
-                  output_type: OutputType, callback: Callable[[ScalePreview], None] | None, sampler: str,
-                  progress: bool, indices: Sequence[int] | None = None) -> VAROutput:
+    def _generate(
+        self,
+        labels_B: torch.Tensor,
+        params: SamplingParams,
+        forced: ForcedTokens | None,
+        output_type: OutputType,
+        callback: Callable[[ScalePreview], None] | None,
+        sampler: str,
+        progress: bool,
+        indices: Sequence[int] | None = None,
+    ) -> VAROutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         params.check_vocab(self.transformer.V)
@@ -255,15 +318,23 @@ class VARPipeline:
             if sampler == "reference":
                 res = reference_sample(self.transformer, self.vae, labels_B, params, gens, forced)
             else:
-                res = sample_tokens_batch(self.transformer, self.vae.quantize, labels_B, params, gens, forced,
-                                          on_scale if (callback or bar) else None)
+                res = sample_tokens_batch(
+                    self.transformer,
+                    self.vae.quantize,
+                    labels_B,
+                    params,
+                    gens,
+                    forced,
+                    on_scale if (callback or bar) else None,
+                )
         finally:
             if bar is not None:
                 bar.close()
         f_hat = res.f_hat_BChw
         images = None if output_type == "latent" else self.decode_latent(f_hat)
-        return VAROutput(self._format(images, f_hat, output_type), res.tokens, labels_B.tolist(), params.seed or 0,
-                         params)
+        return VAROutput(
+            self._format(images, f_hat, output_type), res.tokens, labels_B.tolist(), params.seed or 0, params
+        )
 
     # ---- tokenizer helpers ----------------------------------------------------------------------------------------
     @torch.inference_mode()

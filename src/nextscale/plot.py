@@ -10,8 +10,15 @@ from PIL import Image, ImageDraw
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "", xlabel: str = "",
-              ylabel: str = "", size: tuple[int, int] = (800, 450), log_y: bool = False) -> Path:
+def line_plot(
+    series: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    size: tuple[int, int] = (800, 450),
+    log_y: bool = False,
+) -> Path:
     W, H = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)

@@ -9,8 +9,14 @@ import torch
 
 from nextscale.errors import InvalidInputError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +24,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="DIR_OR_HUB_ID", help="native model folder or Hugging Face hub repo id")
     g.add_argument("--checkpoint", metavar="VAR.pth", help="official VAR checkpoint (with --vae)")
     g.add_argument("--vae", metavar="VAE.pth", help="official VQ-VAE checkpoint (with --checkpoint)")
-    g.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...",
-                   help="scale schedule, when it cannot be inferred from the checkpoint")
+    g.add_argument(
+        "--patch-nums",
+        type=parse_patch_nums,
+        metavar="1,2,3,...",
+        help="scale schedule, when it cannot be inferred from the checkpoint",
+    )
     g.add_argument("--class-names", metavar="FILE", help="text file with one class name per line")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: float32)")

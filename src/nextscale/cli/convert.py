@@ -35,8 +35,9 @@ def run_convert(args: argparse.Namespace) -> int:
     names = read_class_names(args.class_names)
     pipe = VARPipeline.from_official(args.var, args.vae, args.patch_nums, class_names=names)
     out = pipe.save_pretrained(args.output)
-    log.info("wrote %s (VAR %s params, VQ-VAE %s params)", out, f"{_count(pipe.transformer):,}",
-             f"{_count(pipe.vae):,}")
+    log.info(
+        "wrote %s (VAR %s params, VQ-VAE %s params)", out, f"{_count(pipe.transformer):,}", f"{_count(pipe.vae):,}"
+    )
     return 0
 
 
@@ -58,9 +59,12 @@ def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dic
     path = Path(path)
     if path.is_dir():
         var, vae, _index = load_native(path)
-        return {"format": "native", "path": str(path),
-                "transformer": {"params": _count(var), "config": var.cfg.to_dict()},
-                "vae": {"params": _count(vae), "config": vae.cfg.to_dict()}}
+        return {
+            "format": "native",
+            "path": str(path),
+            "transformer": {"params": _count(var), "config": var.cfg.to_dict()},
+            "vae": {"params": _count(vae), "config": vae.cfg.to_dict()},
+        }
     sd = read_state_dict(path)
     cfg: VARConfig | VQVAEConfig
     try:
@@ -76,8 +80,11 @@ def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dic
     # `info` shows for the folder `convert` makes of this file.
     with torch.device("meta"):
         params = _count(VAR(cfg) if isinstance(cfg, VARConfig) else VQVAE(cfg))
-    return {"format": "official", "path": str(path), kind: {"params": params, "tensors": len(sd),
-                                                            "config": cfg.to_dict()}}
+    return {
+        "format": "official",
+        "path": str(path),
+        kind: {"params": params, "tensors": len(sd), "config": cfg.to_dict()},
+    }
 
 
 def run_info(args: argparse.Namespace) -> int:

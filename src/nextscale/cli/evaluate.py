@@ -15,9 +15,12 @@ log = logging.getLogger("nextscale")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample-fid", help="write N images per class (PNG + ADM .npz) for evaluation",
-                       description="Image g uses a generator seeded from (seed, g): resumable (existing PNGs are "
-                                   "skipped) and shardable with torchrun.")
+    p = sub.add_parser(
+        "sample-fid",
+        help="write N images per class (PNG + ADM .npz) for evaluation",
+        description="Image g uses a generator seeded from (seed, g): resumable (existing PNGs are "
+        "skipped) and shardable with torchrun.",
+    )
     add_model_args(p)
     p.add_argument("--out", required=True, help="folder for the PNGs; the .npz is written next to it")
     p.add_argument("--per-class", type=int, default=50, help="images per class (VAR protocol: 50)")
@@ -44,9 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("eval", help="score samples against reference images in a feature network's space")
     q.add_argument("samples", help=".npz (arr_0 uint8 NHWC, optional arr_1 labels) or a PNG folder")
     q.add_argument("--ref", required=True, help="reference .npz / PNG folder / dataset split like fashion-mnist:test")
-    q.add_argument("--features", default=None,
-                   help="classifier:FOLDER or inception:pt_inception-2015-12-05-6726825d.pth "
-                        "(default: the bundled demo model's classifier)")
+    q.add_argument(
+        "--features",
+        default=None,
+        help="classifier:FOLDER or inception:pt_inception-2015-12-05-6726825d.pth "
+        "(default: the bundled demo model's classifier)",
+    )
     q.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
     q.add_argument("-k", type=int, default=3, help="neighbours for precision/recall (default 3)")
     q.add_argument("--json", default=None, help="also write the results to this file")
@@ -62,12 +68,16 @@ def run_sample(args: argparse.Namespace) -> int:
     info = dist.init(torch.device(args.device))
     try:
         pipe = load_pipeline(args)
-        classes = tuple(range(pipe.num_classes)) if args.classes == "all" else \
-            tuple(int(pipe.labels(c)[0]) for c in args.classes.split(","))
+        classes = (
+            tuple(range(pipe.num_classes))
+            if args.classes == "all"
+            else tuple(int(pipe.labels(c)[0]) for c in args.classes.split(","))
+        )
         if args.per_class < 1:
             raise InvalidInputError(f"--per-class must be >= 1, got {args.per_class}")
-        params = pipe.sampling_params(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                                      more_smooth=args.more_smooth, seed=args.seed)
+        params = pipe.sampling_params(
+            cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth, seed=args.seed
+        )
         spec = SampleSetSpec(classes, args.per_class, params, args.batch_size)
         made = generate_set(pipe, args.out, spec, info.rank, info.world_size, progress=info.is_main)
         dist.barrier(info)
@@ -107,9 +117,19 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
     train = load_dataset(args.data, "train", args.image_size, root=args.data_root)
     test = load_dataset(args.data, "test", args.image_size, root=args.data_root)
-    model, acc = train_classifier(train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                                  progress=sys.stderr.isatty())
-    out = save_classifier(model, args.out, {"trained_on": args.data, "test_accuracy": acc, "epochs": args.epochs,
-                                            "seed": args.seed, "class_names": list(train.class_names)})
+    model, acc = train_classifier(
+        train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty()
+    )
+    out = save_classifier(
+        model,
+        args.out,
+        {
+            "trained_on": args.data,
+            "test_accuracy": acc,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "class_names": list(train.class_names),
+        },
+    )
     log.info("test accuracy %.4f -> %s", acc, out)
     return 0

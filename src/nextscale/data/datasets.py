@@ -45,8 +45,13 @@ def _open_image(path: Path, channels: int) -> Image.Image:
 
 def _list_images(folder: Path, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in files
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -59,8 +64,15 @@ class ImageFolder(torch.utils.data.Dataset):
     choices are a function of ``(seed, epoch, index)`` (see ``set_epoch``), identical in any worker process.
     """
 
-    def __init__(self, root: str | Path, image_size: int, channels: int = 3, train: bool = True,
-                 hflip: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        channels: int = 3,
+        train: bool = True,
+        hflip: bool = False,
+        seed: int = 0,
+    ):
         check_size(image_size)
         check_channels(channels)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -69,8 +81,9 @@ class ImageFolder(torch.utils.data.Dataset):
         self.train, self.hflip, self.seed, self.epoch = train, hflip, seed, 0
         self.mid_size = round(1.125 * image_size)
         if not self.root.is_dir():
-            raise InvalidInputError(f"{self.root}: no such folder (expected a folder of images, or of class "
-                                    f"sub-folders of images)")
+            raise InvalidInputError(
+                f"{self.root}: no such folder (expected a folder of images, or of class sub-folders of images)"
+            )
         self.class_names, self.samples = self._scan()
 
     def _scan(self) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
@@ -85,8 +98,10 @@ class ImageFolder(torch.utils.data.Dataset):
         for label, d in enumerate(subdirs):
             files = _list_images(d, recursive=True)
             if not files:
-                raise InvalidInputError(f"{self.root}: class folder {d.name!r} has no images (accepted "
-                                        f"extensions: {accepted}, any case); remove it or add images")
+                raise InvalidInputError(
+                    f"{self.root}: class folder {d.name!r} has no images (accepted "
+                    f"extensions: {accepted}, any case); remove it or add images"
+                )
             samples += [(f, label) for f in files]
         return tuple(d.name for d in subdirs), samples
 
@@ -144,15 +159,20 @@ def convert_channels(images_NHWC: np.ndarray, channels: int) -> np.ndarray:
 class TensorImageDataset(torch.utils.data.Dataset):
     """Images held in memory: uint8 ``[N, H, W]`` or ``[N, H, W, C]`` (C = 1 or 3) with int labels."""
 
-    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | Sequence[int],
-                 class_names: Sequence[str]):
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | Sequence[int],
+        class_names: Sequence[str],
+    ):
         arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if arr.dtype != np.uint8:
             raise InvalidInputError(f"images must be uint8, got {arr.dtype}")
         arr = arr[..., None] if arr.ndim == 3 else arr
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise InvalidInputError(f"images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got "
-                                    f"{tuple(np.shape(images))}")
+            raise InvalidInputError(
+                f"images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {tuple(np.shape(images))}"
+            )
         lab = torch.tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
         self.class_names = tuple(str(c) for c in class_names)
         if len(lab) != len(arr):
@@ -160,8 +180,9 @@ class TensorImageDataset(torch.utils.data.Dataset):
         if not self.class_names:
             raise InvalidInputError("class_names must name at least one class")
         if len(lab) and not (int(lab.min()) >= 0 and int(lab.max()) < len(self.class_names)):
-            raise InvalidInputError(f"labels must be in 0..{len(self.class_names) - 1}, got "
-                                    f"{int(lab.min())}..{int(lab.max())}")
+            raise InvalidInputError(
+                f"labels must be in 0..{len(self.class_names) - 1}, got {int(lab.min())}..{int(lab.max())}"
+            )
         self.images = torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
         self.labels = lab
 

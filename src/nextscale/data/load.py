@@ -11,9 +11,15 @@ from nextscale.errors import InvalidInputError
 BUILTIN = ("fashion-mnist", "mnist5k")
 
 
-def load_dataset(spec: str | Path, split: str = "train", image_size: int = 32, channels: int | None = None,
-                 root: str | Path | None = None, hflip: bool = False, seed: int = 0
-                 ) -> TensorImageDataset | ImageFolder:
+def load_dataset(
+    spec: str | Path,
+    split: str = "train",
+    image_size: int = 32,
+    channels: int | None = None,
+    root: str | Path | None = None,
+    hflip: bool = False,
+    seed: int = 0,
+) -> TensorImageDataset | ImageFolder:
     """``"fashion-mnist"``, ``"mnist5k"`` or a folder path -> a dataset with ``class_names``/``num_classes``.
 
     ``split`` is "train" or "test" ("val" is an alias of "test"; mnist5k also takes "all"). A folder whose only

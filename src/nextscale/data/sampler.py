@@ -28,17 +28,25 @@ class ShardedBatchSampler:
     without it the last batch is completed with indices from the start of the same epoch's permutation.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
-        for name, v, lo in (("num_items", num_items, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
-                            ("world_size", world_size, 1), ("rank", rank, 0)):
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True
+    ):
+        for name, v, lo in (
+            ("num_items", num_items, 1),
+            ("batch_size", batch_size, 1),
+            ("seed", seed, 0),
+            ("world_size", world_size, 1),
+            ("rank", rank, 0),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
         if rank >= world_size:
             raise ConfigError(f"rank must be in 0..{world_size - 1} (world_size {world_size}), got {rank}")
         if drop_last and num_items < batch_size * world_size:
-            raise ConfigError(f"the dataset has {num_items} items, fewer than one global batch of {batch_size} x "
-                              f"{world_size} rank(s); use a smaller batch or drop_last=False")
+            raise ConfigError(
+                f"the dataset has {num_items} items, fewer than one global batch of {batch_size} x "
+                f"{world_size} rank(s); use a smaller batch or drop_last=False"
+            )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
 
@@ -73,5 +81,5 @@ class ShardedBatchSampler:
             order = self._epoch_order(epoch)
             for s in range(offset, spe):
                 lo = s * g + self.rank * b
-                yield epoch * spe + s, epoch, order[lo:lo + b].tolist()
+                yield epoch * spe + s, epoch, order[lo : lo + b].tolist()
             step = (epoch + 1) * spe

@@ -61,8 +61,10 @@ class EngineConfig:
         if not self.decode_slice >= 0:
             raise ConfigError(f"decode_slice must be >= 0, got {self.decode_slice}")
         if self.scheduler.max_rows != SchedulerConfig.max_rows:
-            raise ConfigError(f"scheduler.max_rows={self.scheduler.max_rows} is not used: the engine derives its "
-                              f"KV rows from kv_cache_mb; set kv_cache_mb instead")
+            raise ConfigError(
+                f"scheduler.max_rows={self.scheduler.max_rows} is not used: the engine derives its "
+                f"KV rows from kv_cache_mb; set kv_cache_mb instead"
+            )
 
 
 @dataclass
@@ -135,7 +137,8 @@ class Engine:
             raise InvalidInputError(
                 f"kv_cache_mb={self.cfg.kv_cache_mb} holds {max_rows} rows of KV cache ({row_bytes / 2**20:.2f} MB "
                 f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
-                f"{cfg_rows(self.cfg.max_images_per_request)}")
+                f"{cfg_rows(self.cfg.max_images_per_request)}"
+            )
         self.scheduler = Scheduler(replace(self.cfg.scheduler, max_rows=max_rows))
         self.pool = KVPool.for_model(var, max_rows)
         self.runner = ModelRunner(var)
@@ -147,8 +150,14 @@ class Engine:
         self._decode_s_per_image: float | None = None  # measured on the last completed decode
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def add_request(self, labels_B: torch.Tensor, params: SamplingParams, request_id: str | None = None,
-                    previews: bool = False, first_image_index: int = 0) -> str:
+    def add_request(
+        self,
+        labels_B: torch.Tensor,
+        params: SamplingParams,
+        request_id: str | None = None,
+        previews: bool = False,
+        first_image_index: int = 0,
+    ) -> str:
         if params.seed is None:
             raise InvalidInputError("engine requests need an explicit seed")
         n = labels_B.numel()
@@ -158,8 +167,9 @@ class Engine:
         self.var.check_labels(labels_B)
         rid = request_id or f"req-{next(self._ids)}"
         self.scheduler.add(rid, cfg_rows(n), tuple(pn * pn for pn in self.var.cfg.patch_nums))
-        self.requests[rid] = _Request(labels_B.to(self.device), params, previews, first_image_index,
-                                      time.perf_counter())
+        self.requests[rid] = _Request(
+            labels_B.to(self.device), params, previews, first_image_index, time.perf_counter()
+        )
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -231,14 +241,17 @@ class Engine:
         iteration_s = time.perf_counter() - t_start
         while self._decodes:
             job = self._decodes[0]
-            short = (self._decode_s_per_image is not None
-                     and self._decode_s_per_image * job.images <= self.cfg.decode_slice * iteration_s)
+            short = (
+                self._decode_s_per_image is not None
+                and self._decode_s_per_image * job.images <= self.cfg.decode_slice * iteration_s
+            )
             if not job.run(None if short else interrupt):
                 break
             self._decode_s_per_image = job.seconds / job.images
             # requests aborted during the decode are no longer in ``_decoding``: their images are dropped
-            events.extend(ev for ev in self._decodes.popleft().finish()
-                          if self._decoding.pop(ev.request_id, None) is not None)
+            events.extend(
+                ev for ev in self._decodes.popleft().finish() if self._decoding.pop(ev.request_id, None) is not None
+            )
         return events
 
     def _start(self, rid: str) -> None:
@@ -246,8 +259,9 @@ class Engine:
         B = req.labels_B.numel()
         gens = req.params.generators(B, self.device, start=req.first_image_index)
         kv = self.pool.slot(self.scheduler.running[rid].slot, cfg_rows(B))
-        req.state = Generation(self.var, self.vae.quantize, req.labels_B, req.params, gens, kv=kv,
-                               lvl_pos_1LC=self.runner.lvl_pos)
+        req.state = Generation(
+            self.var, self.vae.quantize, req.labels_B, req.params, gens, kv=kv, lvl_pos_1LC=self.runner.lvl_pos
+        )
 
     def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         return self.vae.decode_images(f_hat_BChw)
@@ -261,8 +275,7 @@ class Engine:
             done.update({e.request_id: e for e in self.step() if e.finished})
         return [done[i] for i in ids]
 
-    def stream(self, labels_B: torch.Tensor, params: SamplingParams, previews: bool = True
-               ) -> Iterator[ScaleEvent]:
+    def stream(self, labels_B: torch.Tensor, params: SamplingParams, previews: bool = True) -> Iterator[ScaleEvent]:
         """One request's per-scale events, driving the engine (single-threaded use)."""
         rid = self.add_request(labels_B, params, previews=previews)
         while self.is_pending(rid):

@@ -44,8 +44,16 @@ class KVPool:
     holds the tensors and the live slots.
     """
 
-    def __init__(self, num_layers: int, rows: int, num_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        rows: int,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (rows, num_heads, max_len, head_dim)
         # torch.empty does not touch the pages: memory is committed as slots are first written.
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -66,15 +74,16 @@ class KVPool:
         self.slots[start] = slot
         return slot
 
-    def write_run(self, layer: int, run: list[KVSlot], k_RHlc: torch.Tensor, v_RHlc: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_run(
+        self, layer: int, run: list[KVSlot], k_RHlc: torch.Tensor, v_RHlc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append for several adjacent slots at the same length with one copy; their keys/values as one view."""
         first, n, l = run[0], run[0].lengths[layer], k_RHlc.shape[2]
         rows = slice(first.start, run[-1].start + run[-1].rows)
         assert all(a.start + a.rows == b.start for a, b in itertools.pairwise(run)), "slots are not adjacent"
         assert all(s.lengths[layer] == n for s in run), "slots at different lengths"
-        self.k[layer][rows, :, n: n + l].copy_(k_RHlc)
-        self.v[layer][rows, :, n: n + l].copy_(v_RHlc)
+        self.k[layer][rows, :, n : n + l].copy_(k_RHlc)
+        self.v[layer][rows, :, n : n + l].copy_(v_RHlc)
         for s in run:
             s.lengths[layer] = n + l
         return self.k[layer][rows, :, : n + l], self.v[layer][rows, :, : n + l]
@@ -112,8 +121,16 @@ class KVCache(KVSlot):
     """A cache of its own for one batch (the pipeline's sampler): a ``KVSlot`` spanning a private one-slot pool,
     so the pool and the engine's slots share one write path and one integrity check."""
 
-    def __init__(self, num_layers: int, rows: int, num_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        rows: int,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         pool = KVPool(num_layers, rows, num_heads, head_dim, max_len, dtype, device)
         super().__init__(pool, 0, rows)
         pool.slots[0] = self

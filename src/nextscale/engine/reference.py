@@ -27,8 +27,14 @@ from nextscale.models.var import VAR
 
 
 @torch.no_grad()
-def reference_sample(var: VAR, vae: VQVAE, labels_B: torch.Tensor, params: SamplingParams,
-                     generators: Generators, forced: ForcedTokens | None = None) -> SampleResult:
+def reference_sample(
+    var: VAR,
+    vae: VQVAE,
+    labels_B: torch.Tensor,
+    params: SamplingParams,
+    generators: Generators,
+    forced: ForcedTokens | None = None,
+) -> SampleResult:
     B, quant = labels_B.shape[0], vae.quantize
     S = var.scales.num_scales
     rows_R = cfg_labels(labels_B, var.num_classes)

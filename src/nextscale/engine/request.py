@@ -35,21 +35,27 @@ class SamplingParams:
     rng: RngMode = "per_image"
 
     def __post_init__(self) -> None:
-        if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg) \
-                or self.cfg < 0:
+        if (
+            isinstance(self.cfg, bool)
+            or not isinstance(self.cfg, (int, float))
+            or not math.isfinite(self.cfg)
+            or self.cfg < 0
+        ):
             raise InvalidInputError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in [0, 1] (0 = off), got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
             raise InvalidInputError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
         if self.rng not in ("per_image", "official"):
             raise InvalidInputError(f"rng must be 'per_image' or 'official', got {self.rng!r}")
 
-    def generators(self, count: int, device: torch.device | str = "cpu", start: int = 0,
-                   indices: Sequence[int] | None = None) -> Generators:
+    def generators(
+        self, count: int, device: torch.device | str = "cpu", start: int = 0, indices: Sequence[int] | None = None
+    ) -> Generators:
         """This request's random streams: images ``start .. start+count-1`` (or ``indices``) of ``seed``."""
         if self.seed is None:
             raise InvalidInputError("sampling needs a seed (SamplingParams(seed=...))")

@@ -60,11 +60,14 @@ class RaggedStep:
         # With several segments (requests at different scales), per-token AdaLN vectors are gathered by one
         # index instead of one small op per segment: the iteration's cost then no longer grows with the number
         # of distinct scales in it (measured ~0.7 ms per extra scale on the demo model, which cost tail latency).
-        self.row_N = None if len(segments) < 2 else torch.cat(
-            [torch.arange(s.r0, s.r1, device=device).repeat_interleave(s.l) for s in segments])
+        self.row_N = (
+            None
+            if len(segments) < 2
+            else torch.cat([torch.arange(s.r0, s.r1, device=device).repeat_interleave(s.l) for s in segments])
+        )
 
     def _rows(self, x: torch.Tensor, s: Segment) -> torch.Tensor:
-        return x[s.t0: s.t1].view(s.r1 - s.r0, s.l, x.shape[-1])
+        return x[s.t0 : s.t1].view(s.r1 - s.r0, s.l, x.shape[-1])
 
     def modulate(self, h: torch.Tensor, scale_RC: torch.Tensor, shift_RC: torch.Tensor) -> torch.Tensor:
         # ``h`` is a fresh LayerNorm output, so it is updated in place (same elementwise ops in the same order as
@@ -73,14 +76,14 @@ class RaggedStep:
             return h.mul_(scale_RC.add(1).index_select(0, self.row_N)).add_(shift_RC.index_select(0, self.row_N))
         for s in self.segments:
             hs = self._rows(h, s)
-            hs.mul_(scale_RC[s.r0: s.r1].unsqueeze(1).add(1)).add_(shift_RC[s.r0: s.r1].unsqueeze(1))
+            hs.mul_(scale_RC[s.r0 : s.r1].unsqueeze(1).add(1)).add_(shift_RC[s.r0 : s.r1].unsqueeze(1))
         return h
 
     def gate(self, y: torch.Tensor, gamma_RC: torch.Tensor) -> torch.Tensor:
         if self.row_N is not None:
             return y.mul_(gamma_RC.index_select(0, self.row_N))
         for s in self.segments:
-            self._rows(y, s).mul_(gamma_RC[s.r0: s.r1].unsqueeze(1))
+            self._rows(y, s).mul_(gamma_RC[s.r0 : s.r1].unsqueeze(1))
         return y
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,11 +92,11 @@ class RaggedStep:
         for sp in self.spans:
 
             def per_row(t: torch.Tensor, sp: AttnSpan = sp) -> torch.Tensor:
-                return t[sp.t0: sp.t1].view(sp.rows, sp.l, H, c).transpose(1, 2)  # [R, H, l, c]
+                return t[sp.t0 : sp.t1].view(sp.rows, sp.l, H, c).transpose(1, 2)  # [R, H, l, c]
 
             k_all, v_all = sp.write(layer, per_row(k), per_row(v))
             o = F.scaled_dot_product_attention(per_row(q), k_all, v_all, scale=scale)
-            out[sp.t0: sp.t1].view(sp.rows, sp.l, H, c).copy_(o.transpose(1, 2))
+            out[sp.t0 : sp.t1].view(sp.rows, sp.l, H, c).copy_(o.transpose(1, 2))
         return out
 
 
@@ -121,7 +124,7 @@ class ModelRunner:
         t = 0
         for i, u in zip(order, ordered):
             n = u.rows * u.tokens_this_scale
-            results[i] = u.advance(logits_NV[t: t + n].view(u.rows, u.tokens_this_scale, -1))
+            results[i] = u.advance(logits_NV[t : t + n].view(u.rows, u.tokens_this_scale, -1))
             t += n
         return [r for r in results if r is not None]
 
@@ -133,9 +136,15 @@ class ModelRunner:
         for u in units:
             l, rows = u.tokens_this_scale, u.rows
             prev = spans[-1] if spans else None
-            if (isinstance(u.kv, KVSlot) and prev is not None and prev.slots and prev.l == l
-                    and prev.slots[-1].pool is u.kv.pool and prev.slots[-1].start + prev.slots[-1].rows == u.kv.start
-                    and prev.slots[-1].lengths == u.kv.lengths):
+            if (
+                isinstance(u.kv, KVSlot)
+                and prev is not None
+                and prev.slots
+                and prev.l == l
+                and prev.slots[-1].pool is u.kv.pool
+                and prev.slots[-1].start + prev.slots[-1].rows == u.kv.start
+                and prev.slots[-1].lengths == u.kv.lengths
+            ):
                 spans[-1] = AttnSpan(prev.t0, t + rows * l, prev.rows + rows, l, slots=(*prev.slots, u.kv))
             elif isinstance(u.kv, KVSlot):
                 spans.append(AttnSpan(t, t + rows * l, rows, l, slots=(u.kv,)))

@@ -23,9 +23,15 @@ ScaleCallback = Callable[[ScaleResult], None]
 
 
 @torch.no_grad()
-def sample_tokens_batch(var: VAR, quantizer: MultiScaleQuantizer, labels_B: torch.Tensor, params: SamplingParams,
-                        generators: Generators, forced: ForcedTokens | None = None,
-                        on_scale: ScaleCallback | None = None) -> SampleResult:
+def sample_tokens_batch(
+    var: VAR,
+    quantizer: MultiScaleQuantizer,
+    labels_B: torch.Tensor,
+    params: SamplingParams,
+    generators: Generators,
+    forced: ForcedTokens | None = None,
+    on_scale: ScaleCallback | None = None,
+) -> SampleResult:
     """Run all scales for ``labels_B``: tokens, final latent and the per-scale inputs."""
     kv = KVCache.for_model(var, rows=cfg_rows(labels_B.shape[0]))
     state = Generation(var, quantizer, labels_B, params, generators, kv=kv, forced=forced)

@@ -31,16 +31,23 @@ def derive_seed(seed: int, index: int) -> int:
     return z >> 1
 
 
-def image_generators(seed: int, count: int, device: torch.device | str = "cpu", start: int = 0,
-                     indices: Sequence[int] | None = None) -> list[torch.Generator]:
+def image_generators(
+    seed: int, count: int, device: torch.device | str = "cpu", start: int = 0, indices: Sequence[int] | None = None
+) -> list[torch.Generator]:
     """One generator per image: images ``start .. start+count-1`` of a request seeded with ``seed``, or the
     images ``indices`` (a shard of a larger job) when given."""
     ids = range(start, start + count) if indices is None else indices
     return [torch.Generator(device=device).manual_seed(derive_seed(seed, int(i))) for i in ids]
 
 
-def request_generators(seed: int, rng: str, count: int, device: torch.device | str = "cpu", start: int = 0,
-                       indices: Sequence[int] | None = None) -> Generators:
+def request_generators(
+    seed: int,
+    rng: str,
+    count: int,
+    device: torch.device | str = "cpu",
+    start: int = 0,
+    indices: Sequence[int] | None = None,
+) -> Generators:
     """The generators of one request (the single place both the pipeline and the engine build them):
     ``rng="official"`` is one stream for the whole batch, as ``autoregressive_infer_cfg(g_seed=seed)``;
     otherwise one generator per image (``image_generators``)."""
@@ -112,12 +119,14 @@ def sample_tokens(logits_BlV: torch.Tensor, top_k: int, top_p: float, generators
     if isinstance(generators, torch.Generator):
         return torch.multinomial(probs.view(-1, V), 1, replacement=True, generator=generators).view(B, l)
     gens = _per_image(generators, B)
-    return torch.stack([torch.multinomial(probs[i], 1, replacement=True, generator=g).view(l)
-                        for i, g in enumerate(gens)])
+    return torch.stack(
+        [torch.multinomial(probs[i], 1, replacement=True, generator=g).view(l) for i, g in enumerate(gens)]
+    )
 
 
-def gumbel_soft_codes(logits_BlV: torch.Tensor, ratio: float, embedding_VC: torch.Tensor, generators: Generators
-                      ) -> torch.Tensor:
+def gumbel_soft_codes(
+    logits_BlV: torch.Tensor, ratio: float, embedding_VC: torch.Tensor, generators: Generators
+) -> torch.Tensor:
     """VAR's ``more_smooth`` mode: a gumbel-softmax mixture of codes instead of one code per position.
 
     Temperature ``max(0.27*(1 - 0.95*ratio), 0.005)`` on logits sharpened by ``1+ratio`` (MaskGIT-style);

@@ -64,7 +64,7 @@ class RowAllocator:
     def allocate(self, rows: int) -> int | None:
         for i, (s, e) in enumerate(self.free):
             if e - s >= rows:
-                self.free[i: i + 1] = [(s + rows, e)] if e - s > rows else []
+                self.free[i : i + 1] = [(s + rows, e)] if e - s > rows else []
                 return s
         return None
 
@@ -157,8 +157,11 @@ class Scheduler:
             self.running[seq.request_id] = seq
             out.admitted.append(seq.request_id)
         by_age = sorted(self.running.values(), key=lambda s: s.order)
-        cheap_only = (self.cfg.first_scale_priority and self._cheap_only_run < self.MAX_CHEAP_ONLY_RUN
-                      and any(seq.si == 0 for seq in by_age))
+        cheap_only = (
+            self.cfg.first_scale_priority
+            and self._cheap_only_run < self.MAX_CHEAP_ONLY_RUN
+            and any(seq.si == 0 for seq in by_age)
+        )
         heavy = []
         for seq in by_age:
             if seq.scale_tokens[seq.si] <= self.cfg.cheap_tokens or (cheap_only and seq.si == 0):

@@ -58,9 +58,17 @@ class ScaleResult:
 
 
 class Generation:
-    def __init__(self, model: VAR, quantizer: MultiScaleQuantizer, labels_B: torch.Tensor, params: SamplingParams,
-                 generators: Generators, kv: KVSlot | None = None, forced: ForcedTokens | None = None,
-                 lvl_pos_1LC: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: VAR,
+        quantizer: MultiScaleQuantizer,
+        labels_B: torch.Tensor,
+        params: SamplingParams,
+        generators: Generators,
+        kv: KVSlot | None = None,
+        forced: ForcedTokens | None = None,
+        lvl_pos_1LC: torch.Tensor | None = None,
+    ):
         self.model, self.quant, self.params = model, quantizer, params
         self.generators, self.forced = generators, forced
         self.B = labels_B.shape[0]

@@ -46,8 +46,9 @@ class ClassifierConfig:
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                         nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+    )
 
 
 class SmallClassifier(nn.Module):
@@ -61,8 +62,15 @@ class SmallClassifier(nn.Module):
         super().__init__()
         self.config = ClassifierConfig(in_channels, num_classes, image_size)
         c1, c2, c3 = WIDTHS
-        self.body = nn.Sequential(_block(in_channels, c1), _block(c1, c2), _block(c2, c3), nn.AdaptiveAvgPool2d(4),
-                                  nn.Flatten(), nn.Linear(c3 * 16, FEATURE_DIM), nn.ReLU())
+        self.body = nn.Sequential(
+            _block(in_channels, c1),
+            _block(c1, c2),
+            _block(c2, c3),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(c3 * 16, FEATURE_DIM),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
     def forward(self, x_NCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +85,10 @@ class SmallClassifier(nn.Module):
         else:
             x = images.float()
             if x.ndim != 4 or x.shape[1] not in (1, 3):
-                raise InvalidInputError(f"float images must be NCHW with 1 or 3 channels in [-1, 1], got shape "
-                                        f"{tuple(x.shape)} (pass uint8 images as NHWC)")
+                raise InvalidInputError(
+                    f"float images must be NCHW with 1 or 3 channels in [-1, 1], got shape "
+                    f"{tuple(x.shape)} (pass uint8 images as NHWC)"
+                )
         s = self.config.image_size
         if x.shape[-2:] != (s, s):
             raise InvalidInputError(f"this classifier takes {s}x{s} images, got {tuple(x.shape[-2:])}")
@@ -95,7 +105,7 @@ class SmallClassifier(nn.Module):
         try:
             with torch.inference_mode():
                 for lo in range(0, len(images), batch_size):
-                    f, g = self(self.prepare(images[lo:lo + batch_size]).to(device))
+                    f, g = self(self.prepare(images[lo : lo + batch_size]).to(device))
                     feats.append(f.float().cpu())
                     logits.append(g.float().cpu())
         finally:
@@ -136,19 +146,27 @@ def random_shift(x_NCHW: torch.Tensor, max_shift: int, generator: torch.Generato
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [N, 1, H, 1]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [N, 1, 1, W]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(x_NCHW.shape[1])[None, :, None, None],
-                  rows, cols]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x_NCHW.shape[1])[None, :, None, None], rows, cols]
 
 
-def evaluate_accuracy(model: SmallClassifier, images_NCHW: torch.Tensor, labels: torch.Tensor,
-                      batch_size: int = 512) -> float:
+def evaluate_accuracy(
+    model: SmallClassifier, images_NCHW: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
     logits = model.logits(images_NCHW, batch_size)
     return float((logits.argmax(1) == labels).double().mean())
 
 
-def train_classifier(train_ds: Any, test_ds: Any, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3,
-                     seed: int = 0, progress: bool = True, max_shift: int = 2, weight_decay: float = 0.05
-                     ) -> tuple[SmallClassifier, float]:
+def train_classifier(
+    train_ds: Any,
+    test_ds: Any,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+    max_shift: int = 2,
+    weight_decay: float = 0.05,
+) -> tuple[SmallClassifier, float]:
     """Train a ``SmallClassifier`` on ``train_ds``; returns it (eval mode) and its accuracy on ``test_ds``.
 
     AdamW with a one-epoch-fraction warm-up and cosine decay, random shifts of up to ``max_shift`` pixels.
@@ -171,14 +189,15 @@ def train_classifier(train_ds: Any, test_ds: Any, epochs: int = 3, batch_size: i
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(x) // batch_size)
     total, warmup = epochs * steps_per_epoch, max(1, steps_per_epoch // 5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * min(s, total) / total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    )
     bar = _progress(total, progress)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             _, logits = model(random_shift(x[idx], max_shift, gen))
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -210,6 +229,7 @@ def save_classifier(model: SmallClassifier, folder: str | Path, metadata: dict[s
 
     ``metadata`` (JSON-serialisable: dataset, accuracy, ...) is kept in config.json under "metadata".
     """
+
     def fill(tmp: Path) -> None:
         cfg = {"_class_name": "SmallClassifier", **asdict(model.config), "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -242,7 +262,9 @@ def load_classifier(folder: str | Path) -> SmallClassifier:
     expected = model.state_dict()
     problems = sorted(set(expected) ^ set(state)) or [k for k in expected if expected[k].shape != state[k].shape]
     if problems:
-        raise CheckpointError(f"{w_path}: does not match the config (missing, unexpected or mis-shaped tensors: "
-                              f"{', '.join(problems[:5])})")
+        raise CheckpointError(
+            f"{w_path}: does not match the config (missing, unexpected or mis-shaped tensors: "
+            f"{', '.join(problems[:5])})"
+        )
     model.load_state_dict(state)
     return model.eval()

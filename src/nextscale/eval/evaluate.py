@@ -26,8 +26,9 @@ from nextscale.eval.metrics import (
 )
 
 
-def load_image_set(spec: str | Path, image_size: int | None = None, limit: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+def load_image_set(
+    spec: str | Path, image_size: int | None = None, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 NHWC images (and labels when known) from an ``.npz`` sample file, a PNG folder, or a built-in
     dataset split written ``fashion-mnist:test`` / ``mnist5k:test``."""
     text = str(spec)
@@ -52,8 +53,9 @@ def load_image_set(spec: str | Path, image_size: int | None = None, limit: int |
             raise InvalidInputError(f"{path}: no .png files")
         arrs = [np.asarray(Image.open(f)) for f in files]
         return np.stack([a if a.ndim == 3 else a[..., None] for a in arrs]), None
-    raise InvalidInputError(f"{spec}: expected a .npz file, a folder of PNGs, or dataset:split "
-                            f"(e.g. fashion-mnist:test)")
+    raise InvalidInputError(
+        f"{spec}: expected a .npz file, a folder of PNGs, or dataset:split (e.g. fashion-mnist:test)"
+    )
 
 
 def load_feature_net(spec: str | Path) -> tuple[str, FeatureNet]:
@@ -73,20 +75,33 @@ def load_feature_net(spec: str | Path) -> tuple[str, FeatureNet]:
 
 
 @torch.inference_mode()
-def evaluate(samples: np.ndarray, reference: np.ndarray, net: FeatureNet, sample_labels: np.ndarray | None = None,
-             net_name: str = "net", k: int = 3, num_classes: int | None = None) -> dict[str, Any]:
+def evaluate(
+    samples: np.ndarray,
+    reference: np.ndarray,
+    net: FeatureNet,
+    sample_labels: np.ndarray | None = None,
+    net_name: str = "net",
+    k: int = 3,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
     if len(samples) < 2 or len(reference) < 2:
-        raise InvalidInputError(f"need at least 2 samples and 2 reference images, got {len(samples)}, "
-                                f"{len(reference)}")
+        raise InvalidInputError(f"need at least 2 samples and 2 reference images, got {len(samples)}, {len(reference)}")
     fs, ls = _features_and_logits(net, samples)
     fr, _ = _features_and_logits(net, reference)
     mu_s, sig_s = feature_stats(fs)
     mu_r, sig_r = feature_stats(fr)
     prec, rec = precision_recall(fr, fs, k=k)
     is_mean, is_std = inception_score(ls.softmax(-1), splits=min(10, max(1, len(samples) // 100)))
-    out: dict[str, Any] = {"samples": len(samples), "reference": len(reference), "features": net_name,
-                           f"FD-{net_name}": frechet_distance(mu_s, sig_s, mu_r, sig_r), "precision": prec,
-                           "recall": rec, "IS": is_mean, "IS_std": is_std}
+    out: dict[str, Any] = {
+        "samples": len(samples),
+        "reference": len(reference),
+        "features": net_name,
+        f"FD-{net_name}": frechet_distance(mu_s, sig_s, mu_r, sig_r),
+        "precision": prec,
+        "recall": rec,
+        "IS": is_mean,
+        "IS_std": is_std,
+    }
     if sample_labels is not None and num_classes is not None and ls.shape[-1] == num_classes:
         acc, per_class = class_accuracy(ls.argmax(-1), torch.as_tensor(sample_labels), num_classes)
         out["class_accuracy"], out["per_class_accuracy"] = acc, per_class

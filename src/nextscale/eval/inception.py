@@ -31,8 +31,14 @@ FID_FEATURE_DIM = 2048
 class BasicConv2d(nn.Module):
     """Bias-free conv + BatchNorm (eps 0.001, as TF) + ReLU."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int | tuple[int, int], stride: int = 1,
-                 padding: int | tuple[int, int] = 0):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(c_out, eps=0.001)
@@ -99,8 +105,13 @@ class FIDInceptionC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
+        for conv in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = conv(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_no_pad(x))], 1)
 
@@ -204,8 +215,10 @@ def preprocess(images: ArrayLike) -> torch.Tensor:
     else:
         x = images.float()
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise InvalidInputError(f"float images must be NCHW with 1 or 3 channels in [0, 1], got shape "
-                                    f"{tuple(x.shape)} (pass uint8 images as NHWC)")
+            raise InvalidInputError(
+                f"float images must be NCHW with 1 or 3 channels in [0, 1], got shape "
+                f"{tuple(x.shape)} (pass uint8 images as NHWC)"
+            )
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
@@ -221,23 +234,28 @@ def load_fid_inception(path: str | Path) -> FIDInception3:
     nothing extra; ``num_batches_tracked`` counters optional), in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; the FID Inception weights, pytorch-fid's {FID_WEIGHTS_NAME}, "
-                              f"must be supplied by you (nextscale never downloads weights)")
+        raise CheckpointError(
+            f"{path}: no such file; the FID Inception weights, pytorch-fid's {FID_WEIGHTS_NAME}, "
+            f"must be supplied by you (nextscale never downloads weights)"
+        )
     sd = read_state_dict(path)
     model = FIDInception3()
     expected = _expected_entries(model)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and not k.endswith("num_batches_tracked")]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
-             if k in sd and sd[k].shape != s]
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} (expected {tuple(s)})" for k, s in expected.items() if k in sd and sd[k].shape != s
+    ]
     hint = ""
     if "fc.weight" in sd and sd["fc.weight"].shape[0] == 1000:
         hint = " (1000 classes: torchvision's ImageNet Inception-v3, not the FID network)"
     for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
             more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            raise CheckpointError(f"{path}: not the FID Inception-v3 ({FID_WEIGHTS_NAME}){hint}: {what} tensors: "
-                                  f"{', '.join(items[:5])}{more}")
+            raise CheckpointError(
+                f"{path}: not the FID Inception-v3 ({FID_WEIGHTS_NAME}){hint}: {what} tensors: "
+                f"{', '.join(items[:5])}{more}"
+            )
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     return model.eval()
 
@@ -249,12 +267,12 @@ class InceptionFeatures:
         self.model, self.device, self.batch_size = model.eval().to(device), torch.device(device), batch_size
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 50
-                  ) -> InceptionFeatures:
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 50) -> InceptionFeatures:
         return cls(load_fid_inception(path), device, batch_size)
 
-    def features_and_logits(self, images: ArrayLike, batch_size: int | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_and_logits(
+        self, images: ArrayLike, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass for both outputs: ([N, 2048], [N, 1008]) float32 on the CPU."""
         bs = batch_size or self.batch_size
         if bs < 1:
@@ -262,7 +280,7 @@ class InceptionFeatures:
         feats, logits = [], []
         with torch.inference_mode():
             for lo in range(0, len(images), bs):
-                f, g = self.model(preprocess(images[lo:lo + bs]).to(self.device))
+                f, g = self.model(preprocess(images[lo : lo + bs]).to(self.device))
                 feats.append(f.float().cpu())
                 logits.append(g.float().cpu())
         if not feats:

@@ -79,13 +79,17 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     stable even for singular covariances (tiny negative eigenvalues from round-off are clipped to 0), unlike a
     general ``sqrtm`` of the non-symmetric ``S1 S2``.
     """
-    m1, m2 = (np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=np.float64).reshape(-1)
-              for m in (mu1, mu2))
+    m1, m2 = (
+        np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=np.float64).reshape(-1)
+        for m in (mu1, mu2)
+    )
     s1, s2 = _as_float64_2d(sigma1, "sigma1"), _as_float64_2d(sigma2, "sigma2")
     d = len(m1)
     if m2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise InvalidInputError(f"shape mismatch: mu1 {m1.shape}, sigma1 {s1.shape}, mu2 {m2.shape}, "
-                                f"sigma2 {s2.shape} (expected [D] and [D, D] with the same D)")
+        raise InvalidInputError(
+            f"shape mismatch: mu1 {m1.shape}, sigma1 {s1.shape}, mu2 {m2.shape}, "
+            f"sigma2 {s2.shape} (expected [D] and [D, D] with the same D)"
+        )
     root1 = _sqrt_psd(s1)
     a = root1 @ ((s2 + s2.T) / 2) @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((a + a.T) / 2), 0.0, None)).sum()
@@ -100,7 +104,7 @@ def _knn_radii(feats: torch.Tensor, k: int, batch: int) -> torch.Tensor:
     """Distance of each sample to its k-th nearest neighbour in its own set, itself excluded."""
     radii = []
     for lo in range(0, len(feats), batch):
-        d = torch.cdist(feats[lo:lo + batch], feats)
+        d = torch.cdist(feats[lo : lo + batch], feats)
         radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # value 0 (itself) comes first
     return torch.cat(radii)
 
@@ -109,7 +113,7 @@ def _coverage(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
     """Fraction of ``queries`` inside at least one ball (centre, radius)."""
     inside = 0
     for lo in range(0, len(queries), batch):
-        d = torch.cdist(queries[lo:lo + batch], centres)
+        d = torch.cdist(queries[lo : lo + batch], centres)
         inside += int((d <= radii[None, :]).any(dim=1).sum())
     return inside / len(queries)
 
@@ -121,13 +125,16 @@ def precision_recall(real_ND: ArrayLike, fake_ND: ArrayLike, k: int = 3, batch: 
     realistic?); recall: share of real samples inside some fake sample's ball (is the data covered?).
     Distances are float32, computed ``batch`` rows at a time.
     """
-    real, fake = (torch.as_tensor(_as_float64_2d(x, name), dtype=torch.float32)
-                  for x, name in ((real_ND, "real_ND"), (fake_ND, "fake_ND")))
+    real, fake = (
+        torch.as_tensor(_as_float64_2d(x, name), dtype=torch.float32)
+        for x, name in ((real_ND, "real_ND"), (fake_ND, "fake_ND"))
+    )
     if real.shape[1] != fake.shape[1]:
         raise InvalidInputError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(len(real), len(fake)):
-        raise InvalidInputError(f"k must be an int in 1..{min(len(real), len(fake)) - 1} (fewer than the samples "
-                                f"of each set), got {k!r}")
+        raise InvalidInputError(
+            f"k must be an int in 1..{min(len(real), len(fake)) - 1} (fewer than the samples of each set), got {k!r}"
+        )
     if batch < 1:
         raise InvalidInputError(f"batch must be >= 1, got {batch}")
     with torch.inference_mode():
@@ -152,7 +159,7 @@ def inception_score(probs_NK: ArrayLike, splits: int = 10) -> tuple[float, float
         raise InvalidInputError("probs_NK must be probabilities: non-negative rows summing to 1 (apply softmax)")
     n, scores = len(p) // splits, []
     for i in range(splits):
-        part = p[i * n:(i + 1) * n]
+        part = p[i * n : (i + 1) * n]
         py = part.mean(axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(py)), 0.0).sum(axis=1)
@@ -175,8 +182,9 @@ def class_accuracy(pred: ArrayLike, target: ArrayLike, num_classes: int) -> tupl
         raise InvalidInputError(f"pred and target must be non-empty and of equal length, got {len(p)} and {len(t)}")
     for name, x in (("pred", p), ("target", t)):
         if int(x.min()) < 0 or int(x.max()) >= num_classes:
-            raise InvalidInputError(f"{name} labels must be in 0..{num_classes - 1}, got "
-                                    f"{int(x.min())}..{int(x.max())}")
+            raise InvalidInputError(
+                f"{name} labels must be in 0..{num_classes - 1}, got {int(x.min())}..{int(x.max())}"
+            )
     correct = (p == t).double()
     per_class = {}
     for c in range(num_classes):
@@ -196,15 +204,19 @@ def _check_samples(arr: np.ndarray, source: str) -> np.ndarray:
     return arr
 
 
-def save_npz_samples(path: str | Path, images_NHWC_uint8: ArrayLike, labels: ArrayLike | Sequence[int] | None = None
-                     ) -> Path:
+def save_npz_samples(
+    path: str | Path, images_NHWC_uint8: ArrayLike, labels: ArrayLike | Sequence[int] | None = None
+) -> Path:
     """Write samples as ADM's evaluator expects (``arr_0``: uint8 NHWC; ``arr_1``: labels if given).
 
     Written to a temporary sibling and renamed, so a reader never sees a half-written file.
     """
     path = Path(path)
-    arr = images_NHWC_uint8.detach().cpu().numpy() if isinstance(images_NHWC_uint8, torch.Tensor) \
+    arr = (
+        images_NHWC_uint8.detach().cpu().numpy()
+        if isinstance(images_NHWC_uint8, torch.Tensor)
         else np.asarray(images_NHWC_uint8)
+    )
     arrays = [_check_samples(arr, "save_npz_samples")]  # positional arrays are saved as arr_0, arr_1
     if labels is not None:
         lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)

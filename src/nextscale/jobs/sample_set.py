@@ -38,8 +38,14 @@ def image_path(folder: Path, g: int) -> Path:
     return folder / f"{g:06d}.png"
 
 
-def generate_set(pipe: VARPipeline, folder: str | Path, spec: SampleSetSpec, rank: int = 0, world_size: int = 1,
-                 progress: bool = False) -> int:
+def generate_set(
+    pipe: VARPipeline,
+    folder: str | Path,
+    spec: SampleSetSpec,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> int:
     """Write this rank's missing images of the set into ``folder``; returns how many were generated."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,9 +58,16 @@ def generate_set(pipe: VARPipeline, folder: str | Path, spec: SampleSetSpec, ran
         bar = tqdm(total=len(todo), desc=f"samples (rank {rank})", unit="img")
     p = spec.params
     for i in range(0, len(todo), spec.batch_size):
-        chunk = todo[i: i + spec.batch_size]
-        out = pipe([labels[g] for g in chunk], cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                   more_smooth=p.more_smooth, image_indices=chunk)
+        chunk = todo[i : i + spec.batch_size]
+        out = pipe(
+            [labels[g] for g in chunk],
+            cfg=p.cfg,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed,
+            more_smooth=p.more_smooth,
+            image_indices=chunk,
+        )
         for g, img in zip(chunk, out.images):
             _save_png(img, image_path(folder, g))
         if bar is not None:
@@ -70,20 +83,30 @@ def _save_png(img: Image.Image, path: Path) -> None:
     tmp.replace(path)  # a killed job never leaves a half-written PNG that would be skipped on resume
 
 
-def pack(folder: str | Path, spec: SampleSetSpec, out_npz: str | Path | None = None,
-         extra: dict[str, Any] | None = None) -> Path:
+def pack(
+    folder: str | Path, spec: SampleSetSpec, out_npz: str | Path | None = None, extra: dict[str, Any] | None = None
+) -> Path:
     """Read ``{g:06d}.png`` in index order into ``<folder>.npz`` and write ``protocol.json``."""
     folder = Path(folder)
     labels = spec.labels()
     missing = [g for g in range(len(labels)) if not image_path(folder, g).exists()]
     if missing:
-        raise FileNotFoundError(f"{folder}: {len(missing)} of {len(labels)} images missing (e.g. "
-                                f"{image_path(folder, missing[0]).name}); run sample-fid again to finish")
+        raise FileNotFoundError(
+            f"{folder}: {len(missing)} of {len(labels)} images missing (e.g. "
+            f"{image_path(folder, missing[0]).name}); run sample-fid again to finish"
+        )
     arrs = [np.asarray(Image.open(image_path(folder, g))) for g in range(len(labels))]
     images = np.stack([a if a.ndim == 3 else a[..., None] for a in arrs])
     out = Path(out_npz) if out_npz else folder.with_suffix(".npz")
     save_npz_samples(out, images, np.asarray(labels, dtype=np.int64))
-    protocol = {"nextscale": __version__, "images": len(labels), "per_class": spec.per_class,
-                "classes": list(spec.classes), "sampling": asdict(spec.params), "npz": str(out.name), **(extra or {})}
+    protocol = {
+        "nextscale": __version__,
+        "images": len(labels),
+        "per_class": spec.per_class,
+        "classes": list(spec.classes),
+        "sampling": asdict(spec.params),
+        "npz": str(out.name),
+        **(extra or {}),
+    }
     (folder / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
     return out

@@ -59,8 +59,9 @@ class FullSequence(DenseRows):
         bias = self.attn_bias
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
-        o_RHLc = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                attn_mask=bias, scale=scale)
+        o_RHLc = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale
+        )
         return o_RHLc.transpose(1, 2)
 
 

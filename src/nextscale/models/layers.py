@@ -44,8 +44,15 @@ class SelfAttention(nn.Module):
     ``exp(min(scale_mul, ln 100))`` (softmax scale 1); otherwise the softmax scale is 0.25/sqrt(c).
     """
 
-    def __init__(self, block_idx: int, dim: int, num_heads: int, attn_l2_norm: bool, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0):
+    def __init__(
+        self,
+        block_idx: int,
+        dim: int,
+        num_heads: int,
+        attn_l2_norm: bool,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ):
         super().__init__()
         self.block_idx, self.num_heads, self.head_dim = block_idx, num_heads, dim // num_heads
         self.attn_l2_norm = attn_l2_norm
@@ -81,9 +88,20 @@ class SelfAttention(nn.Module):
 class AdaLNSelfAttn(nn.Module):
     """x += gamma1 * attn(LN(x)*(1+scale1)+shift1);  x += gamma2 * ffn(LN(x)*(1+scale2)+shift2)."""
 
-    def __init__(self, block_idx: int, dim: int, cond_dim: int, num_heads: int, mlp_hidden: int, norm_eps: float,
-                 shared_aln: bool, attn_l2_norm: bool, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0):
+    def __init__(
+        self,
+        block_idx: int,
+        dim: int,
+        cond_dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        norm_eps: float,
+        shared_aln: bool,
+        attn_l2_norm: bool,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.C = dim
         self.drop_path_p = drop_path

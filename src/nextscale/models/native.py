@@ -56,8 +56,13 @@ def _write_index(folder: Path, class_name: str, extra: dict[str, Any] | None = N
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, Any] | None = None,
-                transformer_dtype: torch.dtype | None = None) -> Path:
+def save_native(
+    path: str | Path,
+    var: VAR,
+    vae: VQVAE,
+    extra_index: dict[str, Any] | None = None,
+    transformer_dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists).
 
     ``transformer_dtype`` stores the transformer's weights in e.g. float16 to halve the folder (they load
@@ -65,8 +70,11 @@ def save_native(path: str | Path, var: VAR, vae: VQVAE, extra_index: dict[str, A
     """
 
     def fill(tmp: Path) -> None:
-        _write_index(tmp, "VARPipeline", {"transformer": ["nextscale", "VAR"], "vae": ["nextscale", "VQVAE"],
-                                          **(extra_index or {})})
+        _write_index(
+            tmp,
+            "VARPipeline",
+            {"transformer": ["nextscale", "VAR"], "vae": ["nextscale", "VQVAE"], **(extra_index or {})},
+        )
         _write_component(tmp, "transformer", var, transformer_dtype)
         _write_component(tmp, "vae", vae)
 
@@ -140,8 +148,12 @@ def load_native(path: str | Path) -> tuple[VAR, VQVAE, dict[str, Any]]:
     return var, vae, index
 
 
-def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, local_files_only: bool = False,
-                      cache_dir: str | Path | None = None) -> Path:
+def resolve_model_dir(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Path:
     """A local folder as is; otherwise a Hugging Face hub repo id, downloaded (or found in the HF cache)."""
     p = Path(name_or_path)
     if p.is_dir():
@@ -155,11 +167,17 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, loc
     except ImportError as e:  # pragma: no cover - huggingface_hub is a core dependency
         raise CheckpointError(f"{name}: loading from the hub needs huggingface_hub ({e})") from e
     try:
-        local = snapshot_download(repo_id=name, revision=revision, local_files_only=local_files_only,
-                                  cache_dir=cache_dir, allow_patterns=[INDEX, "*/config.json", f"*/{WEIGHTS}"])
+        local = snapshot_download(
+            repo_id=name,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            allow_patterns=[INDEX, "*/config.json", f"*/{WEIGHTS}"],
+        )
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{name}: not in the local Hugging Face cache and the hub is unreachable "
-                              f"(offline, or HF_HUB_OFFLINE=1)") from e
+        raise CheckpointError(
+            f"{name}: not in the local Hugging Face cache and the hub is unreachable (offline, or HF_HUB_OFFLINE=1)"
+        ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise CheckpointError(f"{name}: could not fetch from the Hugging Face hub: {error_detail(e)}") from e
     return Path(local)

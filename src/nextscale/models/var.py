@@ -55,8 +55,11 @@ class Conditioning:
     def cat(parts: list[Conditioning]) -> Conditioning:
         if len(parts) == 1:
             return parts[0]
-        return Conditioning(torch.cat([p.cond_RD for p in parts]), torch.cat([p.block_mods for p in parts], dim=1),
-                            torch.cat([p.head_mod for p in parts]))
+        return Conditioning(
+            torch.cat([p.cond_RD for p in parts]),
+            torch.cat([p.block_mods for p in parts], dim=1),
+            torch.cat([p.head_mod for p in parts]),
+        )
 
 
 class VAR(nn.Module):
@@ -83,11 +86,24 @@ class VAR(nn.Module):
             nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(D, 6 * C)) if cfg.shared_aln else nn.Identity()
         )
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList([
-            AdaLNSelfAttn(i, C, D, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.shared_aln, cfg.attn_l2_norm,
-                          drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=dpr[i])
-            for i in range(cfg.depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                AdaLNSelfAttn(
+                    i,
+                    C,
+                    D,
+                    cfg.num_heads,
+                    cfg.mlp_hidden,
+                    cfg.norm_eps,
+                    cfg.shared_aln,
+                    cfg.attn_l2_norm,
+                    drop=cfg.drop_rate,
+                    attn_drop=cfg.attn_drop_rate,
+                    drop_path=dpr[i],
+                )
+                for i in range(cfg.depth)
+            ]
+        )
         # Persistent buffers, as in the official state dict (derivable from patch_nums).
         self.register_buffer("lvl_1L", self.scales.level_ids())
         self.register_buffer("attn_bias_for_masking", self.scales.block_causal_bias().contiguous())
@@ -98,8 +114,10 @@ class VAR(nn.Module):
     def check_labels(self, label_R: torch.Tensor) -> None:
         bad = (label_R < 0) | (label_R > self.num_classes)
         if bool(bad.any()):
-            raise ValueError(f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                             f"got {label_R[bad].tolist()}")
+            raise ValueError(
+                f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                f"got {label_R[bad].tolist()}"
+            )
 
     def condition(self, label_R: torch.Tensor) -> Conditioning:
         cond_RD = self.class_emb(label_R)
@@ -107,8 +125,7 @@ class VAR(nn.Module):
         mods = torch.stack([b.modulation(shared) for b in self.blocks])
         return Conditioning(cond_RD, mods, self.head_nm.modulation(cond_RD))
 
-    def drop_labels(self, label_B: torch.Tensor, rate: float, generator: torch.Generator | None = None
-                    ) -> torch.Tensor:
+    def drop_labels(self, label_B: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Condition dropout for CFG training: replace labels by the null class with probability ``rate``."""
         if rate <= 0:
             return label_B
@@ -125,11 +142,13 @@ class VAR(nn.Module):
         lvl_pos = self.level_pos() if lvl_pos_1LC is None else lvl_pos_1LC
         first_l = self.scales.first_l
         R = cond.rows
-        return (cond.cond_RD.unsqueeze(1).expand(R, first_l, -1) + self.pos_start.expand(R, first_l, -1)
-                + lvl_pos[:, :first_l])
+        return (
+            cond.cond_RD.unsqueeze(1).expand(R, first_l, -1)
+            + self.pos_start.expand(R, first_l, -1)
+            + lvl_pos[:, :first_l]
+        )
 
-    def next_tokens(self, si: int, next_BlCv: torch.Tensor, lvl_pos_1LC: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+    def next_tokens(self, si: int, next_BlCv: torch.Tensor, lvl_pos_1LC: torch.Tensor | None = None) -> torch.Tensor:
         """Input of scale ``si`` from the area-downsampled running latent [B, l, Cv] -> [B, l, C]."""
         lvl_pos = self.level_pos() if lvl_pos_1LC is None else lvl_pos_1LC
         b, e = self.scales.begin_ends[si]
@@ -147,8 +166,9 @@ class VAR(nn.Module):
         h = self.head_nm(x.to(self.head.weight.dtype), cond.head_mod, layout)
         return self.head(h).float()
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_scales: int | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_scales: int | None = None
+    ) -> torch.Tensor:
         """Teacher-forced logits [B, L', V] over the first ``num_scales`` scales (all by default).
 
         Unlike the official forward, this never drops labels by itself: condition dropout is the trainer's
@@ -170,8 +190,9 @@ class VAR(nn.Module):
         """Buffers recomputed from the config (not stored in native checkpoints)."""
         return ("lvl_1L", "attn_bias_for_masking", *(f"blocks.{i}.attn.zero_k_bias" for i in range(self.depth)))
 
-    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
-                     init_std: float = -1.0) -> None:
+    def init_weights(
+        self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = -1.0
+    ) -> None:
         """The official initialisation (``VAR.init_weights``): blocks start near identity via tiny gammas."""
         if init_std < 0:
             init_std = (1 / self.C / 3) ** 0.5
@@ -195,6 +216,6 @@ class VAR(nn.Module):
                 block.ada_gss.data[:, :, :2].mul_(init_adaln_gamma)
             else:
                 ada = block.ada_lin[-1]
-                ada.weight.data[2 * self.C:].mul_(init_adaln)
+                ada.weight.data[2 * self.C :].mul_(init_adaln)
                 ada.weight.data[: 2 * self.C].mul_(init_adaln_gamma)
                 ada.bias.data.zero_()

@@ -31,10 +31,22 @@ log = logging.getLogger(__name__)
 
 # Schedules of the released models, keyed by (sequence length, number of scales).
 KNOWN_SCHEDULES = {(680, 10): PATCH_NUMS_256, (2240, 10): PATCH_NUMS_512}
-_VAR_KEYS = ("word_embed.weight", "class_emb.weight", "pos_1LC", "lvl_embed.weight", "head.weight",
-             "head_nm.ada_lin.1.weight", "blocks.0.attn.mat_qkv.weight")
-_VAE_KEYS = ("encoder.conv_in.weight", "decoder.conv_out.weight", "quantize.embedding.weight",
-             "quant_conv.weight", "post_quant_conv.weight")
+_VAR_KEYS = (
+    "word_embed.weight",
+    "class_emb.weight",
+    "pos_1LC",
+    "lvl_embed.weight",
+    "head.weight",
+    "head_nm.ada_lin.1.weight",
+    "blocks.0.attn.mat_qkv.weight",
+)
+_VAE_KEYS = (
+    "encoder.conv_in.weight",
+    "decoder.conv_out.weight",
+    "quantize.embedding.weight",
+    "quant_conv.weight",
+    "post_quant_conv.weight",
+)
 # Mixing ratio of the Phi convs: a constructor argument, not stored in the files (0.5 in every release).
 OFFICIAL_PHI_RATIO = 0.5
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -62,10 +74,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; "
             f"only plain state dicts are accepted (a training checkpoint? export its weights first). Detail: "
-            f"{error_detail(e)}") from e
+            f"{error_detail(e)}"
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{error_detail(e)}") from e
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error_detail(e)}"
+        ) from e
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and set(obj) == {wrapper}:
             obj = obj[wrapper]
@@ -125,8 +139,10 @@ def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], kind: str, sou
     if kind == "VQ-VAE" and all(k in sd for k in _VAR_KEYS):
         raise CheckpointError(f"{source}: this is a VAR transformer checkpoint, not a VQ-VAE (pass it as the VAR)")
     sample = ", ".join(list(sd)[:4])
-    raise CheckpointError(f"{source}: does not look like a {kind} checkpoint: missing {', '.join(missing[:4])} "
-                          f"(it has {len(sd)} tensors, e.g. {sample})")
+    raise CheckpointError(
+        f"{source}: does not look like a {kind} checkpoint: missing {', '.join(missing[:4])} "
+        f"(it has {len(sd)} tensors, e.g. {sample})"
+    )
 
 
 def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
@@ -134,8 +150,9 @@ def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
 
 
-def infer_var_config(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None,
-                     source: str = "state dict") -> VARConfig:
+def infer_var_config(
+    sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None, source: str = "state dict"
+) -> VARConfig:
     _require(sd, _VAR_KEYS, "VAR", source)
     C, Cvae = sd["word_embed.weight"].shape
     depth = len(_indices(sd, r"blocks\.(\d+)\."))
@@ -143,23 +160,36 @@ def infer_var_config(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...]
     heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else max(1, C // 64)
     L, S = sd["pos_1LC"].shape[1], sd["lvl_embed.weight"].shape[0]
     schedule = _infer_patch_nums(sd, L, S, patch_nums, source)
-    return VARConfig(depth=depth, embed_dim=C, num_heads=heads, mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C,
-                     num_classes=sd["class_emb.weight"].shape[0] - 1, vocab_size=sd["head.weight"].shape[0],
-                     z_channels=Cvae, patch_nums=schedule, shared_aln="shared_ada_lin.1.weight" in sd,
-                     attn_l2_norm=attn_l2_norm, drop_path_rate=0.1 * depth / 24)
+    return VARConfig(
+        depth=depth,
+        embed_dim=C,
+        num_heads=heads,
+        mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C,
+        num_classes=sd["class_emb.weight"].shape[0] - 1,
+        vocab_size=sd["head.weight"].shape[0],
+        z_channels=Cvae,
+        patch_nums=schedule,
+        shared_aln="shared_ada_lin.1.weight" in sd,
+        attn_l2_norm=attn_l2_norm,
+        drop_path_rate=0.1 * depth / 24,
+    )
 
 
-def _infer_patch_nums(sd: Mapping[str, torch.Tensor], L: int, S: int, given: tuple[int, ...] | None,
-                      source: str) -> tuple[int, ...]:
+def _infer_patch_nums(
+    sd: Mapping[str, torch.Tensor], L: int, S: int, given: tuple[int, ...] | None, source: str
+) -> tuple[int, ...]:
     from_buffer = ScaleSchedule.from_level_ids(sd["lvl_1L"]) if "lvl_1L" in sd else None
     if given is not None:
         given = tuple(int(p) for p in given)
         if sum(p * p for p in given) != L or len(given) != S:
-            raise CheckpointError(f"{source}: patch_nums={given} gives {len(given)} scales / "
-                                  f"{sum(p * p for p in given)} tokens, but the checkpoint has {S} scales / {L} tokens")
+            raise CheckpointError(
+                f"{source}: patch_nums={given} gives {len(given)} scales / "
+                f"{sum(p * p for p in given)} tokens, but the checkpoint has {S} scales / {L} tokens"
+            )
         if from_buffer is not None and from_buffer.patch_nums != given:
-            raise CheckpointError(f"{source}: patch_nums={given} disagrees with the checkpoint's lvl_1L buffer "
-                                  f"({from_buffer.patch_nums})")
+            raise CheckpointError(
+                f"{source}: patch_nums={given} disagrees with the checkpoint's lvl_1L buffer ({from_buffer.patch_nums})"
+            )
         return given
     if from_buffer is not None:
         return from_buffer.patch_nums
@@ -168,8 +198,9 @@ def _infer_patch_nums(sd: Mapping[str, torch.Tensor], L: int, S: int, given: tup
     raise CheckpointError(f"{source}: cannot infer patch_nums for {S} scales / {L} tokens; pass patch_nums=")
 
 
-def infer_vae_config(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None,
-                     source: str = "state dict") -> VQVAEConfig:
+def infer_vae_config(
+    sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None, source: str = "state dict"
+) -> VQVAEConfig:
     _require(sd, _VAE_KEYS, "VQ-VAE", source)
     ch, in_ch = sd["encoder.conv_in.weight"].shape[:2]
     vocab, z = sd["quantize.embedding.weight"].shape
@@ -196,11 +227,21 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...]
         counts = 0
     using_sa = any(k.startswith(f"encoder.down.{levels[-1]}.attn.") for k in sd)
     try:
-        return VQVAEConfig(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=n_res,
-                           in_channels=in_ch, using_sa=using_sa,
-                           using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd, quant_resi=ratio,
-                           share_quant_resi=share, default_qresi_counts=counts,
-                           quant_conv_ks=sd["quant_conv.weight"].shape[-1], patch_nums=tuple(patch_nums))
+        return VQVAEConfig(
+            vocab_size=vocab,
+            z_channels=z,
+            ch=ch,
+            ch_mult=ch_mult,
+            num_res_blocks=n_res,
+            in_channels=in_ch,
+            using_sa=using_sa,
+            using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd,
+            quant_resi=ratio,
+            share_quant_resi=share,
+            default_qresi_counts=counts,
+            quant_conv_ks=sd["quant_conv.weight"].shape[-1],
+            patch_nums=tuple(patch_nums),
+        )
     except ConfigError as e:
         raise CheckpointError(f"{source}: unsupported VQ-VAE shape: {e}") from e
 
@@ -211,13 +252,15 @@ def check_pair(var_cfg: VARConfig, vae_cfg: VQVAEConfig, source: str = "") -> No
     if (var_cfg.vocab_size, var_cfg.z_channels) != (vae_cfg.vocab_size, vae_cfg.z_channels):
         raise CheckpointError(
             f"{where}VAR and VQ-VAE are from different families: the VAR predicts {var_cfg.vocab_size} codes of "
-            f"dim {var_cfg.z_channels}, the VQ-VAE has {vae_cfg.vocab_size} codes of dim {vae_cfg.z_channels}")
+            f"dim {var_cfg.z_channels}, the VQ-VAE has {vae_cfg.vocab_size} codes of dim {vae_cfg.z_channels}"
+        )
     if var_cfg.patch_nums != vae_cfg.patch_nums:
         raise CheckpointError(f"{where}VAR patch_nums {var_cfg.patch_nums} != VQ-VAE patch_nums {vae_cfg.patch_nums}")
 
 
-def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
-              derived: Mapping[str, torch.Tensor] | None = None) -> None:
+def load_into(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, derived: Mapping[str, torch.Tensor] | None = None
+) -> None:
     """Strictly load ``sd`` into a (meta-device) ``model``; ``derived`` supplies recomputable buffers.
 
     Derived buffers present in ``sd`` must equal their recomputed value (they encode the config).
@@ -230,8 +273,11 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str,
         full[name] = value
     missing = [k for k in expected if k not in full]
     unexpected = [k for k in full if k not in expected]
-    shapes = [f"{k} {tuple(full[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-              if k in full and full[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(full[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in full and full[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
@@ -275,8 +321,14 @@ def build_vae(cfg: VQVAEConfig, sd: Mapping[str, torch.Tensor], source: str) -> 
         if key in sd:
             # The official VQVAE.load_state_dict does the same: usage statistics are per scale, and one VAE file
             # serves both the 256 px and 512 px schedules.
-            log.info("%s: %s has shape %s, not (%d, %d); using fresh usage statistics", source, key,
-                     tuple(sd[key].shape), S, cfg.vocab_size)
+            log.info(
+                "%s: %s has shape %s, not (%d, %d); using fresh usage statistics",
+                source,
+                key,
+                tuple(sd[key].shape),
+                S,
+                cfg.vocab_size,
+            )
         sd[key] = torch.zeros(S, cfg.vocab_size)
     load_into(model, sd, source)
     return model.eval()
@@ -292,8 +344,9 @@ def load_official_vae(path: str | Path, patch_nums: tuple[int, ...] | None = Non
     return build_vae(infer_vae_config(sd, patch_nums, str(path)), sd, str(path))
 
 
-def load_official_pair(var_path: str | Path, vae_path: str | Path, patch_nums: tuple[int, ...] | None = None
-                       ) -> tuple[VAR, VQVAE]:
+def load_official_pair(
+    var_path: str | Path, vae_path: str | Path, patch_nums: tuple[int, ...] | None = None
+) -> tuple[VAR, VQVAE]:
     """Load a VAR and its VQ-VAE, checking they belong together."""
     var_sd = read_state_dict(var_path)
     var_cfg = infer_var_config(var_sd, patch_nums, str(var_path))

@@ -36,8 +36,9 @@ from nextscale.serve.protocol import ImageGenerationRequest
 log = logging.getLogger("nextscale.serve")
 
 
-def error(status: int, message: str, kind: str, param: str | None = None,
-          headers: dict[str, str] | None = None) -> JSONResponse:
+def error(
+    status: int, message: str, kind: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -139,11 +140,22 @@ class _Server:
 
     async def models(self) -> dict[str, Any]:
         var, names = self.var, self.names
-        return {"object": "list", "data": [{
-            "id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "nextscale",
-            "image_size": self.size, "num_scales": len(var.cfg.patch_nums), "num_classes": var.num_classes,
-            "classes": list(names) if names else [str(i) for i in range(var.num_classes)],
-            "max_images_per_request": self.max_images}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.cfg.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "nextscale",
+                    "image_size": self.size,
+                    "num_scales": len(var.cfg.patch_nums),
+                    "num_classes": var.num_classes,
+                    "classes": list(names) if names else [str(i) for i in range(var.num_classes)],
+                    "max_images_per_request": self.max_images,
+                }
+            ],
+        }
 
     async def generate(self, body: ImageGenerationRequest, request: Request) -> Response:
         try:
@@ -158,15 +170,22 @@ class _Server:
             handle = self.bridge.submit(labels, params, previews=bool(previews))
         except QueueFull as e:
             self.metrics.requests.labels(status="rejected").inc()
-            return error(429, f"too many requests waiting (max_queue={self.cfg.max_queue}); retry later",
-                         "overloaded", headers={"Retry-After": str(round(e.retry_after))})
+            return error(
+                429,
+                f"too many requests waiting (max_queue={self.cfg.max_queue}); retry later",
+                "overloaded",
+                headers={"Retry-After": str(round(e.retry_after))},
+            )
         except ShuttingDown:
             return error(503, "server is shutting down", "unavailable")
         names = self.names
         tag = names[label] if names and label < len(names) else str(label)
         if body.stream:
-            return StreamingResponse(self._sse(handle, request, previews, tag, params), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self._sse(handle, request, previews, tag, params),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await self._complete(handle, request, tag, params)
 
     def _validate(self, body: ImageGenerationRequest) -> tuple[int, SamplingParams]:
@@ -184,8 +203,9 @@ class _Server:
         except InvalidInputError as e:
             raise bad_field("class_label" if body.class_label is not None else "prompt", str(e)) from None
         seed = secrets.randbits(63) if body.seed is None else body.seed
-        return label, SamplingParams(cfg=body.cfg, top_k=body.top_k, top_p=body.top_p, more_smooth=body.more_smooth,
-                                     seed=seed)
+        return label, SamplingParams(
+            cfg=body.cfg, top_k=body.top_k, top_p=body.top_p, more_smooth=body.more_smooth, seed=seed
+        )
 
     async def _complete(self, handle: Handle, request: Request, tag: str, params: SamplingParams) -> Response:
         async def wait_final() -> ScaleEvent:
@@ -212,12 +232,17 @@ class _Server:
         assert final.images is not None
         b64 = await asyncio.to_thread(png_b64, final.images)
         tokens = sum(t.numel() for t in final.tokens)
-        return JSONResponse({"created": int(time.time()),
-                             "data": [{"b64_json": b, "revised_prompt": tag, "seed": params.seed} for b in b64],
-                             "usage": {"images": len(b64), "tokens": tokens}})
+        return JSONResponse(
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": b, "revised_prompt": tag, "seed": params.seed} for b in b64],
+                "usage": {"images": len(b64), "tokens": tokens},
+            }
+        )
 
-    async def _sse(self, handle: Handle, request: Request, previews: set[int], tag: str, params: SamplingParams
-                   ) -> AsyncIterator[bytes]:
+    async def _sse(
+        self, handle: Handle, request: Request, previews: set[int], tag: str, params: SamplingParams
+    ) -> AsyncIterator[bytes]:
         """The request's events, one write per scale; stops, quietly, once the client is gone.
 
         One write per scale, not one per image: the event loop notices a reset connection between writes only,
@@ -246,21 +271,33 @@ class _Server:
                 if not failed:
                     log.debug("%s: client disconnected mid-stream; request cancelled", handle.request_id)
 
-    async def _scale_events(self, ev: ScaleEvent, partial_index: int | None, tag: str, params: SamplingParams
-                            ) -> bytes:
+    async def _scale_events(self, ev: ScaleEvent, partial_index: int | None, tag: str, params: SamplingParams) -> bytes:
         """One scale's SSE events: its partial images (when ``partial_index`` numbers them), the final ones."""
-        common = {"created_at": int(time.time()), "size": f"{self.size}x{self.size}", "output_format": "png",
-                  "revised_prompt": tag, "seed": params.seed, "scale": ev.si, "num_scales": ev.num_scales}
+        common = {
+            "created_at": int(time.time()),
+            "size": f"{self.size}x{self.size}",
+            "output_format": "png",
+            "revised_prompt": tag,
+            "seed": params.seed,
+            "scale": ev.si,
+            "num_scales": ev.num_scales,
+        }
         out = []
         if partial_index is not None:
             assert ev.preview is not None
-            out += [sse_event("image_generation.partial_image",
-                              {**common, "b64_json": b, "partial_image_index": partial_index, "image_index": i})
-                    for i, b in enumerate(await asyncio.to_thread(png_b64, ev.preview))]
+            out += [
+                sse_event(
+                    "image_generation.partial_image",
+                    {**common, "b64_json": b, "partial_image_index": partial_index, "image_index": i},
+                )
+                for i, b in enumerate(await asyncio.to_thread(png_b64, ev.preview))
+            ]
         if ev.finished:
             assert ev.images is not None
-            out += [sse_event("image_generation.completed", {**common, "b64_json": b, "image_index": i})
-                    for i, b in enumerate(await asyncio.to_thread(png_b64, ev.images))]
+            out += [
+                sse_event("image_generation.completed", {**common, "b64_json": b, "image_index": i})
+                for i, b in enumerate(await asyncio.to_thread(png_b64, ev.images))
+            ]
         return b"".join(out)
 
 

@@ -17,16 +17,22 @@ class ServerMetrics:
         self.running = Gauge("nextscale_running_requests", "requests being generated", registry=r)
         self.requests = Counter("nextscale_requests_total", "finished requests by outcome", ["status"], registry=r)
         self.images = Counter("nextscale_images_generated_total", "images generated", registry=r)
-        self.images_per_s = Gauge("nextscale_images_per_second", "images per second over the last minute",
-                                  registry=r)
-        self.latency = Histogram("nextscale_request_latency_seconds", "submit to final image",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.ttfp = Histogram("nextscale_time_to_first_preview_seconds", "submit to first scale",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.iter_tokens = Histogram("nextscale_tokens_per_iteration", "query tokens fused into one iteration",
-                                     buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=r)
-        self.iter_seconds = Histogram("nextscale_iteration_seconds", "duration of one engine iteration",
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.images_per_s = Gauge("nextscale_images_per_second", "images per second over the last minute", registry=r)
+        self.latency = Histogram(
+            "nextscale_request_latency_seconds", "submit to final image", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttfp = Histogram(
+            "nextscale_time_to_first_preview_seconds", "submit to first scale", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.iter_tokens = Histogram(
+            "nextscale_tokens_per_iteration",
+            "query tokens fused into one iteration",
+            buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384),
+            registry=r,
+        )
+        self.iter_seconds = Histogram(
+            "nextscale_iteration_seconds", "duration of one engine iteration", buckets=LATENCY_BUCKETS, registry=r
+        )
         self._done: deque[tuple[float, int]] = deque()
 
     def set_queue(self, queued: int, running: int) -> None:

@@ -73,8 +73,9 @@ class LoopConfig:
         return self.weight_decay if self.weight_decay_end is None else self.weight_decay_end
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
@@ -107,8 +108,10 @@ class VAETrainConfig(LoopConfig):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
         if self.image_size != self.patch_nums[-1] * 2 ** (len(self.ch_mult) - 1):
-            raise ConfigError(f"image_size {self.image_size} != patch_nums[-1] * 2**(len(ch_mult)-1) = "
-                              f"{self.patch_nums[-1]} * {2 ** (len(self.ch_mult) - 1)}")
+            raise ConfigError(
+                f"image_size {self.image_size} != patch_nums[-1] * 2**(len(ch_mult)-1) = "
+                f"{self.patch_nums[-1]} * {2 ** (len(self.ch_mult) - 1)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ class Task(Protocol):
         """This rank's batch for every global step from ``start_step`` on (deterministic)."""
         ...
 
-    def loss(self, model: nn.Module, batch: Any, step: int, micro: int, num_micro: int
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: Any, step: int, micro: int, num_micro: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of micro-batch ``micro`` of ``batch`` (already scaled for accumulation) and metrics."""
         ...
 
@@ -60,15 +61,17 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
-def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device, resumed: Resumed | None
-          ) -> dict[str, Any]:
+def train(
+    task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device, resumed: Resumed | None
+) -> dict[str, Any]:
     """Run ``task`` to ``cfg.steps`` (from ``resumed``); returns the last metrics and, when done, the export path."""
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     model = task.model.to(device)
     opt = make_adamw(model, cfg.lr, cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16", init_scale=2.0**11,
-                                  growth_interval=1000)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=cfg.precision == "fp16", init_scale=2.0**11, growth_interval=1000
+    )
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     start = 0
     if resumed is not None:
@@ -87,8 +90,9 @@ def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device
     batches = task.batches(start)
     for step in range(start, stop):
         batch = next(batches)
-        lr = apply_schedule(opt, cfg.lr, step, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.wd_end,
-                            cfg.wp0, cfg.wpe)
+        lr = apply_schedule(
+            opt, cfg.lr, step, cfg.steps, cfg.warmup_steps, cfg.weight_decay, cfg.wd_end, cfg.wp0, cfg.wpe
+        )
         stats = _optimizer_step(task, ddp_model, model, opt, scaler, batch, step, cfg, device)
         if ema is not None:
             ema.update(model)
@@ -125,9 +129,17 @@ def train(task: Task, cfg: LoopConfig, info: dist.DistInfo, device: torch.device
     return result
 
 
-def _optimizer_step(task: Task, ddp_model: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, batch: Any, step: int, cfg: LoopConfig, device: torch.device
-                    ) -> dict[str, float]:
+def _optimizer_step(
+    task: Task,
+    ddp_model: nn.Module,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: Any,
+    step: int,
+    cfg: LoopConfig,
+    device: torch.device,
+) -> dict[str, float]:
     sums: dict[str, float] = {}
     n = cfg.grad_accum
     for micro in range(n):
@@ -174,19 +186,42 @@ def _evaluate(task: Task, model: nn.Module, ema: EMA | None) -> dict[str, float]
         model.train(was_training)
 
 
-def _checkpoint(folder: Path, newest: Path | None, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, ema: EMA | None, task: Task, cfg: LoopConfig, info: dist.DistInfo
-                ) -> None:
+def _checkpoint(
+    folder: Path,
+    newest: Path | None,
+    step: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: EMA | None,
+    task: Task,
+    cfg: LoopConfig,
+    info: dist.DistInfo,
+) -> None:
     if info.is_main:
-        state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng_state(task.generators), "config": cfg.to_dict(),
-                 "ema": ema.state_dict() if ema is not None else {}, "task": task.state_dict()}
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(task.generators),
+            "config": cfg.to_dict(),
+            "ema": ema.state_dict() if ema is not None else {},
+            "task": task.state_dict(),
+        }
         save_checkpoint(state, folder, newest)
     dist.barrier(info)
 
 
-def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             ema: EMA | None, task: Task, cfg: LoopConfig) -> int:
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: EMA | None,
+    task: Task,
+    cfg: LoopConfig,
+) -> int:
     saved = {k: v for k, v in state["config"].items() if k not in NOT_TRAINING_SETTINGS}
     now = {k: v for k, v in cfg.to_dict().items() if k in saved}
     changed = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
@@ -231,8 +266,15 @@ class ProgressLines:
         if step % self.stride and now - self.t_line < self.every_s:
             return
         eta_s = (self.stop - step) * (now - self.t_start) / (step - self.start)
-        log.info("step %d/%d (%d%%): loss %.4f, %.1f images/s, ETA %s", step, self.steps, 100 * step // self.steps,
-                 self.loss_sum / self.n, self.images / max(now - self.t_line, 1e-9), _duration(eta_s))
+        log.info(
+            "step %d/%d (%d%%): loss %.4f, %.1f images/s, ETA %s",
+            step,
+            self.steps,
+            100 * step // self.steps,
+            self.loss_sum / self.n,
+            self.images / max(now - self.t_line, 1e-9),
+            _duration(eta_s),
+        )
         self.t_line, self.loss_sum, self.n, self.images = now, 0.0, 0, 0
 
 

@@ -20,8 +20,11 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= truncate_after
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif truncate_after is None and self.path.exists():
             self.path.unlink()
@@ -36,13 +39,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("loss",),
-                size: tuple[int, int] = (800, 450)) -> Path:
+def plot_losses(
+    metrics_path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("loss",), size: tuple[int, int] = (800, 450)
+) -> Path:
     """Train and validation curves of ``keys`` against the step."""
     series: dict[str, list[tuple[float, float]]] = {}
     for r in read_metrics(metrics_path):
         for k in keys:
             if isinstance(r.get(k), (int, float)) and math.isfinite(r[k]):
                 series.setdefault(f"{r.get('split', 'train')} {k}", []).append((r["step"], r[k]))
-    return line_plot(series, out_png, title=Path(metrics_path).parent.name, xlabel="step", ylabel=", ".join(keys),
-                     size=size)
+    return line_plot(
+        series, out_png, title=Path(metrics_path).parent.name, xlabel="step", ylabel=", ".join(keys), size=size
+    )

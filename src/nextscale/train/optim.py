@@ -16,8 +16,22 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-NO_WD_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
-              "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
+NO_WD_KEYS = (
+    "cls_token",
+    "start_token",
+    "task_token",
+    "cfg_uncond",
+    "pos_embed",
+    "pos_1LC",
+    "pos_start",
+    "start_pos",
+    "lvl_embed",
+    "gamma",
+    "beta",
+    "ada_gss",
+    "moe_bias",
+    "scale_mul",
+)
 
 
 def param_groups(model: nn.Module, no_wd_keys: tuple[str, ...] = NO_WD_KEYS) -> list[dict]:
@@ -32,8 +46,9 @@ def param_groups(model: nn.Module, no_wd_keys: tuple[str, ...] = NO_WD_KEYS) -> 
     return [{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}]
 
 
-def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
-               ) -> torch.optim.AdamW:
+def make_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
     groups = param_groups(model)
     for g in groups:
         g["weight_decay"] = weight_decay * g["wd_scale"]
@@ -57,8 +72,17 @@ def wd_at(step: int, total: int, wd: float, wd_end: float) -> float:
     return wd_end + (wd - wd_end) * (0.5 + 0.5 * math.cos(math.pi * passed))
 
 
-def apply_schedule(opt: torch.optim.Optimizer, peak_lr: float, step: int, total: int, warmup: int, wd: float,
-                   wd_end: float, wp0: float = 0.005, wpe: float = 0.01) -> float:
+def apply_schedule(
+    opt: torch.optim.Optimizer,
+    peak_lr: float,
+    step: int,
+    total: int,
+    warmup: int,
+    wd: float,
+    wd_end: float,
+    wp0: float = 0.005,
+    wpe: float = 0.01,
+) -> float:
     lr = peak_lr * lr_factor(step, total, warmup, wp0, wpe)
     cur_wd = wd_at(step, total, wd, wd_end)
     for g in opt.param_groups:

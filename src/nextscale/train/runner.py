@@ -41,8 +41,14 @@ def run_training(cfg: LoopConfig) -> dict[str, Any]:
             raise TypeError(f"unknown training config {type(cfg).__name__}")
         if info.is_main:
             n = sum(p.numel() for p in task.model.parameters())
-            log.info("%s: %s parameters, %d steps of %d images on %d process(es)", type(cfg).__name__, f"{n:,}",
-                     cfg.steps, cfg.batch_size, info.world_size)
+            log.info(
+                "%s: %s parameters, %d steps of %d images on %d process(es)",
+                type(cfg).__name__,
+                f"{n:,}",
+                cfg.steps,
+                cfg.batch_size,
+                info.world_size,
+            )
         result = train(task, cfg, info, device, resumed)
         result["is_main"] = info.is_main
         return result

@@ -39,15 +39,26 @@ class VAETask:
         channels = 1 if cfg.data in ("fashion-mnist", "mnist5k") else 3
         self.train_ds = load_dataset(cfg.data, "train", cfg.image_size, channels, root=cfg.data_root)
         self.val_ds = load_dataset(cfg.data, "test", cfg.image_size, channels, root=cfg.data_root)
-        vae_cfg = VQVAEConfig(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=cfg.ch_mult,
-                              num_res_blocks=cfg.num_res_blocks, in_channels=channels, using_sa=cfg.using_sa,
-                              using_mid_sa=cfg.using_sa, beta=cfg.beta, share_quant_resi=cfg.share_quant_resi,
-                              patch_nums=cfg.patch_nums)
+        vae_cfg = VQVAEConfig(
+            vocab_size=cfg.vocab_size,
+            z_channels=cfg.z_channels,
+            ch=cfg.ch,
+            ch_mult=cfg.ch_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            in_channels=channels,
+            using_sa=cfg.using_sa,
+            using_mid_sa=cfg.using_sa,
+            beta=cfg.beta,
+            share_quant_resi=cfg.share_quant_resi,
+            patch_nums=cfg.patch_nums,
+        )
         torch.manual_seed(cfg.seed)
         self.model = VQVAE(vae_cfg).train()
         nn.init.uniform_(self.model.quantize.embedding.weight, -1 / cfg.vocab_size, 1 / cfg.vocab_size)
-        self.generators = {"data": torch.Generator().manual_seed(cfg.seed + 17),
-                           "codes": torch.Generator().manual_seed(cfg.seed + 29)}
+        self.generators = {
+            "data": torch.Generator().manual_seed(cfg.seed + 17),
+            "codes": torch.Generator().manual_seed(cfg.seed + 29),
+        }
         per_rank = cfg.batch_size // info.world_size
         self.sampler = ShardedBatchSampler(len(self.train_ds), per_rank, cfg.seed, info.rank, info.world_size)
         self.images_per_step = cfg.batch_size
@@ -64,8 +75,9 @@ class VAETask:
                 imgs = torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)
             yield imgs.to(self.device)
 
-    def loss(self, model: nn.Module, batch: torch.Tensor, step: int, micro: int, num_micro: int
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: torch.Tensor, step: int, micro: int, num_micro: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         imgs = batch.chunk(num_micro)[micro]
         recon, vq_loss, idx_list, f = model(imgs)
         mse = F.mse_loss(recon.float(), imgs)
@@ -88,8 +100,9 @@ class VAETask:
         dead = (used <= step + 1 - every).nonzero().view(-1)
         if len(dead):
             pick = torch.randint(len(self._residuals), (len(dead),), generator=self.generators["codes"])
-            rows = self._residuals[pick] + 1e-3 * torch.randn(len(dead), self._residuals.shape[1],
-                                                              generator=self.generators["codes"])
+            rows = self._residuals[pick] + 1e-3 * torch.randn(
+                len(dead), self._residuals.shape[1], generator=self.generators["codes"]
+            )
             weight = self.model.quantize.embedding.weight
             new = weight.detach().clone()
             new[dead.to(weight.device)] = rows.to(weight.device, weight.dtype)
@@ -129,5 +142,6 @@ class VAETask:
 
     def export(self, out_dir: Path, model: nn.Module) -> Path:
         vae = dist.unwrap(model).eval()
-        return save_tokenizer(out_dir / "tokenizer", vae, {"trained_on": self.cfg.data,
-                                                           "class_names": list(self.train_ds.class_names)})
+        return save_tokenizer(
+            out_dir / "tokenizer", vae, {"trained_on": self.cfg.data, "class_names": list(self.train_ds.class_names)}
+        )

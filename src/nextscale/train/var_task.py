@@ -43,7 +43,7 @@ class TokenSet:
 def split_scales(idx_BL: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
     out, cur = [], 0
     for pn in patch_nums:
-        out.append(idx_BL[:, cur: cur + pn * pn].long())
+        out.append(idx_BL[:, cur : cur + pn * pn].long())
         cur += pn * pn
     return out
 
@@ -70,8 +70,12 @@ def resize_class_embedding(sd: dict[str, torch.Tensor], num_classes: int, init_s
     keep = min(num_classes, old.shape[0] - 1)
     new[:keep] = old[:keep]
     new[-1] = old[-1]
-    log.info("class embedding resized from %d+1 to %d+1 rows (kept %d classes and the null row)",
-             old.shape[0] - 1, num_classes, keep)
+    log.info(
+        "class embedding resized from %d+1 to %d+1 rows (kept %d classes and the null row)",
+        old.shape[0] - 1,
+        num_classes,
+        keep,
+    )
     return {**sd, "class_emb.weight": new}
 
 
@@ -86,22 +90,39 @@ class VARTask:
         self.class_names = tuple(train_ds.class_names)
         self.train_tokens = self._tokens(train_ds, "train")
         self.val_tokens = self._tokens(val_ds, "test", flips=False)
-        var_cfg = VARConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                            num_classes=len(self.class_names), vocab_size=vcfg.vocab_size, z_channels=vcfg.z_channels,
-                            patch_nums=vcfg.patch_nums, shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm,
-                            drop_path_rate=cfg.drop_path_rate, cond_drop_rate=cfg.cond_drop,
-                            class_names=self.class_names)
+        var_cfg = VARConfig(
+            depth=cfg.depth,
+            embed_dim=cfg.embed_dim,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            num_classes=len(self.class_names),
+            vocab_size=vcfg.vocab_size,
+            z_channels=vcfg.z_channels,
+            patch_nums=vcfg.patch_nums,
+            shared_aln=cfg.shared_aln,
+            attn_l2_norm=cfg.attn_l2_norm,
+            drop_path_rate=cfg.drop_path_rate,
+            cond_drop_rate=cfg.cond_drop,
+            class_names=self.class_names,
+        )
         torch.manual_seed(cfg.seed)
         pretrained = self._pretrained(cfg.init_from, var_cfg) if cfg.init_from else None
         if pretrained is not None:  # fine-tuning: the architecture is the pretrained one's
-            var_cfg = dataclasses.replace(pretrained.cfg, num_classes=var_cfg.num_classes,
-                                          class_names=var_cfg.class_names, cond_drop_rate=cfg.cond_drop,
-                                          drop_path_rate=cfg.drop_path_rate)
+            var_cfg = dataclasses.replace(
+                pretrained.cfg,
+                num_classes=var_cfg.num_classes,
+                class_names=var_cfg.class_names,
+                cond_drop_rate=cfg.cond_drop,
+                drop_path_rate=cfg.drop_path_rate,
+            )
         self.model = VAR(var_cfg)
         self.model.init_weights(init_adaln_gamma=cfg.init_adaln_gamma)
         if pretrained is not None:
-            sd = resize_class_embedding({k: v.float() for k, v in pretrained.state_dict().items()},
-                                        var_cfg.num_classes, (1 / var_cfg.embed_dim / 3) ** 0.5)
+            sd = resize_class_embedding(
+                {k: v.float() for k, v in pretrained.state_dict().items()},
+                var_cfg.num_classes,
+                (1 / var_cfg.embed_dim / 3) ** 0.5,
+            )
             self.model.load_state_dict(sd, strict=True)
             log.info("initialised from %s", cfg.init_from)
         self.model.train()
@@ -117,14 +138,25 @@ class VARTask:
     def _tokens(self, dataset, split: str, flips: bool | None = None) -> TokenSet:
         """Tokens of ``dataset`` (and of its mirror image with hflip), cached under the run folder."""
         flips = self.cfg.hflip if flips is None else flips
-        key = hashlib.sha256(repr((self.cfg.data, split, len(dataset), flips, self.vae.cfg.to_dict(),
-                                   float(self.vae.quantize.embedding.weight.sum()))).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            repr(
+                (
+                    self.cfg.data,
+                    split,
+                    len(dataset),
+                    flips,
+                    self.vae.cfg.to_dict(),
+                    float(self.vae.quantize.embedding.weight.sum()),
+                )
+            ).encode()
+        ).hexdigest()[:16]
         path = Path(self.cfg.out_dir) / "cache" / f"tokens-{split}-{key}.pt"
         if self.info.is_main and not path.is_file():
             log.info("tokenizing %d %s images%s", len(dataset), split, " (+ mirrored)" if flips else "")
             sets = [tokenize(self.vae, dataset, False)] + ([tokenize(self.vae, dataset, True)] if flips else [])
-            save_atomic({"idx": torch.cat([s.idx_NL for s in sets]), "labels": torch.cat([s.labels_N for s in sets])},
-                        path)
+            save_atomic(
+                {"idx": torch.cat([s.idx_NL for s in sets]), "labels": torch.cat([s.labels_N for s in sets])}, path
+            )
         dist.barrier(self.info)
         state = torch.load(path, map_location="cpu", weights_only=True)
         return TokenSet(state["idx"], state["labels"])
@@ -140,8 +172,9 @@ class VARTask:
             yield self.train_tokens.idx_NL[idx].to(self.device), labels.to(self.device)
 
     # ---- loss --------------------------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, micro: int,
-             num_micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, micro: int, num_micro: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         idx_BL, labels_B = (t.chunk(num_micro)[micro] for t in batch)
         cfg = self.cfg
         S = len(self.patch_nums)
@@ -152,8 +185,9 @@ class VARTask:
             x_in = self.vae.quantize.idx_to_var_input(split_scales(idx_BL, self.patch_nums))
         logits_BLV = model(labels_B, x_in, num_scales=used)
         gt_BL = idx_BL[:, :L].long()
-        ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, label_smoothing=cfg.label_smoothing,
-                                reduction="none")
+        ce_BL = F.cross_entropy(
+            logits_BLV.float().transpose(1, 2), gt_BL, label_smoothing=cfg.label_smoothing, reduction="none"
+        )
         weight_L = self.loss_weight_L[:L].clone()
         if stage >= 0 and stage < S - 1:
             # The newest scale's weight ramps up over pgwp steps after it is added (official prog_wp).
@@ -184,8 +218,8 @@ class VARTask:
         ce_sum = torch.zeros(S)
         hit_sum = torch.zeros(S)
         for start in range(0, n, 250):
-            idx_BL = self.val_tokens.idx_NL[start: start + 250].to(self.device)
-            labels = self.val_tokens.labels_N[start: start + 250].to(self.device)
+            idx_BL = self.val_tokens.idx_NL[start : start + 250].to(self.device)
+            labels = self.val_tokens.labels_N[start : start + 250].to(self.device)
             x_in = self.vae.quantize.idx_to_var_input(split_scales(idx_BL, self.patch_nums))
             logits = var(labels, x_in)
             gt = idx_BL.long()
@@ -195,8 +229,11 @@ class VARTask:
                 ce_sum[si] += ce[:, b:e].mean(-1).sum().cpu()
                 hit_sum[si] += hit[:, b:e].mean(-1).sum().cpu()
         counts = torch.tensor([pn * pn for pn in self.patch_nums], dtype=torch.float)
-        out = {"loss": float((ce_sum * counts).sum() / counts.sum() / n),
-               "acc": float((hit_sum * counts).sum() / counts.sum() / n), "acc_tail": float(hit_sum[-1] / n)}
+        out = {
+            "loss": float((ce_sum * counts).sum() / counts.sum() / n),
+            "acc": float((hit_sum * counts).sum() / counts.sum() / n),
+            "acc_tail": float(hit_sum[-1] / n),
+        }
         out.update({f"acc_s{si}": float(hit_sum[si] / n) for si in range(S)})
         return out
 
@@ -210,8 +247,12 @@ class VARTask:
     def export(self, out_dir: Path, model: nn.Module) -> Path:
         var = dist.unwrap(model).eval()
         assert isinstance(var, VAR)
-        return save_native(out_dir / "model", var, self.vae.cpu() if self.device.type != "cpu" else self.vae,
-                           {"trained_on": self.cfg.data})
+        return save_native(
+            out_dir / "model",
+            var,
+            self.vae.cpu() if self.device.type != "cpu" else self.vae,
+            {"trained_on": self.cfg.data},
+        )
 
     @staticmethod
     def _pretrained(source: str, want: VARConfig) -> VAR:
@@ -220,6 +261,8 @@ class VARTask:
         have = (pre.cfg.patch_nums, pre.cfg.vocab_size, pre.cfg.z_channels)
         need = (want.patch_nums, want.vocab_size, want.z_channels)
         if have != need:
-            raise CheckpointError(f"{source}: cannot fine-tune from it with this tokenizer: (patch_nums, codebook, "
-                                  f"code dim) {have} != {need}")
+            raise CheckpointError(
+                f"{source}: cannot fine-tune from it with this tokenizer: (patch_nums, codebook, "
+                f"code dim) {have} != {need}"
+            )
         return pre

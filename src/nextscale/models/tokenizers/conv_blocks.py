@@ -82,9 +82,19 @@ def _attn_list(channels: int, n: int, enabled: bool, groups: int) -> nn.ModuleLi
 class Encoder(nn.Module):
     """image [B, in_ch, H, W] -> features [B, z, H/2^(n-1), W/2^(n-1)] with n = len(ch_mult)."""
 
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, in_channels: int,
-                 z_channels: int, dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True,
-                 groups: int = 32):
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        in_channels: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        using_sa: bool = True,
+        using_mid_sa: bool = True,
+        groups: int = 32,
+    ):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -127,9 +137,19 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """latent [B, z, h, w] -> image [B, out_ch, h*2^(n-1), w*2^(n-1)]; ``up[0]`` is the finest level."""
 
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, out_channels: int,
-                 z_channels: int, dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True,
-                 groups: int = 32):
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        out_channels: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        using_sa: bool = True,
+        using_mid_sa: bool = True,
+        groups: int = 32,
+    ):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
@@ -160,7 +180,10 @@ class Decoder(nn.Module):
         at a time); ``forward`` is their composition. A server runs a long decode piece by piece so that work
         for newly arrived requests can run in between (``engine.Engine``)."""
         steps: list[Callable[[torch.Tensor], torch.Tensor]] = [
-            lambda z: self.mid.block_1(self.conv_in(z)), self.mid.attn_1, self.mid.block_2]
+            lambda z: self.mid.block_1(self.conv_in(z)),
+            self.mid.attn_1,
+            self.mid.block_2,
+        ]
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):

@@ -238,9 +238,16 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         self.cfg = cfg
-        conv_kw = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
-                       dropout=cfg.dropout, using_sa=cfg.using_sa, using_mid_sa=cfg.using_mid_sa,
-                       groups=cfg.norm_groups)
+        conv_kw = dict(
+            ch=cfg.ch,
+            ch_mult=cfg.ch_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            z_channels=cfg.z_channels,
+            dropout=cfg.dropout,
+            using_sa=cfg.using_sa,
+            using_mid_sa=cfg.using_mid_sa,
+            groups=cfg.norm_groups,
+        )
         self.encoder = Encoder(in_channels=cfg.in_channels, **conv_kw)
         self.decoder = Decoder(out_channels=cfg.in_channels, **conv_kw)
         self.quantize = MultiScaleQuantizer(cfg)
@@ -289,8 +296,7 @@ class VQVAE(nn.Module):
     def img_to_recon(self, img_BChw: torch.Tensor) -> torch.Tensor:
         return self.fhat_to_img(self.quantize.quantize(self.encode(img_BChw))[1][-1])
 
-    def forward(self, img_BChw: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def forward(self, img_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Training pass: (unclamped reconstruction, vq loss, tokens, latent ``f`` before quantisation)."""
         f = self.encode(img_BChw)
         f_hat, vq_loss, idx_list = self.quantize(f)
