@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.kv_cache import KVCache, KVPool
 from nextscale.engine.reference import reference_sample
 from nextscale.engine.request import ForcedTokens, SamplingParams
 from nextscale.engine.sampler import sample_tokens_batch
@@ -137,7 +137,7 @@ def test_on_scale_callback_sees_every_scale_in_order():
 
 
 def test_kv_cache_overflow_and_integrity():
-    kv = KVCache(num_layers=2, rows=1, num_heads=1, head_dim=4, max_len=3)
+    kv = KVCache(KVPool(num_layers=2, rows=1, num_heads=1, head_dim=4, max_len=3))
     kv.write(0, torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))
     with pytest.raises(AssertionError, match="out of step"):
         kv.check_integrity()

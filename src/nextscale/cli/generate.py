@@ -162,22 +162,21 @@ def run(args: argparse.Namespace) -> int:
                     plan.folder,
                     len(todo),
                 )
+    settings = {
+        "cfg": args.cfg,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "rng": args.rng,
+        "more_smooth": args.more_smooth,
+        "sampler": args.sampler,
+    }
     grid_images: list = []
     t0 = time.perf_counter()
     with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
         for c in range(0, len(todo), batch):
             chunk = todo[c : c + batch]
-            out = pipe(
-                [labels[i] for i in chunk],
-                cfg=args.cfg,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                more_smooth=args.more_smooth,
-                rng=args.rng,
-                sampler=args.sampler,
-                image_indices=chunk,
-            )
+            out = pipe([labels[i] for i in chunk], image_indices=chunk, **settings)
             if plan.folder is None:
                 grid_images.extend(out.images)
             else:

@@ -121,24 +121,14 @@ class KVCache(KVSlot):
     """A cache of its own for one batch (the pipeline's sampler): a ``KVSlot`` spanning a private one-slot pool,
     so the pool and the engine's slots share one write path and one integrity check."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        rows: int,
-        num_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
-        pool = KVPool(num_layers, rows, num_heads, head_dim, max_len, dtype, device)
-        super().__init__(pool, 0, rows)
+    def __init__(self, pool: KVPool):
+        super().__init__(pool, 0, pool.rows)
         pool.slots[0] = self
 
     @classmethod
     def for_model(cls, model: VAR, rows: int, max_len: int | None = None) -> KVCache:
         cfg, w = model.cfg, model.head.weight
-        return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device)
+        return cls(KVPool(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device))
 
     @property
     def nbytes(self) -> int:
