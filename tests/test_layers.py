@@ -23,7 +23,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "data": ("base",),
     "eval": ("models", "data"),  # Inception weights load through models.weights; reference images come from data
     "engine": ("models",),
-    "pipeline": ("engine",),
+    "accel": ("engine",),  # plug-ins produce the plans the engine consumes; the engine never imports them
+    "pipeline": ("accel",),
     "train": ("models", "data"),
     "serve": ("pipeline",),
     "jobs": ("pipeline", "eval"),  # batch work that drives a pipeline: FID sample sets, quality reports

@@ -17,12 +17,13 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from nextscale.editing import keep_maps
+from nextscale.engine.plan import RequestPlan
 from nextscale.engine.reference import reference_sample
 from nextscale.engine.request import ForcedTokens, RngMode, SamplingParams
 from nextscale.engine.sampler import sample_tokens_batch
@@ -31,10 +32,13 @@ from nextscale.engine.state import ScaleResult
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
 from nextscale.labels import resolve_labels
-from nextscale.models.native import load_native, resolve_model_dir, save_native
+from nextscale.models.native import load_component, load_native, resolve_model_dir, save_native
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.models.weights import load_official_pair
+
+if TYPE_CHECKING:
+    from nextscale.accel import Accel, AccelArg, PlanContext
 
 log = logging.getLogger(__name__)
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -42,9 +46,13 @@ DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor
 
 
-def bundled_model_dir() -> Path:
-    """The demo model shipped inside the package (used when no model is given)."""
-    return Path(__file__).parent / "assets" / "demo-fmnist"
+BUNDLED_MODELS = ("demo-fmnist", "testbed-fmnist")
+
+
+def bundled_model_dir(name: str = "demo-fmnist") -> Path:
+    """A model shipped inside the package: ``demo-fmnist`` (the default model) or ``testbed-fmnist`` (the
+    acceleration testbed: VAR's 10-scale schedule, with a refiner)."""
+    return Path(__file__).parent / "assets" / name
 
 
 @dataclass
@@ -57,6 +65,9 @@ class VAROutput:
     labels: list[int]
     seed: int
     params: SamplingParams
+    # ``rows_x_tokens`` (transformer rows x tokens per scale), ``kv_bytes_peak`` (keys/values held at most),
+    # ``accel`` (the plug-ins' specs): what the call cost, for comparing acceleration settings.
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,9 +94,15 @@ class VARPipeline:
         dtype: torch.dtype = torch.float32,
         channels_last_decoder: bool = True,
         sampling_defaults: dict[str, Any] | None = None,
+        refiner: VAR | None = None,
+        accel_presets: dict[str, list[str]] | None = None,
     ):
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
+        # CoDe's small model for the late scales (``accel="code"``), and presets tuned for this model.
+        self.refiner = None if refiner is None else check_refiner(transformer, refiner).eval().requires_grad_(False)
+        self.accel_presets = dict(accel_presets or {})
+        self._refiners: dict[str, VAR] = {}  # refiners named in specs (code:refiner=...), loaded once
         self.channels_last_decoder = channels_last_decoder
         unknown = set(sampling_defaults or {}) - set(DEFAULT_SAMPLING)
         if unknown:
@@ -124,14 +141,17 @@ class VARPipeline:
     ) -> VARPipeline:
         """A native model folder or Hugging Face hub repo id (downloaded once into the HF cache); with no
         argument, the bundled demo model."""
-        if name_or_path is None:
-            folder = bundled_model_dir()
+        bundled = bundled_model_dir(str(name_or_path or "demo-fmnist"))
+        if name_or_path is None or (not Path(name_or_path).exists() and bundled.is_dir()):
+            folder = bundled
             if not (folder / "model_index.json").is_file():
-                raise CheckpointError(f"no bundled demo model found at {folder}; pass a model folder or hub id")
+                raise CheckpointError(f"no bundled model found at {folder}; pass a model folder or hub id")
         else:
             folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
         var, vae, index = load_native(folder)
-        return cls(var, vae, device, dtype, sampling_defaults=index.get("sampling_defaults"))
+        refiner = load_component(folder, "refiner") if "refiner" in index else None
+        assert refiner is None or isinstance(refiner, VAR)
+        return cls(var, vae, device, dtype, index.get("sampling_defaults"), refiner, index.get("accel_presets"))
 
     def save_pretrained(self, path: str | Path) -> Path:
         custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
@@ -165,13 +185,15 @@ class VARPipeline:
             if self.device.type == "cuda" and not torch.cuda.is_available():
                 log.warning("CUDA requested but not available in this torch build or machine; using the CPU")
                 self.device = torch.device("cpu")
-            self.transformer.to(self.device)
+            for m in self._transformers():
+                m.to(self.device)
             self.vae.to(self.device)
         if dtype is not None:
             if dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise InvalidInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
             self.dtype = dtype
-            self.transformer.to(dtype=dtype)
+            for m in self._transformers():
+                m.to(dtype=dtype)
             for m in (self.vae.encoder, self.vae.decoder, self.vae.quant_conv, self.vae.post_quant_conv):
                 m.to(dtype=dtype)
         if self.channels_last_decoder and self.device.type == "cpu":
@@ -179,6 +201,9 @@ class VARPipeline:
             self.vae.decoder.to(memory_format=torch.channels_last)
             self.vae.post_quant_conv.to(memory_format=torch.channels_last)
         return self
+
+    def _transformers(self) -> list[VAR]:
+        return [self.transformer, *([] if self.refiner is None else [self.refiner]), *self._refiners.values()]
 
     def set_class_names(self, names: Sequence[str]) -> None:
         """Name the classes (e.g. for an official ImageNet checkpoint); checked against ``num_classes``."""
@@ -230,8 +255,13 @@ class VARPipeline:
         first_image_index: int = 0,
         image_indices: Sequence[int] | None = None,
         progress: bool = False,
+        accel: AccelArg = None,
     ) -> VAROutput:
         """Generate one image per label (times ``num_images_per_label``).
+
+        ``accel``: acceleration plug-ins — spec strings (``"fastvar:keep=0.4"``), plug-in objects, or a preset
+        (``"exact"``, ``"balanced"``, ``"fast"``; the model's tuned presets when it has them). Lossy methods change
+        the images; ``VAROutput.stats`` reports the work and KV memory the call took.
 
         Unset sampling settings take the model's recommended values (``sampling_defaults``; VAR's generic
         defaults are cfg=1.5, no top-k/top-p filtering). With ``rng="per_image"`` image i draws from a generator
@@ -246,7 +276,43 @@ class VARPipeline:
             indices = [int(g) for g in image_indices]
             if len(indices) != labels_B.shape[0]:
                 raise InvalidInputError(f"image_indices has {len(indices)} entries for {labels_B.shape[0]} images")
-        return self._generate(labels_B, params, None, output_type, callback_on_scale, sampler, progress, indices)
+        plan, refiner = self._plan(accel)
+        if sampler == "reference" and plan is not None:
+            raise InvalidInputError("sampler='reference' is the exact oracle loop; acceleration needs sampler='fast'")
+        return self._generate(
+            labels_B, params, None, output_type, callback_on_scale, sampler, progress, indices, plan, refiner
+        )
+
+    def plan(self, accel: AccelArg) -> RequestPlan | None:
+        """The per-scale plan of ``accel`` for this model (None: exact), checked before any sampling."""
+        return self._plan(accel)[0]
+
+    def _plan(self, accel: AccelArg) -> tuple[RequestPlan | None, VAR | None]:
+        from nextscale.accel import build_plan, resolve
+
+        methods = resolve(accel, self._plan_context(self.refiner), self.accel_presets)
+        if not methods:
+            return None, None
+        refiner = self._refiner_for(methods)
+        plan = build_plan(methods, self._plan_context(refiner))
+        return plan, refiner if plan.uses_refiner else None
+
+    def _plan_context(self, refiner: VAR | None) -> PlanContext:
+        from nextscale.accel import PlanContext
+
+        return PlanContext(self.patch_nums, self.transformer.depth, None if refiner is None else refiner.depth)
+
+    def _refiner_for(self, methods: Sequence[Accel]) -> VAR | None:
+        """The refiner a method names (``code:refiner=DIR_OR_HUB_ID``, loaded once), else the model's own."""
+        named = [m.refiner for m in methods if getattr(m, "refiner", "")]
+        if not named:
+            return self.refiner
+        if named[0] not in self._refiners:
+            folder = resolve_model_dir(named[0])
+            refiner = load_component(folder, "refiner" if (folder / "refiner").is_dir() else "transformer")
+            assert isinstance(refiner, VAR)
+            self._refiners[named[0]] = check_refiner(self.transformer, refiner).to(self.device, self.dtype).eval()
+        return self._refiners[named[0]]
 
     @torch.inference_mode()
     def edit(
@@ -297,6 +363,8 @@ class VARPipeline:
         sampler: str,
         progress: bool,
         indices: Sequence[int] | None = None,
+        plan: RequestPlan | None = None,
+        refiner: VAR | None = None,
     ) -> VAROutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
@@ -326,15 +394,16 @@ class VARPipeline:
                     gens,
                     forced,
                     on_scale if (callback or bar) else None,
+                    plan,
+                    refiner,
                 )
         finally:
             if bar is not None:
                 bar.close()
         f_hat = res.f_hat_BChw
         images = None if output_type == "latent" else self.decode_latent(f_hat)
-        return VAROutput(
-            self._format(images, f_hat, output_type), res.tokens, labels_B.tolist(), params.seed or 0, params
-        )
+        out = self._format(images, f_hat, output_type)
+        return VAROutput(out, res.tokens, labels_B.tolist(), params.seed or 0, params, res.stats)
 
     # ---- tokenizer helpers ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -366,6 +435,17 @@ def _progress_bar(total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="scales", unit="scale", leave=False)
+
+
+def check_refiner(main: VAR, refiner: VAR) -> VAR:
+    """A refiner must speak the main transformer's tokens: same codebook, scales and classes."""
+    a, b = main.cfg, refiner.cfg
+    for key in ("vocab_size", "z_channels", "patch_nums", "num_classes"):
+        if getattr(a, key) != getattr(b, key):
+            raise CheckpointError(
+                f"the refiner does not match the transformer: {key} {getattr(b, key)} != {getattr(a, key)}"
+            )
+    return refiner
 
 
 __all__ = ["ScalePreview", "VAROutput", "VARPipeline"]

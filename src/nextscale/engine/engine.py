@@ -22,6 +22,7 @@ per iteration and tripled p99 latency at load 0.7.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from nextscale.engine.kv_cache import KVPool
+from nextscale.engine.plan import RequestPlan
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.sampling import cfg_rows
@@ -122,6 +124,7 @@ class _Request:
     previews: bool
     first_image_index: int
     arrival: float
+    plan: RequestPlan
     state: Generation | None = None
 
 
@@ -157,7 +160,9 @@ class Engine:
         request_id: str | None = None,
         previews: bool = False,
         first_image_index: int = 0,
+        plan: RequestPlan | None = None,
     ) -> str:
+        """Queue a request; ``plan`` (from ``nextscale.accel``) says how each of its scales runs (exact if None)."""
         if params.seed is None:
             raise InvalidInputError("engine requests need an explicit seed")
         n = labels_B.numel()
@@ -165,10 +170,21 @@ class Engine:
             raise InvalidInputError(f"a request has 1..{self.cfg.max_images_per_request} images, got {n}")
         params.check_vocab(self.var.V)
         self.var.check_labels(labels_B)
+        plan = plan or RequestPlan.exact(self.var.scales.num_scales)
+        if len(plan.steps) != self.var.scales.num_scales:
+            raise InvalidInputError(f"plan has {len(plan.steps)} steps for {self.var.scales.num_scales} scales")
+        if plan.uses_refiner:
+            raise InvalidInputError(
+                "collaborative decoding (a refiner model) runs in the pipeline; the engine does not serve it yet"
+            )
         rid = request_id or f"req-{next(self._ids)}"
-        self.scheduler.add(rid, cfg_rows(n), tuple(pn * pn for pn in self.var.cfg.patch_nums))
+        # One scheduler unit per scale a transformer runs; its cost is rows x the tokens its plan computes.
+        run = plan.run_scales
+        pns = self.var.cfg.patch_nums
+        tokens = tuple(math.ceil(pns[si] ** 2 * plan.steps[si].tokens_fraction) for si in run)
+        self.scheduler.add(rid, plan.kv_rows(n), tokens, tuple(plan.rows(si, n) for si in run))
         self.requests[rid] = _Request(
-            labels_B.to(self.device), params, previews, first_image_index, time.perf_counter()
+            labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
         )
         return rid
 
@@ -258,9 +274,16 @@ class Engine:
         req = self.requests[rid]
         B = req.labels_B.numel()
         gens = req.params.generators(B, self.device, start=req.first_image_index)
-        kv = self.pool.slot(self.scheduler.running[rid].slot, cfg_rows(B))
+        kv = self.pool.slot(self.scheduler.running[rid].slot, req.plan.kv_rows(B))
         req.state = Generation(
-            self.var, self.vae.quantize, req.labels_B, req.params, gens, kv=kv, lvl_pos_1LC=self.runner.lvl_pos
+            self.var,
+            self.vae.quantize,
+            req.labels_B,
+            req.params,
+            gens,
+            kv=kv,
+            lvl_pos_1LC=self.runner.lvl_pos,
+            plan=req.plan,
         )
 
     def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:

@@ -77,9 +77,14 @@ class KVPool:
     def write_run(
         self, layer: int, run: list[KVSlot], k_RHlc: torch.Tensor, v_RHlc: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append for several adjacent slots at the same length with one copy; their keys/values as one view."""
+        """Append for several adjacent slots at the same length with one copy; their keys/values as one view.
+
+        A single slot may be written with fewer rows than it holds (an unguided scale writes the conditional rows
+        only; the unconditional rows are never read again)."""
         first, n, l = run[0], run[0].lengths[layer], k_RHlc.shape[2]
-        rows = slice(first.start, run[-1].start + run[-1].rows)
+        end = run[-1].start + run[-1].rows
+        rows = slice(first.start, first.start + k_RHlc.shape[0])
+        assert rows.stop == end or (len(run) == 1 and rows.stop < end), "rows do not match the slots"
         assert all(a.start + a.rows == b.start for a, b in itertools.pairwise(run)), "slots are not adjacent"
         assert all(s.lengths[layer] == n for s in run), "slots at different lengths"
         self.k[layer][rows, :, n : n + l].copy_(k_RHlc)
@@ -106,9 +111,19 @@ class KVSlot:
             raise RuntimeError(f"KV cache overflow in layer {layer}")
         return self.pool.write_run(layer, [self], k_RHlc, v_RHlc)
 
-    def check_integrity(self) -> None:
-        assert len(set(self.lengths)) == 1, f"layers out of step: {self.lengths}"
-        assert 0 <= self.length <= self.max_len, f"length {self.length} outside [0, {self.max_len}]"
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes of the keys and values written so far (layers may hold different lengths, e.g. under pruning)."""
+        p = self.pool
+        if not p.k:
+            return 0
+        per_position = 2 * self.rows * p.k[0].shape[1] * p.k[0].shape[3] * p.k[0].element_size()
+        return per_position * sum(self.lengths)
+
+    def check_integrity(self, uniform: bool = True) -> None:
+        """Lengths within bounds; with ``uniform`` (the exact plan) every layer at the same length."""
+        assert not uniform or len(set(self.lengths)) == 1, f"layers out of step: {self.lengths}"
+        assert all(0 <= n <= self.max_len for n in self.lengths), f"lengths {self.lengths} outside [0, {self.max_len}]"
         assert self.pool.slots.get(self.start) is self, "slot not owned by its pool"
 
     def free(self) -> None:

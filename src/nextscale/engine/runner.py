@@ -45,6 +45,11 @@ class AttnSpan:
     kv: KVStore | None = None
     slots: tuple[KVSlot, ...] = ()
 
+    @property
+    def rows_full(self) -> bool:
+        """Every slot of the span is written in full (no unguided unit among them)."""
+        return bool(self.slots) and self.rows == sum(s.rows for s in self.slots)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.slots:
             return self.slots[0].pool.write_run(layer, list(self.slots), k, v)
@@ -109,24 +114,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, units: list[Generation]) -> list[ScaleResult]:
-        """Advance every unit by one scale (each unit = one request at its current scale)."""
-        if not units:
-            return []
+        """Advance every unit by one scale (each unit = one request at its current scale).
+
+        Units whose plan changes what the blocks compute (a block hook, e.g. token pruning) or that recompute a
+        prefix run on their own, in the dense layout their plan gives; all others are fused into one call."""
+        results: list[ScaleResult | None] = [None] * len(units)
+        fused = [i for i, u in enumerate(units) if u.step.hook is None and not u.prefill]
+        if fused:
+            for i, r in zip(fused, self._fused([units[i] for i in fused])):
+                results[i] = r
+        for i, u in enumerate(units):
+            if results[i] is None:
+                results[i] = u.advance(u.model.forward_tokens(u.x, u.cond, u.layout(), u.block_fn()))
+        return [r for r in results if r is not None]
+
+    def _fused(self, units: list[Generation]) -> list[ScaleResult]:
         # By scale, then by KV-pool row: same-scale requests with adjacent slots become one attention call.
-        order = sorted(range(len(units)), key=lambda i: (units[i].si, getattr(units[i].kv, "start", -1)))
+        order = sorted(range(len(units)), key=lambda i: (units[i].si, units[i].kv.start))
         ordered = [units[i] for i in order]
+        assert all(u.model is self.var for u in ordered), "fused units run on the engine's transformer"
         C = self.var.C
         x = torch.cat([u.x.reshape(-1, C) for u in ordered]) if len(ordered) > 1 else ordered[0].x.reshape(-1, C)
         cond = Conditioning.cat([u.cond for u in ordered])
         layout = RaggedStep(*self._plan(ordered), device=x.device)
         logits_NV = self.var.forward_tokens(x, cond, layout)
-        results: list[ScaleResult | None] = [None] * len(units)
+        results: list[ScaleResult] = [None] * len(units)  # type: ignore[list-item]
         t = 0
         for i, u in zip(order, ordered):
             n = u.rows * u.tokens_this_scale
             results[i] = u.advance(logits_NV[t : t + n].view(u.rows, u.tokens_this_scale, -1))
             t += n
-        return [r for r in results if r is not None]
+        return results
 
     @staticmethod
     def _plan(units: list[Generation]) -> tuple[list[Segment], list[AttnSpan]]:
@@ -138,7 +156,9 @@ class ModelRunner:
             prev = spans[-1] if spans else None
             if (
                 isinstance(u.kv, KVSlot)
+                and rows == u.kv.rows  # a unit writing fewer rows than its slot (unguided) attends alone
                 and prev is not None
+                and prev.rows_full
                 and prev.slots
                 and prev.l == l
                 and prev.slots[-1].pool is u.kv.pool

@@ -2,7 +2,8 @@
 
 "The same thing as the reference, batched": a preallocated KV cache instead of concatenation, the class
 conditioning (every block's AdaLN vectors) computed once instead of once per scale, and the level/position
-embedding sum computed once. In float32 it produces the reference's tokens exactly (tested).
+embedding sum computed once. In float32 it produces the reference's tokens exactly (tested). A ``RequestPlan``
+from the acceleration plug-ins (``nextscale.accel``) changes how each scale runs; none means the exact loop.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from nextscale.engine.kv_cache import KVCache
+from nextscale.engine.plan import RequestPlan
 from nextscale.engine.request import ForcedTokens, SamplingParams
-from nextscale.engine.sampling import Generators, cfg_rows
+from nextscale.engine.sampling import Generators
 from nextscale.engine.state import Generation, SampleResult, ScaleResult
-from nextscale.models.attention import CachedStep
 from nextscale.models.tokenizers.msvq import MultiScaleQuantizer
 from nextscale.models.var import VAR
 
@@ -31,17 +31,17 @@ def sample_tokens_batch(
     generators: Generators,
     forced: ForcedTokens | None = None,
     on_scale: ScaleCallback | None = None,
+    plan: RequestPlan | None = None,
+    refiner: VAR | None = None,
 ) -> SampleResult:
-    """Run all scales for ``labels_B``: tokens, final latent and the per-scale inputs."""
-    kv = KVCache.for_model(var, rows=cfg_rows(labels_B.shape[0]))
-    state = Generation(var, quantizer, labels_B, params, generators, kv=kv, forced=forced)
-    layout = CachedStep(kv)
+    """Run all scales for ``labels_B`` as ``plan`` says (exact by default): tokens, final latent, inputs, stats."""
+    state = Generation(var, quantizer, labels_B, params, generators, forced=forced, plan=plan, refiner=refiner)
     try:
         while not state.done:
-            logits_RlV = var.forward_tokens(state.x, state.cond, layout)
+            logits_RlV = state.model.forward_tokens(state.x, state.cond, state.layout(), state.block_fn())
             result = state.advance(logits_RlV)
             if on_scale is not None:
                 on_scale(result)
     finally:
-        kv.free()
+        state.release()
     return state.result()

@@ -82,11 +82,17 @@ class RowAllocator:
 @dataclass
 class SeqState:
     request_id: str
-    rows: int
-    scale_tokens: tuple[int, ...]  # pn^2 per scale
+    rows: int  # KV-cache rows it holds while running
+    scale_tokens: tuple[int, ...]  # query tokens per row of each unit (pn^2 per scale for the exact plan)
     order: int = 0
-    si: int = 0
+    si: int = 0  # the next unit
     slot: int = -1  # first KV-pool row, once admitted
+    unit_rows: tuple[int, ...] = ()  # rows each unit runs (default: ``rows``; fewer at an unguided scale)
+
+    def __post_init__(self) -> None:
+        if not self.unit_rows:
+            self.unit_rows = (self.rows,) * len(self.scale_tokens)
+        assert len(self.unit_rows) == len(self.scale_tokens), "one row count per unit"
 
     @property
     def done(self) -> bool:
@@ -94,7 +100,7 @@ class SeqState:
 
     @property
     def next_cost(self) -> int:
-        return self.rows * self.scale_tokens[self.si]
+        return self.unit_rows[self.si] * self.scale_tokens[self.si]
 
 
 @dataclass
@@ -118,12 +124,14 @@ class Scheduler:
         self._cheap_only_run = 0  # consecutive first-scale-priority iterations so far
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
-    def add(self, request_id: str, rows: int, scale_tokens: tuple[int, ...]) -> None:
+    def add(self, request_id: str, rows: int, scale_tokens: tuple[int, ...], unit_rows: tuple[int, ...] = ()) -> None:
+        """Queue a request holding ``rows`` KV rows whose units cost ``unit_rows[i] * scale_tokens[i]`` tokens
+        (a plan from the acceleration plug-ins makes some units cheaper: fewer rows or pruned tokens)."""
         if rows > self.cfg.max_rows:
             raise ValueError(f"request needs {rows} rows, more than the engine's max_rows={self.cfg.max_rows}")
         if request_id in self.running or any(s.request_id == request_id for s in self.waiting):
             raise ValueError(f"duplicate request id {request_id!r}")
-        self.waiting.append(SeqState(request_id, rows, scale_tokens, next(self._order)))
+        self.waiting.append(SeqState(request_id, rows, scale_tokens, next(self._order), unit_rows=unit_rows))
 
     def abort(self, request_id: str) -> bool:
         seq = self.running.pop(request_id, None)

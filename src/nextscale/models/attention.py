@@ -77,3 +77,21 @@ class CachedStep(DenseRows):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_RHLc, v_RHLc = self.kv.write(layer, k.transpose(1, 2), v.transpose(1, 2))
         return F.scaled_dot_product_attention(q.transpose(1, 2), k_RHLc, v_RHLc, scale=scale).transpose(1, 2)
+
+
+class CachedPrefill(DenseRows):
+    """Several scales in one call into an empty cache (a model taking over mid-generation recomputes the prefix,
+    CoDe's refiner prefill): keys are written as in ``CachedStep``, queries see them through the block-causal mask
+    ``bias_11TT`` of the positions they cover."""
+
+    def __init__(self, kv: KVStore, bias_11TT: torch.Tensor):
+        self.kv, self.bias = kv, bias_11TT
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        k_RHLc, v_RHLc = self.kv.write(layer, k.transpose(1, 2), v.transpose(1, 2))
+        if k_RHLc.shape[2] != q.shape[1]:
+            raise RuntimeError(f"prefill into a cache that already holds {k_RHLc.shape[2] - q.shape[1]} positions")
+        bias = self.bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k_RHLc, v_RHLc, attn_mask=bias, scale=scale).transpose(
+            1, 2
+        )

@@ -31,7 +31,8 @@ from nextscale.models.weights import build_vae, build_var, check_pair, error_det
 
 INDEX = "model_index.json"
 WEIGHTS = "model.safetensors"
-_COMPONENTS = {"transformer": (VAR, VARConfig), "vae": (VQVAE, VQVAEConfig)}
+# "refiner": an optional second, smaller transformer on the same tokenizer (collaborative decoding, CoDe).
+_COMPONENTS = {"transformer": (VAR, VARConfig), "vae": (VQVAE, VQVAEConfig), "refiner": (VAR, VARConfig)}
 
 
 def _state_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -62,21 +63,34 @@ def save_native(
     vae: VQVAE,
     extra_index: dict[str, Any] | None = None,
     transformer_dtype: torch.dtype | None = None,
+    components: dict[str, VAR] | None = None,
 ) -> Path:
     """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists).
 
     ``transformer_dtype`` stores the transformer's weights in e.g. float16 to halve the folder (they load
-    back into whatever dtype the pipeline uses); the VQ-VAE is always stored as it is.
+    back into whatever dtype the pipeline uses); the VQ-VAE is always stored as it is. ``components`` adds
+    further transformers on the same tokenizer (``{"refiner": small_var}``), stored like the transformer.
     """
+    extra = dict(components or {})
+    unknown = set(extra) - (set(_COMPONENTS) - {"transformer", "vae"})
+    if unknown:
+        raise ConfigError(f"unknown model components {sorted(unknown)}; allowed: refiner")
 
     def fill(tmp: Path) -> None:
         _write_index(
             tmp,
             "VARPipeline",
-            {"transformer": ["nextscale", "VAR"], "vae": ["nextscale", "VQVAE"], **(extra_index or {})},
+            {
+                "transformer": ["nextscale", "VAR"],
+                "vae": ["nextscale", "VQVAE"],
+                **{k: ["nextscale", "VAR"] for k in extra},
+                **(extra_index or {}),
+            },
         )
         _write_component(tmp, "transformer", var, transformer_dtype)
         _write_component(tmp, "vae", vae)
+        for name, model in extra.items():
+            _write_component(tmp, name, model, transformer_dtype)
 
     return atomic_folder(Path(path), fill)
 
@@ -115,6 +129,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def load_component(folder: str | Path, name: str) -> torch.nn.Module:
+    """One component (``transformer``, ``vae``, ``refiner``) of a native model folder."""
+    return _load_component(Path(folder), name)
 
 
 def _load_component(folder: Path, name: str) -> torch.nn.Module:

@@ -14,6 +14,7 @@ Two entry points share every block:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from nextscale.config import VARConfig
 from nextscale.models.attention import FullSequence, Layout
 from nextscale.models.layers import AdaLNBeforeHead, AdaLNSelfAttn
 from nextscale.models.scales import ScaleSchedule
+
+BlockFn = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, Layout], torch.Tensor]
 
 
 class SharedAdaLin(nn.Linear):
@@ -156,10 +159,16 @@ class VAR(nn.Module):
         return self.word_embed(next_BlCv.to(w.dtype)) + lvl_pos[:, b:e]
 
     # ---- transformer ----------------------------------------------------------------------------------------
-    def forward_tokens(self, x: torch.Tensor, cond: Conditioning, layout: Layout) -> torch.Tensor:
-        """Run all blocks and the head on the tokens ``layout`` describes; logits in float32."""
+    def forward_tokens(
+        self, x: torch.Tensor, cond: Conditioning, layout: Layout, block_fn: BlockFn | None = None
+    ) -> torch.Tensor:
+        """Run all blocks and the head on the tokens ``layout`` describes; logits in float32.
+
+        ``block_fn(i, block, x, mod, layout)`` replaces ``block(x, mod, layout)`` where a sampling plan changes
+        what the blocks compute (e.g. token pruning); the model itself stays stateless."""
         for i, block in enumerate(self.blocks):
-            x = block(x, cond.block_mods[i], layout)
+            mod = cond.block_mods[i]
+            x = block(x, mod, layout) if block_fn is None else block_fn(i, block, x, mod, layout)
         return self.logits(x, cond, layout)
 
     def logits(self, x: torch.Tensor, cond: Conditioning, layout: Layout) -> torch.Tensor:
@@ -183,9 +192,14 @@ class VAR(nn.Module):
         w = self.word_embed.weight
         x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l[:, : L - first_l].to(w.dtype))), dim=1)
         x = x + self.lvl_embed(self.lvl_1L[:, :L].expand(B, -1)) + self.pos_1LC[:, :L]
-        return self.forward_tokens(x, cond, FullSequence(self.attn_bias_for_masking[:, :, :L, :L]))
+        return self.forward_tokens(x, cond, FullSequence(self.causal_bias(L)))
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
+    def causal_bias(self, num_tokens: int) -> torch.Tensor:
+        """The block-causal mask of the first ``num_tokens`` positions, [1, 1, T, T]."""
+        bias: torch.Tensor = self.attn_bias_for_masking
+        return bias[:, :, :num_tokens, :num_tokens]
+
     def derived_buffer_names(self) -> tuple[str, ...]:
         """Buffers recomputed from the config (not stored in native checkpoints)."""
         return ("lvl_1L", "attn_bias_for_masking", *(f"blocks.{i}.attn.zero_k_bias" for i in range(self.depth)))

@@ -1,0 +1,40 @@
+"""Acceleration methods as plug-ins, one file each; they produce the per-scale plans the engine consumes.
+
+    pipe(labels, accel=["cfg-cutoff", "fastvar:keep=0.4"])     # specs, plug-in objects, or a preset:
+    pipe(labels, accel="balanced")                              # "exact" | "balanced" | "fast"
+
+Importing this package registers every method (``REGISTRY``). The engine never imports it.
+"""
+
+from nextscale.accel import cfg_cutoff, code, fastvar, skip_scales  # noqa: F401 - registration
+from nextscale.accel.base import (
+    PRESETS,
+    REGISTRY,
+    Accel,
+    AccelArg,
+    PlanContext,
+    build_plan,
+    parse_spec,
+    preset,
+    resolve,
+)
+from nextscale.accel.cfg_cutoff import CfgCutoff
+from nextscale.accel.code import CoDe
+from nextscale.accel.fastvar import FastVAR
+from nextscale.accel.skip_scales import SkipScales
+
+__all__ = [
+    "PRESETS",
+    "REGISTRY",
+    "Accel",
+    "AccelArg",
+    "CfgCutoff",
+    "CoDe",
+    "FastVAR",
+    "PlanContext",
+    "SkipScales",
+    "build_plan",
+    "parse_spec",
+    "preset",
+    "resolve",
+]

@@ -1,0 +1,178 @@
+"""The plug-in contract, the registry, spec strings and presets.
+
+A method is a frozen dataclass with a registry ``name``; ``apply`` edits the per-scale ``StepPlan`` list of a
+request. Users name methods with spec strings ``"name:key=value,key=value"`` (lists as ``a/b/c``, layer ranges
+as ``first-last``) or pass the objects; ``resolve`` turns either into an ordered, checked list, and
+``build_plan`` into a ``RequestPlan``. Presets (``exact``, ``balanced``, ``fast``) are lists of specs; a model
+folder may override them (``accel_presets`` in its ``model_index.json``, written by ``tune-accel``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from nextscale.engine.plan import EXACT, RequestPlan, StepPlan
+from nextscale.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a method may know about the model it plans for."""
+
+    patch_nums: tuple[int, ...]
+    depth: int
+    refiner_depth: int | None = None  # None: the model has no refiner
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+
+@dataclass(frozen=True)
+class Accel:
+    """Base of every method: ``name`` (registry key), ``stage`` (application order: who assigns models runs
+    before who prunes on them), ``conflicts`` (methods it cannot be combined with)."""
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[int] = 50
+    conflicts: ClassVar[tuple[str, ...]] = ()
+    lossless: ClassVar[bool] = False
+
+    def apply(self, steps: list[StepPlan], ctx: PlanContext) -> list[StepPlan]:
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this method (defaults left out)."""
+        opts = [
+            f"{f.name}={_format(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return self.name + (":" + ",".join(opts) if opts else "")
+
+
+REGISTRY: dict[str, type[Accel]] = {}
+
+
+def register(cls: type[Accel]) -> type[Accel]:
+    assert cls.name and cls.name not in REGISTRY, f"bad or duplicate method name {cls.name!r}"
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+# ---- spec strings ----------------------------------------------------------------------------------------------
+def parse_spec(spec: str) -> Accel:
+    """``"fastvar:keep=0.4,scales=8/9"`` -> ``FastVAR(keep=0.4, scales=(8, 9))``; one-line errors."""
+    name, _, rest = spec.strip().partition(":")
+    cls = REGISTRY.get(name.strip())
+    if cls is None:
+        raise InvalidInputError(
+            f"unknown acceleration method {name!r}; available: {', '.join(sorted(REGISTRY))} "
+            f"(or a preset: {', '.join(PRESETS)})"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise InvalidInputError(f"{name}: bad option {item!r}; options are key=value with key in: {allowed}")
+        kwargs[key] = _convert(name, key, value.strip(), hints[key])
+    return cls(**kwargs)
+
+
+def _convert(method: str, key: str, text: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    try:
+        if hint is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if hint in (int, float, str):
+            return hint(text)
+        if origin is tuple:  # "8/9" -> (8, 9); "2-14" -> (2, 14)
+            parts = text.replace("-", "/").split("/") if args[0] is int else text.split("/")
+            return tuple(args[0](p) for p in parts if p != "")
+        if args:  # Optional[X] / X | None
+            return None if text.lower() == "none" else _convert(method, key, text, args[0])
+    except (TypeError, ValueError):
+        pass
+    raise InvalidInputError(f"{method}: option {key}={text!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _format(value: Any) -> str:
+    return "/".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+# ---- presets and resolution --------------------------------------------------------------------------------------
+# Measured combinations (benchmarks/RESULTS.md, "Acceleration"): one model for balanced; fast adds collaborative
+# decoding where the model has a refiner, else drops the last scale.
+PRESETS: dict[str, list[str]] = {
+    "exact": [],
+    "balanced": ["cfg-cutoff", "fastvar"],
+    "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code"],
+}
+PRESETS_WITHOUT_REFINER = {"fast": ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"]}
+
+AccelSpec = str | Accel
+AccelArg = AccelSpec | Sequence[AccelSpec] | None
+
+
+def resolve(accel: AccelArg, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | None = None) -> list[Accel]:
+    """Specs, objects or a preset name -> the methods, in application order; incompatible sets refused."""
+    if accel is None:
+        return []
+    items: list[AccelSpec] = [accel] if isinstance(accel, (str, Accel)) else list(accel)
+    methods: list[Accel] = []
+    for item in items:
+        if isinstance(item, Accel):
+            methods.append(item)
+        elif isinstance(item, str) and item.strip() in PRESETS:
+            methods += [parse_spec(s) for s in preset(item.strip(), ctx, presets)]
+        elif isinstance(item, str):
+            methods.append(parse_spec(item))
+        else:
+            raise InvalidInputError(f"accel entries are spec strings or plug-in objects, got {type(item).__name__}")
+    seen: dict[str, Accel] = {}
+    for m in methods:
+        if m.name in seen:
+            raise InvalidInputError(f"{m.name} is given twice ({seen[m.name].spec()} and {m.spec()})")
+        seen[m.name] = m
+    for a, b in itertools.combinations(methods, 2):
+        if b.name in a.conflicts or a.name in b.conflicts:
+            raise InvalidInputError(f"{a.name} and {b.name} cannot be combined (they act on the same resource)")
+    return sorted(methods, key=lambda m: m.stage)
+
+
+def preset(name: str, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """The specs of a preset: the model's own (tuned) ones first, else the built-in ones for its shape."""
+    if presets and name in presets:
+        return list(presets[name])
+    if ctx.refiner_depth is None and name in PRESETS_WITHOUT_REFINER:
+        return PRESETS_WITHOUT_REFINER[name]
+    return PRESETS[name]
+
+
+def build_plan(methods: Sequence[Accel], ctx: PlanContext) -> RequestPlan:
+    steps = [EXACT] * ctx.num_scales
+    for m in methods:
+        steps = m.apply(list(steps), ctx)
+        if len(steps) != ctx.num_scales:
+            raise AssertionError(f"{m.name} returned {len(steps)} steps for {ctx.num_scales} scales")
+    return RequestPlan(tuple(steps), tuple(m.spec() for m in methods))
+
+
+def scale_index(method: str, si: int, ctx: PlanContext) -> int:
+    """A scale given by index (negative counts from the end), checked."""
+    S = ctx.num_scales
+    if not -S <= si < S:
+        raise InvalidInputError(f"{method}: scale {si} does not exist (the model has {S} scales, 0..{S - 1})")
+    return si % S
