@@ -45,6 +45,8 @@ def counted(monkeypatch):
         (["--num", "300", "-o", "{t}/g.png"], "a grid of 300 images (0 megapixels) is too large: at most 256 images"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--num", "3", "--rng", "official", "--batch-size", "2"], "pass --batch-size 3 (or use --rng per_image)"),
+        (["--accel", "warp"], "unknown acceleration method 'warp'; available: cfg-cutoff, code, fastvar"),
+        (["--accel", "code"], "code needs a refiner"),
     ],
 )
 def test_output_options_are_refused_before_any_sampling(tmp_path, capsys, counted, argv, message):
@@ -111,6 +113,13 @@ def test_chunks_resume_and_equal_one_batch(tmp_path, capsys, counted):
     code, err = run([*args, "--batch-size", "2", "-o", f"{chunked}/"], capsys)
     assert code == 0 and counted == [2] and "4 of 6 image(s) already in" in err
     assert {n: (chunked / n).read_bytes() for n in names} == before
+
+
+def test_accel_presets_and_specs_from_the_command_line(tmp_path, capsys, counted):
+    for accel in (["--accel", "balanced"], ["--accel", "cfg-cutoff:last=1", "--accel", "fastvar:keep=0.5"]):
+        code, err = run(["generate", "--class", "bag", "--num", "2", *accel, "-o", str(tmp_path / "g.png")], capsys)
+        assert code == 0 and "2 image(s) of Bag" in err, err
+    assert counted == [2, 2]
 
 
 def test_separate_files_take_the_extension_of_the_output(tmp_path, capsys):

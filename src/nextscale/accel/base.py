@@ -120,7 +120,7 @@ PRESETS: dict[str, list[str]] = {
     "balanced": ["cfg-cutoff", "fastvar"],
     "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code"],
 }
-PRESETS_WITHOUT_REFINER = {"fast": ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"]}
+PRESETS_WITHOUT_REFINER: dict[str, list[str]] = {"fast": ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"]}
 
 AccelSpec = str | Accel
 AccelArg = AccelSpec | Sequence[AccelSpec] | None

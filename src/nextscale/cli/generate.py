@@ -70,6 +70,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="images sampled at once (default: chosen from the model's KV-cache size)",
     )
     s.add_argument("--sampler", choices=("fast", "reference"), default="fast", help=argparse.SUPPRESS)
+    s.add_argument(
+        "--accel",
+        action="append",
+        metavar="SPEC",
+        default=None,
+        help="acceleration: a preset (exact, balanced, fast) or a plug-in spec such as cfg-cutoff, "
+        "fastvar:keep=0.4, skip-scales:last=1, code:draft=8; repeat to combine (lossy: see README)",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "-o",
@@ -162,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
                     plan.folder,
                     len(todo),
                 )
+    pipe.plan(args.accel)  # an unknown or impossible combination fails here, before any sampling
     settings = {
+        "accel": args.accel,
         "cfg": args.cfg,
         "top_k": args.top_k,
         "top_p": args.top_p,

@@ -69,6 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"seconds to finish in-flight work on shutdown (default: {SERVER.drain_timeout:g})",
     )
     s.add_argument(
+        "--accel",
+        action="append",
+        metavar="SPEC",
+        default=None,
+        help="acceleration of requests with quality=auto (the default): a preset (exact, balanced, fast) or plug-in "
+        "specs, repeatable; quality=high/medium/low pick the exact/balanced/fast presets per request",
+    )
+    s.add_argument(
         "--allocator",
         choices=CHOICES,
         default="auto",
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # the serve extra: imported only by the command that needs it
 
     from nextscale.serve.api import create_app
+    from nextscale.serve.config import quality_plans
 
     name = args.name or (
         args.model.rstrip("/").split("/")[-1] if args.model else "var" if args.checkpoint else "demo-fmnist"
@@ -98,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     engine_cfg = EngineConfig(scheduler=SchedulerConfig(**given(args, SchedulerConfig)), **given(args, EngineConfig))
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
     pipe = load_pipeline(args)
-    app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg), cfg)
+    plans = quality_plans(pipe, args.accel)
+    app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg), cfg, plans=plans)
     log.info(
         "serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)",
         name,

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from nextscale.engine.engine import Engine, ScaleEvent
+from nextscale.engine.plan import RequestPlan
 from nextscale.engine.request import SamplingParams
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_pil
@@ -108,8 +109,9 @@ def bad_field(param: str, message: str) -> InvalidInputError:
 class _Server:
     """What the routes share (the engine's bridge, settings, metrics, readiness), with one method per route."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig, warmup: bool):
+    def __init__(self, engine: Engine, cfg: ServerConfig, warmup: bool, plans: Mapping[str, RequestPlan | None]):
         self.cfg, self.warmup = cfg, warmup
+        self.plans = dict(plans)  # quality level -> plan (a missing level is the exact plan)
         self.metrics = ServerMetrics()
         self.bridge = AsyncEngine(engine, self.metrics, cfg.max_queue)
         self.var = engine.var
@@ -167,7 +169,7 @@ class _Server:
         previews = preview_scales(len(self.var.cfg.patch_nums), body.partial_images) if body.stream else set()
         labels = torch.full((body.n,), label, dtype=torch.long)
         try:
-            handle = self.bridge.submit(labels, params, previews=bool(previews))
+            handle = self.bridge.submit(labels, params, previews=bool(previews), plan=self.plans.get(body.quality))
         except QueueFull as e:
             self.metrics.requests.labels(status="rejected").inc()
             return error(
@@ -178,6 +180,7 @@ class _Server:
             )
         except ShuttingDown:
             return error(503, "server is shutting down", "unavailable")
+        self.metrics.by_quality.labels(quality=body.quality).inc()
         names = self.names
         tag = names[label] if names and label < len(names) else str(label)
         if body.stream:
@@ -301,8 +304,15 @@ class _Server:
         return b"".join(out)
 
 
-def create_app(engine: Engine, cfg: ServerConfig | None = None, warmup: bool = True) -> FastAPI:
-    server = _Server(engine, cfg or ServerConfig(), warmup)
+def create_app(
+    engine: Engine,
+    cfg: ServerConfig | None = None,
+    warmup: bool = True,
+    plans: Mapping[str, RequestPlan | None] | None = None,
+) -> FastAPI:
+    """The app; ``plans`` maps a request's ``quality`` ("auto", "high", "medium", "low") to its acceleration plan
+    (``serve.config.quality_plans``); without it every request is exact."""
+    server = _Server(engine, cfg or ServerConfig(), warmup, plans or {})
     app = FastAPI(title="nextscale", version="0.1.0", lifespan=server.lifespan)
     app.state.bridge, app.state.metrics = server.bridge, server.metrics
     app.exception_handler(RequestValidationError)(invalid_body)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nextscale.engine.engine import Engine, ScaleEvent
+from nextscale.engine.plan import RequestPlan
 from nextscale.engine.request import SamplingParams
 from nextscale.serve.metrics import ServerMetrics
 
@@ -86,7 +87,9 @@ class AsyncEngine:
     def running(self) -> int:
         return sum(1 for h in self._handles.values() if h.started)
 
-    def submit(self, labels_B: torch.Tensor, params: SamplingParams, previews: bool) -> Handle:
+    def submit(
+        self, labels_B: torch.Tensor, params: SamplingParams, previews: bool, plan: RequestPlan | None = None
+    ) -> Handle:
         if not self.accepting:
             raise ShuttingDown()
         with self._lock:
@@ -95,7 +98,7 @@ class AsyncEngine:
             self._ids += 1
             handle = Handle(f"img-{self._ids}", labels_B.numel())
             self._handles[handle.request_id] = handle
-        self._commands.put(("add", (handle.request_id, labels_B, params, previews)))
+        self._commands.put(("add", (handle.request_id, labels_B, params, previews, plan)))
         self._wake.set()
         self.metrics.set_queue(self.queued, self.running)
         return handle
@@ -136,11 +139,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, labels, params, previews = arg
+                rid, labels, params, previews, plan = arg
                 if rid not in self._handles:  # aborted before it reached the engine
                     continue
                 try:
-                    self.engine.add_request(labels, params, request_id=rid, previews=previews)
+                    self.engine.add_request(labels, params, request_id=rid, previews=previews, plan=plan)
                 except ValueError as e:
                     self._post(rid, e)
             elif kind == "abort" and self.engine.is_pending(arg):

@@ -16,6 +16,9 @@ class ServerMetrics:
         self.queue_depth = Gauge("nextscale_queue_depth", "requests waiting to start", registry=r)
         self.running = Gauge("nextscale_running_requests", "requests being generated", registry=r)
         self.requests = Counter("nextscale_requests_total", "finished requests by outcome", ["status"], registry=r)
+        self.by_quality = Counter(
+            "nextscale_requests_by_quality_total", "accepted requests by their quality level", ["quality"], registry=r
+        )
         self.images = Counter("nextscale_images_generated_total", "images generated", registry=r)
         self.images_per_s = Gauge("nextscale_images_per_second", "images per second over the last minute", registry=r)
         self.latency = Histogram(

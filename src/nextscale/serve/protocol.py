@@ -31,7 +31,9 @@ class ImageGenerationRequest(BaseModel):
     partial_images: int | None = Field(None, ge=0, description="previews to stream (default: every scale)")
     model: str | None = None
     size: str | None = Field(None, pattern=r"^\d+x\d+$")
-    quality: str | None = None
+    quality: Literal["auto", "high", "medium", "low"] = Field(
+        "auto", description="high = exact, medium = balanced, low = fast acceleration preset; auto = server default"
+    )
     user: str | None = None
 
     @model_validator(mode="after")
