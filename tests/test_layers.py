@@ -39,6 +39,7 @@ TOP_LEVEL: dict[str, str] = {
     "allocator": "base",
     "plot": "base",
     "bench": "base",
+    "hardware": "base",
     "pipeline": "pipeline",
     "editing": "pipeline",
     "images": "pipeline",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from nextscale import env
+from nextscale.hardware import cpu_flags
 
 
 def _busy_jiffies() -> tuple[float, float] | None:
@@ -154,14 +155,7 @@ def gemm_peak_gflops(dtype: torch.dtype, m: int = 2048, k: int = 1024, n: int = 
 
 
 def machine_info() -> dict[str, Any]:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

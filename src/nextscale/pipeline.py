@@ -30,6 +30,7 @@ from nextscale.engine.sampler import sample_tokens_batch
 from nextscale.engine.sampling import cfg_rows
 from nextscale.engine.state import ScaleResult
 from nextscale.errors import CheckpointError, InvalidInputError
+from nextscale.hardware import auto_dtype
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
 from nextscale.labels import resolve_labels
 from nextscale.models.native import load_component, load_native, resolve_model_dir, save_native
@@ -91,7 +92,7 @@ class VARPipeline:
         transformer: VAR,
         vae: VQVAE,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         channels_last_decoder: bool = True,
         sampling_defaults: dict[str, Any] | None = None,
         refiner: VAR | None = None,
@@ -119,7 +120,7 @@ class VARPipeline:
         vae_path: str | Path,
         patch_nums: Sequence[int] | None = None,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         class_names: Sequence[str] | None = None,
     ) -> VARPipeline:
         """Load the official ``var_d*.pth`` + ``vae_ch160v4096z32.pth`` files as they are."""
@@ -134,7 +135,7 @@ class VARPipeline:
         cls,
         name_or_path: str | Path | None = None,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         revision: str | None = None,
         local_files_only: bool = False,
         cache_dir: str | Path | None = None,
@@ -177,9 +178,10 @@ class VARPipeline:
             rng=rng,
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VARPipeline:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> VARPipeline:
         """Move to ``device``; ``dtype`` applies to the transformer and the VQ-VAE convs (the quantiser, i.e.
-        codebook search and latent accumulation, always stays float32)."""
+        codebook search and latent accumulation, always stays float32). ``dtype="auto"``: bf16 where it is native
+        (GPUs, CPUs with AVX512-BF16 or AMX), float32 elsewhere (``hardware.auto_dtype``)."""
         if device is not None:
             self.device = torch.device(device)
             if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -188,6 +190,8 @@ class VARPipeline:
             for m in self._transformers():
                 m.to(self.device)
             self.vae.to(self.device)
+        if dtype == "auto":
+            dtype = auto_dtype(self.device)
         if dtype is not None:
             if dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise InvalidInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")

@@ -9,7 +9,8 @@ import torch
 
 from nextscale.errors import InvalidInputError
 
-DTYPES = {
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",  # bf16 where it is native (GPU, AVX512-BF16/AMX CPU), else float32
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -32,7 +33,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--class-names", metavar="FILE", help="text file with one class name per line")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: float32)")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="weights dtype; auto = bf16 where it is native (GPUs, CPUs with AVX512-BF16/AMX), else float32 "
+        "(default: float32, bit-faithful to the official code)",
+    )
 
 
 def parse_patch_nums(text: str) -> tuple[int, ...]:
