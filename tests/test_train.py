@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from nextscale.errors import ConfigError
 from nextscale.pipeline import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.metrics_log import plot_losses, read_metrics
@@ -115,6 +116,27 @@ def test_transformer_training_exports_a_working_model(tmp_path, tokenizer, data_
     assert {"loss", "acc", "acc_tail", "acc_s0"} <= set(val[-1])
     png = plot_losses(tmp_path / "run" / "metrics.jsonl", tmp_path / "loss.png")
     assert Image.open(png).size == (800, 450)
+
+
+def test_loss_from_scale_trains_the_late_scales_only(tmp_path, tokenizer, data_dir):
+    """A CoDe refiner's recipe: the early scales' tokens condition the late ones but get no gradient."""
+    from nextscale.train import dist
+    from nextscale.train.var_task import VARTask
+
+    cfg = VARTrainConfig(
+        data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "r"), **VAR_KW, loss_from_scale=2
+    )
+    task = VARTask(cfg, dist.init(torch.device("cpu")), torch.device("cpu"))
+    b = task.model.scales.begin_ends[2][0]
+    w = task.loss_weight_L
+    assert (w[:b] == 0).all() and torch.allclose(w[b:].sum(), torch.tensor(1.0))
+    with pytest.raises(ConfigError, match="loss_from_scale must be >= 0"):
+        VARTrainConfig(tokenizer="t", loss_from_scale=-1)
+    bad = VARTrainConfig(
+        data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "b"), **VAR_KW, loss_from_scale=9
+    )
+    with pytest.raises(ConfigError, match=r"loss_from_scale=9: the model has scales 0\.\.3"):
+        VARTask(bad, dist.init(torch.device("cpu")), torch.device("cpu"))
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ HELP = {
     "stop_after": "end this invocation after N steps (resume later)",
     "precision": "fp32, bf16 or fp16 autocast",
     "ema": "EMA decay of the exported weights (0 = off)",
+    "loss_from_scale": "train on the tokens of this scale and later ones only (a CoDe refiner: the last scales)",
 }
 
 

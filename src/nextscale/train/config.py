@@ -132,6 +132,9 @@ class VARTrainConfig(LoopConfig):
     label_smoothing: float = 0.0
     progressive: float = 0.0  # official --pg: fraction of training over which scales are added (0 = off)
     pg0: int = 2
+    # Train only on the tokens of scales >= this one (the earlier scales still condition them): a CoDe refiner,
+    # which only ever generates the last scales, spends its capacity there.
+    loss_from_scale: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,5 +144,7 @@ class VARTrainConfig(LoopConfig):
             raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.loss_from_scale < 0:
+            raise ConfigError(f"loss_from_scale must be >= 0, got {self.loss_from_scale}")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")

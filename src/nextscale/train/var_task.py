@@ -21,7 +21,7 @@ from torch import nn
 
 from nextscale.config import VARConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
-from nextscale.errors import CheckpointError
+from nextscale.errors import CheckpointError, ConfigError
 from nextscale.models.native import load_native, load_tokenizer, save_native
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
@@ -132,7 +132,12 @@ class VARTask:
         self.sampler = ShardedBatchSampler(n, per_rank, cfg.seed, info.rank, info.world_size)
         self.images_per_step = cfg.batch_size
         L = self.model.scales.seq_len
-        self.loss_weight_L = torch.full((L,), 1.0 / L, device=device)
+        S = self.model.scales.num_scales
+        if cfg.loss_from_scale >= S:
+            raise ConfigError(f"loss_from_scale={cfg.loss_from_scale}: the model has scales 0..{S - 1}")
+        first = self.model.scales.begin_ends[cfg.loss_from_scale][0]
+        self.loss_weight_L = torch.full((L,), 1.0 / (L - first), device=device)
+        self.loss_weight_L[:first] = 0.0  # earlier scales condition the trained ones but are not trained
 
     # ---- data ------------------------------------------------------------------------------------------------
     def _tokens(self, dataset, split: str, flips: bool | None = None) -> TokenSet:
