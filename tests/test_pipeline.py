@@ -94,6 +94,15 @@ def test_previews_kept_past_the_callback_keep_their_own_scale(pipe):
     assert not torch.allclose(later[0], out.images), "the first preview is not the final image"
 
 
+def test_a_folder_keeps_its_sampling_defaults_and_refiner(tmp_path):
+    var, vae = tiny_pair(1)
+    refiner, _ = tiny_pair(2, dict(depth=1))
+    VARPipeline(var, vae, sampling_defaults={"cfg": 3.0, "top_p": 0.9}, refiner=refiner).save_pretrained(tmp_path)
+    again = VARPipeline.from_pretrained(tmp_path)
+    assert again.sampling_defaults["cfg"] == 3.0 and again.sampling_params().top_p == 0.9
+    assert again.refiner is not None and again.refiner.depth == 1 and again.channels_last_decoder is True
+
+
 def test_save_and_load_pretrained_give_identical_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "m")
     again = VARPipeline.from_pretrained(tmp_path / "m")

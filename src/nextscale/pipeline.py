@@ -152,11 +152,23 @@ class VARPipeline:
         var, vae, index = load_native(folder)
         refiner = load_component(folder, "refiner") if "refiner" in index else None
         assert refiner is None or isinstance(refiner, VAR)
-        return cls(var, vae, device, dtype, index.get("sampling_defaults"), refiner, index.get("accel_presets"))
+        return cls(
+            var,
+            vae,
+            device,
+            dtype,
+            sampling_defaults=index.get("sampling_defaults"),
+            refiner=refiner,
+            accel_presets=index.get("accel_presets"),
+        )
 
     def save_pretrained(self, path: str | Path) -> Path:
         custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
-        return save_native(path, self.transformer, self.vae, {"sampling_defaults": custom} if custom else None)
+        extra: dict[str, Any] = {"sampling_defaults": custom} if custom else {}
+        if self.accel_presets:
+            extra["accel_presets"] = self.accel_presets
+        refiner = {"refiner": self.refiner} if self.refiner is not None else None
+        return save_native(path, self.transformer, self.vae, extra or None, components=refiner)
 
     def sampling_params(
         self,

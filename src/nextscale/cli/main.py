@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from nextscale import __version__
-from nextscale.cli import convert, evaluate, generate, serve, train
+from nextscale.cli import accel, convert, evaluate, generate, serve, train
 from nextscale.errors import NextscaleError
 
 # Subcommand modules: each exposes add_parser(subparsers) and registers its handler as ``func``.
-COMMANDS = [generate, convert, serve, train, evaluate]
+COMMANDS = [generate, convert, serve, train, evaluate, accel]
 
 
 def build_parser() -> argparse.ArgumentParser:
