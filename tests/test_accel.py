@@ -161,13 +161,24 @@ def test_code_needs_a_compatible_refiner(pipe):
 
 
 # ---- the engine --------------------------------------------------------------------------------------------------
-ENGINE_PLANS = [None, "cfg-cutoff", "skip-scales", "fastvar", "balanced", "cfg-cutoff:last=1,fastvar:keep=0.3"]
+ENGINE_PLANS = [
+    None,
+    "cfg-cutoff",
+    "skip-scales",
+    "fastvar",
+    "balanced",
+    "cfg-cutoff:last=1,fastvar:keep=0.3",
+    "code:draft=3",
+    "fast",
+]
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_engine_equals_pipeline_for_mixed_plans_under_random_arrivals(pipe, seed):
     rng = random.Random(seed)
-    engine = Engine(pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0, max_images_per_request=3))
+    engine = Engine(
+        pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0, max_images_per_request=3), refiner=pipe.refiner
+    )
     pending = []
     for i in range(7):
         spec = rng.choice(ENGINE_PLANS)
@@ -200,7 +211,7 @@ def test_engine_units_cost_what_their_plan_computes(pipe):
     assert [seqs[a].unit_rows[i] * seqs[a].scale_tokens[i] for i in range(6)] == [4 * p * p for p in PNS]
     assert seqs[b].unit_rows[-2:] == (2, 2) and seqs[b].scale_tokens[-1] < PNS[-1] ** 2
     assert len(seqs[c].scale_tokens) == 4, "skipped scales are no units"
-    with pytest.raises(InvalidInputError, match="engine does not serve it yet"):
+    with pytest.raises(InvalidInputError, match="this engine was built without one"):
         engine.add_request(torch.tensor([1]), SamplingParams(seed=0), plan=pipe.plan("code"))
 
 

@@ -30,8 +30,10 @@ DEFAULT = "cfg-cutoff:last=1"  # serve --accel: what quality=auto gets
 @pytest.fixture(scope="module")
 def served():
     var, vae = tiny_pair(4, dict(depth=4, num_classes=5, class_names=NAMES), dict(patch_nums=PNS, ch_mult=(1, 1, 2)))
-    pipe = VARPipeline(var, vae, channels_last_decoder=False)
-    engine = Engine(var, vae, EngineConfig(max_images_per_request=3))
+    refiner, _ = tiny_pair(9, dict(depth=1, num_classes=5), dict(patch_nums=PNS, ch_mult=(1, 1, 2)))
+    pipe = VARPipeline(var, vae, channels_last_decoder=False, refiner=refiner)
+    assert pipe.plan("fast").uses_refiner, "quality=low runs collaborative decoding in the engine"
+    engine = Engine(var, vae, EngineConfig(max_images_per_request=3), refiner=refiner)
     app = create_app(engine, ServerConfig(model_name="tiny"), plans=quality_plans(pipe, DEFAULT))
     with TestClient(app) as client:
         yield client, pipe

@@ -35,7 +35,7 @@ from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
 from nextscale.labels import resolve_labels
 from nextscale.models.native import load_component, load_native, resolve_model_dir, save_native
 from nextscale.models.tokenizers.msvq import VQVAE
-from nextscale.models.var import VAR
+from nextscale.models.var import VAR, check_refiner
 from nextscale.models.weights import load_official_pair
 
 if TYPE_CHECKING:
@@ -451,17 +451,6 @@ def _progress_bar(total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="scales", unit="scale", leave=False)
-
-
-def check_refiner(main: VAR, refiner: VAR) -> VAR:
-    """A refiner must speak the main transformer's tokens: same codebook, scales and classes."""
-    a, b = main.cfg, refiner.cfg
-    for key in ("vocab_size", "z_channels", "patch_nums", "num_classes"):
-        if getattr(a, key) != getattr(b, key):
-            raise CheckpointError(
-                f"the refiner does not match the transformer: {key} {getattr(b, key)} != {getattr(a, key)}"
-            )
-    return refiner
 
 
 __all__ = ["ScalePreview", "VAROutput", "VARPipeline"]

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
     pipe = load_pipeline(args)
     plans = quality_plans(pipe, args.accel)
-    app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg), cfg, plans=plans)
+    app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg, refiner=pipe.refiner), cfg, plans=plans)
     log.info(
         "serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)",
         name,

@@ -39,7 +39,7 @@ from nextscale.engine.scheduler import Scheduler, SchedulerConfig
 from nextscale.engine.state import Generation
 from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
-from nextscale.models.var import VAR
+from nextscale.models.var import VAR, check_refiner
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,18 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, var: VAR, vae: VQVAE, cfg: EngineConfig | None = None):
+    def __init__(self, var: VAR, vae: VQVAE, cfg: EngineConfig | None = None, refiner: VAR | None = None):
+        """``refiner``: CoDe's small model for the late scales of requests whose plan hands off to it; its KV pool
+        mirrors the transformer's rows (a request holds the same rows in both), so one allocator serves both."""
         self.var, self.vae = var.eval(), vae.eval()
+        self.refiner = None if refiner is None else check_refiner(var, refiner).eval()
         self.cfg = cfg or EngineConfig()
         self.device = var.head.weight.device
-        c = var.cfg
-        row_bytes = 2 * c.depth * c.seq_len * c.embed_dim * var.head.weight.element_size()
+        row_bytes = sum(
+            2 * m.cfg.depth * m.cfg.seq_len * m.cfg.embed_dim * m.head.weight.element_size()
+            for m in (var, refiner)
+            if m is not None
+        )
         max_rows = int(self.cfg.kv_cache_mb * 2**20 // row_bytes)
         if max_rows < cfg_rows(self.cfg.max_images_per_request):
             raise InvalidInputError(
@@ -144,6 +150,7 @@ class Engine:
             )
         self.scheduler = Scheduler(replace(self.cfg.scheduler, max_rows=max_rows))
         self.pool = KVPool.for_model(var, max_rows)
+        self.refiner_pool = None if refiner is None else KVPool.for_model(refiner, max_rows)
         self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -173,10 +180,8 @@ class Engine:
         plan = plan or RequestPlan.exact(self.var.scales.num_scales)
         if len(plan.steps) != self.var.scales.num_scales:
             raise InvalidInputError(f"plan has {len(plan.steps)} steps for {self.var.scales.num_scales} scales")
-        if plan.uses_refiner:
-            raise InvalidInputError(
-                "collaborative decoding (a refiner model) runs in the pipeline; the engine does not serve it yet"
-            )
+        if plan.uses_refiner and self.refiner is None:
+            raise InvalidInputError("the plan hands scales to a refiner (code), but this engine was built without one")
         rid = request_id or f"req-{next(self._ids)}"
         # One scheduler unit per scale a transformer runs; its cost is rows x the tokens its plan computes.
         run = plan.run_scales
@@ -274,7 +279,9 @@ class Engine:
         req = self.requests[rid]
         B = req.labels_B.numel()
         gens = req.params.generators(B, self.device, start=req.first_image_index)
-        kv = self.pool.slot(self.scheduler.running[rid].slot, req.plan.kv_rows(B))
+        start = self.scheduler.running[rid].slot
+        kv = self.pool.slot(start, req.plan.kv_rows(B))
+        refiner_pool = self.refiner_pool
         req.state = Generation(
             self.var,
             self.vae.quantize,
@@ -284,6 +291,8 @@ class Engine:
             kv=kv,
             lvl_pos_1LC=self.runner.lvl_pos,
             plan=req.plan,
+            refiner=self.refiner,
+            refiner_kv=lambda _model, rows: refiner_pool.slot(start, rows),  # type: ignore[union-attr]
         )
 
     def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:

@@ -119,8 +119,11 @@ class ModelRunner:
         Units whose plan changes what the blocks compute (a block hook, e.g. token pruning) or that recompute a
         prefix run on their own, in the dense layout their plan gives; all others are fused into one call."""
         results: list[ScaleResult | None] = [None] * len(units)
-        fused = [i for i, u in enumerate(units) if u.step.hook is None and not u.prefill]
-        if fused:
+        by_model: dict[int, list[int]] = {}
+        for i, u in enumerate(units):
+            if u.step.hook is None and not u.prefill:
+                by_model.setdefault(id(u.model), []).append(i)
+        for fused in by_model.values():  # one fused call per transformer (the main one, a CoDe refiner)
             for i, r in zip(fused, self._fused([units[i] for i in fused])):
                 results[i] = r
         for i, u in enumerate(units):
@@ -132,12 +135,13 @@ class ModelRunner:
         # By scale, then by KV-pool row: same-scale requests with adjacent slots become one attention call.
         order = sorted(range(len(units)), key=lambda i: (units[i].si, units[i].kv.start))
         ordered = [units[i] for i in order]
-        assert all(u.model is self.var for u in ordered), "fused units run on the engine's transformer"
-        C = self.var.C
+        model = ordered[0].model
+        assert all(u.model is model for u in ordered), "a fused call runs on one transformer"
+        C = model.C
         x = torch.cat([u.x.reshape(-1, C) for u in ordered]) if len(ordered) > 1 else ordered[0].x.reshape(-1, C)
         cond = Conditioning.cat([u.cond for u in ordered])
         layout = RaggedStep(*self._plan(ordered), device=x.device)
-        logits_NV = self.var.forward_tokens(x, cond, layout)
+        logits_NV = model.forward_tokens(x, cond, layout)
         results: list[ScaleResult] = [None] * len(units)  # type: ignore[list-item]
         t = 0
         for i, u in zip(order, ordered):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nextscale.config import VARConfig
+from nextscale.errors import CheckpointError
 from nextscale.models.attention import FullSequence, Layout
 from nextscale.models.layers import AdaLNBeforeHead, AdaLNSelfAttn
 from nextscale.models.scales import ScaleSchedule
@@ -233,3 +234,14 @@ class VAR(nn.Module):
                 ada.weight.data[2 * self.C :].mul_(init_adaln)
                 ada.weight.data[: 2 * self.C].mul_(init_adaln_gamma)
                 ada.bias.data.zero_()
+
+
+def check_refiner(main: VAR, refiner: VAR) -> VAR:
+    """A refiner (collaborative decoding) must speak the main transformer's tokens: same codebook, scales, classes."""
+    a, b = main.cfg, refiner.cfg
+    for key in ("vocab_size", "z_channels", "patch_nums", "num_classes"):
+        if getattr(a, key) != getattr(b, key):
+            raise CheckpointError(
+                f"the refiner does not match the transformer: {key} {getattr(b, key)} != {getattr(a, key)}"
+            )
+    return refiner
