@@ -211,6 +211,10 @@ def test_engine_units_cost_what_their_plan_computes(pipe):
     assert [seqs[a].unit_rows[i] * seqs[a].scale_tokens[i] for i in range(6)] == [4 * p * p for p in PNS]
     assert seqs[b].unit_rows[-2:] == (2, 2) and seqs[b].scale_tokens[-1] < PNS[-1] ** 2
     assert len(seqs[c].scale_tokens) == 4, "skipped scales are no units"
+    coded = Engine(pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0), refiner=pipe.refiner)
+    d = coded.add_request(torch.tensor([1, 2]), SamplingParams(seed=0), plan=pipe.plan("code:draft=3"))
+    assert coded.scheduler.waiting[0].scale_tokens[3] == sum(p * p for p in PNS[:4]), "the hand-off recomputes"
+    assert d and coded.pool.rows > 0 and coded.refiner_pool is not None
     with pytest.raises(InvalidInputError, match="this engine was built without one"):
         engine.add_request(torch.tensor([1]), SamplingParams(seed=0), plan=pipe.plan("code"))
 

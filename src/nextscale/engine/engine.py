@@ -183,10 +183,16 @@ class Engine:
         if plan.uses_refiner and self.refiner is None:
             raise InvalidInputError("the plan hands scales to a refiner (code), but this engine was built without one")
         rid = request_id or f"req-{next(self._ids)}"
-        # One scheduler unit per scale a transformer runs; its cost is rows x the tokens its plan computes.
+        # One scheduler unit per scale a transformer runs; its cost is rows x the tokens its plan computes (a
+        # hand-off scale recomputes every earlier scale on the new model: CoDe's prefix pass).
         run = plan.run_scales
-        pns = self.var.cfg.patch_nums
-        tokens = tuple(math.ceil(pns[si] ** 2 * plan.steps[si].tokens_fraction) for si in run)
+        ends = self.var.scales.begin_ends
+        tokens = tuple(
+            ends[si][1]
+            if k and plan.steps[run[k - 1]].model != plan.steps[si].model
+            else math.ceil((ends[si][1] - ends[si][0]) * plan.steps[si].tokens_fraction)
+            for k, si in enumerate(run)
+        )
         self.scheduler.add(rid, plan.kv_rows(n), tokens, tuple(plan.rows(si, n) for si in run))
         self.requests[rid] = _Request(
             labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
