@@ -9,7 +9,6 @@ Importing this package registers every method (``REGISTRY``). The engine never i
 from nextscale.accel import cfg_cutoff, code, fastvar, skip_scales  # noqa: F401 - registration
 from nextscale.accel.base import (
     PRESETS,
-    PRESETS_WITHOUT_REFINER,
     REGISTRY,
     Accel,
     AccelArg,
@@ -26,7 +25,6 @@ from nextscale.accel.skip_scales import SkipScales
 
 __all__ = [
     "PRESETS",
-    "PRESETS_WITHOUT_REFINER",
     "REGISTRY",
     "Accel",
     "AccelArg",

@@ -145,10 +145,6 @@ class KVCache(KVSlot):
         cfg, w = model.cfg, model.head.weight
         return cls(KVPool(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.pool.k, *self.pool.v))
-
     def free(self) -> None:
         super().free()
         self.pool.k.clear()  # the pool is private: its memory goes with the slot

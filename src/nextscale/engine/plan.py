@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -57,7 +57,7 @@ class StepPlan:
     model: str = MAIN  # which transformer runs this scale: MAIN, or REFINER (collaborative decoding)
     guided: bool = True  # the unconditional rows run and guidance mixes the logits; False: conditional rows only
     skip: bool = False  # no transformer step and no tokens: the running latent is carried to the next scale
-    hook: BlockHook | None = field(default=None, compare=True)  # per-block change of the computation
+    hook: BlockHook | None = None  # per-block change of the computation
     tokens_fraction: float = 1.0  # share of this scale's token-layer work the hook computes (for costing)
 
     @property
