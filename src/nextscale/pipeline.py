@@ -12,6 +12,7 @@ the batch it is in (``rng="per_image"``, the default).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -48,6 +49,21 @@ ClassLabels = int | str | Sequence[int | str] | torch.Tensor
 
 
 BUNDLED_MODELS = ("demo-fmnist", "testbed-fmnist")
+
+
+KV_ROLES_FILE = "kv_budgets.json"  # a model folder's KV-cache calibration (nextscale calibrate-kv)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
 
 
 def bundled_model_dir(name: str = "demo-fmnist") -> Path:
@@ -97,12 +113,14 @@ class VARPipeline:
         sampling_defaults: dict[str, Any] | None = None,
         refiner: VAR | None = None,
         accel_presets: dict[str, list[str]] | None = None,
+        kv_roles: dict[str, Any] | None = None,
     ):
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         # CoDe's small model for the late scales (``accel="code"``), and presets tuned for this model.
         self.refiner = None if refiner is None else check_refiner(transformer, refiner).eval().requires_grad_(False)
         self.accel_presets = dict(accel_presets or {})
+        self.kv_roles = kv_roles  # KV-cache calibration (``nextscale calibrate-kv``) for scalekv / hack
         self._refiners: dict[str, VAR] = {}  # refiners named in specs (code:refiner=...), loaded once
         self.channels_last_decoder = channels_last_decoder
         unknown = set(sampling_defaults or {}) - set(DEFAULT_SAMPLING)
@@ -160,6 +178,7 @@ class VARPipeline:
             sampling_defaults=index.get("sampling_defaults"),
             refiner=refiner,
             accel_presets=index.get("accel_presets"),
+            kv_roles=_read_json(folder / KV_ROLES_FILE),
         )
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -168,7 +187,8 @@ class VARPipeline:
         if self.accel_presets:
             extra["accel_presets"] = self.accel_presets
         refiner = {"refiner": self.refiner} if self.refiner is not None else None
-        return save_native(path, self.transformer, self.vae, extra or None, components=refiner)
+        files = {KV_ROLES_FILE: json.dumps(self.kv_roles, indent=1) + "\n"} if self.kv_roles else None
+        return save_native(path, self.transformer, self.vae, extra or None, components=refiner, files=files)
 
     def sampling_params(
         self,
@@ -316,7 +336,9 @@ class VARPipeline:
     def _plan_context(self, refiner: VAR | None) -> PlanContext:
         from nextscale.accel import PlanContext
 
-        return PlanContext(self.patch_nums, self.transformer.depth, None if refiner is None else refiner.depth)
+        var = self.transformer
+        depth = None if refiner is None else refiner.depth
+        return PlanContext(self.patch_nums, var.depth, depth, var.num_heads, self.kv_roles)
 
     def _refiner_for(self, methods: Sequence[Accel]) -> VAR | None:
         """The refiner a method names (``code:refiner=DIR_OR_HUB_ID``, loaded once), else the model's own."""

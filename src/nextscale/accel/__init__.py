@@ -6,7 +6,7 @@
 Importing this package registers every method (``REGISTRY``). The engine never imports it.
 """
 
-from nextscale.accel import cfg_cutoff, code, fastvar, skip_scales  # noqa: F401 - registration
+from nextscale.accel import cfg_cutoff, code, fastvar, hack, scalekv, skip_scales  # noqa: F401 - registration
 from nextscale.accel.base import (
     PRESETS,
     REGISTRY,
@@ -21,9 +21,12 @@ from nextscale.accel.base import (
 from nextscale.accel.cfg_cutoff import CfgCutoff
 from nextscale.accel.code import CoDe
 from nextscale.accel.fastvar import FastVAR
+from nextscale.accel.hack import HACK
+from nextscale.accel.scalekv import KVRoles, ScaleKV, calibrate_kv
 from nextscale.accel.skip_scales import SkipScales
 
 __all__ = [
+    "HACK",
     "PRESETS",
     "REGISTRY",
     "Accel",
@@ -31,9 +34,12 @@ __all__ = [
     "CfgCutoff",
     "CoDe",
     "FastVAR",
+    "KVRoles",
     "PlanContext",
+    "ScaleKV",
     "SkipScales",
     "build_plan",
+    "calibrate_kv",
     "parse_spec",
     "preset",
     "resolve",

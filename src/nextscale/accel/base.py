@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nextscale.engine.plan import EXACT, RequestPlan, StepPlan
@@ -27,6 +27,8 @@ class PlanContext:
     patch_nums: tuple[int, ...]
     depth: int
     refiner_depth: int | None = None  # None: the model has no refiner
+    num_heads: int = 0
+    kv_roles: Mapping[str, Any] | None = field(default=None, compare=False)  # the model folder's KV calibration
 
     @property
     def num_scales(self) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from nextscale.engine.kv_cache import KVPool
+from nextscale.engine.kv_cache import CompactKV, KVPool, compact_rows
 from nextscale.engine.plan import RequestPlan
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
@@ -193,11 +193,21 @@ class Engine:
             else math.ceil((ends[si][1] - ends[si][0]) * plan.steps[si].tokens_fraction)
             for k, si in enumerate(run)
         )
-        self.scheduler.add(rid, plan.kv_rows(n), tokens, tuple(plan.rows(si, n) for si in run))
+        # A compressed cache (scalekv, hack) packs its short per-layer caches into fewer pool rows.
+        self.scheduler.add(rid, self._pool_rows(plan, n), tokens, tuple(plan.rows(si, n) for si in run))
         self.requests[rid] = _Request(
             labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
         )
         return rid
+
+    def _pool_rows(self, plan: RequestPlan, num_images: int) -> int:
+        rows = plan.kv_rows(num_images)
+        if not plan.compresses_kv:
+            return rows
+        return compact_rows(rows, self._kv_caps(plan), self.var.scales.seq_len)
+
+    def _kv_caps(self, plan: RequestPlan) -> tuple[int, ...]:
+        return plan.kv_capacity(self.var.scales.token_counts(), self.var.depth)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its cache is released immediately."""
@@ -285,8 +295,11 @@ class Engine:
         req = self.requests[rid]
         B = req.labels_B.numel()
         gens = req.params.generators(B, self.device, start=req.first_image_index)
-        start = self.scheduler.running[rid].slot
-        kv = self.pool.slot(start, req.plan.kv_rows(B))
+        seq = self.scheduler.running[rid]
+        start = seq.slot
+        slot = self.pool.slot(start, seq.rows)
+        rows = req.plan.kv_rows(B)
+        kv = CompactKV(slot, rows, self._kv_caps(req.plan)) if req.plan.compresses_kv else slot
         refiner_pool = self.refiner_pool
         req.state = Generation(
             self.var,

@@ -14,11 +14,16 @@ contiguous slice of the pool, with no copy (Flover keeps batches contiguous the 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from nextscale.engine.plan import StepPlan
     from nextscale.models.var import VAR
 
 
@@ -35,6 +40,12 @@ class ConcatKVCache:
         v = v_RHlc if old_v is None else torch.cat((old_v, v_RHlc), dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
+
+    def attend(
+        self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        k, v = self.write(layer, k_RHlc, v_RHlc)
+        return F.scaled_dot_product_attention(q_RHlc, k, v, scale=scale)
 
 
 class KVPool:
@@ -111,6 +122,22 @@ class KVSlot:
             raise RuntimeError(f"KV cache overflow in layer {layer}")
         return self.pool.write_run(layer, [self], k_RHlc, v_RHlc)
 
+    def attend(
+        self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Append this scale's keys/values, then attend over everything cached (the plain cached step)."""
+        k, v = self.write(layer, k_RHlc, v_RHlc)
+        return F.scaled_dot_product_attention(q_RHlc, k, v, scale=scale)
+
+    @property
+    def keys_seen(self) -> list[int]:
+        """Per layer, the keys the last step's queries attended to."""
+        return self.lengths
+
+    @property
+    def nbytes_reserved(self) -> int:
+        return self.nbytes_used
+
     @property
     def nbytes_used(self) -> int:
         """Bytes of the keys and values written so far (layers may hold different lengths, e.g. under pruning)."""
@@ -149,3 +176,153 @@ class KVCache(KVSlot):
         super().free()
         self.pool.k.clear()  # the pool is private: its memory goes with the slot
         self.pool.v.clear()
+
+
+# ---- compressed caches (ScaleKV, HACK) --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Rows [r0, r1) of one layer's compressed cache, stored at cell ``cell`` of pool layer ``bin``'s memory
+    (a cell holds one position of one row: H x c numbers)."""
+
+    bin: int
+    cell: int
+    r0: int
+    r1: int
+
+
+def pack_layers(rows: int, caps: Sequence[int], bin_cells: int, bins: int) -> list[list[Piece]] | None:
+    """Place every layer's compressed cache, ``rows`` x ``caps[j]`` cells, into ``bins`` bins of ``bin_cells``
+    cells each (the pool rows a request holds, in every pool layer), splitting a layer's rows across bins where one
+    is full. None if they do not fit. A layer's cache then need not be as long as the pool's rows: layers that keep
+    few positions share the memory that one full-length layer would take."""
+    out: list[list[Piece]] = []
+    b = cell = 0
+    for cap in caps:
+        pieces: list[Piece] = []
+        r = 0
+        while r < rows and cap > 0:
+            fit = (bin_cells - cell) // cap
+            if fit == 0:
+                b, cell = b + 1, 0
+                if b >= bins:
+                    return None
+                continue
+            t = min(fit, rows - r)
+            pieces.append(Piece(b, cell, r, r + t))
+            cell += t * cap
+            r += t
+        out.append(pieces)
+    return out
+
+
+def compact_rows(rows: int, caps: Sequence[int], seq_len: int) -> int:
+    """Pool rows that hold a compressed cache of ``rows`` rows with per-layer capacities ``caps``."""
+    depth = len(caps)
+    m = max(1, math.ceil(rows * sum(caps) / (depth * seq_len)))
+    while pack_layers(rows, caps, m * seq_len, depth) is None:  # ends by m = rows when every cap <= seq_len
+        m += 1
+    return m
+
+
+class CompactKV:
+    """A compressed KV cache: per layer at most ``caps[layer]`` positions per row and head, chosen after every
+    scale by the step's ``kv_select`` (ScaleKV's per-layer budgets, HACK's head-aware rule), stored in pool rows.
+
+    A compressing step attends over the kept history plus its own keys (concatenated for that one layer), then
+    keeps ``kv_keep[layer]`` of them — so the current scale's keys are never stored at full length, and a last
+    scale with ``kv_keep`` 0 stores nothing. Each head keeps its own positions; all heads of a layer keep the same
+    number. The memory is ``slot.rows`` rows of a ``KVPool`` (all its layers), packed by ``pack_layers``.
+    """
+
+    def __init__(self, slot: KVSlot, rows: int, caps: Sequence[int]):
+        pool = slot.pool
+        self.slot, self.rows, self.caps = slot, rows, tuple(caps)
+        H, c = pool.k[0].shape[1], pool.k[0].shape[3]
+        bin_cells = slot.rows * pool.max_len
+        packed = pack_layers(rows, self.caps, bin_cells, pool.num_layers)
+        if packed is None:
+            raise RuntimeError(f"a compressed cache of {rows} rows x {self.caps} does not fit in {slot.rows} pool rows")
+
+        def view(t: torch.Tensor, p: Piece, cap: int) -> torch.Tensor:
+            flat = t[slot.start : slot.start + slot.rows].view(-1)
+            return flat[(p.cell) * H * c : (p.cell + (p.r1 - p.r0) * cap) * H * c].view(p.r1 - p.r0, H, cap, c)
+
+        self.pieces = packed
+        self.k = [[view(pool.k[p.bin], p, cap) for p in ps] for ps, cap in zip(packed, self.caps)]
+        self.v = [[view(pool.v[p.bin], p, cap) for p in ps] for ps, cap in zip(packed, self.caps)]
+        self.lengths = [0] * len(self.caps)
+        self.keys_seen = [0] * len(self.caps)
+        self.element_bytes = 2 * H * c * pool.k[0].element_size()
+        self.step: StepPlan | None = None  # the current scale's plan (set by ``Generation`` before each step)
+        self.si, self.pn = 0, 1
+
+    @classmethod
+    def own(cls, model: VAR, rows: int, caps: Sequence[int]) -> CompactKV:
+        """A compressed cache with a private pool (the pipeline's sampler)."""
+        seq_len = model.cfg.seq_len
+        return cls(KVCache.for_model(model, compact_rows(rows, caps, seq_len)), rows, caps)
+
+    @property
+    def length(self) -> int:
+        return self.lengths[-1]
+
+    @property
+    def start(self) -> int:
+        return self.slot.start
+
+    def attend(
+        self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        step = self.step
+        keep = None if step is None or step.kv_keep is None else step.kv_keep[layer]
+        n, R, l = self.lengths[layer], q_RHlc.shape[0], q_RHlc.shape[2]
+        self.keys_seen[layer] = n + l
+        fits = keep is None or n + l <= keep
+        if fits and n + l > self.caps[layer]:
+            raise RuntimeError(f"compressed KV cache overflow in layer {layer}: {n + l} > {self.caps[layer]}")
+        out = torch.empty_like(q_RHlc)
+        for p, k_st, v_st in zip(self.pieces[layer], self.k[layer], self.v[layer]):
+            if p.r0 >= R:  # an unguided scale runs fewer rows: the unconditional ones are never read again
+                continue
+            r1 = min(p.r1, R)
+            rows, mine = slice(p.r0, r1), slice(0, r1 - p.r0)
+            q, k, v = q_RHlc[rows], k_RHlc[rows], v_RHlc[rows]
+            if fits:  # room for this scale's keys: append in place, as an uncompressed cache does
+                k_st[mine, :, n : n + l].copy_(k)
+                v_st[mine, :, n : n + l].copy_(v)
+                k_all, v_all = k_st[mine, :, : n + l], v_st[mine, :, : n + l]
+            else:
+                k_all = torch.cat((k_st[mine, :, :n], k), dim=2)
+                v_all = torch.cat((v_st[mine, :, :n], v), dim=2)
+            out[rows] = F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+            if not fits and keep:
+                assert step is not None and step.kv_select is not None
+                idx_RHk = step.kv_select(layer, self.si, self.pn, q, k_all, scale, keep)
+                gather = idx_RHk.unsqueeze(-1).expand(*idx_RHk.shape, k.shape[-1])
+                k_st[mine, :, :keep].copy_(k_all.gather(2, gather))
+                v_st[mine, :, :keep].copy_(v_all.gather(2, gather))
+        if not fits:
+            self.lengths[layer] = keep or 0
+        else:
+            self.lengths[layer] = n + l
+        return out
+
+    @property
+    def nbytes_used(self) -> int:
+        return self.element_bytes * self.rows * sum(self.lengths)
+
+    @property
+    def nbytes_reserved(self) -> int:
+        """Bytes the cache may hold at its fullest (its per-layer capacities): what it takes from a pool."""
+        return self.element_bytes * self.rows * sum(self.caps)
+
+    def check_integrity(self, uniform: bool = True) -> None:
+        assert all(0 <= n <= c for n, c in zip(self.lengths, self.caps)), f"lengths {self.lengths} > {self.caps}"
+        self.slot.check_integrity(uniform=False)
+
+    def free(self) -> None:
+        self.slot.free()
+        self.lengths = []
+
+
+RequestKV = KVSlot | CompactKV  # what a request's ``Generation`` holds for one transformer

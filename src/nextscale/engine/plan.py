@@ -10,7 +10,7 @@ method. With every step at its default (``EXACT``) sampling is bit-identical to 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,6 +50,17 @@ class BlockHook(Protocol):
     ) -> torch.Tensor: ...
 
 
+class KVSelector(Protocol):
+    """Which cached positions a layer keeps after a scale (KV-cache compression: ScaleKV, HACK).
+
+    ``q_RHlc`` are this call's queries, ``k_RHnc`` every key they attended to (the kept history, then this
+    call's own ``l`` keys); returns ``keep`` positions per row and head [R, H, keep], ascending."""
+
+    def __call__(
+        self, layer: int, si: int, pn: int, q_RHlc: torch.Tensor, k_RHnc: torch.Tensor, scale: float, keep: int
+    ) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """How one request runs one scale."""
@@ -59,6 +70,10 @@ class StepPlan:
     skip: bool = False  # no transformer step and no tokens: the running latent is carried to the next scale
     hook: BlockHook | None = None  # per-block change of the computation
     tokens_fraction: float = 1.0  # share of this scale's token-layer work the hook computes (for costing)
+    # KV-cache compression: per layer, the most positions its cache keeps after this scale (None: keep all);
+    # when history + this scale's keys exceed it, ``kv_select`` picks which. 0 stores nothing (the last scale).
+    kv_keep: tuple[int, ...] | None = None
+    kv_select: KVSelector | None = None
 
     @property
     def branches(self) -> int:
@@ -113,5 +128,26 @@ class RequestPlan:
         """Rows a KV cache needs: both guidance rows if any scale is guided."""
         return max(self.rows(si, num_images) for si in self.run_scales)
 
+    @property
+    def compresses_kv(self) -> bool:
+        return any(p.kv_keep is not None for p in self.steps if not p.skip)
 
-__all__ = ["EXACT", "MAIN", "REFINER", "BlockHook", "HookContext", "RequestPlan", "StepPlan"]
+    def kv_capacity(self, scale_tokens: Sequence[int], depth: int) -> tuple[int, ...]:
+        """Per layer, the most positions its cache holds at once (after any compression), given the tokens of
+        every scale: what a compressed cache must allocate. Uncompressed: the whole sequence in every layer."""
+        if not self.compresses_kv:
+            return (sum(scale_tokens),) * depth
+        caps = []
+        for layer in range(depth):
+            n = cap = 0
+            for si in self.run_scales:
+                keep = self.steps[si].kv_keep
+                n += scale_tokens[si]
+                if keep is not None and n > keep[layer]:
+                    n = keep[layer]
+                cap = max(cap, n)
+            caps.append(cap)
+        return tuple(caps)
+
+
+__all__ = ["EXACT", "MAIN", "REFINER", "BlockHook", "HookContext", "KVSelector", "RequestPlan", "StepPlan"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nextscale.engine.kv_cache import KVSlot
 from nextscale.engine.state import Generation, ScaleResult
-from nextscale.models.attention import KVStore
+from nextscale.models.attention import KVAttend
 from nextscale.models.var import VAR, Conditioning
 
 
@@ -42,7 +42,7 @@ class AttnSpan:
     t1: int
     rows: int
     l: int
-    kv: KVStore | None = None
+    kv: KVAttend | None = None  # a request's own store (e.g. a compressed cache), which attends by itself
     slots: tuple[KVSlot, ...] = ()
 
     @property
@@ -50,11 +50,12 @@ class AttnSpan:
         """Every slot of the span is written in full (no unguided unit among them)."""
         return bool(self.slots) and self.rows == sum(s.rows for s in self.slots)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.slots:
-            return self.slots[0].pool.write_run(layer, list(self.slots), k, v)
+            k_all, v_all = self.slots[0].pool.write_run(layer, list(self.slots), k, v)
+            return F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
         assert self.kv is not None
-        return self.kv.write(layer, k, v)
+        return self.kv.attend(layer, q, k, v, scale)
 
 
 class RaggedStep:
@@ -99,8 +100,7 @@ class RaggedStep:
             def per_row(t: torch.Tensor, sp: AttnSpan = sp) -> torch.Tensor:
                 return t[sp.t0 : sp.t1].view(sp.rows, sp.l, H, c).transpose(1, 2)  # [R, H, l, c]
 
-            k_all, v_all = sp.write(layer, per_row(k), per_row(v))
-            o = F.scaled_dot_product_attention(per_row(q), k_all, v_all, scale=scale)
+            o = sp.attend(layer, per_row(q), per_row(k), per_row(v), scale)
             out[sp.t0 : sp.t1].view(sp.rows, sp.l, H, c).copy_(o.transpose(1, 2))
         return out
 

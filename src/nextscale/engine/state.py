@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nextscale.engine.kv_cache import KVCache, KVSlot
+from nextscale.engine.kv_cache import CompactKV, KVCache, KVSlot, RequestKV
 from nextscale.engine.plan import MAIN, REFINER, HookContext, RequestPlan, StepPlan
 from nextscale.engine.request import ForcedTokens, SamplingParams
 from nextscale.engine.sampling import (
@@ -73,13 +73,20 @@ class _ModelState:
     model: VAR
     cond: Conditioning
     lvl_pos: torch.Tensor
-    kv: KVSlot
+    kv: RequestKV
 
 
-KVFactory = Callable[[VAR, int], KVSlot]
+KVFactory = Callable[[VAR, int], RequestKV]
 
 
-def _own_cache(model: VAR, rows: int) -> KVSlot:
+def own_cache(model: VAR, rows: int, plan: RequestPlan | None = None) -> RequestKV:
+    """A private cache for one request: full length, or compressed to the plan's per-layer capacities."""
+    if plan is not None and plan.compresses_kv:
+        return CompactKV.own(model, rows, plan.kv_capacity(model.scales.token_counts(), model.depth))
+    return KVCache.for_model(model, rows=rows)
+
+
+def _own_cache(model: VAR, rows: int) -> RequestKV:
     return KVCache.for_model(model, rows=rows)
 
 
@@ -91,7 +98,7 @@ class Generation:
         labels_B: torch.Tensor,
         params: SamplingParams,
         generators: Generators,
-        kv: KVSlot | None = None,
+        kv: RequestKV | None = None,
         forced: ForcedTokens | None = None,
         lvl_pos_1LC: torch.Tensor | None = None,
         plan: RequestPlan | None = None,
@@ -124,6 +131,7 @@ class Generation:
         self.prefill = 0  # tokens before this scale's own in ``x`` (a refiner's first scale recomputes the prefix)
         x_RlC = self._state.model.first_tokens(self._state.cond, self._state.lvl_pos)
         self.x = x_RlC if self.step.guided else x_RlC[: self.B]
+        self._tell_kv()
 
     # ---- the current scale -------------------------------------------------------------------------------------
     @property
@@ -140,7 +148,7 @@ class Generation:
         return self._state.model
 
     @property
-    def kv(self) -> KVSlot:
+    def kv(self) -> RequestKV:
         return self._state.kv
 
     @property
@@ -160,6 +168,7 @@ class Generation:
     def layout(self) -> Layout:
         """The dense layout of this step over the current model's cache (the pipeline's loop)."""
         if self.prefill:
+            assert isinstance(self.kv, KVSlot), "a prefix pass fills an uncompressed cache"
             return CachedPrefill(self.kv, self.model.causal_bias(self.tokens_this_scale))
         return CachedStep(self.kv)
 
@@ -229,17 +238,25 @@ class Generation:
             return
         x_BlC = self._state.model.next_tokens(si, nxt_BlCv, self._state.lvl_pos)
         self.x = cfg_double(x_BlC) if step.guided else x_BlC
+        self._tell_kv()
+
+    def _tell_kv(self) -> None:
+        """A compressed cache decides what it keeps by the current step's plan."""
+        kv = self.kv
+        if isinstance(kv, CompactKV):
+            kv.step, kv.si, kv.pn = self.step, self.si, self.model.scales.patch_nums[self.si]
 
     def _hand_off(self, name: str) -> None:
         self._state.kv.free()  # the previous model's cache is dropped before the next one is allocated
         self._state = self._model_state(name, None, None)
 
-    def _model_state(self, name: str, kv: KVSlot | None, lvl_pos: torch.Tensor | None) -> _ModelState:
+    def _model_state(self, name: str, kv: RequestKV | None, lvl_pos: torch.Tensor | None) -> _ModelState:
         model = self._models[name]
         assert model is not None
         cond = model.condition(cfg_labels(self.labels_B, model.num_classes))
         if kv is None:
-            kv = (_own_cache if name == MAIN else self._refiner_kv)(model, self.plan.kv_rows(self.B))
+            rows = self.plan.kv_rows(self.B)
+            kv = own_cache(model, rows, self.plan) if name == MAIN else self._refiner_kv(model, rows)
         return _ModelState(name, model, cond, model.level_pos() if lvl_pos is None else lvl_pos, kv)
 
     def _account(self, si: int) -> None:
@@ -247,10 +264,11 @@ class Generation:
         m, step = self.model, self.step
         n = self.rows * self.tokens_this_scale * step.tokens_fraction
         self.rows_x_tokens[si] = n
-        keys = sum(self.kv.lengths) / len(self.kv.lengths)  # mean keys each query saw (pruning shortens some)
+        seen = self.kv.keys_seen
+        keys = sum(seen) / len(seen)  # mean keys each query saw (pruning and KV compression shorten some)
         # per token and block: qkv + proj + fc1 + fc2 = 12 C^2 multiply-adds; attention 2 x keys x C
         self.flops += 2 * n * m.depth * (12 * m.C * m.C + 2 * keys * m.C)
-        self.kv_bytes_peak = max(self.kv_bytes_peak, self.kv.nbytes_used)
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self.kv.nbytes_reserved)
 
     # ---- results -------------------------------------------------------------------------------------------------
     def result(self) -> SampleResult:

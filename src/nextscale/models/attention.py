@@ -38,6 +38,15 @@ class KVStore(Protocol):
         ...
 
 
+class KVAttend(Protocol):
+    def attend(
+        self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Store this call's keys/values as the cache's policy says and attend over what the queries may see
+        (a compressed cache decides what it keeps after seeing the queries)."""
+        ...
+
+
 class DenseRows:
     """Rows of equal length: tokens [R, l, C]; per-row vectors broadcast over l."""
 
@@ -71,12 +80,11 @@ class CachedStep(DenseRows):
     No mask is needed: within a scale attention is bidirectional, and the cache only holds coarser scales.
     """
 
-    def __init__(self, kv: KVStore):
+    def __init__(self, kv: KVAttend):
         self.kv = kv
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        k_RHLc, v_RHLc = self.kv.write(layer, k.transpose(1, 2), v.transpose(1, 2))
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k_RHLc, v_RHLc, scale=scale).transpose(1, 2)
+        return self.kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
 
 
 class CachedPrefill(DenseRows):

@@ -64,12 +64,14 @@ def save_native(
     extra_index: dict[str, Any] | None = None,
     transformer_dtype: torch.dtype | None = None,
     components: dict[str, VAR] | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists).
 
     ``transformer_dtype`` stores the transformer's weights in e.g. float16 to halve the folder (they load
     back into whatever dtype the pipeline uses); the VQ-VAE is always stored as it is. ``components`` adds
     further transformers on the same tokenizer (``{"refiner": small_var}``), stored like the transformer.
+    ``files``: text files written beside ``model_index.json`` (e.g. the KV-cache calibration).
     """
     extra = dict(components or {})
     unknown = set(extra) - (set(_COMPONENTS) - {"transformer", "vae"})
@@ -91,6 +93,8 @@ def save_native(
         _write_component(tmp, "vae", vae)
         for name, model in extra.items():
             _write_component(tmp, name, model, transformer_dtype)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
 
     return atomic_folder(Path(path), fill)
 

@@ -40,6 +40,9 @@ class ScaleSchedule:
     def tokens(self, si: int) -> int:
         return self.patch_nums[si] ** 2
 
+    def token_counts(self) -> tuple[int, ...]:
+        return tuple(pn * pn for pn in self.patch_nums)
+
     def ratio(self, si: int) -> float:
         """Progress through the schedule, 0 at the first scale and 1 at the last (``si / (S-1)``)."""
         return si / (self.num_scales - 1)
