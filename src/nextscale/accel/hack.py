@@ -7,9 +7,10 @@ in earlier scales (diagonals). One rule breaks one kind or the other, so each he
 rule: a contextual head the keys with the most softmax attention summed over the observation-window queries
 (SnapKV's score); a structural head the keys that matter most to *some* query — the maximum over all the scale's
 queries — which keeps every query's own diagonal. Heads are classified by the calibration
-(``nextscale calibrate-kv``): a head is contextual when its attention mass averaged over queries is at least half
-as concentrated (share on its top 10 % keys) as each query's own attention; uncalibrated, every head is treated as
-contextual. HACK gives every layer the same budget (no drafter layers): ``budget`` of the full cache.
+(``nextscale calibrate-kv``) by the ratio of how concentrated (share on the top 10 % of keys) its attention mass
+averaged over queries is to how concentrated each query's own attention is: the half of the heads with the higher
+ratio is contextual; uncalibrated, every head is treated as contextual. Every layer gets the same budget (no
+drafter layers): ``budget`` of the full cache.
 
 Differences from the paper: HACK gives the two head classes different budgets; here all heads of a layer keep the
 same number of positions (the cache is one [rows, heads, positions, dim] tensor per layer), and the classes differ

@@ -180,13 +180,17 @@ def calibrate_kv(
     if not 0 <= k <= depth:
         raise InvalidInputError(f"drafters must be in 0..{depth}, got {k}")
     roles = {si: tuple(sorted(asi[si].argsort()[:k].tolist())) if si else tuple(range(depth)) for si in range(S)}
-    ratio = (rec.col / rec.row.clamp_min(1e-12)).tolist()
+    ratio_LH = rec.col / rec.row.clamp_min(1e-12)
+    # Which heads are contextual is relative: the more column-concentrated half (the ratio's spread differs between
+    # models; HACK also splits by an empirical threshold).
+    contextual = (ratio_LH >= ratio_LH.median()).tolist()
+    ratio = ratio_LH.tolist()
     return KVRoles(
         tuple(var.scales.patch_nums),
         depth,
         H,
         roles,
-        tuple(tuple(r >= 0.5 for r in row) for row in ratio),
+        tuple(tuple(row) for row in contextual),
         tuple(tuple(None if math.isnan(a) else round(a, 4) for a in row) for row in asi.tolist()),
         tuple(tuple(round(r, 4) for r in row) for row in ratio),
         labels_B.numel(),
