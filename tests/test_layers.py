@@ -41,6 +41,7 @@ TOP_LEVEL: dict[str, str] = {
     "bench": "base",
     "hardware": "base",
     "pipeline": "pipeline",
+    "raster_pipeline": "pipeline",
     "editing": "pipeline",
     "images": "pipeline",
     "labels": "pipeline",

@@ -1,7 +1,9 @@
-"""nextscale: sample, serve, accelerate, train and evaluate VAR (next-scale prediction) image generators.
+"""nextscale: sample, serve, accelerate, train and evaluate VAR (next-scale prediction) image generators, and
+raster-order (LlamaGen) ones.
 
-Public API: ``VARPipeline`` (load official or native weights, sample, edit, save), ``SamplingParams``,
-``VARConfig`` / ``VQVAEConfig``. Importing the package has no side effects beyond importing torch lazily.
+Public API: ``VARPipeline`` (load official or native weights, sample, edit, save), ``LlamaGenPipeline`` (the same
+for LlamaGen c2i models), ``SamplingParams``, ``VARConfig`` / ``VQVAEConfig``. Importing the package has no side
+effects beyond importing torch lazily.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "VARPipeline": "nextscale.pipeline",
     "VAROutput": "nextscale.pipeline",
+    "LlamaGenPipeline": "nextscale.raster_pipeline",
+    "LlamaGenOutput": "nextscale.raster_pipeline",
     "SamplingParams": "nextscale.engine.request",
     "VARConfig": "nextscale.config",
     "VQVAEConfig": "nextscale.config",
@@ -22,8 +26,18 @@ if TYPE_CHECKING:
     from nextscale.config import VARConfig, VQVAEConfig
     from nextscale.engine.request import SamplingParams
     from nextscale.pipeline import VAROutput, VARPipeline
+    from nextscale.raster_pipeline import LlamaGenOutput, LlamaGenPipeline
 
-__all__ = ["SamplingParams", "VARConfig", "VAROutput", "VARPipeline", "VQVAEConfig", "__version__"]
+__all__ = [
+    "LlamaGenOutput",
+    "LlamaGenPipeline",
+    "SamplingParams",
+    "VARConfig",
+    "VAROutput",
+    "VARPipeline",
+    "VQVAEConfig",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

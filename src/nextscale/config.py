@@ -19,9 +19,9 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
-def _check_patch_nums(patch_nums: tuple[int, ...]) -> None:
-    if len(patch_nums) < 2:
-        raise ConfigError(f"patch_nums needs at least 2 scales, got {patch_nums}")
+def _check_patch_nums(patch_nums: tuple[int, ...], min_scales: int = 2) -> None:
+    if len(patch_nums) < min_scales:
+        raise ConfigError(f"patch_nums needs at least {min_scales} scales, got {patch_nums}")
     if any(not isinstance(p, int) or p < 1 for p in patch_nums):
         raise ConfigError(f"patch_nums must be positive ints, got {patch_nums}")
     if any(a >= b for a, b in itertools.pairwise(patch_nums)):
@@ -58,7 +58,8 @@ class VQVAEConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
-        _check_patch_nums(self.patch_nums)
+        # One scale is a plain VQ-VAE: the tokenizer of raster-order (LlamaGen-style) models.
+        _check_patch_nums(self.patch_nums, min_scales=1)
         if self.vocab_size < 2 or self.z_channels < 1:
             raise ConfigError(f"vocab_size must be >= 2 and z_channels >= 1, got {self.vocab_size}, {self.z_channels}")
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):

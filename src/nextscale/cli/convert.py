@@ -1,4 +1,8 @@
-"""``nextscale convert`` (official .pth -> native folder) and ``nextscale info`` (what a file or folder holds)."""
+"""``nextscale convert`` (official files -> native folder) and ``nextscale info`` (what a file or folder holds).
+
+Both families: VAR (``var_d*.pth`` + ``vae_*.pth``) and raster (LlamaGen ``c2i_*.pt`` + ``vq_ds16_c2i.pt``), told
+apart by the checkpoint's keys (files) or by ``model_index.json`` (folders).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,45 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from nextscale.cli.common import parse_patch_nums, read_class_names
+from nextscale.cli.common import (
+    FAMILY_NAMES,
+    MODEL_OPTIONS,
+    add_llamagen_file_args,
+    checkpoint_family,
+    parse_patch_nums,
+    read_class_names,
+    refuse_options,
+)
 
 log = logging.getLogger("nextscale")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert official VAR + VQ-VAE .pth files to a native model folder")
-    p.add_argument("var", metavar="VAR.pth")
-    p.add_argument("vae", metavar="VAE.pth")
+    p = sub.add_parser(
+        "convert",
+        help="convert official files (VAR + VQ-VAE .pth, or LlamaGen GPT + VQ .pt) to a native model folder",
+    )
+    p.add_argument("var", metavar="MODEL_FILE", help="VAR var_d*.pth or LlamaGen c2i_*.pt")
+    p.add_argument("vae", metavar="TOKENIZER_FILE", help="VAR vae_*.pth or LlamaGen vq_ds16_c2i.pt")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="model folder to write")
-    p.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...")
+    p.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...", help="VAR: scale schedule")
     p.add_argument("--class-names", metavar="FILE", help="text file with one class name per line")
+    add_llamagen_file_args(p)
     p.set_defaults(func=run_convert)
 
-    q = sub.add_parser("info", help="show the configuration and parameter counts of a checkpoint or folder")
+    q = sub.add_parser("info", help="show the family, configuration and parameter counts of a checkpoint or folder")
     q.add_argument("path", metavar="FILE_OR_DIR")
-    q.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...")
+    q.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...", help="VAR: scale schedule")
+    add_llamagen_file_args(q)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=run_info)
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    family = checkpoint_family(args.var)
+    refuse_options(args, family, MODEL_OPTIONS, args.var)
+    if family == "raster":
+        return _convert_llamagen(args)
     from nextscale.pipeline import VARPipeline
 
     names = read_class_names(args.class_names)
@@ -41,12 +62,37 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_llamagen(args: argparse.Namespace) -> int:
+    from nextscale.raster_pipeline import LlamaGenPipeline
+
+    names = read_class_names(args.class_names)
+    pipe = LlamaGenPipeline.from_official(args.var, args.vae, args.image_size, args.n_head, class_names=names)
+    out = pipe.save_pretrained(args.output)
+    c = pipe.config
+    log.info(
+        "wrote %s (LlamaGen GPT %s params, %d px, %dx%d tokens; %s tokenizer %s params)",
+        out,
+        f"{_count(pipe.transformer):,}",
+        c.image_size,
+        c.grid_size,
+        c.grid_size,
+        pipe.tokenizer.kind,
+        f"{_count(pipe.vae):,}",
+    )
+    return 0
+
+
 def _count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Configuration and parameter counts of an official .pth file or a native model folder."""
+def describe(
+    path: str | Path,
+    patch_nums: tuple[int, ...] | None = None,
+    n_head: int | None = None,
+    image_size: int | None = None,
+) -> dict[str, Any]:
+    """Family, configuration and parameter counts of an official checkpoint file or a native model folder."""
     import torch
 
     from nextscale.config import VARConfig, VQVAEConfig
@@ -57,10 +103,14 @@ def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dic
     from nextscale.models.weights import infer_vae_config, infer_var_config, read_state_dict
 
     path = Path(path)
+    family = _folder_family(path) if path.is_dir() else checkpoint_family(path)
+    if family == "raster":
+        return _describe_raster(path, n_head, image_size)
     if path.is_dir():
         var, vae, _index = load_native(path)
         return {
             "format": "native",
+            "family": "var",
             "path": str(path),
             "transformer": {"params": _count(var), "config": var.cfg.to_dict()},
             "vae": {"params": _count(vae), "config": vae.cfg.to_dict()},
@@ -82,24 +132,83 @@ def describe(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> dic
         params = _count(VAR(cfg) if isinstance(cfg, VARConfig) else VQVAE(cfg))
     return {
         "format": "official",
+        "family": "var",
         "path": str(path),
         kind: {"params": params, "tensors": len(sd), "config": cfg.to_dict()},
     }
 
 
+def _folder_family(path: Path) -> str:
+    """The family ``model_index.json`` names; anything else goes to VAR's loader, which reports it as before."""
+    from nextscale.errors import CheckpointError
+    from nextscale.models.native import model_family
+
+    try:
+        return model_family(path)
+    except CheckpointError:
+        return "var"
+
+
+def _describe_raster(path: Path, n_head: int | None, image_size: int | None) -> dict[str, Any]:
+    import torch
+
+    from nextscale.models.llamagen import LlamaGen
+    from nextscale.models.llamagen_weights import (
+        image_size_from_name,
+        infer_llamagen_config,
+        infer_vq_config,
+        read_llamagen_state_dict,
+    )
+    from nextscale.models.native import load_raster_native
+    from nextscale.models.tokenizers.vq import VQModel
+
+    if path.is_dir():
+        gpt, vae, index = load_raster_native(path)
+        info: dict[str, Any] = {
+            "format": "native",
+            "family": "raster",
+            "path": str(path),
+            "transformer": {"params": _count(gpt), "config": gpt.cfg.to_dict()},
+            "vae": {"params": _count(vae), "kind": type(vae).__name__, "config": vae.cfg.to_dict()},
+        }
+        return {**info, **{k: index[k] for k in ("sampling_defaults", "class_names") if k in index}}
+    sd = read_llamagen_state_dict(path)
+    part: dict[str, Any]
+    with torch.device("meta"):  # counted on a meta-device model: the same number as for the converted folder
+        if "tok_embeddings.weight" in sd:
+            cfg = infer_llamagen_config(sd, n_head, image_size or image_size_from_name(path), str(path))
+            kind, part = "transformer", {"params": _count(LlamaGen(cfg)), "config": cfg.to_dict()}
+        else:
+            vq_cfg = infer_vq_config(sd, source=str(path))
+            kind, part = "vae", {"params": _count(VQModel(vq_cfg)), "kind": "VQModel", "config": vq_cfg.to_dict()}
+    return {"format": "official", "family": "raster", "path": str(path), kind: {**part, "tensors": len(sd)}}
+
+
 def run_info(args: argparse.Namespace) -> int:
-    info = describe(args.path, args.patch_nums)
+    path = Path(args.path)
+    family = _folder_family(path) if path.is_dir() else checkpoint_family(path)
+    refuse_options(args, family, MODEL_OPTIONS, args.path)
+    info = describe(path, args.patch_nums, args.n_head, args.image_size)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['path']} ({info['format']} format)")
+    print(f"  family: {FAMILY_NAMES[info['family']]}")
     for kind in ("transformer", "vae"):
         if kind not in info:
             continue
         part = info[kind]
-        print(f"  {kind}: {part['params']:,} parameters")
+        print(f"  {kind}: {part['params']:,} parameters" + (f" ({part['kind']})" if "kind" in part else ""))
         for k, v in part["config"].items():
             if k == "class_names" and v:
-                v = f"{len(v)} names: {', '.join(v[:5])}{', ...' if len(v) > 5 else ''}"
+                v = _names(v)
             print(f"    {k}: {v}")
+    if info.get("sampling_defaults"):
+        print(f"  sampling_defaults: {info['sampling_defaults']}")
+    if info.get("class_names"):
+        print(f"  class_names: {_names(info['class_names'])}")
     return 0
+
+
+def _names(names: list[str]) -> str:
+    return f"{len(names)} names: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"

@@ -4,6 +4,10 @@ Images are sampled in chunks of ``--batch-size`` and each chunk's files are writ
 done, so memory stays flat however large ``--num`` is; a folder output resumes by skipping the files that exist
 (image i always comes from the seed (seed, i), so a resumed job writes exactly the images of an uninterrupted one).
 Every output option is checked before any sampling.
+
+Works with either model family: a VAR model, or a raster (LlamaGen) one, where ``--cfg`` is LlamaGen's cfg_scale and
+``--cfg-interval``, ``--temperature`` and ``--speculative`` apply; an option of the other family is refused in one
+line, before the model is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nextscale.cli.common import add_model_args, load_pipeline
+from nextscale.cli.common import ALL_FAMILIES, add_model_args, load_pipeline, refuse_options, resolve_model
 from nextscale.errors import InvalidInputError
 from nextscale.images import auto_grid_cols
 
@@ -49,10 +53,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--cfg",
         type=float,
         default=None,
-        help="guidance, VAR convention (default: the model's recommended value, else 1.5)",
+        help="guidance (default: the model's recommended value): VAR convention (else 1.5), or LlamaGen's "
+        "cfg_scale for a raster model (else 4.0; <= 1 = unguided)",
     )
-    s.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 = off (official demo: 900)")
-    s.add_argument("--top-p", type=float, default=None, help="top-p filter, 0 = off (official demo: 0.95)")
+    s.add_argument(
+        "--top-k", type=int, default=None, help="top-k filter, 0 = off (VAR demo: 900; LlamaGen default: 2000)"
+    )
+    s.add_argument(
+        "--top-p", type=float, default=None, help="top-p filter (VAR: 0 = off, demo 0.95; LlamaGen: 1.0 = off)"
+    )
     s.add_argument("--seed", type=int, default=0, help="seed; image i uses a generator derived from (seed, i)")
     s.add_argument(
         "--more-smooth", action="store_true", default=None, help="gumbel-softmax code mixing (visual quality)"
@@ -77,6 +86,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="acceleration: a preset (exact, balanced, fast) or a plug-in spec such as cfg-cutoff, "
         "fastvar:keep=0.4, skip-scales:last=1, code:draft=8; repeat to combine (lossy: see README)",
+    )
+    r = p.add_argument_group("raster (LlamaGen) models only")
+    r.add_argument(
+        "--cfg-interval",
+        type=float,
+        default=None,
+        help="stop guidance after this many decode steps (default: -1, guidance throughout)",
+    )
+    r.add_argument("--temperature", type=float, default=None, help="logits temperature (default: 1.0)")
+    r.add_argument(
+        "--speculative",
+        metavar="SPEC",
+        default=None,
+        help="speculative decoding: an acceptance rule and its window (see nextscale.accel.speculative)",
     )
     o = p.add_argument_group("output")
     o.add_argument(
@@ -141,12 +164,18 @@ def plan_output(output: str, separate: bool, grid_cols: int | None, total: int, 
     return OutputPlan(folder=None, grid=target, grid_cols=cols)
 
 
+# Sampling options of one family only (the model options are checked in ``load_pipeline``).
+FAMILY_OPTIONS = {"var": ("--accel", "--more-smooth"), "raster": ("--cfg-interval", "--temperature", "--speculative")}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise InvalidInputError(f"--num must be >= 1, got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    pipe = load_pipeline(args)
+    resolved = resolve_model(args)
+    refuse_options(args, resolved[0], FAMILY_OPTIONS)
+    pipe = load_pipeline(args, ALL_FAMILIES, resolved)
     labels = pipe.labels(args.classes or [0], args.num).tolist()
     total = len(labels)
     plan = plan_output(args.output, args.separate, args.grid_cols, total, pipe.image_size)
@@ -170,17 +199,7 @@ def run(args: argparse.Namespace) -> int:
                     plan.folder,
                     len(todo),
                 )
-    pipe.plan(args.accel)  # an unknown or impossible combination fails here, before any sampling
-    settings = {
-        "accel": args.accel,
-        "cfg": args.cfg,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "rng": args.rng,
-        "more_smooth": args.more_smooth,
-        "sampler": args.sampler,
-    }
+    settings = sampling_settings(args, pipe, resolved[0])
     grid_images: list = []
     t0 = time.perf_counter()
     with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
@@ -201,6 +220,27 @@ def run(args: argparse.Namespace) -> int:
     where = plan.grid if plan.grid is not None else plan.folder
     log.info("%d image(s) of %s in %.1fs -> %s", len(todo), ", ".join(dict.fromkeys(tags)), dt, where)
     return 0
+
+
+def sampling_settings(args: argparse.Namespace, pipe, family: str) -> dict:
+    """The pipeline call's keyword arguments for this family, checked (acceleration plan, speculative spec, sampling
+    values) before any sampling."""
+    settings = {
+        "cfg": args.cfg,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "rng": args.rng,
+        "sampler": args.sampler,
+    }
+    if family == "raster":
+        settings.update(cfg_interval=args.cfg_interval, temperature=args.temperature, speculative=args.speculative)
+        pipe.sampling_params(args.cfg, args.cfg_interval, args.top_k, args.top_p, args.temperature, args.seed)
+        if args.speculative is not None:
+            pipe.speculative_config(args.speculative)
+        return settings
+    pipe.plan(args.accel)  # an unknown or impossible combination fails here, before any sampling
+    return {**settings, "accel": args.accel, "more_smooth": args.more_smooth}
 
 
 def label_tag(label: int, names: tuple[str, ...], num_classes: int) -> str:

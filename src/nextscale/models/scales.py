@@ -45,7 +45,7 @@ class ScaleSchedule:
 
     def ratio(self, si: int) -> float:
         """Progress through the schedule, 0 at the first scale and 1 at the last (``si / (S-1)``)."""
-        return si / (self.num_scales - 1)
+        return si / max(self.num_scales - 1, 1)
 
     def level_ids(self) -> torch.Tensor:
         """``lvl_1L``: the scale index of every position, shape [1, L] (int64)."""
@@ -85,4 +85,5 @@ def phi_index_table(num_scales: int, num_phi: int) -> tuple[int, ...]:
     """
     K = num_phi
     ticks = np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
-    return tuple(int(np.argmin(np.abs(ticks - si / (num_scales - 1)))) for si in range(num_scales))
+    span = max(num_scales - 1, 1)  # a single scale (a plain VQ-VAE) sits at ratio 0
+    return tuple(int(np.argmin(np.abs(ticks - si / span))) for si in range(num_scales))

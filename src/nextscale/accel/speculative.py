@@ -1,0 +1,343 @@
+"""Speculative decoding for raster (LlamaGen) models as plug-ins: SJD, GSD and LANTERN as acceptance rules of the
+one loop in ``nextscale.engine.speculative``.
+
+    parse_speculative("sjd")                              # window 16, random first guesses
+    parse_speculative("sjd:window=8,init=repeat")         # guesses copied from the left neighbour
+    parse_speculative("gsd:size=7,pdiff=0.15,dist=0.5")   # lossy: group acceptance
+    parse_speculative("lantern:delta=0.1,k=1000")         # lossy: relaxed acceptance over latent neighbours
+    cfg.rule(model) -> AcceptRule;  sample_speculative(model, labels, params, cfg.rule(model), cfg.window)
+
+Every method shares ``window`` (guesses verified per forward pass; 1 = plain sampling) and ``init`` (how slots
+without a computed distribution are guessed: ``random`` codes as SJD's paper, or ``repeat`` the left neighbour in
+the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it to the loop).
+
+* ``sjd`` — Teng et al., "Accelerating Auto-regressive Text-to-Image Generation with Training-free Speculative
+  Jacobi Decoding" (ICLR 2025): keep guess x with probability ``min(1, p(x)/q(x))``, at a refusal draw from
+  ``norm(max(0, p - q))``. Lossless: the kept tokens follow the guided, filtered target exactly (tested against
+  the enumerated joint distribution of a tiny model).
+* ``gsd`` — So et al., "Grouped Speculative Decoding for Autoregressive Image Generation" (ICCV 2025), as its code
+  (junhyukso/GSD) does it: the candidate group is the ``2·size`` codes around x's rank in the target (ranks
+  ``r-size .. r+size-1`` ascending, x included), kept where ``|p(y) - p(x)| < pdiff`` and the squared distance of
+  input embeddings ``|e_x - e_y|² < dist``; keep x with ``min(1, Σ_G p / Σ_G q)``; the refusal path is SJD's.
+  Embeddings: the LlamaGen model's ``tok_embeddings.weight`` (GSD uses the model's input embedding rows too) or a
+  ``codebook`` given to ``rule``. Lossy by design. Differences: the official code falls back to SJD's ratio when the
+  rank window runs off the vocabulary; here the window is clipped. ``dist=0.5`` is the official value for
+  Lumina-mGPT's embeddings; LlamaGen's embedding scale differs, so it is a knob to tune, not a verified default.
+* ``lantern`` — Jang et al., "LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative Decoding"
+  (ICLR 2025), relaxed acceptance as its code (jadohu/LANTERN) computes it: walk x's ``k`` nearest codes in latent
+  space (nearest first) and absorb the longest prefix whose summed target probability is <= ``delta`` (the total
+  variation budget; ``delta > 1`` means ``(delta - 1)·p(x)``, as the code); keep x with ``min(1, p̃(x)/q(x))``,
+  ``p̃(x) = p(x) + absorbed``. Latent space: the VQ codebook when given (LANTERN's table comes from the tokenizer's
+  ``quantize.embedding``; pass the l2-normalised rows for LlamaGen's VQ), else ``tok_embeddings.weight`` as the
+  proxy. The neighbour table is computed once per model and source tensor (cached; recomputed if the weights
+  change in place). Differences: LANTERN drafts with a trained EAGLE head — here the drafts are SJD's
+  (training-free); at a refusal we draw from ``max(0, p̃ - q)`` with the absorbed neighbours' mass moved onto x
+  (speculative sampling against the relaxed target, so a one-hot guess yields exactly p̃, within ``delta`` of p in
+  total variation), where the official code zeroes q on x's k+1 nearest codes instead. Lossy by design; ``delta=0``
+  is SJD.
+
+Caution for both lossy rules, as in their official code: a guess the target's top-k / top-p removed (p(x) = 0) can
+still be kept — GSD through its group's mass, LANTERN with probability up to ``delta`` through its neighbours' mass.
+The official drafters rarely propose such codes; SJD's random first guesses often do. On a tiny random 16x16 model
+with top-k 50 of 512 codes, ``lantern:delta=0.1`` fixed 2.1 tokens per pass against SJD's 1.05, largely by keeping
+such codes (each position stays within ``delta`` of the target in total variation for one-hot guesses).
+
+What is verified here: SJD's lossless property (enumerated joint distribution, chi-square), batch independence of
+every rule, and each rule's formula on hand-made distributions. Not verified: any paper's speed-up or FID (no
+real checkpoint in this environment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from nextscale.engine.raster import RasterParams, RasterResult, StepCallback
+from nextscale.engine.sampling import Generators
+from nextscale.engine.speculative import DRAFT_INITS, AcceptRule, sample_speculative
+from nextscale.errors import InvalidInputError
+from nextscale.models.llamagen import LlamaGen
+
+
+# ---- the rules -----------------------------------------------------------------------------------------------------
+def _at(x_MV: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
+    return x_MV.gather(-1, idx_M[:, None]).squeeze(1)
+
+
+def _ratio(num_M: torch.Tensor, den_M: torch.Tensor) -> torch.Tensor:
+    """``min(1, num/den)``; ``den`` is the guess's own probability under q, > 0 by construction."""
+    return torch.where(num_M >= den_M, torch.ones_like(num_M), num_M / den_M.clamp_min(torch.finfo(den_M.dtype).tiny))
+
+
+@dataclass(frozen=True)
+class ExactRule:
+    """SJD's test — the standard speculative-sampling one. Lossless for any guess drawn independently of its coin."""
+
+    draft_init: str = "random"
+    lossless: ClassVar[bool] = True
+
+    def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
+        return _ratio(_at(p_MV, draft_M), _at(q_MV, draft_M))
+
+    def residual(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
+        return (p_MV - q_MV).clamp_min(0)
+
+
+@dataclass(frozen=True, eq=False)
+class GroupRule(ExactRule):
+    """GSD's group test; the residual is SJD's."""
+
+    embed_VC: torch.Tensor | None = None
+    size: int = 7
+    pdiff: float = 0.15
+    dist: float = 0.5
+    lossless: ClassVar[bool] = False
+
+    def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
+        assert self.embed_VC is not None
+        M, V = p_MV.shape
+        order_MV = torch.sort(p_MV, dim=-1, stable=True).indices  # ascending; ties (filtered codes) by index
+        rank_MV = torch.empty_like(order_MV).scatter_(-1, order_MV, torch.arange(V, device=p_MV.device).expand(M, V))
+        offsets = torch.arange(-self.size, self.size, device=p_MV.device)
+        pos_MG = rank_MV.gather(-1, draft_M[:, None]) + offsets
+        inside_MG = (pos_MG >= 0) & (pos_MG < V)
+        group_MG = order_MV.gather(-1, pos_MG.clamp(0, V - 1))
+        p_MG, q_MG = p_MV.gather(-1, group_MG), q_MV.gather(-1, group_MG)
+        e_x = self.embed_VC[draft_M].float()
+        d2_MG = (self.embed_VC[group_MG].float() - e_x[:, None]).square().sum(dim=-1)
+        keep_MG = inside_MG & ((p_MG - _at(p_MV, draft_M)[:, None]).abs() < self.pdiff) & (d2_MG < self.dist)
+        keep_MG |= offsets == 0  # the guess itself is always in its group
+        return _ratio((p_MG * keep_MG).sum(-1), (q_MG * keep_MG).sum(-1))
+
+
+@dataclass(frozen=True, eq=False)
+class RelaxedRule(ExactRule):
+    """LANTERN's relaxed test against ``p̃`` (x's absorbed latent neighbours' mass moved onto x)."""
+
+    neighbours_Vk: torch.Tensor | None = None
+    delta: float = 0.1
+    lossless: ClassVar[bool] = False
+
+    def _absorbed(self, p_MV: torch.Tensor, draft_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x's neighbours [M, k], which of them are absorbed (a prefix), and the absorbed mass [M]."""
+        assert self.neighbours_Vk is not None
+        nb_Mk = self.neighbours_Vk[draft_M].long()
+        p_Mk = p_MV.gather(-1, nb_Mk)
+        budget = self.delta if self.delta <= 1 else (self.delta - 1) * _at(p_MV, draft_M)[:, None]
+        absorbed_Mk = p_Mk.cumsum(dim=-1) <= budget  # p >= 0: the cumulative sum rises, so this is a prefix
+        return nb_Mk, absorbed_Mk, (p_Mk * absorbed_Mk).sum(dim=-1)
+
+    def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
+        _, _, mass_M = self._absorbed(p_MV, draft_M)
+        return _ratio(_at(p_MV, draft_M) + mass_M, _at(q_MV, draft_M))
+
+    def residual(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
+        nb_Mk, absorbed_Mk, mass_M = self._absorbed(p_MV, draft_M)
+        relaxed_MV = p_MV.scatter(-1, nb_Mk, p_MV.gather(-1, nb_Mk).masked_fill(absorbed_Mk, 0.0))
+        relaxed_MV.scatter_add_(-1, draft_M[:, None], mass_M[:, None])
+        return (relaxed_MV - q_MV).clamp_min(0)
+
+
+# ---- latent neighbours (LANTERN), cached per model ---------------------------------------------------------------
+_NEIGHBOURS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, str], tuple[torch.Tensor, int, torch.Tensor]]]
+_NEIGHBOURS = weakref.WeakKeyDictionary()
+
+
+def nearest_codes(points_VD: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Each code's ``k`` nearest other codes by Euclidean distance, nearest first: [V, k] int32. Computed in row
+    chunks (``|a|² + |b|² - 2ab``), never as a full V x V matrix (16384² floats would be 1 GiB)."""
+    x = points_VD.detach().float()
+    V = x.shape[0]
+    k = min(k, V - 1)
+    sq = x.square().sum(dim=-1)
+    out = []
+    for s in range(0, V, chunk):
+        e = min(V, s + chunk)
+        d2 = sq[s:e, None] + sq[None] - 2 * x[s:e] @ x.T
+        d2[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = torch.inf  # not itself
+        out.append(d2.topk(k, dim=-1, largest=False).indices.int())
+    return torch.cat(out)
+
+
+def latent_neighbours(model: nn.Module, source_VD: torch.Tensor, k: int) -> torch.Tensor:
+    """``nearest_codes(source, k)``, computed once per (model, source tensor, k) and reused while the tensor is not
+    modified in place (its version counter)."""
+    per_model = _NEIGHBOURS.setdefault(model, {})
+    key = (id(source_VD), k, str(source_VD.device))
+    hit = per_model.get(key)
+    if hit is not None and hit[0] is source_VD and hit[1] == source_VD._version:
+        return hit[2]
+    table = nearest_codes(source_VD, k)
+    per_model[key] = (source_VD, source_VD._version, table)
+    return table
+
+
+# ---- configs, registry, spec strings ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """A speculative-decoding method: registry ``name``, ``window`` (guesses per pass), ``init`` (first guesses)."""
+
+    name: ClassVar[str] = ""
+    lossless: ClassVar[bool] = False
+    window: int = 16
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise InvalidInputError(f"{self.name}: window must be an int >= 1 (guesses per pass), got {w!r}")
+        if self.init not in DRAFT_INITS:
+            raise InvalidInputError(f"{self.name}: init must be one of {', '.join(DRAFT_INITS)}, got {self.init!r}")
+
+    def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
+        """The acceptance rule for ``model`` (``codebook_VD``: latent vectors of the codes, where the rule uses
+        any; default the model's token embeddings)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        model: LlamaGen,
+        labels_B: torch.Tensor,
+        params: RasterParams,
+        generators: Generators | None = None,
+        on_step: StepCallback | None = None,
+        codebook_VD: torch.Tensor | None = None,
+    ) -> RasterResult:
+        """``sample_speculative`` with this method's rule and window."""
+        return sample_speculative(
+            model, labels_B, params, self.rule(model, codebook_VD), self.window, generators, on_step
+        )
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this config (defaults left out)."""
+        opts = [
+            f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default
+        ]
+        return self.name + (":" + ",".join(opts) if opts else "")
+
+
+SPECULATIVE: dict[str, type[SpeculativeConfig]] = {}
+
+
+def register(cls: type[SpeculativeConfig]) -> type[SpeculativeConfig]:
+    assert cls.name and cls.name not in SPECULATIVE, f"bad or duplicate method name {cls.name!r}"
+    SPECULATIVE[cls.name] = cls
+    return cls
+
+
+def _embeddings(model: LlamaGen, codebook_VD: torch.Tensor | None) -> torch.Tensor:
+    """The codes' vectors: ``codebook_VD`` if given, else the token embedding (the tensor itself, not a detached
+    view: the neighbour cache recognises it by identity)."""
+    src = model.tok_embeddings.weight if codebook_VD is None else codebook_VD
+    if src.ndim != 2 or src.shape[0] != model.vocab_size:
+        raise InvalidInputError(f"codebook must be [{model.vocab_size}, D] (one row per code), got {tuple(src.shape)}")
+    return src
+
+
+@register
+@dataclass(frozen=True)
+class SJD(SpeculativeConfig):
+    """Speculative Jacobi decoding: lossless."""
+
+    name: ClassVar[str] = "sjd"
+    lossless: ClassVar[bool] = True
+
+    def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
+        return ExactRule(draft_init=self.init)
+
+
+@register
+@dataclass(frozen=True)
+class GSD(SpeculativeConfig):
+    """Grouped speculative decoding: ``size`` (rank half-width), ``pdiff``, ``dist`` (squared embedding distance)."""
+
+    name: ClassVar[str] = "gsd"
+    size: int = 7
+    pdiff: float = 0.15
+    dist: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size < 1 or not self.pdiff > 0 or not self.dist > 0:
+            raise InvalidInputError(f"gsd: size must be >= 1 and pdiff, dist > 0, got {self.spec()}")
+
+    def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
+        emb = _embeddings(model, codebook_VD).detach().to(model.output.weight.device)
+        return GroupRule(self.init, emb, self.size, float(self.pdiff), float(self.dist))
+
+
+@register
+@dataclass(frozen=True)
+class Lantern(SpeculativeConfig):
+    """LANTERN's relaxed acceptance: ``delta`` (total-variation budget), ``k`` (latent neighbours considered)."""
+
+    name: ClassVar[str] = "lantern"
+    delta: float = 0.1
+    k: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1 or not self.delta >= 0:
+            raise InvalidInputError(f"lantern: k must be >= 1 and delta >= 0, got {self.spec()}")
+
+    def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
+        table = latent_neighbours(model, _embeddings(model, codebook_VD), self.k)
+        return RelaxedRule(self.init, table.to(model.output.weight.device), float(self.delta))
+
+
+def parse_speculative(spec: str | SpeculativeConfig) -> SpeculativeConfig:
+    """``"lantern:delta=0.1,k=100"`` -> ``Lantern(delta=0.1, k=100)``; a config passes through. One-line errors
+    naming the bad method or option and the allowed ones."""
+    if isinstance(spec, SpeculativeConfig):
+        return spec
+    if not isinstance(spec, str):
+        raise InvalidInputError(f"speculative must be a spec string or a SpeculativeConfig, got {type(spec).__name__}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    cls = SPECULATIVE.get(name)
+    if cls is None:
+        raise InvalidInputError(f"unknown speculative method {name!r}; available: {', '.join(sorted(SPECULATIVE))}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise InvalidInputError(
+                f"{name}: bad option {item!r}; options are key=value with key in: {', '.join(fields)}"
+            )
+        kwargs[key] = _convert(name, key, value.strip(), hints[key])
+    return cls(**kwargs)
+
+
+def _convert(method: str, key: str, text: str, hint: Any) -> Any:
+    try:
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        return str(text)
+    except ValueError:
+        raise InvalidInputError(f"{method}: option {key}={text!r} is not a valid {hint.__name__}") from None
+
+
+__all__ = [
+    "GSD",
+    "SJD",
+    "SPECULATIVE",
+    "ExactRule",
+    "GroupRule",
+    "Lantern",
+    "RelaxedRule",
+    "SpeculativeConfig",
+    "latent_neighbours",
+    "nearest_codes",
+    "parse_speculative",
+]

@@ -1,0 +1,390 @@
+"""Speculative decoding for raster models (engine/speculative.py, accel/speculative.py) on tiny random LlamaGen models.
+
+The central check: SJD is lossless. On a model with 8 codes and a 2x2 grid, the exact joint distribution of the 4
+tokens under plain sampling (guidance with cfg_interval, temperature, top-k, top-p) is enumerated over all 8^4
+sequences by teacher forcing, and 20000 SJD samples are compared with it by a chi-square test (cells with expected
+count < 5 pooled; pass at p-value >= 1e-3). The same test must reject a classic mistake (drawing a refused slot from
+p instead of the residual), so it has power. Then: rule formulas on hand-made distributions, the per-row cached
+layout against teacher forcing, image i alone == image i in a batch for every rule, fewer passes than tokens where
+guesses get accepted, greedy == sample_raster, spec parsing and one-line errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from nextscale.accel.speculative import (
+    GSD,
+    SJD,
+    ExactRule,
+    GroupRule,
+    Lantern,
+    RelaxedRule,
+    SpeculativeConfig,
+    latent_neighbours,
+    nearest_codes,
+    parse_speculative,
+)
+from nextscale.engine.raster import RasterParams, RasterStep, cfg_guide, filter_logits_, sample_raster
+from nextscale.engine.speculative import RowKV, RowWindows, fresh_guesses, sample_speculative
+from nextscale.errors import InvalidInputError
+from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation on a shared CPU (as test_raster_sampler)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed: int = 0, **kw) -> LlamaGen:
+    """dim 32, 2 layers, 512 codes, 6x6 grid unless overridden; non-degenerate random weights."""
+    base = dict(dim=32, n_layer=2, n_head=2, vocab_size=512, num_classes=10, image_size=96, downsample=16)
+    base.update(kw)
+    model = LlamaGen(LlamaGenConfig(**base))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.startswith(("cls_embedding", "tok_embeddings")):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                std = (9 if name == "output.weight" else 1) / p.shape[1]
+                p.copy_(std**0.5 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaGen:
+    return tiny_model(0)
+
+
+LABELS = torch.tensor([3, 7, 1])
+
+
+# ---- SJD is lossless: enumerated joint distribution vs samples ------------------------------------------------
+V8, L4, LABEL, SAMPLES = 8, 4, 3, 20000
+DIST_PARAMS = RasterParams(cfg_scale=1.5, cfg_interval=1, temperature=1.5, top_k=6, top_p=0.9, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small() -> LlamaGen:
+    """8 codes, 2x2 grid. Token embeddings share one direction with a little per-code spread, so the model depends
+    only weakly on earlier tokens: Jacobi guesses are often kept (about 1.8 tokens per pass of the 2 possible) and
+    both the keep and the refuse paths are exercised."""
+    m = tiny_model(6, dim=16, n_head=2, vocab_size=V8, image_size=32, ffn_hidden=32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        m.tok_embeddings.weight.copy_(torch.randn(1, 16, generator=g) + 0.2 * torch.randn(V8, 16, generator=g))
+    return m
+
+
+@pytest.fixture(scope="module")
+def exact_joint(small) -> torch.Tensor:
+    """P(x_0..x_3) under plain sampling for every one of the 8^4 sequences, float64 [4096] (row-major codes)."""
+    X = torch.tensor(list(itertools.product(range(V8), repeat=L4)))
+    with torch.no_grad():
+        cond = small(X, torch.full((len(X),), LABEL))
+        uncond = small(X, torch.full((len(X),), small.cfg.null_class))
+    logp = torch.zeros(len(X), dtype=torch.float64)
+    for t in range(L4):
+        guided = DIST_PARAMS.guided_at(t)
+        logits = cfg_guide(torch.cat((cond[:, t], uncond[:, t])), DIST_PARAMS.cfg_scale) if guided else cond[:, t]
+        p = filter_logits_(logits.clone(), DIST_PARAMS.temperature, DIST_PARAMS.top_k, DIST_PARAMS.top_p).softmax(-1)
+        logp += p.gather(1, X[:, t : t + 1]).squeeze(1).double().log()
+    joint = logp.exp()  # products of float32 probabilities: sums to 1 within ~1e-7
+    assert abs(float(joint.sum()) - 1) < 1e-5 and int((joint > 0).sum()) > 200  # a broad target
+    return joint
+
+
+def chi_square(tokens_BL: torch.Tensor, joint: torch.Tensor) -> tuple[float, int, float, int]:
+    """Pearson's statistic against ``joint`` with cells of expected count < 5 pooled into one; (X², df, p-value,
+    samples outside the support)."""
+    idx = (tokens_BL * V8 ** torch.arange(L4 - 1, -1, -1)).sum(1)
+    counts = torch.bincount(idx, minlength=V8**L4).double()
+    expected = joint * len(tokens_BL)
+    big = expected >= 5
+    obs = torch.cat((counts[big], counts[~big].sum().view(1)))
+    exp = torch.cat((expected[big], expected[~big].sum().view(1)))
+    x2 = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x2 / 2)))
+    return x2, df, p_value, int(counts[joint == 0].sum())
+
+
+class RefuseAll(ExactRule):
+    """Keeps no guess: every pass draws its first slot from p — plain sampling whatever the window."""
+
+    def accept_prob(self, p_MV, q_MV, draft_M):
+        return torch.zeros(len(draft_M))
+
+    def residual(self, p_MV, q_MV, draft_M):
+        return p_MV
+
+
+class ResidualIsTarget(ExactRule):
+    """A classic mistake: draw a refused slot from p instead of max(0, p - q). Biased; the test must see it."""
+
+    def residual(self, p_MV, q_MV, draft_M):
+        return p_MV
+
+
+@pytest.mark.parametrize(
+    "rule, window, min_accepted",
+    [(ExactRule(), 4, 1.7), (ExactRule("repeat"), 3, 1.7), (ExactRule(), 1, 1.0), (RefuseAll(), 4, 1.0)],
+    ids=["sjd-window4", "sjd-window3-repeat", "window1", "refuse-all"],
+)
+def test_lossless_rules_sample_the_exact_joint_distribution(small, exact_joint, rule, window, min_accepted):
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, rule, window)
+    x2, df, p_value, outside = chi_square(res.tokens_BL, exact_joint)
+    assert outside == 0, f"{outside} samples the target cannot produce"
+    assert p_value >= 1e-3, f"chi-square {x2:.1f} on {df} df (p = {p_value:.2e}): not the target distribution"
+    assert res.stats["mean_accepted"] >= min_accepted  # the speculative path really ran
+    if window == 1:  # one slot per pass: its guess may be kept, but a pass never fixes more than one token
+        assert res.stats["forward_passes"] == L4 and res.stats["mean_accepted"] == 1.0
+
+
+def test_the_distribution_test_detects_a_biased_rule(small, exact_joint):
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, ResidualIsTarget(), 4)
+    _, _, p_value, _ = chi_square(res.tokens_BL, exact_joint)
+    assert p_value < 1e-20
+
+
+# ---- the rules' formulas -------------------------------------------------------------------------------------------
+def _random_dists(M: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = (3 * torch.randn(M, V, generator=g)).softmax(-1)
+    q = (3 * torch.randn(M, V, generator=g)).softmax(-1)
+    return p, q
+
+
+def _output_given_draft(rule, p_MV, q_MV, x_M) -> torch.Tensor:
+    """Distribution [M, V] of the fixed token when guess x is tested: a·δ_x + (1 - a)·residual/|residual|."""
+    a = rule.accept_prob(p_MV, q_MV, x_M)
+    r = rule.residual(p_MV, q_MV, x_M)
+    r = torch.where(r.sum(-1, keepdim=True) > 0, r, p_MV)
+    out = (1 - a)[:, None] * r / r.sum(-1, keepdim=True)
+    return out.scatter_add(1, x_M[:, None], a[:, None])
+
+
+def test_exact_rule_keeps_the_target_for_guesses_drawn_from_q():
+    """Σ_x q(x)·out(·|x) = p exactly: the speculative-sampling identity, over every possible guess."""
+    V = 12
+    p, q = _random_dists(1, V, 0)
+    xs = torch.arange(V)
+    out = _output_given_draft(ExactRule(), p.expand(V, V), q.expand(V, V), xs)
+    torch.testing.assert_close((q[0][:, None] * out).sum(0), p[0], atol=1e-6, rtol=0)
+    one_hot = torch.zeros(V, V).scatter_(1, xs[:, None], 1.0)  # a deterministic guess is exact too
+    torch.testing.assert_close(_output_given_draft(ExactRule(), p.expand(V, V), one_hot, xs), p.expand(V, V))
+
+
+def test_lantern_moves_at_most_delta_onto_the_guess():
+    V, delta = 16, 0.15
+    p, _ = _random_dists(V, V, 1)
+    xs = torch.arange(V)
+    one_hot = torch.zeros(V, V).scatter_(1, xs[:, None], 1.0)
+    table = nearest_codes(torch.randn(V, 3, generator=torch.Generator().manual_seed(2)), k=5)
+    assert table.shape == (V, 5) and not (table == xs[:, None]).any()  # never its own neighbour
+    exact = ExactRule()
+    relaxed = RelaxedRule("random", table, delta)
+    out = _output_given_draft(relaxed, p, one_hot, xs)
+    tv = 0.5 * (out - p).abs().sum(-1)
+    assert bool((tv <= delta + 1e-6).all()) and bool((tv > 0).any())
+    assert bool((relaxed.accept_prob(p, one_hot, xs) >= exact.accept_prob(p, one_hot, xs)).all())
+    none = RelaxedRule("random", table, 0.0)  # delta 0 is SJD
+    torch.testing.assert_close(none.accept_prob(p, one_hot, xs), exact.accept_prob(p, one_hot, xs))
+    torch.testing.assert_close(none.residual(p, one_hot, xs), exact.residual(p, one_hot, xs))
+
+
+def test_gsd_accepts_on_the_mass_of_the_group():
+    # Codes 0..5; the guess is code 2. By target rank (ascending) the order is 5, 4, 3, 2, 1, 0.
+    p = torch.tensor([[0.40, 0.25, 0.20, 0.10, 0.05, 0.0]])
+    q = torch.tensor([[0.0, 0.0, 0.9, 0.1, 0.0, 0.0]])
+    emb = torch.tensor([[0.0], [0.3], [0.0], [0.5], [5.0], [0.1]])  # squared distances to code 2: .09, .25, 25, .01
+    x = torch.tensor([2])
+    rule = GroupRule("random", emb, size=1, pdiff=0.15, dist=0.5)  # ranks r-1 .. r: codes 3 and 2
+    # Group {3, 2}: |0.10 - 0.20| < 0.15 and 0.25 < 0.5 -> (0.2 + 0.1) / (0.9 + 0.1).
+    torch.testing.assert_close(rule.accept_prob(p, q, x), torch.tensor([0.3]))
+    wide = GroupRule("random", emb, size=2, pdiff=0.15, dist=0.5)  # ranks r-2 .. r+1: codes 4, 3, 2, 1
+    # Code 4 is too far in embedding space; code 1 is close enough (|0.25 - 0.2| < 0.15, 0.09 < 0.5).
+    torch.testing.assert_close(wide.accept_prob(p, q, x), torch.tensor([0.55 / 1.0]))
+    tight = GroupRule("random", emb, size=2, pdiff=0.01, dist=0.5)  # nothing close in probability: SJD's ratio
+    torch.testing.assert_close(tight.accept_prob(p, q, x), ExactRule().accept_prob(p, q, x))
+
+
+def test_repeat_guesses_copy_the_left_neighbour_in_the_grid():
+    # 4-wide grid, n = 6 (column 2): slots are tokens 6, 7 | 8, 9 (token 8 starts a row: a random code).
+    draft = torch.tensor([[50, 0, 0, 0]])
+    fresh = torch.tensor([[False, True, True, True]])
+    u = torch.tensor([[0.0, 0.5, 0.25, 0.75]])
+    out = fresh_guesses("repeat", u, fresh, draft, torch.tensor([9]), torch.tensor([6]), 100, 4)
+    assert out.tolist() == [[50, 50, 25, 25]]
+    out = fresh_guesses("random", u, fresh, draft, torch.tensor([9]), torch.tensor([6]), 100, 4)
+    assert out.tolist() == [[50, 50, 25, 75]]
+
+
+# ---- the per-row layout ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, {"dim": 64, "n_head": 4, "n_kv_head": 2}], ids=["mha", "gqa"])
+def test_rows_at_different_positions_equal_teacher_forcing(kw):
+    """Rows keep different numbers of tokens; what a row refused is garbage in its cache, which later calls must
+    never see. Every row's logits equal the one-pass causal logits at its own positions."""
+    m = tiny_model(1, **kw)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, m.vocab_size, (3, 36), generator=g)
+    table = m.rope(0, m.cfg.num_positions, torch.device("cpu"))
+    with torch.no_grad():
+        full = m(idx, LABELS)
+        kv = RowKV(m, 3, 36 + 8)
+        pos = torch.zeros(3, dtype=torch.long)
+        first = m.forward_tokens(
+            torch.cat((m.embed_classes(LABELS), m.embed_tokens(idx[:, :3])), 1), RowWindows(kv, pos, 4, table)
+        )
+        torch.testing.assert_close(first, full[:, :4], atol=2e-5, rtol=1e-5)
+        pos = torch.full((3,), 4)
+        kept = torch.tensor([2, 5, 0])  # of the 5 positions 4..8, rows keep 2, 5 and 0 (the rest: garbage)
+        fed = idx[:, 3:8].clone()
+        garbage = torch.arange(5) >= kept[:, None]
+        fed[garbage] = torch.randint(0, m.vocab_size, (int(garbage.sum()),), generator=g)
+        m.forward_tokens(m.embed_tokens(fed), RowWindows(kv, pos, 5, table))
+        pos = pos + kept
+        out = m.forward_tokens(
+            m.embed_tokens(torch.stack([idx[r, p - 1 : p + 6] for r, p in enumerate(pos.tolist())])),
+            RowWindows(kv, pos, 7, table),
+        )
+        for r, p in enumerate(pos.tolist()):
+            torch.testing.assert_close(out[r], full[r, p : p + 7], atol=5e-5, rtol=1e-5)
+
+
+# ---- sampling --------------------------------------------------------------------------------------------------------
+RULES = ["sjd:window=6", "sjd:window=5,init=repeat", "gsd:window=6,dist=60,pdiff=0.2", "lantern:window=6,k=50"]
+
+
+@pytest.mark.parametrize("spec", RULES)
+def test_image_does_not_depend_on_its_batch(model, spec):
+    cfg = parse_speculative(spec)
+    params = RasterParams(cfg_scale=2.0, cfg_interval=8, top_k=100, top_p=0.95, seed=21)
+    batch = cfg.sample(model, LABELS, params)
+    for i in range(3):
+        alone = cfg.sample(model, LABELS[i : i + 1], params, params.generators(1, start=i))
+        assert torch.equal(alone.tokens_BL[0], batch.tokens_BL[i]), f"image {i} changed with its batch"
+        assert alone.stats["forward_passes_per_image"] == [batch.stats["forward_passes_per_image"][i]]
+    other = cfg.sample(model, LABELS, RasterParams(cfg_scale=2.0, cfg_interval=8, top_k=100, top_p=0.95, seed=22))
+    assert not torch.equal(other.tokens_BL, batch.tokens_BL)
+    assert all(len(set(row.tolist())) > 10 for row in batch.tokens_BL)  # really sampled
+
+
+@pytest.mark.parametrize("cfg_interval", [-1, 6])
+def test_greedy_target_gives_the_plain_greedy_tokens(model, cfg_interval):
+    """With top_k = 1 the target is one-hot: whatever the guesses, the tokens are sample_raster's."""
+    params = RasterParams(cfg_scale=3.0, cfg_interval=cfg_interval, top_k=1, seed=0)
+    plain = sample_raster(model, LABELS, params).tokens_BL
+    for window in (1, 4, 16):
+        assert torch.equal(sample_speculative(model, LABELS, params, ExactRule(), window).tokens_BL, plain)
+
+
+def test_guesses_get_accepted_where_the_model_allows_it():
+    """A 16x16 grid (256 tokens) whose predictions do not depend on earlier tokens (zero token embeddings): after a
+    pass, the Jacobi guesses are drawn from the exact targets and kept, so passes << 256."""
+    m = tiny_model(0, image_size=256)
+    with torch.no_grad():
+        m.tok_embeddings.weight.zero_()
+    params = RasterParams(cfg_scale=2.0, top_k=50, seed=1)
+    res = parse_speculative("sjd:window=16").sample(m, torch.tensor([3, 7]), params)
+    stats = res.stats
+    assert set(stats) >= {"forward_passes", "mean_accepted", "forward_passes_per_image", "accepted_drafts", "calls"}
+    assert stats["forward_passes"] < 40 and stats["mean_accepted"] > 6  # about 8.3 tokens per pass here
+    assert stats["calls"] == max(stats["forward_passes_per_image"])
+    assert res.tokens_BL.shape == (2, 256)
+    lossy = parse_speculative("lantern:window=16,delta=0.5,k=20").sample(m, torch.tensor([3, 7]), params)
+    assert lossy.stats["forward_passes"] <= stats["forward_passes"]
+
+
+def test_relaxed_rules_keep_more_guesses(model):
+    params = RasterParams(cfg_scale=2.0, top_k=50, seed=5)
+    labels = torch.tensor([1, 2, 3, 4])
+    exact = parse_speculative("sjd:window=6").sample(model, labels, params)
+    relaxed = parse_speculative("lantern:window=6,k=50,delta=0.4").sample(model, labels, params)
+    assert relaxed.stats["forward_passes"] < exact.stats["forward_passes"]
+
+
+def test_on_step_reports_every_token_in_raster_order(model):
+    seen: list[RasterStep] = []
+    params = RasterParams(cfg_scale=2.0, cfg_interval=5, top_k=20, seed=2)
+    res = parse_speculative("sjd:window=4").sample(model, LABELS, params, on_step=seen.append)
+    assert [s.t for s in seen] == list(range(36))
+    assert [s.guided for s in seen] == [t <= 6 for t in range(36)]
+    assert torch.equal(torch.stack([s.idx_B for s in seen], 1), res.tokens_BL)
+
+
+def test_official_rng_runs_and_is_seeded(model):
+    params = RasterParams(cfg_scale=2.0, top_k=20, seed=2, rng="official")
+    a = parse_speculative("gsd:window=4").sample(model, LABELS, params)
+    b = parse_speculative("gsd:window=4").sample(model, LABELS, params)
+    assert torch.equal(a.tokens_BL, b.tokens_BL)
+
+
+# ---- configs, specs, errors ----------------------------------------------------------------------------------------
+def test_parse_specs_and_round_trip():
+    assert parse_speculative("sjd") == SJD() and SJD().window == 16 and SJD.lossless
+    assert parse_speculative("sjd:window=8") == SJD(window=8)
+    assert parse_speculative(" lantern: delta=0.1, k=100 ") == Lantern(delta=0.1, k=100)
+    assert parse_speculative("gsd:size=3,dist=2,init=repeat") == GSD(size=3, dist=2.0, init="repeat")
+    cfg = GSD(window=4, pdiff=0.3)
+    assert parse_speculative(cfg) is cfg
+    for c in (SJD(), SJD(window=3, init="repeat"), GSD(size=2), Lantern(delta=0.2, k=7, window=5)):
+        assert parse_speculative(c.spec()) == c
+    assert Lantern(k=7).spec() == "lantern:k=7" and not Lantern.lossless and not GSD.lossless
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("medusa", "unknown speculative method 'medusa'; available: gsd, lantern, sjd"),
+        ("sjd:windw=4", "bad option 'windw=4'; options are key=value with key in: window, init"),
+        ("sjd:window", "bad option 'window'"),
+        ("lantern:k=many", "option k='many' is not a valid int"),
+        ("lantern:delta=x", "option delta='x' is not a valid float"),
+        ("sjd:window=0", "window must be an int >= 1"),
+        ("sjd:init=copy", "init must be one of random, repeat"),
+        ("lantern:delta=-1", "lantern: k must be >= 1 and delta >= 0"),
+        ("gsd:size=0", "gsd: size must be >= 1"),
+    ],
+)
+def test_bad_specs_give_one_line_errors(spec, match):
+    with pytest.raises(InvalidInputError, match=match) as err:
+        parse_speculative(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_calls_are_refused(model):
+    params = RasterParams(seed=0)
+    with pytest.raises(InvalidInputError, match="window must be an int >= 1"):
+        sample_speculative(model, LABELS, params, ExactRule(), 0)
+    with pytest.raises(InvalidInputError, match="class labels"):
+        sample_speculative(model, torch.tensor([99]), params, ExactRule(), 4)
+    with pytest.raises(InvalidInputError, match="codebook must be"):
+        Lantern().rule(model, torch.zeros(3, 8))
+    with pytest.raises(InvalidInputError, match="spec string"):
+        parse_speculative(16)  # type: ignore[arg-type]
+
+
+def test_latent_neighbours_are_cached_per_model_and_source(model):
+    a = latent_neighbours(model, model.tok_embeddings.weight, 20)
+    assert latent_neighbours(model, model.tok_embeddings.weight, 20) is a
+    rule = Lantern(k=20).rule(model)
+    assert isinstance(rule, RelaxedRule) and rule.neighbours_Vk is a
+    codebook = torch.randn(model.vocab_size, 8, generator=torch.Generator().manual_seed(0))
+    b = Lantern(k=20).rule(model, codebook)
+    assert isinstance(b, RelaxedRule) and torch.equal(b.neighbours_Vk, nearest_codes(codebook, 20))
+    codebook.mul_(-1).add_(1)  # changed in place: the table is recomputed
+    c = Lantern(k=20).rule(model, codebook)
+    assert isinstance(c, RelaxedRule) and c.neighbours_Vk is not b.neighbours_Vk
+    with pytest.raises(NotImplementedError):
+        SpeculativeConfig().rule(model)
