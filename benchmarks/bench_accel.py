@@ -3,6 +3,7 @@
     python benchmarks/bench_accel.py                       # both parts (speed: ~10 min, fidelity: ~10 min)
     python benchmarks/bench_accel.py --part speed --reps 3 --batch 8
     python benchmarks/bench_accel.py --part fidelity --per-class 150
+    python benchmarks/bench_accel.py --part engine         # requests in flight at a fixed KV pool
 
 Speed: random-weight models with VAR-d16's shape at 256 px (the drafter) and, as CoDe's refiner, depth 8 /
 width 512 (~1/8 of the drafter's per-token cost, like VAR-d16 against VAR-d30 in the CoDe paper), batch 8, the
@@ -36,9 +37,34 @@ from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.pipeline import VARPipeline, bundled_model_dir
 
-METHODS = ["exact", "cfg-cutoff", "skip-scales", "fastvar", "code", "balanced", "fast"]
+METHODS = [
+    "exact",
+    "cfg-cutoff",
+    "skip-scales",
+    "fastvar",
+    "code",
+    "scalekv",
+    "hack",
+    "balanced",
+    "balanced + scalekv",
+    "cfg-cutoff:last=3 + scalekv",
+    "fast",
+]
 SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)  # the official FID recipe (speed part)
 FLOP_TARGETS = {"cfg-cutoff": 1.3, "fastvar": 1.3, "code": 1.7, "balanced": 1.7, "fast": 2.5}  # the issue's
+ENGINE_PLANS = {
+    "exact": None,
+    "scalekv": "scalekv",
+    "hack": "hack",
+    "balanced": "balanced",
+    "balanced + scalekv": ["balanced", "scalekv"],
+}
+ENGINE_POOL_ROWS = 64  # the fixed pool of the requests-in-flight part: 64 full rows (32 one-image requests)
+
+
+def as_accel(method: str) -> Any:
+    """A table row's method: a preset or spec, or several joined by " + "."""
+    return None if method == "exact" else [m.strip() for m in method.split("+")] if "+" in method else method
 
 
 def best_dtype() -> torch.dtype:
@@ -62,7 +88,7 @@ def speed(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any
 
     def runner(method: str, output_type: str):
         def fn() -> None:
-            out = pipe(labels, seed=0, output_type=output_type, accel=method, **SAMPLING)
+            out = pipe(labels, seed=0, output_type=output_type, accel=as_accel(method), **SAMPLING)
             stats[method] = out.stats
 
         return fn
@@ -96,6 +122,58 @@ def speed(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any
     return rows, cells_json
 
 
+def int8_part(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Weight memory and token-phase speed of int8 weights against the same model in the machine's best dtype."""
+    from nextscale.accel.int8 import weight_bytes
+
+    pipe = speed_models()
+    labels = [i % pipe.num_classes for i in range(args.batch)]
+    methods = ["exact", "int8", "int8:mode=dynamic"]
+    for m in methods:
+        pipe.transformer_for(as_accel(m))  # quantize once, outside the timing
+
+    def runner(method: str):
+        return lambda: pipe(labels, seed=0, output_type="latent", accel=as_accel(method), **SAMPLING)
+
+    cells = [Cell(f"int8/{m}", {"method": m}) for m in methods]
+    interleave(cells, [runner(m) for m in methods], args.reps, warmup=True)
+    rows, out = [], []
+    for m, c in zip(methods, cells):
+        ratio = statistics.median(e.seconds / r.seconds for e, r in zip(cells[0].reps, c.reps))
+        mb = weight_bytes(pipe.transformer_for(as_accel(m))) / 2**20
+        rows.append([m, mb, weight_bytes(pipe.transformer) / 2**20 / mb, args.batch / c.median_s, ratio])
+        out.append(c.to_dict() | {"weights_mb": mb, "ratio_vs_exact": ratio})
+    return rows, out
+
+
+def in_flight(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Requests that a fixed KV pool holds at once, per plan and request size (d16 shape, the engine's admission)."""
+    from nextscale.engine.engine import Engine, EngineConfig
+    from nextscale.engine.request import SamplingParams
+
+    pipe = speed_models()
+    var = pipe.transformer
+    row_mb = 2 * var.depth * var.cfg.seq_len * var.C * var.head.weight.element_size() / 2**20
+    rows, out = [], []
+    for images in (1, 8):
+        base = None
+        for name, accel in ENGINE_PLANS.items():
+            cfg = EngineConfig(kv_cache_mb=row_mb * ENGINE_POOL_ROWS, max_images_per_request=images)
+            engine = Engine(var, pipe.vae, cfg)
+            plan = pipe.plan(accel)
+            for i in range(2 * ENGINE_POOL_ROWS):
+                labels = torch.arange(i, i + images) % var.num_classes
+                engine.add_request(labels, SamplingParams(seed=i, **SAMPLING), plan=plan)
+            engine.scheduler.schedule()  # admission only: which requests the pool takes at once
+            running = engine.scheduler.running
+            n = len(running)
+            base = base or n
+            per = next(iter(running.values())).rows
+            rows.append([images, name, engine.pool.rows, per, n, n / base])
+            out.append({"images": images, "method": name, "pool_rows": engine.pool.rows, "rows": per, "in_flight": n})
+    return rows, out
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = (a.float() - b.float()).square().mean(dim=(1, 2, 3))
     return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
@@ -127,7 +205,8 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
             st = out.stats
         return [torch.cat([t[si] for t in toks]) for si in range(len(toks[0]))], torch.cat(imgs), st
 
-    runs = {m: (pipe, m) for m in METHODS} | {"refiner alone": (refiner_alone, None)}
+    methods = [*METHODS, "int8"]  # int8's speed and memory have their own part (--part int8)
+    runs = {m: (pipe, as_accel(m)) for m in methods} | {"refiner alone": (refiner_alone, None)}
     exact_tokens, exact_images, exact_stats = sample(pipe, None)
     rows, out = [], []
     for name, (p, accel) in runs.items():
@@ -154,7 +233,7 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("speed", "fidelity", "both"), default="both")
+    p.add_argument("--part", choices=("speed", "fidelity", "engine", "int8", "both"), default="both")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=3, help="token-phase repetitions (median reported)")
     p.add_argument("--e2e-reps", type=int, default=1, help="end-to-end repetitions (0 = skip)")
@@ -184,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                 speed_rows,
             )
         )
+    if args.part in ("int8", "both"):
+        int8_rows, payload["int8"] = int8_part(args)
+        print(markdown_table(["method", "weights MB", "x smaller", "images/s", "x exact (tokens)"], int8_rows))
+    if args.part in ("engine", "both"):
+        eng_rows, payload["engine"] = in_flight(args)
+        header = ["images per request", "plan", "pool rows", "rows per request", "requests in flight", "x exact"]
+        print(markdown_table(header, eng_rows))
     if args.part in ("fidelity", "both"):
         fid_rows, payload["fidelity"] = fidelity(args)
         print(

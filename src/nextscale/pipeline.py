@@ -122,6 +122,7 @@ class VARPipeline:
         self.accel_presets = dict(accel_presets or {})
         self.kv_roles = kv_roles  # KV-cache calibration (``nextscale calibrate-kv``) for scalekv / hack
         self._refiners: dict[str, VAR] = {}  # refiners named in specs (code:refiner=...), loaded once
+        self._variants: dict[tuple[str, ...], VAR] = {}  # transformed copies of the transformer (int8), made once
         self.channels_last_decoder = channels_last_decoder
         unknown = set(sampling_defaults or {}) - set(DEFAULT_SAMPLING)
         if unknown:
@@ -232,6 +233,7 @@ class VARPipeline:
                 m.to(dtype=dtype)
             for m in (self.vae.encoder, self.vae.decoder, self.vae.quant_conv, self.vae.post_quant_conv):
                 m.to(dtype=dtype)
+        self._variants.clear()  # transformed copies are remade for the new device and dtype
         if self.channels_last_decoder and self.device.type == "cpu":
             # oneDNN convolutions are ~1.3x faster in NHWC on CPU; tokens are unaffected (decoder only).
             self.vae.decoder.to(memory_format=torch.channels_last)
@@ -312,26 +314,47 @@ class VARPipeline:
             indices = [int(g) for g in image_indices]
             if len(indices) != labels_B.shape[0]:
                 raise InvalidInputError(f"image_indices has {len(indices)} entries for {labels_B.shape[0]} images")
-        plan, refiner = self._plan(accel)
+        plan, refiner, transformer = self._plan(accel)
         if sampler == "reference" and plan is not None:
             raise InvalidInputError("sampler='reference' is the exact oracle loop; acceleration needs sampler='fast'")
         return self._generate(
-            labels_B, params, None, output_type, callback_on_scale, sampler, progress, indices, plan, refiner
+            labels_B,
+            params,
+            None,
+            output_type,
+            callback_on_scale,
+            sampler,
+            progress,
+            indices,
+            plan,
+            refiner,
+            transformer,
         )
 
     def plan(self, accel: AccelArg) -> RequestPlan | None:
         """The per-scale plan of ``accel`` for this model (None: exact), checked before any sampling."""
         return self._plan(accel)[0]
 
-    def _plan(self, accel: AccelArg) -> tuple[RequestPlan | None, VAR | None]:
+    def transformer_for(self, accel: AccelArg) -> VAR:
+        """The transformer ``accel`` runs on: the model itself, or its transformed copy (e.g. int8 weights)."""
+        return self._plan(accel)[2]
+
+    def _plan(self, accel: AccelArg) -> tuple[RequestPlan | None, VAR | None, VAR]:
+        """The plan, the refiner it hands off to, and the transformer it runs on (a transformed copy for methods
+        such as int8, made once per method and kept)."""
         from nextscale.accel import build_plan, resolve
+        from nextscale.accel.base import transform_key, transform_model
 
         methods = resolve(accel, self._plan_context(self.refiner), self.accel_presets)
         if not methods:
-            return None, None
+            return None, None, self.transformer
         refiner = self._refiner_for(methods)
         plan = build_plan(methods, self._plan_context(refiner))
-        return plan, refiner if plan.uses_refiner else None
+        key = transform_key(methods)
+        if key and key not in self._variants:
+            self._variants[key] = transform_model(methods, self.transformer)
+        transformer = self._variants[key] if key else self.transformer
+        return plan, refiner if plan.uses_refiner else None, transformer
 
     def _plan_context(self, refiner: VAR | None) -> PlanContext:
         from nextscale.accel import PlanContext
@@ -403,6 +426,7 @@ class VARPipeline:
         indices: Sequence[int] | None = None,
         plan: RequestPlan | None = None,
         refiner: VAR | None = None,
+        transformer: VAR | None = None,
     ) -> VAROutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
@@ -425,7 +449,7 @@ class VARPipeline:
                 res = reference_sample(self.transformer, self.vae, labels_B, params, gens, forced)
             else:
                 res = sample_tokens_batch(
-                    self.transformer,
+                    transformer or self.transformer,
                     self.vae.quantize,
                     labels_B,
                     params,

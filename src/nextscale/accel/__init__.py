@@ -6,7 +6,7 @@
 Importing this package registers every method (``REGISTRY``). The engine never imports it.
 """
 
-from nextscale.accel import cfg_cutoff, code, fastvar, hack, scalekv, skip_scales  # noqa: F401 - registration
+from nextscale.accel import cfg_cutoff, code, fastvar, hack, int8, scalekv, skip_scales  # noqa: F401 - registration
 from nextscale.accel.base import (
     PRESETS,
     REGISTRY,
@@ -22,6 +22,7 @@ from nextscale.accel.cfg_cutoff import CfgCutoff
 from nextscale.accel.code import CoDe
 from nextscale.accel.fastvar import FastVAR
 from nextscale.accel.hack import HACK
+from nextscale.accel.int8 import Int8
 from nextscale.accel.scalekv import KVRoles, ScaleKV, calibrate_kv
 from nextscale.accel.skip_scales import SkipScales
 
@@ -34,6 +35,7 @@ __all__ = [
     "CfgCutoff",
     "CoDe",
     "FastVAR",
+    "Int8",
     "KVRoles",
     "PlanContext",
     "ScaleKV",

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from nextscale.engine.plan import EXACT, RequestPlan, StepPlan
 from nextscale.errors import InvalidInputError
+from nextscale.models.var import VAR
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class Accel:
 
     def apply(self, steps: list[StepPlan], ctx: PlanContext) -> list[StepPlan]:
         raise NotImplementedError
+
+    # Methods that change the model rather than the plan (int8 weights) set this and override ``transform``;
+    # callers keep one transformed copy per method and run the plan on it.
+    transforms_model: ClassVar[bool] = False
+
+    def transform(self, model: VAR) -> VAR:
+        """A copy of ``model`` as this method runs it (never changes ``model`` itself)."""
+        return model
 
     def spec(self) -> str:
         """The spec string that rebuilds this method (defaults left out)."""
@@ -120,7 +129,7 @@ def _format(value: Any) -> str:
 PRESETS: dict[str, list[str]] = {
     "exact": [],
     "balanced": ["cfg-cutoff", "fastvar"],
-    "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code"],
+    "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code:draft=-3"],
 }
 PRESETS_WITHOUT_REFINER: dict[str, list[str]] = {"fast": ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"]}
 
@@ -161,6 +170,18 @@ def preset(name: str, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | N
     if ctx.refiner_depth is None and name in PRESETS_WITHOUT_REFINER:
         return PRESETS_WITHOUT_REFINER[name]
     return PRESETS[name]
+
+
+def transform_key(methods: Sequence[Accel]) -> tuple[str, ...]:
+    """The specs of the methods that change the model (empty: the plan runs on the model as it is)."""
+    return tuple(m.spec() for m in methods if m.transforms_model)
+
+
+def transform_model(methods: Sequence[Accel], model: VAR) -> VAR:
+    for m in methods:
+        if m.transforms_model:
+            model = m.transform(model)
+    return model
 
 
 def build_plan(methods: Sequence[Accel], ctx: PlanContext) -> RequestPlan:

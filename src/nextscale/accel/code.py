@@ -23,7 +23,8 @@ from nextscale.errors import InvalidInputError
 @register
 @dataclass(frozen=True)
 class CoDe(Accel):
-    """``draft``: scales the drafter runs (default: all but the last two, 8 of VAR's 10); ``refiner``: a model
+    """``draft``: scales the drafter runs (default: all but the last two, 8 of VAR's 10; negative: all but the last
+    ``-draft``, so ``draft=-3`` leaves the refiner three scales on any schedule); ``refiner``: a model
     folder or hub id whose transformer is the refiner (default: the one the model folder names in its
     ``model_index.json``)."""
 
@@ -37,7 +38,12 @@ class CoDe(Accel):
             raise InvalidInputError(
                 "code needs a refiner: this model names none in its model_index.json; pass code:refiner=DIR_OR_HUB_ID"
             )
-        draft = ctx.num_scales - 2 if self.draft is None else self.draft
+        draft = -2 if self.draft is None else self.draft
+        if draft < 0:
+            draft += ctx.num_scales
         if not 1 <= draft < ctx.num_scales:
-            raise InvalidInputError(f"code: draft={draft}; allowed 1..{ctx.num_scales - 1} scales on the drafter")
+            raise InvalidInputError(
+                f"code: draft={self.draft}; allowed 1..{ctx.num_scales - 1} scales on the drafter (or -1..-"
+                f"{ctx.num_scales - 1}: all but that many)"
+            )
         return [dataclasses.replace(p, model=REFINER) if si >= draft else p for si, p in enumerate(steps)]

@@ -1,4 +1,8 @@
-"""``nextscale serve``: the HTTP API, SSE previews, /metrics and the playground page on one port."""
+"""``nextscale serve``: the HTTP API, SSE previews, /metrics and the playground page on one port.
+
+Serves either family: a VAR model (per-request ``quality`` presets, ``--accel``) or a raster (LlamaGen) model, whose
+requests are batched token by token and run exact (``--accel`` is refused: speculative decoding is not served).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from dataclasses import fields
 from typing import Any
 
 from nextscale.allocator import CHOICES, use_tcmalloc
-from nextscale.cli.common import add_model_args, load_pipeline
+from nextscale.cli.common import ALL_FAMILIES, add_model_args, load_pipeline, resolve_model
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.errors import InvalidInputError
 from nextscale.serve.config import ServerConfig
 
 log = logging.getLogger("nextscale")
@@ -100,15 +105,29 @@ def run(args: argparse.Namespace) -> int:
     from nextscale.serve.api import create_app
     from nextscale.serve.config import quality_plans
 
-    name = args.name or (
-        args.model.rstrip("/").split("/")[-1] if args.model else "var" if args.checkpoint else "demo-fmnist"
-    )
     # settings are checked before the model loads
     engine_cfg = EngineConfig(scheduler=SchedulerConfig(**given(args, SchedulerConfig)), **given(args, EngineConfig))
+    resolved = resolve_model(args)
+    official = "llamagen" if resolved[0] == "raster" else "var"
+    name = args.name or (
+        args.model.rstrip("/").split("/")[-1] if args.model else official if args.checkpoint else "demo-fmnist"
+    )
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
-    pipe = load_pipeline(args)
-    plans = quality_plans(pipe, args.accel)
-    app = create_app(Engine(pipe.transformer, pipe.vae, engine_cfg, refiner=pipe.refiner), cfg, plans=plans)
+    if resolved[0] == "raster" and args.accel:
+        raise InvalidInputError(
+            f"--accel is an option of VAR models; {args.model or args.checkpoint} is a raster (LlamaGen) model, "
+            f"served exact (speculative decoding is not served)"
+        )
+    pipe = load_pipeline(args, ALL_FAMILIES, resolved)
+    if resolved[0] == "raster":
+        engine = Engine(pipe.transformer, pipe.tokenizer, engine_cfg)
+        app = create_app(engine, cfg, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults)
+    else:
+        plans = quality_plans(pipe, args.accel)
+        served = pipe.transformer_for(args.accel)  # int8 in --accel: every request runs on the int8 weights
+        if served is not pipe.transformer:
+            log.info("serving a transformed model for every quality level (%s)", args.accel)
+        app = create_app(Engine(served, pipe.vae, engine_cfg, refiner=pipe.refiner), cfg, plans=plans)
     log.info(
         "serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)",
         name,

@@ -41,7 +41,12 @@ CANDIDATES: list[list[str]] = [
     ["cfg-cutoff", "fastvar:keep=0.25"],
     ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"],
 ]
-REFINER_CANDIDATES: list[list[str]] = [["code"], ["cfg-cutoff", "code"], ["cfg-cutoff", "fastvar:keep=0.25", "code"]]
+REFINER_CANDIDATES: list[list[str]] = [
+    ["code"],
+    ["cfg-cutoff", "code"],
+    ["cfg-cutoff", "fastvar:keep=0.25", "code"],
+    ["cfg-cutoff", "fastvar:keep=0.25", "code:draft=-3"],
+]
 
 
 @dataclass(frozen=True)

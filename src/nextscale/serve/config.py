@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from nextscale.errors import ConfigError
+
 if TYPE_CHECKING:
     from nextscale.accel import AccelArg
     from nextscale.engine.plan import RequestPlan
@@ -32,4 +34,12 @@ def quality_plans(pipe: VARPipeline, default: AccelArg = None) -> dict[str, Requ
     (``serve --accel``) is "auto". Plans that hand scales to a refiner need the engine built with ``pipe.refiner``."""
     plans: dict[str, RequestPlan | None] = {q: pipe.plan(name) for q, name in QUALITY_PRESETS.items()}
     plans["auto"] = pipe.plan(default)
+    # One engine runs one transformer: a method that changes the model (int8) is a server-wide choice.
+    served = pipe.transformer_for(default)
+    for q, name in QUALITY_PRESETS.items():
+        if pipe.transformer_for(name) not in (served, pipe.transformer):
+            raise ConfigError(
+                f"quality {q!r} ({name}) runs a transformed model (e.g. int8) that the server does not; "
+                f"add that method to serve --accel"
+            )
     return plans
