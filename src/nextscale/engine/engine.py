@@ -5,6 +5,15 @@
     while engine.has_unfinished():
         for event in engine.step(): ...          # one ScaleEvent per request advanced this iteration
 
+One engine serves both model families; the model it is given picks which. A VAR request advances one scale per
+iteration (``state.Generation``, ``runner.ModelRunner``). A raster request — ``Engine(gpt, pipe.tokenizer)`` with a
+LlamaGen GPT and ``RasterParams`` — advances one token of every row per iteration (``raster_state.RasterGeneration``,
+``raster_runner.RasterRunner``: Flover's setting): the scheduler sees one unit per token costing its rows (1 token
+per row, so always a cheap unit: every running request advances every iteration, bounded by ``max_running`` and the
+KV rows), and events come at each completed row of the token grid (``si`` is that row, ``num_scales`` the grid's
+rows) with the rows decoded so far as the preview. Scheduling, KV-row admission, aborts and the batched final decode
+are shared (a raster tokenizer decodes in one piece).
+
 ``step()`` is the vLLM-style contract: ``scheduler.schedule()`` -> ``runner.execute()`` -> ``scheduler.update()``.
 Each request samples with its own generators, so an image is the same whatever else is in flight (tested
 against the single-request pipeline). Finished or aborted requests free their KV cache at once.
@@ -25,19 +34,31 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from nextscale.engine.kv_cache import CompactKV, KVPool, compact_rows
 from nextscale.engine.plan import RequestPlan
+from nextscale.engine.raster import RasterParams
+from nextscale.engine.raster_runner import (
+    RasterRunner,
+    TokenDecoder,
+    check_tokenizer,
+    decode_steps,
+    raster_pool,
+    raster_row_bytes,
+    row_preview,
+)
+from nextscale.engine.raster_state import RasterGeneration, raster_units
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.sampling import cfg_rows
-from nextscale.engine.scheduler import Scheduler, SchedulerConfig
+from nextscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from nextscale.engine.state import Generation
 from nextscale.errors import ConfigError, InvalidInputError
+from nextscale.models.llamagen import LlamaGen
 from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
 from nextscale.models.var import VAR, check_refiner
 
@@ -71,8 +92,8 @@ class EngineConfig:
 
 @dataclass
 class ScaleEvent:
-    """One request advanced one scale. ``preview``: partial images [B, C, H, W] in [0, 1] when requested;
-    ``images``/``tokens`` are filled when ``finished``."""
+    """One request advanced one scale (a raster request: completed row ``si`` of its token grid). ``preview``:
+    partial images [B, C, H, W] in [0, 1] when requested; ``images``/``tokens`` are filled when ``finished``."""
 
     request_id: str
     si: int
@@ -120,38 +141,63 @@ class _Decode:
 @dataclass
 class _Request:
     labels_B: torch.Tensor
-    params: SamplingParams
+    params: SamplingParams | RasterParams
     previews: bool
     first_image_index: int
     arrival: float
-    plan: RequestPlan
-    state: Generation | None = None
+    plan: RequestPlan | None  # None for a raster request
+    state: Generation | RasterGeneration | None = None
 
 
 class Engine:
-    def __init__(self, var: VAR, vae: VQVAE, cfg: EngineConfig | None = None, refiner: VAR | None = None):
-        """``refiner``: CoDe's small model for the late scales of requests whose plan hands off to it; its KV pool
+    def __init__(
+        self,
+        model: VAR | LlamaGen,
+        tokenizer: VQVAE | TokenDecoder,
+        cfg: EngineConfig | None = None,
+        refiner: VAR | None = None,
+    ):
+        """``model`` picks the family: a ``VAR`` with its multi-scale ``VQVAE``, or a ``LlamaGen`` GPT with a raster
+        tokenizer (``LlamaGenPipeline.tokenizer``).
+
+        ``refiner`` (VAR): CoDe's small model for the late scales of requests whose plan hands off to it; its KV pool
         mirrors the transformer's rows (a request holds the same rows in both), so one allocator serves both."""
-        self.var, self.vae = var.eval(), vae.eval()
-        self.refiner = None if refiner is None else check_refiner(var, refiner).eval()
         self.cfg = cfg or EngineConfig()
-        self.device = var.head.weight.device
-        row_bytes = sum(
-            2 * m.cfg.depth * m.cfg.seq_len * m.cfg.embed_dim * m.head.weight.element_size()
-            for m in (var, refiner)
-            if m is not None
-        )
-        max_rows = int(self.cfg.kv_cache_mb * 2**20 // row_bytes)
-        if max_rows < cfg_rows(self.cfg.max_images_per_request):
-            raise InvalidInputError(
-                f"kv_cache_mb={self.cfg.kv_cache_mb} holds {max_rows} rows of KV cache ({row_bytes / 2**20:.2f} MB "
-                f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
-                f"{cfg_rows(self.cfg.max_images_per_request)}"
+        self.raster: RasterRunner | None = None  # the raster family's runner; None for VAR
+        self.refiner: VAR | None = None
+        self.refiner_pool: KVPool | None = None
+        if isinstance(model, LlamaGen):
+            if refiner is not None:
+                raise InvalidInputError("a refiner is a VAR model's (collaborative decoding); raster models have none")
+            if isinstance(tokenizer, VQVAE):
+                raise InvalidInputError(
+                    "a raster model needs a raster tokenizer: raster_pipeline.make_tokenizer(vae, gpt.cfg)"
+                )
+            check_tokenizer(model, tokenizer)
+            self.gpt, self.tokenizer = model.eval(), tokenizer
+            self.device = model.output.weight.device
+            max_rows = self._kv_rows(raster_row_bytes(model))
+            self.pool = raster_pool(model, max_rows)
+            self.raster = RasterRunner(model)
+        else:
+            if not isinstance(tokenizer, VQVAE):
+                raise InvalidInputError(
+                    f"a VAR model decodes with its multi-scale VQVAE, got {type(tokenizer).__name__}"
+                )
+            var = model
+            self.var, self.vae = var.eval(), tokenizer.eval()
+            self.refiner = None if refiner is None else check_refiner(var, refiner).eval()
+            self.device = var.head.weight.device
+            row_bytes = sum(
+                2 * m.cfg.depth * m.cfg.seq_len * m.cfg.embed_dim * m.head.weight.element_size()
+                for m in (var, refiner)
+                if m is not None
             )
+            max_rows = self._kv_rows(row_bytes)
+            self.pool = KVPool.for_model(var, max_rows)
+            self.refiner_pool = None if refiner is None else KVPool.for_model(refiner, max_rows)
+            self.runner = ModelRunner(var)
         self.scheduler = Scheduler(replace(self.cfg.scheduler, max_rows=max_rows))
-        self.pool = KVPool.for_model(var, max_rows)
-        self.refiner_pool = None if refiner is None else KVPool.for_model(refiner, max_rows)
-        self.runner = ModelRunner(var)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.last_iteration_tokens = 0
@@ -159,22 +205,63 @@ class Engine:
         self._decoding: dict[str, _Decode] = {}  # request id -> its decode, until delivered or aborted
         self._decode_s_per_image: float | None = None  # measured on the last completed decode
 
+    def _kv_rows(self, row_bytes: int) -> int:
+        """The KV-pool rows ``kv_cache_mb`` holds; the largest request must fit."""
+        max_rows = int(self.cfg.kv_cache_mb * 2**20 // row_bytes)
+        if max_rows < cfg_rows(self.cfg.max_images_per_request):
+            raise InvalidInputError(
+                f"kv_cache_mb={self.cfg.kv_cache_mb} holds {max_rows} rows of KV cache ({row_bytes / 2**20:.2f} MB "
+                f"each); a request of max_images_per_request={self.cfg.max_images_per_request} needs "
+                f"{cfg_rows(self.cfg.max_images_per_request)}"
+            )
+        return max_rows
+
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(
         self,
         labels_B: torch.Tensor,
-        params: SamplingParams,
+        params: SamplingParams | RasterParams,
         request_id: str | None = None,
         previews: bool = False,
         first_image_index: int = 0,
         plan: RequestPlan | None = None,
     ) -> str:
-        """Queue a request; ``plan`` (from ``nextscale.accel``) says how each of its scales runs (exact if None)."""
+        """Queue a request: ``SamplingParams`` for a VAR model, ``RasterParams`` for a raster one. ``plan`` (from
+        ``nextscale.accel``, VAR only) says how each of its scales runs (exact if None)."""
         if params.seed is None:
             raise InvalidInputError("engine requests need an explicit seed")
         n = labels_B.numel()
         if not 1 <= n <= self.cfg.max_images_per_request:
             raise InvalidInputError(f"a request has 1..{self.cfg.max_images_per_request} images, got {n}")
+        if self.raster is not None:
+            units = self._raster_units(labels_B, params, plan)
+        else:
+            plan, units = self._var_units(labels_B, params, plan)
+        rid = request_id or f"req-{next(self._ids)}"
+        self.scheduler.add(rid, *units)
+        self.requests[rid] = _Request(
+            labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
+        )
+        return rid
+
+    def _raster_units(
+        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | None
+    ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        if not isinstance(params, RasterParams):
+            raise InvalidInputError(f"a raster model samples with RasterParams, got {type(params).__name__}")
+        if plan is not None:
+            raise InvalidInputError("plans are for VAR models; a raster request runs exact (no speculative decoding)")
+        if labels_B.ndim != 1:
+            raise InvalidInputError(f"labels must be a 1-D tensor, got shape {tuple(labels_B.shape)}")
+        self.gpt.check_labels(labels_B)
+        return raster_units(params, labels_B.numel(), self.gpt.cfg.seq_len)
+
+    def _var_units(
+        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | None
+    ) -> tuple[RequestPlan, tuple[int, tuple[int, ...], tuple[int, ...]]]:
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError(f"a VAR model samples with SamplingParams, got {type(params).__name__}")
+        n = labels_B.numel()
         params.check_vocab(self.var.V)
         self.var.check_labels(labels_B)
         plan = plan or RequestPlan.exact(self.var.scales.num_scales)
@@ -182,7 +269,6 @@ class Engine:
             raise InvalidInputError(f"plan has {len(plan.steps)} steps for {self.var.scales.num_scales} scales")
         if plan.uses_refiner and self.refiner is None:
             raise InvalidInputError("the plan hands scales to a refiner (code), but this engine was built without one")
-        rid = request_id or f"req-{next(self._ids)}"
         # One scheduler unit per scale a transformer runs; its cost is rows x the tokens its plan computes (a
         # hand-off scale recomputes every earlier scale on the new model: CoDe's prefix pass).
         run = plan.run_scales
@@ -194,11 +280,7 @@ class Engine:
             for k, si in enumerate(run)
         )
         # A compressed cache (scalekv, hack) packs its short per-layer caches into fewer pool rows.
-        self.scheduler.add(rid, self._pool_rows(plan, n), tokens, tuple(plan.rows(si, n) for si in run))
-        self.requests[rid] = _Request(
-            labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
-        )
-        return rid
+        return plan, (self._pool_rows(plan, n), tokens, tuple(plan.rows(si, n) for si in run))
 
     def _pool_rows(self, plan: RequestPlan, num_images: int) -> int:
         rows = plan.kv_rows(num_images)
@@ -227,6 +309,10 @@ class Engine:
         """Not yet delivered: waiting, running or being decoded."""
         return request_id in self.requests or request_id in self._decoding
 
+    def is_running(self, request_id: str) -> bool:
+        """Admitted: generating, holding its KV rows."""
+        return request_id in self.scheduler.running
+
     @property
     def num_decoding(self) -> int:
         return len(self._decoding)
@@ -252,27 +338,9 @@ class Engine:
         out = self.scheduler.schedule()
         for rid in out.admitted:
             self._start(rid)
-        units = [self.requests[rid].state for rid in out.units]
-        results = self.runner.execute([u for u in units if u is not None])
         self.last_iteration_tokens = out.tokens
-        finished = set(self.scheduler.update(out))
-        events, done = [], []
-        for rid, res in zip(out.units, results):
-            req = self.requests[rid]
-            ev = ScaleEvent(rid, res.si, res.num_scales, finished=rid in finished)
-            if ev.finished:
-                assert req.state is not None
-                ev.tokens = req.state.tokens
-                req.state.release()
-                del self.requests[rid]
-                done.append((ev, res.f_hat_BChw))
-            else:
-                if req.previews:
-                    ev.preview = self.decode(res.f_hat_BChw)
-                events.append(ev)
-        if done:
-            f_hat = torch.cat([f for _, f in done]) if len(done) > 1 else done[0][1]
-            job = _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
+        events, job = self._raster_iteration(out) if self.raster is not None else self._var_iteration(out)
+        if job is not None:
             self._decodes.append(job)
             self._decoding.update((ev.request_id, job) for ev in job.events)
         iteration_s = time.perf_counter() - t_start
@@ -291,6 +359,61 @@ class Engine:
             )
         return events
 
+    def _var_iteration(self, out: SchedulerOutput) -> tuple[list[ScaleEvent], _Decode | None]:
+        """Advance the scheduled VAR requests one scale each; an event per request, the finished ones' decode."""
+        units = [self.requests[rid].state for rid in out.units]
+        results = self.runner.execute([u for u in units if isinstance(u, Generation)])
+        finished = set(self.scheduler.update(out))
+        events, done = [], []
+        for rid, res in zip(out.units, results):
+            req = self.requests[rid]
+            ev = ScaleEvent(rid, res.si, res.num_scales, finished=rid in finished)
+            if ev.finished:
+                assert req.state is not None
+                ev.tokens = req.state.tokens
+                req.state.release()
+                del self.requests[rid]
+                done.append((ev, res.f_hat_BChw))
+            else:
+                if req.previews:
+                    ev.preview = self.decode(res.f_hat_BChw)
+                events.append(ev)
+        if not done:
+            return events, None
+        f_hat = torch.cat([f for _, f in done]) if len(done) > 1 else done[0][1]
+        return events, _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
+
+    def _raster_iteration(self, out: SchedulerOutput) -> tuple[list[ScaleEvent], _Decode | None]:
+        """Advance the scheduled raster requests one token each. Events come per completed row of the token grid
+        (a preview per token would be hundreds of decoder passes and SSE writes per image), then at the end."""
+        assert self.raster is not None
+        states = [self._raster_state(rid) for rid in out.units]
+        self.raster.execute(states)
+        finished = set(self.scheduler.update(out))
+        events, done = [], []
+        for rid, st in zip(out.units, states):
+            if rid in finished:
+                ev = ScaleEvent(rid, st.grid - 1, st.grid, finished=True, tokens=st.tokens)
+                st.release()
+                del self.requests[rid]
+                done.append((ev, st.tokens_BL))
+            elif st.t % st.grid == 0:
+                ev = ScaleEvent(rid, st.rows_done - 1, st.grid)
+                if self.requests[rid].previews:
+                    ev.preview = row_preview(self.tokenizer, st.tokens_BL, st.rows_done)
+                events.append(ev)
+        if not done:
+            return events, None
+        tokens_BL = torch.cat([t for _, t in done]) if len(done) > 1 else done[0][1]
+        return events, _Decode(
+            [ev for ev, _ in done], [t.shape[0] for _, t in done], decode_steps(self.tokenizer, tokens_BL)
+        )
+
+    def _raster_state(self, rid: str) -> RasterGeneration:
+        state = self.requests[rid].state
+        assert isinstance(state, RasterGeneration)
+        return state
+
     def _start(self, rid: str) -> None:
         req = self.requests[rid]
         B = req.labels_B.numel()
@@ -298,6 +421,11 @@ class Engine:
         seq = self.scheduler.running[rid]
         start = seq.slot
         slot = self.pool.slot(start, seq.rows)
+        if self.raster is not None:
+            assert isinstance(req.params, RasterParams)
+            req.state = RasterGeneration(self.gpt, req.labels_B, req.params, gens, slot)
+            return
+        assert isinstance(req.params, SamplingParams) and req.plan is not None
         rows = req.plan.kv_rows(B)
         kv = CompactKV(slot, rows, self._kv_caps(req.plan)) if req.plan.compresses_kv else slot
         refiner_pool = self.refiner_pool
@@ -318,7 +446,7 @@ class Engine:
         return self.vae.decode_images(f_hat_BChw)
 
     # ---- offline use -----------------------------------------------------------------------------------------
-    def generate(self, requests: list[tuple[torch.Tensor, SamplingParams]]) -> list[ScaleEvent]:
+    def generate(self, requests: Sequence[tuple[torch.Tensor, SamplingParams | RasterParams]]) -> list[ScaleEvent]:
         """Run a list of requests to completion; returns their final events in input order."""
         ids = [self.add_request(labels, params) for labels, params in requests]
         done: dict[str, ScaleEvent] = {}
@@ -326,7 +454,9 @@ class Engine:
             done.update({e.request_id: e for e in self.step() if e.finished})
         return [done[i] for i in ids]
 
-    def stream(self, labels_B: torch.Tensor, params: SamplingParams, previews: bool = True) -> Iterator[ScaleEvent]:
+    def stream(
+        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, previews: bool = True
+    ) -> Iterator[ScaleEvent]:
         """One request's per-scale events, driving the engine (single-threaded use)."""
         rid = self.add_request(labels_B, params, previews=previews)
         while self.is_pending(rid):

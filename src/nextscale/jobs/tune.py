@@ -40,6 +40,8 @@ CANDIDATES: list[list[str]] = [
     ["cfg-cutoff", "fastvar"],
     ["cfg-cutoff", "fastvar:keep=0.25"],
     ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"],
+    ["cfg-cutoff:last=3", "scalekv"],  # KV compression: also less memory (more requests per engine pool)
+    ["cfg-cutoff", "fastvar", "scalekv"],
 ]
 REFINER_CANDIDATES: list[list[str]] = [
     ["code"],

@@ -1,5 +1,9 @@
 """The HTTP edge: an OpenAI-shaped image API with streamed coarse-to-fine previews, health, metrics, playground.
 
+Both model families serve through the same API (``serve.family``): a VAR model streams a preview per scale, a
+raster (LlamaGen) model one per completed row of its token grid (the rows decoded so far); ``scale`` and
+``num_scales`` in the events count those steps.
+
 Errors follow one shape, ``{"error": {"message", "type", "param"}}``: 422 for invalid bodies (naming the field
 and what is allowed), 429 with ``Retry-After`` when the queue is full, 503 while not ready or draining.
 """
@@ -13,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -25,12 +29,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from nextscale.engine.engine import Engine, ScaleEvent
 from nextscale.engine.plan import RequestPlan
-from nextscale.engine.request import SamplingParams
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_pil
 from nextscale.labels import resolve_label
 from nextscale.serve.async_engine import AsyncEngine, Handle, QueueFull, ShuttingDown
 from nextscale.serve.config import ServerConfig
+from nextscale.serve.family import Params, bad_field, served_model
 from nextscale.serve.metrics import ServerMetrics
 from nextscale.serve.protocol import ImageGenerationRequest
 
@@ -100,31 +104,35 @@ async def playground() -> str:
     return resources.files("nextscale.serve").joinpath("static/playground.html").read_text()
 
 
-def bad_field(param: str, message: str) -> InvalidInputError:
-    e = InvalidInputError(message)
-    e.param = param  # type: ignore[attr-defined]
-    return e
-
-
 class _Server:
     """What the routes share (the engine's bridge, settings, metrics, readiness), with one method per route."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig, warmup: bool, plans: Mapping[str, RequestPlan | None]):
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: ServerConfig,
+        warmup: bool,
+        plans: Mapping[str, RequestPlan | None],
+        class_names: Sequence[str] | None = None,
+        sampling_defaults: Mapping[str, Any] | None = None,
+    ):
         self.cfg, self.warmup = cfg, warmup
+        self.model = served_model(engine, class_names, sampling_defaults)
+        if plans and self.model.family != "var":
+            raise InvalidInputError("quality plans are for VAR models; a raster model serves exact requests")
         self.plans = dict(plans)  # quality level -> plan (a missing level is the exact plan)
         self.metrics = ServerMetrics()
         self.bridge = AsyncEngine(engine, self.metrics, cfg.max_queue)
-        self.var = engine.var
         self.max_images = engine.cfg.max_images_per_request  # the engine's limit is the API's
-        self.names = self.var.cfg.class_names
-        self.size = engine.vae.cfg.image_size
+        self.names = self.model.class_names
+        self.size = self.model.image_size
         self.is_ready = False
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         self.bridge.start(asyncio.get_running_loop())
         if self.warmup:  # one tiny real generation before /ready says yes
-            h = self.bridge.submit(torch.tensor([0]), SamplingParams(seed=0), previews=False)
+            h = self.bridge.submit(torch.tensor([0]), self.model.warmup_params(), previews=False)
             while not (await next_event(h)).finished:
                 pass
         self.is_ready = True
@@ -141,7 +149,7 @@ class _Server:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self) -> dict[str, Any]:
-        var, names = self.var, self.names
+        m, names = self.model, self.names
         return {
             "object": "list",
             "data": [
@@ -150,10 +158,11 @@ class _Server:
                     "object": "model",
                     "created": 0,
                     "owned_by": "nextscale",
+                    "family": m.family,
                     "image_size": self.size,
-                    "num_scales": len(var.cfg.patch_nums),
-                    "num_classes": var.num_classes,
-                    "classes": list(names) if names else [str(i) for i in range(var.num_classes)],
+                    "num_scales": m.steps,  # a raster model: the rows of its token grid, one preview each
+                    "num_classes": m.num_classes,
+                    "classes": list(names) if names else [str(i) for i in range(m.num_classes)],
                     "max_images_per_request": self.max_images,
                 }
             ],
@@ -166,7 +175,7 @@ class _Server:
             return error(422, str(e), "invalid_request_error", getattr(e, "param", None))
         if not self.is_ready:
             return error(503, "server is starting up", "unavailable")
-        previews = preview_scales(len(self.var.cfg.patch_nums), body.partial_images) if body.stream else set()
+        previews = preview_scales(self.model.steps, body.partial_images) if body.stream else set()
         labels = torch.full((body.n,), label, dtype=torch.long)
         try:
             handle = self.bridge.submit(labels, params, previews=bool(previews), plan=self.plans.get(body.quality))
@@ -191,26 +200,24 @@ class _Server:
             )
         return await self._complete(handle, request, tag, params)
 
-    def _validate(self, body: ImageGenerationRequest) -> tuple[int, SamplingParams]:
-        size, var = self.size, self.var
+    def _validate(self, body: ImageGenerationRequest) -> tuple[int, Params]:
+        size, m = self.size, self.model
         if body.n > self.max_images:
             raise bad_field("n", f"n={body.n} is too large: allowed 1..{self.max_images}")
         if body.size is not None and body.size != f"{size}x{size}":
             raise bad_field("size", f"size {body.size!r} is not supported: this model makes {size}x{size} images")
         if body.model is not None and body.model != self.cfg.model_name:
             raise bad_field("model", f"unknown model {body.model!r}; this server serves {self.cfg.model_name!r}")
-        if body.top_k > var.V:
-            raise bad_field("top_k", f"top_k={body.top_k} exceeds the codebook size {var.V} (0..{var.V})")
+        if body.top_k > m.vocab_size:
+            raise bad_field("top_k", f"top_k={body.top_k} exceeds the codebook size {m.vocab_size} (0..{m.vocab_size})")
         try:
-            label = resolve_label(body.label, var.num_classes, self.names)
+            label = resolve_label(body.label, m.num_classes, self.names)
         except InvalidInputError as e:
             raise bad_field("class_label" if body.class_label is not None else "prompt", str(e)) from None
         seed = secrets.randbits(63) if body.seed is None else body.seed
-        return label, SamplingParams(
-            cfg=body.cfg, top_k=body.top_k, top_p=body.top_p, more_smooth=body.more_smooth, seed=seed
-        )
+        return label, m.params(body, seed)
 
-    async def _complete(self, handle: Handle, request: Request, tag: str, params: SamplingParams) -> Response:
+    async def _complete(self, handle: Handle, request: Request, tag: str, params: Params) -> Response:
         async def wait_final() -> ScaleEvent:
             while not (ev := await next_event(handle)).finished:
                 pass
@@ -244,7 +251,7 @@ class _Server:
         )
 
     async def _sse(
-        self, handle: Handle, request: Request, previews: set[int], tag: str, params: SamplingParams
+        self, handle: Handle, request: Request, previews: set[int], tag: str, params: Params
     ) -> AsyncIterator[bytes]:
         """The request's events, one write per scale; stops, quietly, once the client is gone.
 
@@ -274,7 +281,7 @@ class _Server:
                 if not failed:
                     log.debug("%s: client disconnected mid-stream; request cancelled", handle.request_id)
 
-    async def _scale_events(self, ev: ScaleEvent, partial_index: int | None, tag: str, params: SamplingParams) -> bytes:
+    async def _scale_events(self, ev: ScaleEvent, partial_index: int | None, tag: str, params: Params) -> bytes:
         """One scale's SSE events: its partial images (when ``partial_index`` numbers them), the final ones."""
         common = {
             "created_at": int(time.time()),
@@ -309,10 +316,14 @@ def create_app(
     cfg: ServerConfig | None = None,
     warmup: bool = True,
     plans: Mapping[str, RequestPlan | None] | None = None,
+    class_names: Sequence[str] | None = None,
+    sampling_defaults: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """The app; ``plans`` maps a request's ``quality`` ("auto", "high", "medium", "low") to its acceleration plan
-    (``serve.config.quality_plans``); without it every request is exact."""
-    server = _Server(engine, cfg or ServerConfig(), warmup, plans or {})
+    (``serve.config.quality_plans``, VAR); without it every request is exact. ``class_names`` and
+    ``sampling_defaults``: a raster model's, from its pipeline (``LlamaGenPipeline.class_names`` and
+    ``.sampling_defaults``); a VAR model carries its names in its config."""
+    server = _Server(engine, cfg or ServerConfig(), warmup, plans or {}, class_names, sampling_defaults)
     app = FastAPI(title="nextscale", version="0.1.0", lifespan=server.lifespan)
     app.state.bridge, app.state.metrics = server.bridge, server.metrics
     app.exception_handler(RequestValidationError)(invalid_body)

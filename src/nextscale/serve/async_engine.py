@@ -20,6 +20,7 @@ import torch
 
 from nextscale.engine.engine import Engine, ScaleEvent
 from nextscale.engine.plan import RequestPlan
+from nextscale.engine.raster import RasterParams
 from nextscale.engine.request import SamplingParams
 from nextscale.serve.metrics import ServerMetrics
 
@@ -88,7 +89,11 @@ class AsyncEngine:
         return sum(1 for h in self._handles.values() if h.started)
 
     def submit(
-        self, labels_B: torch.Tensor, params: SamplingParams, previews: bool, plan: RequestPlan | None = None
+        self,
+        labels_B: torch.Tensor,
+        params: SamplingParams | RasterParams,
+        previews: bool,
+        plan: RequestPlan | None = None,
     ) -> Handle:
         if not self.accepting:
             raise ShuttingDown()
@@ -128,9 +133,17 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             self.metrics.iteration(time.perf_counter() - t0, self.engine.last_iteration_tokens)
+            self._mark_started()
             for ev in events:
                 self._deliver(ev)
             self.metrics.set_queue(self.queued, self.running)
+
+    def _mark_started(self) -> None:
+        """A request is running (not queued) once the engine admits it: a raster request's first event comes only
+        with its first row of tokens, and counting it as queued until then would turn arrivals away (429) early."""
+        for rid, handle in list(self._handles.items()):
+            if not handle.started and self.engine.is_running(rid):
+                handle.started = True
 
     def _drain_commands(self) -> None:
         while True:

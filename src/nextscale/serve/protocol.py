@@ -1,6 +1,7 @@
 """HTTP request/response schemas (pydantic lives only here, at the edge).
 
-OpenAI-shaped ``POST /v1/images/generations`` with VAR's sampling fields as extensions. ``prompt`` carries a
+OpenAI-shaped ``POST /v1/images/generations`` with the sampling fields as extensions (``serve.family`` says what
+they mean for a raster model, where a field left out takes the model's recommended value). ``prompt`` carries a
 class name (or index); ``class_label`` is the explicit alternative. Unknown fields are rejected so a typo
 (``top-k``, ``guidance``) is a 422 naming it rather than a silently ignored setting.
 """
@@ -21,7 +22,7 @@ class ImageGenerationRequest(BaseModel):
     class_label: int | str | None = Field(None, description="class index or name; alternative to prompt")
     n: int = Field(1, ge=1, description="number of images")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses a generator from (seed, i)")
-    cfg: float = Field(1.5, ge=0.0, le=100.0, description="VAR guidance (0 = none)")
+    cfg: float = Field(1.5, ge=0.0, le=100.0, description="guidance: VAR's (0 = none), a raster model's cfg_scale")
     top_k: int = Field(0, ge=0, description="top-k filter, 0 = off")
     top_p: float = Field(0.0, ge=0.0, le=1.0, description="top-p filter, 0 = off")
     more_smooth: bool = False

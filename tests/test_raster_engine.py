@@ -1,0 +1,207 @@
+"""The engine on raster (LlamaGen) models: token-level continuous batching gives the pipeline's images token for token
+under random arrivals, a unit is one token of every row of a request, events come per row of the token grid with the
+rows decoded so far, aborts free KV rows at once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from nextscale import LlamaGenPipeline
+from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.plan import RequestPlan
+from nextscale.engine.raster import RasterParams, sample_raster
+from nextscale.engine.raster_runner import RasterRunner
+from nextscale.engine.raster_state import RasterGeneration
+from nextscale.engine.request import SamplingParams
+from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.errors import InvalidInputError
+from nextscale.models.tokenizers.msvq import VQVAE
+
+from .conftest import randomize_, tiny_pair
+from .test_raster_pipeline import GRID, single_scale_vae_config
+from .test_raster_sampler import one_thread, tiny_llamagen  # noqa: F401 - one_thread: autouse fixture
+
+L = GRID * GRID
+
+
+def tiny_raster_pipe(seed: int = 4, **gpt_kw) -> LlamaGenPipeline:
+    """A 4x4-token raster model (10 classes, 64 codes) with nextscale's single-scale VQ-VAE as its tokenizer."""
+    vae = randomize_(VQVAE(single_scale_vae_config()), 5)
+    image_size = GRID * vae.cfg.downsample
+    return LlamaGenPipeline(
+        tiny_llamagen(seed, vocab_size=vae.cfg.vocab_size, image_size=image_size, downsample=2, **gpt_kw), vae
+    )
+
+
+def raster_engine(pipe: LlamaGenPipeline, **cfg) -> Engine:
+    return Engine(pipe.transformer, pipe.tokenizer, EngineConfig(**cfg))
+
+
+def reference(pipe: LlamaGenPipeline, labels: list[int], params: RasterParams, first: int = 0):
+    """The pipeline's call for an engine request (it names the null class -1)."""
+    return pipe(
+        [-1 if x == pipe.num_classes else x for x in labels],
+        cfg=params.cfg_scale,
+        cfg_interval=params.cfg_interval,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        temperature=params.temperature,
+        seed=params.seed,
+        rng=params.rng,
+        output_type="pt",
+        first_image_index=first,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe() -> LlamaGenPipeline:
+    return tiny_raster_pipe()
+
+
+@pytest.fixture(scope="module")
+def gqa_pipe() -> LlamaGenPipeline:
+    return tiny_raster_pipe(6, dim=64, n_head=4, n_kv_head=2)
+
+
+def random_requests(rng: random.Random, count: int, num_classes: int) -> list:
+    reqs = []
+    for i in range(count):
+        labels = [rng.randint(0, num_classes) for _ in range(rng.randint(1, 3))]  # num_classes: the null class
+        params = RasterParams(
+            cfg_scale=rng.choice([1.0, 2.0, 4.0]),  # 1.0: no null rows at all
+            cfg_interval=rng.choice([-1, 1, 9]),  # guidance ends mid-grid: the null rows leave
+            temperature=rng.choice([1.0, 0.8]),
+            top_k=rng.choice([0, 5, 2000]),
+            top_p=rng.choice([1.0, 0.9]),
+            seed=500 + i,
+            rng=rng.choice(["per_image", "per_image", "official"]),
+        )
+        reqs.append((rng.randint(0, 2 * L), labels, params, rng.randint(0, 3)))
+    return sorted(reqs, key=lambda r: r[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_engine_equals_pipeline_under_random_arrivals(pipe, gqa_pipe, seed):
+    rng = random.Random(seed)
+    p = gqa_pipe if seed == 2 else pipe
+    cfg = EngineConfig(
+        kv_cache_mb=rng.choice([0.06, 1.0]),  # 0.06 MB: 7 rows of 8 KB, so requests wait for rows
+        max_images_per_request=3,
+        scheduler=SchedulerConfig(max_running=rng.choice([2, 64])),
+    )
+    engine = Engine(p.transformer, p.tokenizer, cfg)
+    pending = random_requests(rng, 8, p.num_classes)
+    ids, done, it = {}, {}, 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= it:
+            _, labels, params, first = pending.pop(0)
+            rid = engine.add_request(torch.tensor(labels), params, first_image_index=first)
+            ids[rid] = (labels, params, first)
+        done.update({e.request_id: e for e in engine.step() if e.finished})
+        engine.scheduler.check_integrity()
+        it += 1
+    assert not engine.pool.slots and engine.scheduler.rows_in_use == 0
+    for rid, (labels, params, first) in ids.items():
+        ref = reference(p, labels, params, first)
+        assert torch.equal(done[rid].tokens[0], ref.tokens), (rid, params)
+        # same tokens; the engine decodes the requests finishing together as one batch
+        torch.testing.assert_close(done[rid].images, ref.images, atol=1e-5, rtol=0)
+
+
+def test_a_lone_request_sees_the_logits_of_sample_raster_bit_for_bit(pipe, monkeypatch):
+    """The fused layout turns q and k per row after the model's identity turn at image token (0, 0): exactly the
+    model's RoPE at each row's position, so a request alone gets sample_raster's logits bit for bit."""
+    labels, params = torch.tensor([2, 7]), RasterParams(cfg_scale=3.0, cfg_interval=5, seed=11)
+    want: list[torch.Tensor] = []
+    sample_raster(pipe.transformer, labels, params, on_step=lambda s: want.append(s.logits_RV.clone()))
+    got: list[torch.Tensor] = []
+    advance = RasterGeneration.advance
+
+    def recording(self, logits_RV):
+        got.append(logits_RV.clone())
+        return advance(self, logits_RV)
+
+    monkeypatch.setattr(RasterGeneration, "advance", recording)
+    raster_engine(pipe).generate([(labels, params)])
+    assert len(got) == len(want) == L
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_unit_is_one_token_of_every_row(pipe):
+    engine = raster_engine(pipe)
+    a = engine.add_request(torch.tensor([1, 2]), RasterParams(cfg_scale=4.0, cfg_interval=3, seed=0))
+    b = engine.add_request(torch.tensor([1, 2, 3]), RasterParams(cfg_scale=1.0, seed=0))
+    seqs = {s.request_id: s for s in engine.scheduler.waiting}
+    assert seqs[a].rows == 4 and seqs[a].scale_tokens == (1,) * L
+    assert seqs[a].unit_rows == (4,) * 5 + (2,) * (L - 5), "token t is guided while t - 1 <= cfg_interval"
+    assert seqs[b].rows == 3 and seqs[b].unit_rows == (3,) * L, "unguided: no null rows"
+    engine.step()
+    assert engine.last_iteration_tokens == 4 + 3 and engine.is_running(a) and engine.is_running(b)
+
+
+def test_events_come_per_row_with_the_rows_so_far_then_the_images(pipe):
+    params = RasterParams(top_k=20, seed=7)
+    events = list(raster_engine(pipe).stream(torch.tensor([2, 5]), params, previews=True))
+    assert [(e.si, e.num_scales, e.finished) for e in events] == [(r, GRID, r == GRID - 1) for r in range(GRID)]
+    rows: list[torch.Tensor] = []
+    ref = pipe([2, 5], top_k=20, seed=7, output_type="pt", callback_on_rows=lambda r, x: rows.append(x))
+    for ev, want in zip(events[:-1], rows):
+        torch.testing.assert_close(ev.preview, want, rtol=0, atol=1e-6)
+    assert events[-1].preview is None and torch.equal(events[-1].tokens[0], ref.tokens)
+    torch.testing.assert_close(events[-1].images, ref.images, rtol=0, atol=1e-6)
+
+
+def test_requests_at_one_position_with_adjacent_slots_attend_together(pipe):
+    engine = raster_engine(pipe)
+    ids = [
+        engine.add_request(torch.tensor([i]), RasterParams(cfg_interval=0 if i == 1 else -1, seed=i)) for i in range(3)
+    ]
+
+    def runs() -> list[int]:
+        states = sorted((engine.requests[r].state for r in ids), key=lambda s: s.kv.start)
+        return [len(span.slots) for span in RasterRunner._spans(states)]
+
+    engine.step()  # all three admitted together: slots 0-1, 2-3, 4-5, all at position 1
+    assert runs() == [3]
+    engine.step()  # the middle one's guidance has ended: it feeds 1 of its 2 rows and attends alone
+    assert runs() == [1, 1, 1]
+
+
+def test_abort_frees_the_rows_at_once_and_others_are_unaffected(pipe):
+    engine = raster_engine(pipe, kv_cache_mb=0.06, max_images_per_request=3)
+    assert engine.pool.rows == engine.scheduler.cfg.max_rows == 7  # a row: 8 KB (k, v x 2 layers x 16 x 2 x 16)
+    a = engine.add_request(torch.tensor([1, 2]), RasterParams(seed=1))  # 4 rows
+    b = engine.add_request(torch.tensor([3]), RasterParams(seed=2))  # 2 rows
+    c = engine.add_request(torch.tensor([4, 5]), RasterParams(seed=3))  # 4 rows: waits for a
+    for _ in range(3):
+        engine.step()
+    assert engine.is_running(a) and not engine.is_running(c) and engine.num_waiting == 1
+    assert engine.abort(a)
+    assert engine.scheduler.rows_in_use == 2 and len(engine.pool.slots) == 1
+    done = {}
+    while engine.has_unfinished():
+        done.update({e.request_id: e for e in engine.step() if e.finished})
+    assert set(done) == {b, c} and not engine.pool.slots
+    assert torch.equal(done[c].tokens[0], pipe([4, 5], seed=3, output_type="latent").tokens)
+
+
+def test_each_family_refuses_the_others_requests(pipe):
+    engine = raster_engine(pipe)
+    with pytest.raises(InvalidInputError, match="a raster model samples with RasterParams"):
+        engine.add_request(torch.tensor([1]), SamplingParams(seed=0))
+    with pytest.raises(InvalidInputError, match="plans are for VAR models"):
+        engine.add_request(torch.tensor([1]), RasterParams(seed=0), plan=RequestPlan.exact(4))
+    with pytest.raises(InvalidInputError, match="class labels must be in"):
+        engine.add_request(torch.tensor([11]), RasterParams(seed=0))
+    with pytest.raises(InvalidInputError, match="explicit seed"):
+        engine.add_request(torch.tensor([1]), RasterParams())
+    with pytest.raises(InvalidInputError, match="needs a raster tokenizer"):
+        Engine(pipe.transformer, pipe.vae)
+    var, vae = tiny_pair(0)
+    with pytest.raises(InvalidInputError, match="raster models have none"):
+        Engine(pipe.transformer, pipe.tokenizer, refiner=var)
+    with pytest.raises(InvalidInputError, match="a VAR model samples with SamplingParams"):
+        Engine(var, vae).add_request(torch.tensor([1]), RasterParams(seed=0))

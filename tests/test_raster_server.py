@@ -1,0 +1,213 @@
+"""The HTTP API serving a raster (LlamaGen) model: the same endpoints and behaviour as for VAR (tests/test_server.py)
+— generations equal the pipeline, SSE previews are the rows decoded so far, validation, 429, disconnects, drain,
+metrics, ``nextscale serve --model <raster folder>``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from nextscale.cli.main import main
+from nextscale.engine import engine as engine_module
+from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.raster import RasterParams
+from nextscale.engine.raster_runner import row_preview
+from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.images import to_uint8_nhwc
+from nextscale.serve.api import ServerConfig, create_app
+
+from .test_raster_engine import GRID, tiny_raster_pipe
+from .test_raster_sampler import one_thread  # noqa: F401 - autouse fixture
+from .test_server import decode, live, serve_cli_env  # noqa: F401 - serve_cli_env: pytest fixture
+
+NAMES = tuple(f"class-{i}" for i in range(10))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_raster_pipe()
+    p.set_class_names(NAMES)
+    return p
+
+
+def make_app(pipe, **kw):
+    engine = Engine(pipe.transformer, pipe.tokenizer, kw.pop("engine_cfg", EngineConfig(max_images_per_request=4)))
+    cfg = ServerConfig(model_name="tiny-raster", **kw)
+    return create_app(engine, cfg, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults)
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    with TestClient(make_app(pipe)) as c:
+        yield c
+
+
+def pixels(b64: str) -> np.ndarray:
+    return decode(b64).astype(np.int16)
+
+
+def assert_images(data: list[dict], ref_images: torch.Tensor) -> None:
+    """Same tokens; the engine decodes the requests finishing together as a batch: at most one 8-bit level off."""
+    for d, want in zip(data, to_uint8_nhwc(ref_images).astype(np.int16), strict=True):
+        assert np.abs(pixels(d["b64_json"]) - want).max() <= 1
+
+
+def test_health_ready_models_metrics(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+    info = client.get("/v1/models").json()["data"][0]
+    assert info["id"] == "tiny-raster" and info["family"] == "raster" and info["classes"] == list(NAMES)
+    assert info["image_size"] == 8 and info["num_scales"] == GRID and info["num_classes"] == 10
+    text = client.get("/metrics").text
+    for name in ("nextscale_queue_depth", "nextscale_tokens_per_iteration_bucket", "nextscale_request_latency"):
+        assert name in text
+
+
+def test_generation_equals_the_pipeline_with_the_models_defaults(client, pipe):
+    r = client.post("/v1/images/generations", json={"prompt": "class-3", "n": 2, "seed": 7, "cfg": 2.0, "top_k": 20})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["revised_prompt"] for d in body["data"]] == ["class-3"] * 2
+    assert body["usage"] == {"images": 2, "tokens": 2 * GRID * GRID}
+    assert_images(body["data"], pipe([3, 3], seed=7, cfg=2.0, top_k=20, output_type="pt").images)
+    # Fields left out take the model's recommended settings (cfg 4, top-k 2000), not the body's VAR defaults;
+    # top_p 0 is "off" as for VAR (1.0 in LlamaGen's convention).
+    r = client.post("/v1/images/generations", json={"class_label": 5, "seed": 2, "top_p": 0})
+    assert_images(r.json()["data"], pipe([5], seed=2, output_type="pt").images)
+
+
+def test_stream_sends_the_rows_so_far_then_the_final_images(client, pipe):
+    body = {"class_label": 1, "n": 2, "seed": 4, "stream": True}
+    with client.stream("POST", "/v1/images/generations", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    rows = GRID - 1  # a preview per completed row but the last, whose images are the final ones
+    assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 * rows + [
+        "image_generation.completed"
+    ] * 2
+    assert [e["scale"] for e in events] == [r for r in range(GRID) for _ in range(2)]
+    assert {e["num_scales"] for e in events} == {GRID}
+    previews: list[torch.Tensor] = []
+    pipe([1, 1], seed=4, output_type="pt", callback_on_rows=lambda _, x: previews.append(x))
+    for r in range(rows):
+        assert_images(events[2 * r : 2 * r + 2], previews[r])
+    final = client.post("/v1/images/generations", json={"class_label": 1, "n": 2, "seed": 4}).json()
+    assert [e["b64_json"] for e in events[-2:]] == [d["b64_json"] for d in final["data"]]
+
+
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"prompt": "coat"}, "prompt", "unknown class 'coat'"),
+        ({"prompt": "class-1", "quality": "medium"}, "quality", "not available for a raster model"),
+        ({"prompt": "class-1", "more_smooth": True}, "more_smooth", "more_smooth is a VAR setting"),
+        ({"prompt": "class-1", "top_k": 100}, "top_k", "exceeds the codebook size 64"),
+        ({"prompt": "class-1", "n": 5}, "n", "n=5 is too large: allowed 1..4"),
+        ({"prompt": "class-1", "size": "256x256"}, "size", "this model makes 8x8 images"),
+    ],
+)
+def test_invalid_bodies_get_422_naming_the_field(client, body, param, text):
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["param"] == param and text in err["message"], err
+
+
+def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete(pipe):
+    one_at_a_time = EngineConfig(scheduler=SchedulerConfig(max_running=1), max_images_per_request=4)
+    app = make_app(pipe, max_queue=2, engine_cfg=one_at_a_time)
+    results: list[httpx.Response] = []
+    with TestClient(app) as c:
+
+        def fire(i: int) -> None:
+            results.append(c.post("/v1/images/generations", json={"prompt": "class-2", "n": 4, "seed": i}))
+
+        threads = [threading.Thread(target=fire, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(429) >= 1 and codes.count(200) >= 2 and set(codes) <= {200, 429}
+        rejected = next(r for r in results if r.status_code == 429)
+        assert int(rejected.headers["Retry-After"]) >= 1 and rejected.json()["error"]["type"] == "overloaded"
+        assert all(len(r.json()["data"]) == 4 for r in results if r.status_code == 200)
+        assert 'nextscale_requests_total{status="rejected"}' in c.get("/metrics").text
+
+
+def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
+    app = make_app(pipe)
+    bridge = app.state.bridge
+    calls: list[int] = []
+
+    def second_row_waits_for_the_hang_up(tokenizer, tokens_BL, rows):  # else the request may finish first
+        calls.append(rows)
+        deadline = time.time() + 10
+        while len(calls) == 2 and bridge._handles and time.time() < deadline:
+            time.sleep(0.01)
+        return row_preview(tokenizer, tokens_BL, rows)
+
+    monkeypatch.setattr(engine_module, "row_preview", second_row_waits_for_the_hang_up)
+    with live(app) as url:
+        body = {"prompt": "class-3", "n": 4, "seed": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # got the first row's preview, now hang up
+        deadline = time.time() + 10
+        while (bridge._handles or bridge.engine.requests) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not bridge._handles and not bridge.engine.requests and calls[0] == 1
+        assert bridge.engine.scheduler.rows_in_use == 0 and not bridge.engine.pool.slots
+        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "class-3", "seed": 1}, timeout=30)
+        assert r.status_code == 200
+        assert 'nextscale_requests_total{status="cancelled"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_shutdown_drains_in_flight_work(pipe):
+    app = make_app(pipe)
+    with TestClient(app) as c:
+        bridge = app.state.bridge
+        handle = bridge.submit(torch.tensor([1, 2]), RasterParams(seed=3), previews=False)
+        assert c.get("/ready").status_code == 200
+    events = []
+    while not handle.events.empty():
+        events.append(handle.events.get_nowait())
+    assert events and events[-1].finished and events[-1].images.shape[0] == 2
+    assert not bridge.accepting
+
+
+def test_an_openai_client_gets_images(pipe):
+    """The official ``openai`` package (a dev dependency) against the live server."""
+    import openai
+
+    with live(make_app(pipe)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        out = client.images.generate(
+            model="tiny-raster", prompt="class-4", n=2, size="8x8", response_format="b64_json", extra_body={"seed": 5}
+        )
+    assert len(out.data) == 2 and all(d.b64_json for d in out.data)
+    assert_images([{"b64_json": d.b64_json} for d in out.data], pipe([4, 4], seed=5, output_type="pt").images)
+
+
+def test_serve_takes_a_raster_folder_and_refuses_accel(serve_cli_env, pipe, tmp_path, capsys):  # noqa: F811
+    folder = pipe.save_pretrained(tmp_path / "tiny-raster")
+    assert main(["serve", "--model", str(folder), "--max-images", "2", "--kv-cache-mb", "1"]) == 0
+    ((app, _),) = serve_cli_env
+    engine = app.state.bridge.engine
+    assert engine.raster is not None and engine.cfg == EngineConfig(kv_cache_mb=1, max_images_per_request=2)
+    with TestClient(app) as c:
+        info = c.get("/v1/models").json()["data"][0]
+        assert info["id"] == "tiny-raster" and info["classes"] == list(NAMES)
+        r = c.post("/v1/images/generations", json={"prompt": "class-6", "seed": 1})
+        assert r.status_code == 200, r.text
+        assert_images(r.json()["data"], pipe([6], seed=1, output_type="pt").images)
+    assert main(["serve", "--model", str(folder), "--accel", "fast"]) == 2
+    assert "--accel is an option of VAR models" in capsys.readouterr().err.strip().splitlines()[-1]
