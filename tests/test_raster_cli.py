@@ -159,7 +159,7 @@ def model_args(**kw) -> argparse.Namespace:
         class_names=None,
         device="cpu",
         dtype="float32",
-        command="serve",
+        command="sample-fid",
     )
     return argparse.Namespace(**{**base, **kw})
 
@@ -169,7 +169,7 @@ def test_the_family_comes_from_the_folder_and_commands_say_what_they_support(con
     assert resolve_model(model_args()) == ("var", None)  # the bundled demo model
     assert resolve_model(model_args(model="demo-fmnist")) == ("var", None)
     assert resolve_model(model_args(checkpoint=str(GPT_FILE), vae=str(VQ_FILE))) == ("raster", None)
-    with pytest.raises(ValueError, match=r"^nextscale serve supports VAR \(next-scale\) models; .* is a raster"):
-        load_pipeline(model_args(model=str(converted)))  # serve / sample-fid: VAR only until they learn raster
+    with pytest.raises(ValueError, match=r"^nextscale sample-fid supports VAR \(next-scale\) models; .* is a raster"):
+        load_pipeline(model_args(model=str(converted)))  # sample-fid: VAR only (serve takes both)
     pipe = load_pipeline(model_args(model=str(converted)), families=("var", "raster"))
     assert type(pipe).__name__ == "LlamaGenPipeline" and pipe.image_size == 256
