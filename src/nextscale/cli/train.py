@@ -1,6 +1,9 @@
 """``nextscale train-vae`` and ``nextscale train``: flags are generated from the frozen training configs, so the
-CLI cannot drift from the library (every ``VARTrainConfig`` field is a ``--flag``).
+CLI cannot drift from the library (every ``VARTrainConfig`` and ``LlamaGenTrainConfig`` field is a ``--flag``).
 
+``train --arch var`` (the default) trains VAR on a multi-scale tokenizer, ``train --arch llamagen`` a raster-order
+LlamaGen GPT on a single-scale one (``train-vae --patch-nums 16 ...``); a flag of the other architecture is a
+one-line error. ``--export`` writes the model of a run's newest checkpoint without training.
 Single process by default; under ``torchrun --nproc_per_node=N`` the same commands run DDP.
 """
 
@@ -33,7 +36,14 @@ HELP = {
     "precision": "fp32, bf16 or fp16 autocast",
     "ema": "EMA decay of the exported weights (0 = off)",
     "loss_from_scale": "train on the tokens of this scale and later ones only (a CoDe refiner: the last scales)",
+    "patch_nums": "token map sides, coarse to fine; ONE value (e.g. 16) makes a plain VQ-VAE for --arch llamagen",
+    "depth": "transformer blocks (llamagen: n_layer)",
+    "embed_dim": "transformer width (llamagen: dim)",
+    "num_heads": "attention heads (llamagen: head dim embed_dim/num_heads must be a multiple of 4)",
+    "num_kv_heads": "key/value heads (grouped-query attention; default: num_heads)",
+    "cond_drop": "share of labels replaced by the null class (classifier-free guidance)",
 }
+ARCH_NAMES = {"VARTrainConfig": "var", "LlamaGenTrainConfig": "llamagen"}
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -44,12 +54,18 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return t
 
 
-def add_config_args(p: argparse.ArgumentParser, cls: type) -> None:
-    for f in dataclasses.fields(cls):
+def add_config_args(p: argparse.ArgumentParser, *classes: type) -> None:
+    """One ``--flag`` per field of the config classes (their union: a field several share is one flag)."""
+    seen: dict[str, list[type]] = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            seen.setdefault(f.name, []).append(cls)
+    for name, owners in seen.items():
+        cls = owners[0]
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
         t = _field_type(cls, f)
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        flag = "--" + name.replace("_", "-")
+        help_ = HELP.get(name, "") + _defaults_help(name, owners, classes)
         if t is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(t) is tuple:
@@ -60,8 +76,29 @@ def add_config_args(p: argparse.ArgumentParser, cls: type) -> None:
             p.add_argument(flag, type=t, default=None, help=help_)
 
 
+def _defaults_help(name: str, owners: list[type], classes: tuple[type, ...]) -> str:
+    defaults = {}
+    for cls in owners:
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        defaults[ARCH_NAMES.get(cls.__name__, cls.__name__)] = default
+    only = f" ({'/'.join(defaults)} only)" if len(owners) < len(classes) else ""
+    shown = {k: v for k, v in defaults.items() if v not in (None, "")}
+    if not shown:
+        return only
+    if len(set(map(repr, shown.values()))) == 1 and len(classes) == len(owners):
+        return f" (default: {next(iter(shown.values()))})"
+    return only + " (default: " + ", ".join(f"{v} for {k}" for k, v in shown.items()) + ")"
+
+
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    names = {f.name for f in dataclasses.fields(cls)}
+    foreign = [n for n in getattr(args, "config_fields", ()) if n not in names and getattr(args, n, None) is not None]
+    if foreign:
+        arch = ARCH_NAMES.get(cls.__name__, cls.__name__)
+        flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        raise ConfigError(f"{flags}: not a setting of --arch {arch}; allowed archs: {', '.join(ARCH_NAMES.values())}")
+    kw = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return cls(**kw)
     except TypeError as e:
@@ -69,23 +106,52 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from nextscale.train.config import VAETrainConfig, VARTrainConfig
+    from nextscale.train.config import ARCHS, VAETrainConfig
 
-    for name, cls, text in (
-        ("train-vae", VAETrainConfig, "train the multi-scale VQ-VAE tokenizer"),
-        ("train", VARTrainConfig, "train the VAR transformer on a trained tokenizer"),
-    ):
+    jobs: tuple[tuple[str, tuple[type, ...], str], ...] = (
+        ("train-vae", (VAETrainConfig,), "train the VQ-VAE tokenizer (multi-scale; one scale for --arch llamagen)"),
+        ("train", tuple(ARCHS.values()), "train a transformer (VAR, or a LlamaGen raster GPT) on a trained tokenizer"),
+    )
+    for name, classes, text in jobs:
         p = sub.add_parser(name, help=text, description=f"{text}. Runs under torchrun for DDP.")
-        add_config_args(p, cls)
+        if len(classes) > 1:
+            p.add_argument(
+                "--arch",
+                default="var",
+                help=f"transformer family: {', '.join(ARCHS)} (default: var); llamagen needs a single-scale tokenizer",
+            )
+        add_config_args(p, *classes)
         p.add_argument("--plot", action="store_true", help="write loss.png from metrics.jsonl at the end")
-        p.set_defaults(func=run, config_cls=cls)
+        p.add_argument(
+            "--export",
+            action="store_true",
+            help="do not train: write the model of the newest checkpoint in --out-dir (or --resume-from) now, "
+            "with the settings stored in the checkpoint",
+        )
+        fields = tuple(dict.fromkeys(f.name for c in classes for f in dataclasses.fields(c)))
+        p.set_defaults(func=run, config_cls=classes[0] if len(classes) == 1 else None, config_fields=fields)
 
 
 def run(args: argparse.Namespace) -> int:
+    from nextscale.train.config import train_config_class
     from nextscale.train.metrics_log import plot_losses
-    from nextscale.train.runner import run_training
+    from nextscale.train.runner import export_checkpoint, run_training
 
-    cfg = config_from_args(args.config_cls, args)
+    cls = args.config_cls or train_config_class(args.arch)
+    if args.export:
+        if not args.out_dir:
+            raise ConfigError("--export needs --out-dir: the run folder whose checkpoint to export")
+        ignored = [
+            "--" + n.replace("_", "-")
+            for n in args.config_fields
+            if n not in ("out_dir", "resume_from") and getattr(args, n, None) is not None
+        ]
+        if ignored:
+            log.warning("--export takes the run's settings from its checkpoint; ignored: %s", ", ".join(ignored))
+        result = export_checkpoint(cls, args.out_dir, args.resume_from)
+        log.info("%s", json.dumps({k: v for k, v in result.items() if k != "is_main"}, default=str))
+        return 0
+    cfg = config_from_args(cls, args)
     result = run_training(cfg)
     if result.get("is_main"):
         if args.plot:

@@ -1,4 +1,4 @@
-"""Frozen configurations of the two training jobs (tokenizer and transformer), validated at construction."""
+"""Frozen configurations of the training jobs (tokenizer; VAR or LlamaGen transformer), validated at construction."""
 
 from __future__ import annotations
 
@@ -148,3 +148,56 @@ class VARTrainConfig(LoopConfig):
             raise ConfigError(f"loss_from_scale must be >= 0, got {self.loss_from_scale}")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclass(frozen=True)
+class LlamaGenTrainConfig(LoopConfig):
+    """A LlamaGen c2i GPT (raster order, next token) on a frozen single-scale tokenizer (``--arch llamagen``).
+
+    The recipe of LlamaGen's ``train_c2i.py``: AdamW betas (0.9, 0.95), lr 1e-4, weight decay 0.05, gradient
+    clipping at 1.0, class dropout 0.1. The loop's warm-up and linear decay apply on top (``train_c2i.py`` keeps
+    the learning rate constant); ``--warmup 0 --wpe 1`` gives a constant one after a single step. Width, depth and
+    heads reuse the VAR flags' names: ``--embed-dim`` is the GPT's ``dim``, ``--depth`` its ``n_layer``.
+    """
+
+    tokenizer: str = ""  # a single-scale VQ-VAE: `nextscale train-vae --patch-nums 16 ...`, or a raster model folder
+    depth: int = 8
+    embed_dim: int = 256
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention (None: as many as query heads, the c2i releases)
+    cond_drop: float = 0.1  # train_c2i.py --class-dropout-prob
+    grad_clip: float = 1.0  # train_c2i.py --max-grad-norm
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tokenizer:
+            raise ConfigError(
+                "tokenizer is required: a single-scale VQ-VAE folder (`nextscale train-vae --patch-nums 16 ...`)"
+            )
+        for name in ("depth", "embed_dim", "num_heads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if (self.embed_dim // self.num_heads) % 4:
+            raise ConfigError(
+                f"the head dim embed_dim / num_heads = {self.embed_dim // self.num_heads} must be a multiple of 4 "
+                "(2-D RoPE gives a quarter of it to rows, a quarter to columns)"
+            )
+        kv = self.num_kv_heads
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.num_heads % kv):
+            raise ConfigError(f"num_kv_heads must be an int >= 1 dividing num_heads {self.num_heads}, got {kv!r}")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+
+
+# `nextscale train --arch NAME`: the transformer families the trainer builds.
+ARCHS: dict[str, type[LoopConfig]] = {"var": VARTrainConfig, "llamagen": LlamaGenTrainConfig}
+
+
+def train_config_class(arch: str) -> type[LoopConfig]:
+    """The config class of ``--arch`` (one-line ``ConfigError`` for an unknown name)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return ARCHS[arch]

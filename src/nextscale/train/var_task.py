@@ -1,18 +1,17 @@
 """Transformer training on a frozen tokenizer: the official VAR recipe on any labelled image set.
 
-Images are tokenised once (frozen VQ-VAE, float32) and cached next to the run; each step rebuilds the
-teacher-forcing input from the tokens. Loss: per-token cross-entropy (optional label smoothing), weighted
-1/L per position and summed — the official weighting — with 10 % of the labels replaced by the null class
-(condition dropout, drawn for the global batch so the run does not depend on the number of ranks).
+Images are tokenised once (frozen VQ-VAE, float32) and cached next to the run (``train.tokens``, shared with the
+raster task); each step rebuilds the teacher-forcing input from the tokens. Loss: per-token cross-entropy
+(optional label smoothing), weighted 1/L per position and summed — the official weighting — with 10 % of the
+labels replaced by the null class (condition dropout, drawn for the global batch so the run does not depend on
+the number of ranks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,21 +22,14 @@ from nextscale.config import VARConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.errors import CheckpointError, ConfigError
 from nextscale.models.native import load_native, load_tokenizer, save_native
-from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.models.weights import load_official_var
 from nextscale.train import dist
-from nextscale.train.checkpoint import save_atomic
 from nextscale.train.config import VARTrainConfig
 from nextscale.train.optim import progressive_stage
+from nextscale.train.tokens import TokenSet, cached_tokens, conditioned_batches
 
 log = logging.getLogger("nextscale.train")
-
-
-@dataclass
-class TokenSet:
-    idx_NL: torch.Tensor  # int16/int32 tokens of every image, all scales concatenated
-    labels_N: torch.Tensor
 
 
 def split_scales(idx_BL: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
@@ -46,19 +38,6 @@ def split_scales(idx_BL: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torc
         out.append(idx_BL[:, cur : cur + pn * pn].long())
         cur += pn * pn
     return out
-
-
-@torch.no_grad()
-def tokenize(vae: VQVAE, dataset, flip: bool, batch: int = 256) -> TokenSet:
-    toks, labels = [], []
-    for start in range(0, len(dataset), batch):
-        items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-        imgs = torch.stack([x for x, _ in items])
-        if flip:
-            imgs = imgs.flip(-1)
-        toks.append(torch.cat(vae.img_to_idx(imgs.to(vae.quant_conv.weight.device)), dim=1).cpu().to(torch.int32))
-        labels += [int(y) for _, y in items]
-    return TokenSet(torch.cat(toks), torch.tensor(labels))
 
 
 def resize_class_embedding(sd: dict[str, torch.Tensor], num_classes: int, init_std: float) -> dict[str, torch.Tensor]:
@@ -84,6 +63,11 @@ class VARTask:
         self.cfg, self.info, self.device = cfg, info, device
         self.vae = load_tokenizer(cfg.tokenizer).to(device).eval().requires_grad_(False)
         vcfg = self.vae.cfg
+        if len(vcfg.patch_nums) == 1:
+            raise ConfigError(
+                f"tokenizer {cfg.tokenizer} has a single scale (patch_nums {vcfg.patch_nums}): a raster tokenizer; "
+                "VAR needs a multi-scale one (train it with --arch llamagen instead)"
+            )
         self.patch_nums = vcfg.patch_nums
         train_ds = load_dataset(cfg.data, "train", vcfg.image_size, vcfg.in_channels, root=cfg.data_root)
         val_ds = load_dataset(cfg.data, "test", vcfg.image_size, vcfg.in_channels, root=cfg.data_root)
@@ -143,38 +127,19 @@ class VARTask:
     def _tokens(self, dataset, split: str, flips: bool | None = None) -> TokenSet:
         """Tokens of ``dataset`` (and of its mirror image with hflip), cached under the run folder."""
         flips = self.cfg.hflip if flips is None else flips
-        key = hashlib.sha256(
-            repr(
-                (
-                    self.cfg.data,
-                    split,
-                    len(dataset),
-                    flips,
-                    self.vae.cfg.to_dict(),
-                    float(self.vae.quantize.embedding.weight.sum()),
-                )
-            ).encode()
-        ).hexdigest()[:16]
-        path = Path(self.cfg.out_dir) / "cache" / f"tokens-{split}-{key}.pt"
-        if self.info.is_main and not path.is_file():
-            log.info("tokenizing %d %s images%s", len(dataset), split, " (+ mirrored)" if flips else "")
-            sets = [tokenize(self.vae, dataset, False)] + ([tokenize(self.vae, dataset, True)] if flips else [])
-            save_atomic(
-                {"idx": torch.cat([s.idx_NL for s in sets]), "labels": torch.cat([s.labels_N for s in sets])}, path
-            )
-        dist.barrier(self.info)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return TokenSet(state["idx"], state["labels"])
+        return cached_tokens(self.vae, dataset, self.cfg.data, split, flips, self.cfg.out_dir, self.info)
 
     def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        world, rank = self.info.world_size, self.info.rank
-        for _step, _epoch, idx in self.sampler.batches(start_step):
-            # Condition dropout for the GLOBAL batch from one generator, then this rank's slice: the run is the
-            # same on 1 or N processes.
-            drop = torch.rand(len(idx) * world, generator=self.generators["data"]) < self.cfg.cond_drop
-            drop = drop.view(world, -1)[rank]
-            labels = torch.where(drop, self.model.num_classes, self.train_tokens.labels_N[idx])
-            yield self.train_tokens.idx_NL[idx].to(self.device), labels.to(self.device)
+        return conditioned_batches(
+            self.train_tokens,
+            self.sampler,
+            start_step,
+            self.cfg.cond_drop,
+            self.model.num_classes,
+            self.generators["data"],
+            self.info,
+            self.device,
+        )
 
     # ---- loss --------------------------------------------------------------------------------------------------
     def loss(
