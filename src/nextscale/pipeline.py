@@ -48,7 +48,7 @@ DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor
 
 
-BUNDLED_MODELS = ("demo-fmnist", "testbed-fmnist")
+BUNDLED_MODELS = ("demo-fmnist", "testbed-fmnist", "demo-fmnist-raster")
 
 
 KV_ROLES_FILE = "kv_budgets.json"  # a model folder's KV-cache calibration (nextscale calibrate-kv)

@@ -49,6 +49,7 @@ from nextscale.models.llamagen_weights import load_llamagen_gpt, load_llamagen_v
 from nextscale.models.native import check_raster_pair, load_raster_native, resolve_model_dir, save_raster_native
 from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
 from nextscale.models.tokenizers.vq import VQModel
+from nextscale.pipeline import bundled_model_dir
 
 log = logging.getLogger(__name__)
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -299,8 +300,13 @@ class LlamaGenPipeline:
         local_files_only: bool = False,
         cache_dir: str | Path | None = None,
     ) -> LlamaGenPipeline:
-        """A native raster model folder or Hugging Face hub repo id (downloaded once into the HF cache)."""
-        folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
+        """A native raster model folder, a bundled model's name (``demo-fmnist-raster``) or a Hugging Face hub repo
+        id (downloaded once into the HF cache)."""
+        bundled = bundled_model_dir(str(name_or_path))
+        if not Path(name_or_path).exists() and bundled.is_dir():
+            folder = bundled
+        else:
+            folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
         gpt, vae, index = load_raster_native(folder)
         names = index.get("class_names")
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
