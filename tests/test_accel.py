@@ -60,8 +60,8 @@ def test_presets_and_the_plans_they_make():
     with_refiner, alone = PlanContext(PNS, 4, refiner_depth=1), PlanContext(PNS, 4)
     assert resolve("exact", alone) == [] and resolve(None, alone) == []
     balanced = build_plan(resolve("balanced", alone), alone)
-    assert [s.guided for s in balanced.steps] == [True] * 4 + [False] * 2
-    assert [s.tokens_fraction < 1 for s in balanced.steps] == [False] * 4 + [True] * 2
+    assert [s.guided for s in balanced.steps] == [True] * 3 + [False] * 3
+    assert balanced.compresses_kv and balanced.steps[-1].kv_keep == (0,) * 4, "balanced holds a quarter of the KV"
     fast = build_plan(resolve("fast", with_refiner), with_refiner)
     assert fast.names[0].startswith("code") and fast.uses_refiner
     assert "skip-scales" in build_plan(resolve("fast", alone), alone).names, "no refiner: fast skips a scale"
@@ -94,7 +94,7 @@ def test_no_plugin_and_lossless_settings_are_bit_identical(pipe):
         ("fastvar", 4),
         ("fastvar:scales=5,cache=2", 5),
         ("code:draft=3", 3),
-        ("balanced", 4),
+        ("balanced", 3),
         ("fast", 3),
     ],
 )
@@ -209,7 +209,7 @@ def test_engine_units_cost_what_their_plan_computes(pipe):
     c = engine.add_request(torch.tensor([1, 2]), SamplingParams(seed=0), plan=pipe.plan("skip-scales:last=2"))
     seqs = {s.request_id: s for s in engine.scheduler.waiting}
     assert [seqs[a].unit_rows[i] * seqs[a].scale_tokens[i] for i in range(6)] == [4 * p * p for p in PNS]
-    assert seqs[b].unit_rows[-2:] == (2, 2) and seqs[b].scale_tokens[-1] < PNS[-1] ** 2
+    assert seqs[b].unit_rows[-3:] == (2, 2, 2) and seqs[b].rows < seqs[a].rows, "unguided, compressed KV"
     assert len(seqs[c].scale_tokens) == 4, "skipped scales are no units"
     coded = Engine(pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0), refiner=pipe.refiner)
     d = coded.add_request(torch.tensor([1, 2]), SamplingParams(seed=0), plan=pipe.plan("code:draft=3"))
