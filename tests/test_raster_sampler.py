@@ -206,7 +206,8 @@ def test_filters_follow_the_official_semantics():
     # top-p: keep the first token whose cumulative probability crosses top_p, drop the rest.
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert mask_top_p_raster_(probs.log(), 0.7).isfinite().tolist() == [[True, True, False, False]]
-    assert mask_top_p_raster_(probs.log(), 0.8).isfinite().tolist() == [[True, True, True, False]]
+    # (not 0.8: 0.5 + 0.3 lands on either side of 0.8 depending on the kernel level's rounding of softmax/cumsum)
+    assert mask_top_p_raster_(probs.log(), 0.85).isfinite().tolist() == [[True, True, True, False]]
     assert mask_top_p_raster_(probs.log(), 0.0).isfinite().tolist() == [[True, False, False, False]]
     torch.testing.assert_close(filter_logits_(logits.clone(), 0.0, 0, 1.0), logits / 1e-5)  # temperature floor
     params = RasterParams(cfg_scale=4.0, cfg_interval=127)
