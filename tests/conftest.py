@@ -95,3 +95,14 @@ def official_pair(fixtures_dir):
 @pytest.fixture
 def tiny():
     return tiny_pair(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): a
+    second thread only adds synchronisation there, and on a shared 2-core CPU it oversubscribes (measured ~10x
+    slower under load). The LlamaGen fixtures were also made with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -52,13 +52,7 @@ def llamagen_fixtures() -> Path:
     return FIXTURES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the fixtures were made (and a shared 2-core CPU is not oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(name: str) -> dict[str, np.ndarray]:

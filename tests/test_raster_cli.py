@@ -21,12 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "llamagen-official"
 GPT_FILE, VQ_FILE = FIXTURES / "c2i_tiny_256.pt", FIXTURES / "vq_ds16_c2i_tiny.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv, capsys):

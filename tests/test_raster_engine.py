@@ -22,7 +22,9 @@ from nextscale.models.tokenizers.msvq import VQVAE
 
 from .conftest import randomize_, tiny_pair
 from .test_raster_pipeline import GRID, single_scale_vae_config
-from .test_raster_sampler import one_thread, tiny_llamagen  # noqa: F401 - one_thread: autouse fixture
+from .test_raster_sampler import tiny_llamagen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 L = GRID * GRID
 

@@ -33,12 +33,7 @@ GPT_FILE, VQ_FILE = FIXTURES / "c2i_tiny_256.pt", FIXTURES / "vq_ds16_c2i_tiny.p
 IMAGE_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,7 @@ from nextscale.engine.raster import (
 from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.models.llamagen import CachedCausal, LlamaGen, LlamaGenConfig, rope_table_2d
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation (and oversubscribes a shared CPU,
-    which made this file 10x slower); the official fixtures were made with one thread too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_llamagen_(model: LlamaGen, seed: int) -> LlamaGen:

@@ -24,8 +24,9 @@ from nextscale.images import to_uint8_nhwc
 from nextscale.serve.api import ServerConfig, create_app
 
 from .test_raster_engine import GRID, tiny_raster_pipe
-from .test_raster_sampler import one_thread  # noqa: F401 - autouse fixture
 from .test_server import decode, live, serve_cli_env  # noqa: F401 - serve_cli_env: pytest fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = tuple(f"class-{i}" for i in range(10))
 

@@ -33,14 +33,7 @@ from nextscale.engine.speculative import RowKV, RowWindows, fresh_guesses, sampl
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation on a shared CPU (as test_raster_sampler)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **kw) -> LlamaGen:
