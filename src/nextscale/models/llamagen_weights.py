@@ -17,9 +17,7 @@ it fixes the 2-D RoPE grid).
 from __future__ import annotations
 
 import logging
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import torch
 from nextscale.errors import CheckpointError, ConfigError
 from nextscale.models.llamagen import GPT_SHAPES, LlamaGen, LlamaGenConfig
 from nextscale.models.tokenizers.vq import USAGE_BUFFER_SIZE, VQConfig, VQModel
-from nextscale.models.weights import error_detail, load_into, safe_torch_load
+from nextscale.models.weights import load_into, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +61,7 @@ _SIZE_SUFFIX = re.compile(r"_(256|384|512)(?![0-9])")
 def read_llamagen_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The weight dict of an official file in any layout ``sample_c2i.py`` accepts; refuse pickled objects."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        try:
-            obj = safe_torch_load(path, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = safe_torch_load(path)  # legacy (non-zip) torch.save format
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses (a training "
-            f"checkpoint with its argparse 'args'? save only checkpoint['model']). Detail: {error_detail(e)}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error_detail(e)}"
-        ) from e
+    obj = load_torch_file(path, "a training checkpoint with its argparse 'args'? save only checkpoint['model']")
     return unwrap_weights(obj, str(path))
 
 

@@ -57,29 +57,7 @@ _LEGACY_TORCH_SAVE = pickle.PROTO + b"\x02" + pickle.LONG1 + b"\x0a" + (0x1950A8
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict saved with ``torch.save``; refuse pickled objects."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        try:
-            obj = safe_torch_load(path, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = safe_torch_load(path)  # legacy (non-zip) format
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as e:
-        if hint := _not_torch_save(path):  # garbage, not a refused pickle
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({hint})") from e
-        raise CheckpointError(
-            f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; "
-            f"only plain state dicts are accepted (a training checkpoint? export its weights first). Detail: "
-            f"{error_detail(e)}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error_detail(e)}"
-        ) from e
+    obj = load_torch_file(path, "only plain state dicts are accepted (a training checkpoint? export its weights first)")
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and set(obj) == {wrapper}:
             obj = obj[wrapper]
@@ -89,6 +67,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: not a plain state dict; non-tensor entries: {bad[:5]}")
     return dict(obj)
+
+
+def load_torch_file(path: Path, pickled_hint: str) -> Any:
+    """``safe_torch_load`` a user's file (memory-mapped where the format allows), every failure a one-line
+    ``CheckpointError``; ``pickled_hint`` says what to do when it holds pickled objects the safe loader refuses."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        try:
+            return safe_torch_load(path, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return safe_torch_load(path)  # legacy (non-zip) format
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        if hint := _not_torch_save(path):  # garbage, not a refused pickle
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({hint})") from e
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; {pickled_hint}. "
+            f"Detail: {error_detail(e)}"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error_detail(e)}"
+        ) from e
 
 
 def safe_torch_load(path: Path, mmap: bool = False) -> Any:
