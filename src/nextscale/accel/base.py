@@ -59,12 +59,7 @@ class Accel:
 
     def spec(self) -> str:
         """The spec string that rebuilds this method (defaults left out)."""
-        opts = [
-            f"{f.name}={_format(getattr(self, f.name))}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != f.default
-        ]
-        return self.name + (":" + ",".join(opts) if opts else "")
+        return spec_string(self.name, self)
 
 
 REGISTRY: dict[str, type[Accel]] = {}
@@ -86,6 +81,12 @@ def parse_spec(spec: str) -> Accel:
             f"unknown acceleration method {name!r}; available: {', '.join(sorted(REGISTRY))} "
             f"(or a preset: {', '.join(PRESETS)})"
         )
+    return cls(**parse_options(name, cls, rest))
+
+
+def parse_options(name: str, cls: type, rest: str) -> dict[str, Any]:
+    """``"key=value,key=value"`` -> the dataclass ``cls``'s keyword arguments, converted by its type hints (shared
+    by every spec-string registry: acceleration methods, speculative decoding rules)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -96,7 +97,17 @@ def parse_spec(spec: str) -> Accel:
             allowed = ", ".join(fields) or "none"
             raise InvalidInputError(f"{name}: bad option {item!r}; options are key=value with key in: {allowed}")
         kwargs[key] = _convert(name, key, value.strip(), hints[key])
-    return cls(**kwargs)
+    return kwargs
+
+
+def spec_string(name: str, obj: Any) -> str:
+    """``name:key=value,...`` with the dataclass ``obj``'s non-default fields: the spec that rebuilds it."""
+    opts = [
+        f"{f.name}={_format(getattr(obj, f.name))}"
+        for f in dataclasses.fields(obj)
+        if getattr(obj, f.name) != f.default
+    ]
+    return name + (":" + ",".join(opts) if opts else "")
 
 
 def _convert(method: str, key: str, text: str, hint: Any) -> Any:

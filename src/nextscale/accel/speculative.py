@@ -49,15 +49,14 @@ real checkpoint in this environment).
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from nextscale.accel.base import parse_options, spec_string
 from nextscale.engine.raster import RasterParams, RasterResult, StepCallback
 from nextscale.engine.sampling import Generators
 from nextscale.engine.speculative import DRAFT_INITS, AcceptRule, sample_speculative
@@ -216,10 +215,7 @@ class SpeculativeConfig:
 
     def spec(self) -> str:
         """The spec string that rebuilds this config (defaults left out)."""
-        opts = [
-            f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default
-        ]
-        return self.name + (":" + ",".join(opts) if opts else "")
+        return spec_string(self.name, self)
 
 
 SPECULATIVE: dict[str, type[SpeculativeConfig]] = {}
@@ -303,29 +299,7 @@ def parse_speculative(spec: str | SpeculativeConfig) -> SpeculativeConfig:
     cls = SPECULATIVE.get(name)
     if cls is None:
         raise InvalidInputError(f"unknown speculative method {name!r}; available: {', '.join(sorted(SPECULATIVE))}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in fields:
-            raise InvalidInputError(
-                f"{name}: bad option {item!r}; options are key=value with key in: {', '.join(fields)}"
-            )
-        kwargs[key] = _convert(name, key, value.strip(), hints[key])
-    return cls(**kwargs)
-
-
-def _convert(method: str, key: str, text: str, hint: Any) -> Any:
-    try:
-        if hint is int:
-            return int(text)
-        if hint is float:
-            return float(text)
-        return str(text)
-    except ValueError:
-        raise InvalidInputError(f"{method}: option {key}={text!r} is not a valid {hint.__name__}") from None
+    return cls(**parse_options(name, cls, rest))
 
 
 __all__ = [
