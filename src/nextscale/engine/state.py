@@ -86,10 +86,6 @@ def own_cache(model: VAR, rows: int, plan: RequestPlan | None = None) -> Request
     return KVCache.for_model(model, rows=rows)
 
 
-def _own_cache(model: VAR, rows: int) -> RequestKV:
-    return KVCache.for_model(model, rows=rows)
-
-
 class Generation:
     def __init__(
         self,
@@ -103,7 +99,7 @@ class Generation:
         lvl_pos_1LC: torch.Tensor | None = None,
         plan: RequestPlan | None = None,
         refiner: VAR | None = None,
-        refiner_kv: KVFactory = _own_cache,
+        refiner_kv: KVFactory = own_cache,
     ):
         self.quant, self.params = quantizer, params
         self.generators, self.forced = generators, forced
