@@ -194,7 +194,7 @@ def test_each_family_refuses_the_others_requests(pipe):
     engine = raster_engine(pipe)
     with pytest.raises(InvalidInputError, match="a raster model samples with RasterParams"):
         engine.add_request(torch.tensor([1]), SamplingParams(seed=0))
-    with pytest.raises(InvalidInputError, match="plans are for VAR models"):
+    with pytest.raises(InvalidInputError, match=r"got RequestPlan \(a VAR plan\)"):
         engine.add_request(torch.tensor([1]), RasterParams(seed=0), plan=RequestPlan.exact(4))
     with pytest.raises(InvalidInputError, match="class labels must be in"):
         engine.add_request(torch.tensor([11]), RasterParams(seed=0))
@@ -207,3 +207,90 @@ def test_each_family_refuses_the_others_requests(pipe):
         Engine(pipe.transformer, pipe.tokenizer, refiner=var)
     with pytest.raises(InvalidInputError, match="a VAR model samples with SamplingParams"):
         Engine(var, vae).add_request(torch.tensor([1]), RasterParams(seed=0))
+
+
+# ---- speculative requests (SJD, GSD, LANTERN) ----------------------------------------------------------------------
+SPECS = ["sjd:window=4", "sjd:window=3,init=repeat", "gsd:window=4,dist=60,pdiff=0.2", "lantern:window=5,k=20"]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_speculative_requests_equal_the_pipeline_among_exact_ones(pipe, seed):
+    """Speculative passes (one call per request, each row at its own position) and one-token units (fused) share
+    the pool and the iterations; every request gets the pipeline's tokens for its spec, and a pass advances the
+    scheduler by the tokens every image of the request fixed."""
+    rng = random.Random(10 + seed)
+    cfg = EngineConfig(kv_cache_mb=rng.choice([0.06, 1.0]), max_images_per_request=3)
+    engine = Engine(pipe.transformer, pipe.tokenizer, cfg)
+    specs = [None, *SPECS, None, *SPECS]
+    rng.shuffle(specs)
+    pending = [(*r, spec) for r, spec in zip(random_requests(rng, 8, pipe.num_classes), specs)]
+    ids, done, it, events = {}, {}, 0, {}
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= it:
+            _, labels, params, first, spec = pending.pop(0)
+            plan = None if spec is None else pipe.speculative_plan(spec)
+            rid = engine.add_request(torch.tensor(labels), params, first_image_index=first, plan=plan, previews=True)
+            ids[rid] = (labels, params, first, spec)
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e.si)
+            if e.finished:
+                done[e.request_id] = e
+        engine.scheduler.check_integrity()
+        it += 1
+    assert not engine.pool.slots and engine.scheduler.rows_in_use == 0
+    for rid, (labels, params, first, spec) in ids.items():
+        labels_ref = [-1 if x == pipe.num_classes else x for x in labels]
+        ref = pipe(
+            labels_ref,
+            cfg=params.cfg_scale,
+            cfg_interval=params.cfg_interval,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            temperature=params.temperature,
+            seed=params.seed,
+            rng=params.rng,
+            output_type="pt",
+            first_image_index=first,
+            speculative=spec,
+        )
+        assert torch.equal(done[rid].tokens[0], ref.tokens), (rid, spec, params)
+        torch.testing.assert_close(done[rid].images, ref.images, atol=1e-5, rtol=0)
+        si = events[rid]
+        assert si == sorted(set(si)) and si[-1] == GRID - 1, "rows complete in order; a pass may complete several"
+
+
+def test_a_speculative_unit_costs_its_window_and_completes_the_tokens_every_image_fixed(pipe):
+    engine = raster_engine(pipe)
+    plan = pipe.speculative_plan("sjd:window=6")
+    rid = engine.add_request(torch.tensor([1, 2]), RasterParams(cfg_scale=4.0, top_k=1, seed=0), plan=plan)
+    seq = engine.scheduler.waiting[0]
+    assert seq.rows == 4 and seq.scale_tokens == (6,) * L
+    engine.step()
+    state = engine.requests[rid].state
+    assert engine.last_iteration_tokens == 4 * 6
+    assert seq.si == state.t == int(state.decoder.batch.n_N.min()) >= 1
+    passes = 1
+    while engine.has_unfinished():
+        engine.step()
+        passes += 1
+    # greedy (top-k 1): every Jacobi redraw is the target's own token, so passes fall well below L
+    assert passes < L
+
+
+def test_aborting_a_speculative_request_frees_its_rows(pipe):
+    engine = raster_engine(pipe, kv_cache_mb=0.06, max_images_per_request=3)
+    a = engine.add_request(torch.tensor([1, 2]), RasterParams(seed=1), plan=pipe.speculative_plan("sjd:window=3"))
+    b = engine.add_request(torch.tensor([3]), RasterParams(seed=2))
+    engine.step()
+    assert engine.abort(a) and engine.scheduler.rows_in_use == 2 and len(engine.pool.slots) == 1
+    done = {}
+    while engine.has_unfinished():
+        done.update({e.request_id: e for e in engine.step() if e.finished})
+    assert set(done) == {b}
+    assert torch.equal(done[b].tokens[0], pipe([3], seed=2, output_type="latent").tokens)
+
+
+def test_a_var_engine_refuses_a_speculative_plan(pipe):
+    var, vae = tiny_pair(0)
+    with pytest.raises(InvalidInputError, match="speculative decoding is for raster models"):
+        Engine(var, vae).add_request(torch.tensor([1]), SamplingParams(seed=0), plan=pipe.speculative_plan("sjd"))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from nextscale import LlamaGenPipeline
+from nextscale import LlamaGenPipeline, raster_pipeline
 from nextscale.config import VQVAEConfig
 from nextscale.engine.raster import RasterResult, sample_raster
 from nextscale.errors import CheckpointError, InvalidInputError
@@ -271,12 +271,17 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
     sample_speculative(model, labels, params, rule, window, generators, on_step) -> RasterResult."""
     calls: dict = {}
 
+    class Rule:
+        draft_init = "random"
+
+    the_rule = Rule()
+
     class Config:
         window = 3
 
         def rule(self, model, codebook_VD):
             calls["rule_model"], calls["codebook"] = model, codebook_VD
-            return "the-rule"
+            return the_rule
 
     def parse_speculative(spec):
         calls["spec"] = spec
@@ -289,17 +294,15 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
 
     accel_mod = types.ModuleType("nextscale.accel.speculative")
     accel_mod.parse_speculative = parse_speculative  # type: ignore[attr-defined]
-    engine_mod = types.ModuleType("nextscale.engine.speculative")
-    engine_mod.sample_speculative = sample_speculative  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "nextscale.accel.speculative", accel_mod)
-    monkeypatch.setitem(sys.modules, "nextscale.engine.speculative", engine_mod)
+    monkeypatch.setattr(raster_pipeline, "sample_speculative", sample_speculative)
 
     p = msvq_pipe
     out = p([1, 2], seed=0, top_k=5, speculative="sjd:window=3", output_type="latent")
     exact = p([1, 2], seed=0, top_k=5, output_type="latent")
     assert calls["spec"] == "sjd:window=3" and calls["rule_model"] is p.transformer
     assert torch.equal(calls["codebook"], p.tokenizer.codebook()), "latent proximity from the tokenizer's codes"
-    assert calls["args"] == (p.transformer, [1, 2], 5, "the-rule", 3)
+    assert calls["args"] == (p.transformer, [1, 2], 5, the_rule, 3)
     assert torch.equal(out.tokens, exact.tokens)
     assert out.stats["forward_passes"] == 7.5 and out.stats["mean_accepted"] == 2.1
     assert out.stats["speculative"] == "sjd:window=3"

@@ -17,11 +17,14 @@ from fastapi.testclient import TestClient
 from nextscale.cli.main import main
 from nextscale.engine import engine as engine_module
 from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.plan import RequestPlan
 from nextscale.engine.raster import RasterParams
 from nextscale.engine.raster_runner import row_preview
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.errors import InvalidInputError
 from nextscale.images import to_uint8_nhwc
 from nextscale.serve.api import ServerConfig, create_app
+from nextscale.serve.config import speculative_plans
 
 from .test_raster_engine import GRID, tiny_raster_pipe
 from .test_server import decode, live, serve_cli_env  # noqa: F401 - serve_cli_env: pytest fixture
@@ -40,8 +43,9 @@ def pipe():
 
 def make_app(pipe, **kw):
     engine = Engine(pipe.transformer, pipe.tokenizer, kw.pop("engine_cfg", EngineConfig(max_images_per_request=4)))
+    plans = kw.pop("plans", None)
     cfg = ServerConfig(model_name="tiny-raster", **kw)
-    return create_app(engine, cfg, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults)
+    return create_app(engine, cfg, plans=plans, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +111,6 @@ def test_stream_sends_the_rows_so_far_then_the_final_images(client, pipe):
     "body, param, text",
     [
         ({"prompt": "coat"}, "prompt", "unknown class 'coat'"),
-        ({"prompt": "class-1", "quality": "medium"}, "quality", "not available for a raster model"),
         ({"prompt": "class-1", "more_smooth": True}, "more_smooth", "more_smooth is a VAR setting"),
         ({"prompt": "class-1", "top_k": 100}, "top_k", "exceeds the codebook size 64"),
         ({"prompt": "class-1", "n": 5}, "n", "n=5 is too large: allowed 1..4"),
@@ -119,6 +122,25 @@ def test_invalid_bodies_get_422_naming_the_field(client, body, param, text):
     assert r.status_code == 422
     err = r.json()["error"]
     assert err["param"] == param and text in err["message"], err
+
+
+def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe):
+    """quality=high is exact, medium SJD (the balanced preset), low the fast preset; auto runs serve --speculative's
+    method. Each gives the pipeline's images for that method and seed."""
+    app = make_app(pipe, plans=speculative_plans(pipe, "sjd:window=3,init=repeat"))
+    methods = {"auto": "sjd:window=3,init=repeat", "high": None, "medium": "balanced", "low": "fast"}
+    with TestClient(app) as c:
+        for quality, spec in methods.items():
+            body = {"prompt": "class-2", "n": 2, "seed": 9, "top_k": 8, "quality": quality}
+            r = c.post("/v1/images/generations", json=body)
+            assert r.status_code == 200, r.text
+            want = pipe([2, 2], seed=9, top_k=8, speculative=spec, output_type="pt").images
+            assert_images(r.json()["data"], want)
+
+
+def test_a_raster_server_refuses_var_plans(pipe):
+    with pytest.raises(InvalidInputError, match="a raster model takes SpeculativePlans, got RequestPlan"):
+        make_app(pipe, plans={"low": RequestPlan.exact(4)})
 
 
 def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete(pipe):
@@ -198,7 +220,7 @@ def test_an_openai_client_gets_images(pipe):
     assert_images([{"b64_json": d.b64_json} for d in out.data], pipe([4, 4], seed=5, output_type="pt").images)
 
 
-def test_serve_takes_a_raster_folder_and_refuses_accel(serve_cli_env, pipe, tmp_path, capsys):  # noqa: F811
+def test_serve_takes_a_raster_folder_with_speculative_and_refuses_accel(serve_cli_env, pipe, tmp_path, capsys):  # noqa: F811
     folder = pipe.save_pretrained(tmp_path / "tiny-raster")
     assert main(["serve", "--model", str(folder), "--max-images", "2", "--kv-cache-mb", "1"]) == 0
     ((app, _),) = serve_cli_env
@@ -212,3 +234,12 @@ def test_serve_takes_a_raster_folder_and_refuses_accel(serve_cli_env, pipe, tmp_
         assert_images(r.json()["data"], pipe([6], seed=1, output_type="pt").images)
     assert main(["serve", "--model", str(folder), "--accel", "fast"]) == 2
     assert "--accel is an option of VAR models" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["serve", "--model", str(folder), "--speculative", "lantern:window=4,k=9"]) == 0
+    app = serve_cli_env[-1][0]
+    with TestClient(app) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "class-6", "seed": 1})
+        assert r.status_code == 200, r.text
+        want = pipe([6], seed=1, speculative="lantern:window=4,k=9", output_type="pt").images
+        assert_images(r.json()["data"], want)
+    assert main(["serve", "--model", str(folder), "--speculative", "nope"]) == 2
+    assert "unknown speculative method 'nope'" in capsys.readouterr().err.strip().splitlines()[-1]

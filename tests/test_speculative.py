@@ -234,7 +234,7 @@ def test_rows_at_different_positions_equal_teacher_forcing(kw):
     table = m.rope(0, m.cfg.num_positions, torch.device("cpu"))
     with torch.no_grad():
         full = m(idx, LABELS)
-        kv = RowKV(m, 3, 36 + 8)
+        kv = RowKV.allocate(m, 3, 36 + 8)
         pos = torch.zeros(3, dtype=torch.long)
         first = m.forward_tokens(
             torch.cat((m.embed_classes(LABELS), m.embed_tokens(idx[:, :3])), 1), RowWindows(kv, pos, 4, table)
@@ -253,6 +253,26 @@ def test_rows_at_different_positions_equal_teacher_forcing(kw):
         )
         for r, p in enumerate(pos.tolist()):
             torch.testing.assert_close(out[r], full[r, p : p + 7], atol=5e-5, rtol=1e-5)
+
+
+def test_windows_running_off_the_grid_store_nothing_past_it():
+    """A cache of exactly L positions (the serving engine's pool rows): rows whose window runs past the grid write
+    only the positions inside it, and every valid position still equals the one-pass causal logits."""
+    m = tiny_model(1)
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, m.vocab_size, (3, 36), generator=g)
+    table = m.rope(0, m.cfg.num_positions, torch.device("cpu"))
+    with torch.no_grad():
+        full = m(idx, LABELS)
+        kv = RowKV.allocate(m, 3, 36)
+        x = torch.cat((m.embed_classes(LABELS), m.embed_tokens(idx[:, :33])), 1)
+        m.forward_tokens(x, RowWindows(kv, torch.zeros(3, dtype=torch.long), 34, table))
+        pos = torch.tensor([30, 31, 33])  # windows of 6: positions up to 35, 36 and 38
+        pad = torch.randint(0, m.vocab_size, (3, 3), generator=g)
+        fed = torch.stack([torch.cat((idx[r, p - 1 :], pad[r]))[:6] for r, p in enumerate(pos.tolist())])
+        out = m.forward_tokens(m.embed_tokens(fed), RowWindows(kv, pos, 6, table))
+    for r, p in enumerate(pos.tolist()):
+        torch.testing.assert_close(out[r, : 36 - p], full[r, p:36], atol=5e-5, rtol=1e-5)
 
 
 # ---- sampling --------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from nextscale.engine.raster import (
     sample_raster,
 )
 from nextscale.engine.request import RngMode
+from nextscale.engine.speculative import SpeculativePlan, sample_speculative
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.hardware import auto_dtype
 from nextscale.images import to_pil
@@ -420,6 +421,14 @@ class LlamaGenPipeline:
             ) from e
         return parse_speculative(speculative)
 
+    def speculative_plan(self, speculative: Any) -> SpeculativePlan:
+        """The engine's ``SpeculativePlan`` for a spec: its rule for this model — latent proximity (LANTERN) measured
+        between the tokenizer's code vectors, as LANTERN does — and its window."""
+        return self._plan(self.speculative_config(speculative))
+
+    def _plan(self, spec: Any) -> SpeculativePlan:
+        return SpeculativePlan(spec.rule(self.transformer, self.tokenizer.codebook()), spec.window)
+
     # ---- sampling -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(
@@ -499,11 +508,8 @@ class LlamaGenPipeline:
         spec: Any,
     ) -> RasterResult:
         if spec is not None:
-            from nextscale.engine.speculative import sample_speculative
-
-            # latent proximity (LANTERN) is measured between the tokenizer's code vectors, as LANTERN does
-            rule = spec.rule(self.transformer, self.tokenizer.codebook())
-            return sample_speculative(self.transformer, labels_B, params, rule, spec.window, gens, on_step)
+            plan = self._plan(spec)
+            return sample_speculative(self.transformer, labels_B, params, plan.rule, plan.window, gens, on_step)
         loop = reference_sample_raster if sampler == "reference" else sample_raster
         return loop(self.transformer, labels_B, params, gens, on_step)
 

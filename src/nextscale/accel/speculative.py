@@ -287,23 +287,34 @@ class Lantern(SpeculativeConfig):
         return RelaxedRule(self.init, table.to(model.output.weight.device), float(self.delta))
 
 
+# Named settings, as the VAR presets: what a server's ``quality=medium`` / ``low`` runs on a raster model. The
+# choice and its measured fidelity on the bundled raster demo: benchmarks/RESULTS.md (bench_spec).
+PRESETS: dict[str, str] = {"balanced": "sjd", "fast": "gsd"}
+
+
 def parse_speculative(spec: str | SpeculativeConfig) -> SpeculativeConfig:
-    """``"lantern:delta=0.1,k=100"`` -> ``Lantern(delta=0.1, k=100)``; a config passes through. One-line errors
-    naming the bad method or option and the allowed ones."""
+    """``"lantern:delta=0.1,k=100"`` -> ``Lantern(delta=0.1, k=100)``; a preset name (``PRESETS``) -> its method;
+    a config passes through. One-line errors naming the bad method or option and the allowed ones."""
     if isinstance(spec, SpeculativeConfig):
         return spec
     if not isinstance(spec, str):
         raise InvalidInputError(f"speculative must be a spec string or a SpeculativeConfig, got {type(spec).__name__}")
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
+    if name in PRESETS and not rest.strip():
+        return parse_speculative(PRESETS[name])
     cls = SPECULATIVE.get(name)
     if cls is None:
-        raise InvalidInputError(f"unknown speculative method {name!r}; available: {', '.join(sorted(SPECULATIVE))}")
+        raise InvalidInputError(
+            f"unknown speculative method {name!r}; available: {', '.join(sorted(SPECULATIVE))} "
+            f"(presets: {', '.join(PRESETS)})"
+        )
     return cls(**parse_options(name, cls, rest))
 
 
 __all__ = [
     "GSD",
+    "PRESETS",
     "SJD",
     "SPECULATIVE",
     "ExactRule",

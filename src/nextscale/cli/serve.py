@@ -1,7 +1,8 @@
 """``nextscale serve``: the HTTP API, SSE previews, /metrics and the playground page on one port.
 
 Serves either family: a VAR model (per-request ``quality`` presets, ``--accel``) or a raster (LlamaGen) model, whose
-requests are batched token by token and run exact (``--accel`` is refused: speculative decoding is not served).
+requests are batched token by token, ``quality`` picking exact (high), SJD (medium) or the lossy preset (low) and
+``--speculative`` the method of quality=auto.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "specs, repeatable; quality=high/medium/low pick the exact/balanced/fast presets per request",
     )
     s.add_argument(
+        "--speculative",
+        metavar="SPEC",
+        default=None,
+        help="raster models: speculative decoding of requests with quality=auto (the default): exact, a preset "
+        "(balanced, fast) or a spec such as sjd:window=16; quality=high/medium/low pick exact/balanced/fast",
+    )
+    s.add_argument(
         "--allocator",
         choices=CHOICES,
         default="auto",
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # the serve extra: imported only by the command that needs it
 
     from nextscale.serve.api import create_app
-    from nextscale.serve.config import quality_plans
+    from nextscale.serve.config import quality_plans, speculative_plans
 
     # settings are checked before the model loads
     engine_cfg = EngineConfig(scheduler=SchedulerConfig(**given(args, SchedulerConfig)), **given(args, EngineConfig))
@@ -113,15 +121,20 @@ def run(args: argparse.Namespace) -> int:
         args.model.rstrip("/").split("/")[-1] if args.model else official if args.checkpoint else "demo-fmnist"
     )
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
+    model = args.model or args.checkpoint or "demo-fmnist"
     if resolved[0] == "raster" and args.accel:
         raise InvalidInputError(
-            f"--accel is an option of VAR models; {args.model or args.checkpoint} is a raster (LlamaGen) model, "
-            f"served exact (speculative decoding is not served)"
+            f"--accel is an option of VAR models; {model} is a raster (LlamaGen) model: use --speculative"
         )
+    if resolved[0] != "raster" and args.speculative is not None:
+        raise InvalidInputError(f"--speculative is an option of raster (LlamaGen) models; {model} is a VAR model")
     pipe = load_pipeline(args, ALL_FAMILIES, resolved)
     if resolved[0] == "raster":
+        plans = speculative_plans(pipe, args.speculative)
         engine = Engine(pipe.transformer, pipe.tokenizer, engine_cfg)
-        app = create_app(engine, cfg, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults)
+        app = create_app(
+            engine, cfg, plans=plans, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults
+        )
     else:
         plans = quality_plans(pipe, args.accel)
         served = pipe.transformer_for(args.accel)  # int8 in --accel: every request runs on the int8 weights

@@ -11,8 +11,10 @@ LlamaGen GPT and ``RasterParams`` — advances one token of every row per iterat
 ``raster_runner.RasterRunner``: Flover's setting): the scheduler sees one unit per token costing its rows (1 token
 per row, so always a cheap unit: every running request advances every iteration, bounded by ``max_running`` and the
 KV rows), and events come at each completed row of the token grid (``si`` is that row, ``num_scales`` the grid's
-rows) with the rows decoded so far as the preview. Scheduling, KV-row admission, aborts and the batched final decode
-are shared (a raster tokenizer decodes in one piece).
+rows) with the rows decoded so far as the preview. A raster request with a ``SpeculativePlan`` (SJD, GSD, LANTERN:
+``LlamaGenPipeline.speculative_plan``) advances one verification pass per iteration: one unit costing ``window``
+tokens per row, which completes as many units as every one of its images fixed tokens. Scheduling, KV-row admission,
+aborts and the batched final decode are shared (a raster tokenizer decodes in one piece).
 
 ``step()`` is the vLLM-style contract: ``scheduler.schedule()`` -> ``runner.execute()`` -> ``scheduler.update()``.
 Each request samples with its own generators, so an image is the same whatever else is in flight (tested
@@ -51,11 +53,12 @@ from nextscale.engine.raster_runner import (
     raster_row_bytes,
     row_preview,
 )
-from nextscale.engine.raster_state import RasterGeneration, raster_units
+from nextscale.engine.raster_state import RasterGeneration, SpeculativeGeneration, raster_units
 from nextscale.engine.request import SamplingParams
 from nextscale.engine.runner import ModelRunner
 from nextscale.engine.sampling import cfg_rows
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from nextscale.engine.speculative import SpeculativePlan
 from nextscale.engine.state import Generation
 from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.models.llamagen import LlamaGen
@@ -145,8 +148,8 @@ class _Request:
     previews: bool
     first_image_index: int
     arrival: float
-    plan: RequestPlan | None  # None for a raster request
-    state: Generation | RasterGeneration | None = None
+    plan: RequestPlan | SpeculativePlan | None  # a raster request: None (exact) or its speculative decoding
+    state: Generation | RasterGeneration | SpeculativeGeneration | None = None
 
 
 class Engine:
@@ -224,10 +227,10 @@ class Engine:
         request_id: str | None = None,
         previews: bool = False,
         first_image_index: int = 0,
-        plan: RequestPlan | None = None,
+        plan: RequestPlan | SpeculativePlan | None = None,
     ) -> str:
-        """Queue a request: ``SamplingParams`` for a VAR model, ``RasterParams`` for a raster one. ``plan`` (from
-        ``nextscale.accel``, VAR only) says how each of its scales runs (exact if None)."""
+        """Queue a request: ``SamplingParams`` for a VAR model, ``RasterParams`` for a raster one. ``plan`` says how
+        it runs (exact if None): a VAR ``RequestPlan`` from ``nextscale.accel``, or a raster ``SpeculativePlan``."""
         if params.seed is None:
             raise InvalidInputError("engine requests need an explicit seed")
         n = labels_B.numel()
@@ -236,6 +239,8 @@ class Engine:
         if self.raster is not None:
             units = self._raster_units(labels_B, params, plan)
         else:
+            if isinstance(plan, SpeculativePlan):
+                raise InvalidInputError("speculative decoding is for raster models; a VAR request takes a RequestPlan")
             plan, units = self._var_units(labels_B, params, plan)
         rid = request_id or f"req-{next(self._ids)}"
         self.scheduler.add(rid, *units)
@@ -245,16 +250,18 @@ class Engine:
         return rid
 
     def _raster_units(
-        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | None
+        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | SpeculativePlan | None
     ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
         if not isinstance(params, RasterParams):
             raise InvalidInputError(f"a raster model samples with RasterParams, got {type(params).__name__}")
-        if plan is not None:
-            raise InvalidInputError("plans are for VAR models; a raster request runs exact (no speculative decoding)")
+        if plan is not None and not isinstance(plan, SpeculativePlan):
+            raise InvalidInputError(
+                f"a raster request runs exact or with a SpeculativePlan, got {type(plan).__name__} (a VAR plan)"
+            )
         if labels_B.ndim != 1:
             raise InvalidInputError(f"labels must be a 1-D tensor, got shape {tuple(labels_B.shape)}")
         self.gpt.check_labels(labels_B)
-        return raster_units(params, labels_B.numel(), self.gpt.cfg.seq_len)
+        return raster_units(params, labels_B.numel(), self.gpt.cfg.seq_len, plan.window if plan else 1)
 
     def _var_units(
         self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | None
@@ -384,20 +391,23 @@ class Engine:
         return events, _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
 
     def _raster_iteration(self, out: SchedulerOutput) -> tuple[list[ScaleEvent], _Decode | None]:
-        """Advance the scheduled raster requests one token each. Events come per completed row of the token grid
-        (a preview per token would be hundreds of decoder passes and SSE writes per image), then at the end."""
+        """Advance the scheduled raster requests one step each (a token, or a speculative pass that fixes one or
+        more). Events come when a row of the token grid completes (a preview per token would be hundreds of decoder
+        passes and SSE writes per image; a pass that completes several rows gives one event), then at the end."""
         assert self.raster is not None
         states = [self._raster_state(rid) for rid in out.units]
+        before = [(st.t, st.rows_done) for st in states]
         self.raster.execute(states)
-        finished = set(self.scheduler.update(out))
+        advanced = {rid: st.t - t0 for rid, st, (t0, _) in zip(out.units, states, before)}
+        finished = set(self.scheduler.update(out, advanced))
         events, done = [], []
-        for rid, st in zip(out.units, states):
+        for rid, st, (_, rows0) in zip(out.units, states, before):
             if rid in finished:
                 ev = ScaleEvent(rid, st.grid - 1, st.grid, finished=True, tokens=st.tokens)
                 st.release()
                 del self.requests[rid]
                 done.append((ev, st.tokens_BL))
-            elif st.t % st.grid == 0:
+            elif st.rows_done > rows0:
                 ev = ScaleEvent(rid, st.rows_done - 1, st.grid)
                 if self.requests[rid].previews:
                     ev.preview = row_preview(self.tokenizer, st.tokens_BL, st.rows_done)
@@ -409,9 +419,9 @@ class Engine:
             [ev for ev, _ in done], [t.shape[0] for _, t in done], decode_steps(self.tokenizer, tokens_BL)
         )
 
-    def _raster_state(self, rid: str) -> RasterGeneration:
+    def _raster_state(self, rid: str) -> RasterGeneration | SpeculativeGeneration:
         state = self.requests[rid].state
-        assert isinstance(state, RasterGeneration)
+        assert isinstance(state, (RasterGeneration, SpeculativeGeneration))
         return state
 
     def _start(self, rid: str) -> None:
@@ -423,9 +433,12 @@ class Engine:
         slot = self.pool.slot(start, seq.rows)
         if self.raster is not None:
             assert isinstance(req.params, RasterParams)
-            req.state = RasterGeneration(self.gpt, req.labels_B, req.params, gens, slot)
+            if isinstance(req.plan, SpeculativePlan):
+                req.state = SpeculativeGeneration(self.gpt, req.labels_B, req.params, req.plan, gens, slot)
+            else:
+                req.state = RasterGeneration(self.gpt, req.labels_B, req.params, gens, slot)
             return
-        assert isinstance(req.params, SamplingParams) and req.plan is not None
+        assert isinstance(req.params, SamplingParams) and isinstance(req.plan, RequestPlan)
         rows = req.plan.kv_rows(B)
         kv = CompactKV(slot, rows, self._kv_caps(req.plan)) if req.plan.compresses_kv else slot
         refiner_pool = self.refiner_pool

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from nextscale.engine.kv_cache import KVPool, KVSlot
-from nextscale.engine.raster_state import RasterGeneration
+from nextscale.engine.raster_state import RasterGeneration, SpeculativeGeneration
 from nextscale.engine.speculative import rotate_pairs
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen, _sdpa
@@ -125,24 +125,31 @@ class RasterRunner:
         self._table_Pc2 = model.rope(0, model.cfg.num_positions, model.output.weight.device)
 
     @torch.inference_mode()
-    def execute(self, units: list[RasterGeneration]) -> list[torch.Tensor]:
-        """Advance every unit by one token (ordered by position, then KV slot, so that requests admitted together
-        attend together); returns each unit's tokens [B], in ``units``' order."""
-        if not units:
-            return []
-        order = sorted(range(len(units)), key=lambda i: (units[i].t, units[i].kv.start))
-        ordered = [units[i] for i in order]
+    def execute(self, units: list[RasterGeneration | SpeculativeGeneration]) -> None:
+        """Advance every unit by one step: the one-token units (ordered by position, then KV slot, so that requests
+        admitted together attend together) in one fused call, then each speculative unit in a call of its own.
+
+        Why speculative passes are not fused: a pass feeds every row a window at the row's own position, with its
+        own mask over its own cache (``RowWindows``); fusing requests would pad every row to the longest window
+        and attend row by row — on a CPU, where a pass's cost is its row-positions, that buys nothing."""
+        tokens = [u for u in units if isinstance(u, RasterGeneration)]
+        if tokens:
+            self._token_step(tokens)
+        for u in units:
+            if isinstance(u, SpeculativeGeneration):
+                u.advance(self.model.forward_tokens(*u.inputs()))
+
+    def _token_step(self, units: list[RasterGeneration]) -> None:
+        ordered = sorted(units, key=lambda u: (u.t, u.kv.start))
         x_N1C = torch.cat([u.x for u in ordered]) if len(ordered) > 1 else ordered[0].x
         pos_N = torch.tensor([u.t for u in ordered for _ in range(u.rows)], device=x_N1C.device)
         layout = TokenStep(self._spans(ordered), self._table_Pc2[pos_N].unsqueeze(1))
         logits_N1V = self.model.forward_tokens(x_N1C, layout)
-        drawn: list[torch.Tensor] = [torch.empty(0)] * len(units)
         r = 0
-        for i, u in zip(order, ordered):
+        for u in ordered:
             rows = u.rows
-            drawn[i] = u.advance(logits_N1V[r : r + rows, -1])
+            u.advance(logits_N1V[r : r + rows, -1])
             r += rows
-        return drawn
 
     @staticmethod
     def _spans(units: list[RasterGeneration]) -> list[RowSpan]:

@@ -21,19 +21,22 @@ import torch
 from nextscale.engine.kv_cache import KVSlot
 from nextscale.engine.raster import RasterParams, cfg_guide, draw_exponential_, filter_logits_
 from nextscale.engine.sampling import Generators, cfg_labels
+from nextscale.engine.speculative import RowKV, RowWindows, SpeculativeDecoder, SpeculativePlan
 from nextscale.models.llamagen import LlamaGen
 
 
 def raster_units(
-    params: RasterParams, num_images: int, num_tokens: int
+    params: RasterParams, num_images: int, num_tokens: int, window: int = 1
 ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """The scheduler's view of a request: (KV rows it holds, query tokens per row of each unit, rows of each unit).
 
     One unit per token; a unit computes one position of every row still fed (both guidance rows while the token is
-    guided, the conditional ones after ``cfg_interval``), so it costs that many tokens."""
+    guided, the conditional ones after ``cfg_interval``), so it costs that many tokens. A speculative request
+    (``window > 1``) computes ``window`` positions per row and pass, and a pass completes one or more units (the
+    engine tells the scheduler how many: the tokens every image has fixed)."""
     rows = 2 * num_images if params.guided else num_images
     unit_rows = tuple(rows if params.guided_at(t) else num_images for t in range(num_tokens))
-    return rows, (1,) * num_tokens, unit_rows
+    return rows, (window,) * num_tokens, unit_rows
 
 
 class RasterGeneration:
@@ -90,6 +93,50 @@ class RasterGeneration:
             rows = self.R if p.guided_at(self.t) else B
             self.x = self.model.embed_tokens(idx_B.repeat(rows // B).unsqueeze(1))
         return idx_B
+
+    def release(self) -> None:
+        self.kv.free()
+
+
+class SpeculativeGeneration:
+    """One speculative raster request (``SpeculativePlan``): a ``SpeculativeDecoder`` whose per-row KV cache is
+    the request's slot of the engine's pool. A step is one pass: every image verifies its own window, so a step
+    fixes one or more tokens of every image; ``t`` counts the tokens every image has fixed."""
+
+    def __init__(
+        self,
+        model: LlamaGen,
+        labels_B: torch.Tensor,
+        params: RasterParams,
+        plan: SpeculativePlan,
+        generators: Generators,
+        kv: KVSlot,
+    ):
+        self.kv, self.grid = kv, model.cfg.grid_size
+        self.decoder = SpeculativeDecoder(model, labels_B, params, plan, generators, RowKV.on_slot(kv))
+        self.tokens_BL = self.decoder.tokens_BL
+
+    @property
+    def t(self) -> int:
+        return self.decoder.fixed
+
+    @property
+    def done(self) -> bool:
+        return self.decoder.done
+
+    @property
+    def rows_done(self) -> int:
+        return self.t // self.grid
+
+    @property
+    def tokens(self) -> list[torch.Tensor]:
+        return [self.tokens_BL[:, : self.t]]
+
+    def inputs(self) -> tuple[torch.Tensor, RowWindows]:
+        return self.decoder.inputs()
+
+    def advance(self, logits_RlV: torch.Tensor) -> None:
+        self.decoder.advance(logits_RlV)
 
     def release(self) -> None:
         self.kv.free()

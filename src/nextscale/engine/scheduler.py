@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nextscale.errors import ConfigError
@@ -185,14 +186,18 @@ class Scheduler:
         self._cheap_only_run = self._cheap_only_run + 1 if cheap_only else 0
         return out
 
-    def update(self, out: SchedulerOutput) -> list[str]:
-        """Advance the scheduled units; returns the requests that finished (and were released)."""
+    def update(self, out: SchedulerOutput, advanced: Mapping[str, int] | None = None) -> list[str]:
+        """Advance the scheduled units; returns the requests that finished (and were released). ``advanced``: units
+        a request completed in its step where that is not one (a speculative pass fixes one or more tokens)."""
         finished = []
         for rid in out.units:
             seq = self.running.get(rid)
             if seq is None:  # aborted while its unit was running
                 continue
-            seq.si += 1
+            step = 1 if advanced is None else advanced.get(rid, 1)
+            if step < 1:
+                raise ValueError(f"request {rid!r} advanced {step} units; a step completes at least one")
+            seq.si += step
             if seq.done:
                 del self.running[rid]
                 self.rows.release(seq.slot, seq.rows)

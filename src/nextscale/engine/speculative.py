@@ -52,11 +52,13 @@ official codes cut every row to the batch's shortest accepted prefix), and speed
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from nextscale.engine.kv_cache import KVSlot
 from nextscale.engine.raster import (
     RasterParams,
     RasterResult,
@@ -101,28 +103,58 @@ class AcceptRule(Protocol):
 class RowKV:
     """Keys/values [R, Hkv, T, c] per layer where each row has its own length (images accept different numbers of
     guesses). Nothing is rewound: a row's entries past its fixed length are overwritten by its next call and masked
-    until then. Zero-initialised so that never-written slots are finite (a masked NaN would still poison ``0 * v``)."""
+    until then. Zero-initialised so that never-written slots are finite (a masked NaN would still poison ``0 * v``).
 
-    def __init__(self, model: LlamaGen, rows: int, max_len: int):
+    Positions at or past ``max_len`` are not stored: only a row whose window runs off the grid computes them, as
+    padding that no valid position ever attends to. ``max_len = L`` therefore suffices, which lets the serving engine
+    hand a request the rows of its ordinary KV pool (``on_slot``)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
+        self.max_len = k[0].shape[2]
+
+    @classmethod
+    def allocate(cls, model: LlamaGen, rows: int, max_len: int) -> RowKV:
         cfg, w = model.cfg, model.output.weight
         shape = (rows, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        return cls(
+            [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)],
+            [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)],
+        )
+
+    @classmethod
+    def on_slot(cls, slot: KVSlot) -> RowKV:
+        """Views of a pool slot's rows (zeroed here: a pool is allocated uninitialised)."""
+        rows = slice(slot.start, slot.start + slot.rows)
+        k, v = [t[rows] for t in slot.pool.k], [t[rows] for t in slot.pool.v]
+        for t in (*k, *v):
+            t.zero_()
+        return cls(k, v)
 
     def write(
         self, layer: int, pos_R: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, T: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store row r's new keys/values at positions ``pos_R[r] ..``; return every row's first T positions."""
+        """Store row r's new keys/values at positions ``pos_R[r] ..`` (those < ``max_len``); return every row's
+        first T positions."""
         R, H, l, c = k_RHlc.shape
-        idx = (pos_R[:, None] + torch.arange(l, device=pos_R.device)).view(R, 1, l, 1).expand(R, H, l, c)
-        self.k[layer].scatter_(2, idx, k_RHlc)
-        self.v[layer].scatter_(2, idx, v_RHlc)
+        pos_Rl = pos_R[:, None] + torch.arange(l, device=pos_R.device)
+        if int(pos_Rl.max()) < self.max_len:
+            idx = pos_Rl.view(R, 1, l, 1).expand(R, H, l, c)
+            self.k[layer].scatter_(2, idx, k_RHlc)
+            self.v[layer].scatter_(2, idx, v_RHlc)
+        else:
+            r, j = (pos_Rl < self.max_len).nonzero(as_tuple=True)
+            self.k[layer][r, :, pos_Rl[r, j]] = k_RHlc[r, :, j]
+            self.v[layer][r, :, pos_Rl[r, j]] = v_RHlc[r, :, j]
         return self.k[layer][:, :, :T], self.v[layer][:, :, :T]
 
     def keep(self, rows_R: torch.Tensor) -> None:
-        """Keep only these rows, in this order."""
-        self.k = [k.index_select(0, rows_R) for k in self.k]
-        self.v = [v.index_select(0, rows_R) for v in self.v]
+        """Keep only these rows, in this order: moved to the front of the storage (which a pool slot still owns)."""
+        n = len(rows_R)
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                t[:n] = t.index_select(0, rows_R)
+                kv[i] = t[:n]
 
 
 def rotate_pairs(x_RHlc: torch.Tensor, cs_Rlc2: torch.Tensor) -> torch.Tensor:
@@ -154,7 +186,7 @@ class RowWindows:
         self.start = 0 if first else self.ANCHOR
         j = torch.arange(l, device=device)
         q_pos_Rl = pos_R[:, None] + j
-        self.T = int(pos_R.max()) + l
+        self.T = min(int(pos_R.max()) + l, kv.max_len)
         key_pos = torch.arange(self.T, device=device)
         self.mask_R1lT = (key_pos <= q_pos_Rl[:, :, None]).unsqueeze(1)
         self.delta_Rlc2: torch.Tensor | None = None
@@ -334,6 +366,121 @@ def _next_windows(
     batch.draft_Nw, batch.q_NwV = draft_Nw, torch.where(computed_Nw[:, :, None], q_NwV, one_hot_NwV)
 
 
+@dataclass(frozen=True)
+class SpeculativePlan:
+    """How a raster request is decoded speculatively: an acceptance rule and the window (guesses per pass). The
+    engine's counterpart of a VAR request's ``RequestPlan``; ``LlamaGenPipeline.speculative_plan`` builds one from
+    a spec string."""
+
+    rule: AcceptRule
+    window: int
+
+    def __post_init__(self) -> None:
+        _check_window(self.window)
+        if self.rule.draft_init not in DRAFT_INITS:
+            raise InvalidInputError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {self.rule.draft_init!r}")
+
+
+class SpeculativeDecoder:
+    """One speculative request: ``B`` images, each with its own window. *A pass feeds ``inputs()`` through the GPT
+    and ``advance`` verifies the windows with the pass's logits.* Who runs the GPT is the caller's business:
+    ``sample_speculative`` below, or the serving engine (``engine.raster_state.SpeculativeGeneration``).
+
+    ``fixed``: tokens every image has fixed (raster positions ``< fixed`` are final for the whole request)."""
+
+    def __init__(
+        self,
+        model: LlamaGen,
+        labels_B: torch.Tensor,
+        params: RasterParams,
+        plan: SpeculativePlan,
+        generators: Generators,
+        kv: RowKV,
+    ):
+        if labels_B.ndim != 1 or labels_B.numel() == 0:
+            raise InvalidInputError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels_B.shape)}")
+        model.check_labels(labels_B)
+        cfg, device = model.cfg, labels_B.device
+        B, L, V, w = labels_B.shape[0], cfg.seq_len, model.vocab_size, plan.window
+        rows = B * (2 if params.guided else 1)
+        if len(kv.k[0]) < rows or kv.max_len < L:
+            raise ValueError(f"a KV cache of {len(kv.k[0])} rows x {kv.max_len} positions is too small: {rows} x {L}")
+        self.model, self.labels_B, self.params, self.rule, self.window = model, labels_B, params, plan.rule, w
+        self.gens, self.kv, self.L, self.V, self.grid = generators, kv, L, V, cfg.grid_size
+        self.guided_T = torch.tensor([params.guided_at(t) for t in range(L + w)], device=device)
+        self.last_guided = max((t for t in range(L) if params.guided_at(t)), default=-1)
+        self.table_Pc2 = model.rope(0, cfg.num_positions, device)
+        self.tokens_BL = torch.zeros(B, L, dtype=torch.long, device=device)
+        self.passes_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.kept_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.calls = self.row_tokens = self.fixed = 0
+        self.batch = batch = _Batch(labels_B, w, V, params.guided)
+        # The first window: all fresh guesses (an image's first draw set; the empty window "fixed" nothing yet).
+        u_N3w = draw_uniforms(generators, range(B), w, device)
+        batch.draft_Nw = fresh_guesses(
+            self.rule.draft_init,
+            u_N3w[:, 2],
+            torch.ones_like(batch.draft_Nw, dtype=torch.bool),
+            batch.draft_Nw,
+            batch.draft_Nw[:, 0],
+            batch.n_N,
+            V,
+            self.grid,
+        )
+        batch.q_NwV.scatter_(2, batch.draft_Nw.unsqueeze(2), 1.0)
+
+    @property
+    def done(self) -> bool:
+        return not len(self.batch.img_N)
+
+    @property
+    def rows(self) -> int:
+        """Rows the next pass feeds (conditional rows of unfinished images, null rows of those still guided)."""
+        return len(self.batch.img_N) + int(self.batch.null_N.sum())
+
+    def inputs(self) -> tuple[torch.Tensor, RowWindows]:
+        """This pass's rows [R, l, C] and their layout (each row at its own position, one KV row each)."""
+        batch = self.batch
+        l = min(self.window, self.L - int(batch.n_N.min()))
+        x_RlC = _inputs(self.model, batch, self.labels_B, self.tokens_BL, l, self.params)
+        return x_RlC, RowWindows(self.kv, batch.n_N[batch.rows_img], l, self.table_Pc2)
+
+    def advance(self, logits_RlV: torch.Tensor) -> None:
+        """Verify every window against this pass's logits [R, l, V], fix the accepted tokens, slide the windows;
+        finished images (and null rows with no guided token left) leave the batch."""
+        batch, L, device = self.batch, self.L, self.tokens_BL.device
+        R, l, _ = logits_RlV.shape
+        self.calls, self.row_tokens = self.calls + 1, self.row_tokens + R * l
+        self.passes_B[batch.img_N] += 1
+        n_N = batch.n_N
+        guided_Nl = self.guided_T[n_N[:, None] + torch.arange(l, device=device)]
+        p_NlV = _target_probs(logits_RlV, batch, guided_Nl, self.params)
+        u_N3w = draw_uniforms(self.gens, batch.img_N.tolist(), self.window, device)
+        valid_N = (L - n_N).clamp(max=self.window)  # slots inside the grid
+        kept_N, adv_N, new_Nl = _verify(self.rule, p_NlV, batch, u_N3w, valid_N)
+        bi, ji = (torch.arange(l, device=device) < adv_N[:, None]).nonzero(as_tuple=True)
+        self.tokens_BL[batch.img_N[bi], n_N[bi] + ji] = new_Nl[bi, ji]
+        self.kept_B[batch.img_N] += kept_N
+        last_N = self.tokens_BL[batch.img_N, (n_N + adv_N - 1).clamp(max=L - 1)]
+        _next_windows(self.rule, batch, p_NlV, u_N3w, adv_N, valid_N, last_N, self.grid)
+        self.fixed = int(batch.n_N.min())  # images that finished earlier left the batch at n = L
+        batch.keep(batch.n_N < L, batch.null_N & (batch.n_N <= self.last_guided), self.kv)
+
+    def stats(self) -> dict:
+        passes = self.passes_B.double()
+        B = self.tokens_BL.shape[0]
+        return {
+            "forward_passes": float(passes.mean()),
+            "forward_passes_per_image": self.passes_B.tolist(),
+            "mean_accepted": float((self.L / passes).mean()),
+            "accepted_drafts": float((self.kept_B / passes).mean()),
+            "calls": self.calls,
+            "row_tokens": self.row_tokens / B,
+            "guided_steps": sum(self.params.guided_at(t) for t in range(self.L)),
+            "window": self.window,
+        }
+
+
 @torch.no_grad()
 def sample_speculative(
     model: LlamaGen,
@@ -352,72 +499,19 @@ def sample_speculative(
     pass, ``L / passes`` averaged over images), ``accepted_drafts`` (guesses kept per pass, mean over images),
     ``calls`` (transformer calls for the batch), ``row_tokens`` (row-positions computed per image), ``guided_steps``.
     """
-    _check_window(window)
+    plan = SpeculativePlan(rule, window)
     if labels_B.ndim != 1 or labels_B.numel() == 0:
         raise InvalidInputError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels_B.shape)}")
-    model.check_labels(labels_B)
-    if rule.draft_init not in DRAFT_INITS:
-        raise InvalidInputError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {rule.draft_init!r}")
-    cfg, device = model.cfg, labels_B.device
-    B, L, V, w = labels_B.shape[0], cfg.seq_len, model.vocab_size, window
-    gens = params.generators(B, device) if generators is None else generators
-    guided_T = torch.tensor([params.guided_at(t) for t in range(L + w)], device=device)
-    last_guided = max((t for t in range(L) if params.guided_at(t)), default=-1)
-    table_Pc2 = model.rope(0, cfg.num_positions, device)
-    tokens_BL = torch.zeros(B, L, dtype=torch.long, device=device)
-    passes_B, kept_B = torch.zeros(B, dtype=torch.long, device=device), torch.zeros(B, dtype=torch.long, device=device)
-    batch = _Batch(labels_B, w, V, params.guided)
-    kv = RowKV(model, B * (2 if params.guided else 1), L + w)
-    # The first window: all fresh guesses (an image's first draw set; the empty window "fixed" nothing yet).
-    u_N3w = draw_uniforms(gens, range(B), w, device)
-    batch.draft_Nw = fresh_guesses(
-        rule.draft_init,
-        u_N3w[:, 2],
-        torch.ones_like(batch.draft_Nw, dtype=torch.bool),
-        batch.draft_Nw,
-        batch.draft_Nw[:, 0],
-        batch.n_N,
-        V,
-        cfg.grid_size,
-    )
-    batch.q_NwV.scatter_(2, batch.draft_Nw.unsqueeze(2), 1.0)
-    calls = row_tokens = announced = 0
-    while len(batch.img_N):
-        l = min(w, L - int(batch.n_N.min()))
-        x_RlC = _inputs(model, batch, labels_B, tokens_BL, l, params)
-        logits_RlV = model.forward_tokens(x_RlC, RowWindows(kv, batch.n_N[batch.rows_img], l, table_Pc2))
-        calls, row_tokens = calls + 1, row_tokens + x_RlC.shape[0] * l
-        passes_B[batch.img_N] += 1
-
-        n_N = batch.n_N
-        p_NlV = _target_probs(logits_RlV, batch, guided_T[n_N[:, None] + torch.arange(l, device=device)], params)
-        u_N3w = draw_uniforms(gens, batch.img_N.tolist(), w, device)
-        valid_N = (L - n_N).clamp(max=w)  # slots inside the grid
-        kept_N, adv_N, new_Nl = _verify(rule, p_NlV, batch, u_N3w, valid_N)
-        bi, ji = (torch.arange(l, device=device) < adv_N[:, None]).nonzero(as_tuple=True)
-        tokens_BL[batch.img_N[bi], n_N[bi] + ji] = new_Nl[bi, ji]
-        kept_B[batch.img_N] += kept_N
-        last_N = tokens_BL[batch.img_N, (n_N + adv_N - 1).clamp(max=L - 1)]
-        _next_windows(rule, batch, p_NlV, u_N3w, adv_N, valid_N, last_N, cfg.grid_size)
-
+    B = labels_B.shape[0]
+    gens = params.generators(B, labels_B.device) if generators is None else generators
+    kv = RowKV.allocate(model, B * (2 if params.guided else 1), model.cfg.seq_len)
+    dec = SpeculativeDecoder(model, labels_B, params, plan, gens, kv)
+    announced = 0
+    while not dec.done:
+        dec.advance(model.forward_tokens(*dec.inputs()))
         if on_step is not None:
-            done = int(batch.n_N.min())  # images that finished earlier left the batch at n = L
-            for t in range(announced, done):
-                empty = torch.empty(0, V, device=device)
-                on_step(RasterStep(t, empty, empty, params.guided_at(t), tokens_BL[:, t]))
-            announced = done
-        # Finished images leave; so do the null rows of images with no guided token left (cfg_interval).
-        batch.keep(batch.n_N < L, batch.null_N & (batch.n_N <= last_guided), kv)
-
-    passes = passes_B.double()
-    stats = {
-        "forward_passes": float(passes.mean()),
-        "forward_passes_per_image": passes_B.tolist(),
-        "mean_accepted": float((L / passes).mean()),
-        "accepted_drafts": float((kept_B / passes).mean()),
-        "calls": calls,
-        "row_tokens": row_tokens / B,
-        "guided_steps": sum(params.guided_at(t) for t in range(L)),
-        "window": w,
-    }
-    return RasterResult(tokens_BL, stats)
+            empty = torch.empty(0, dec.V, device=labels_B.device)
+            for t in range(announced, dec.fixed):
+                on_step(RasterStep(t, empty, empty, params.guided_at(t), dec.tokens_BL[:, t]))
+            announced = dec.fixed
+    return RasterResult(dec.tokens_BL, dec.stats())

@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from nextscale.engine.engine import Engine, ScaleEvent
 from nextscale.engine.plan import RequestPlan
+from nextscale.engine.speculative import SpeculativePlan
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_pil
 from nextscale.labels import resolve_label
@@ -112,14 +113,18 @@ class _Server:
         engine: Engine,
         cfg: ServerConfig,
         warmup: bool,
-        plans: Mapping[str, RequestPlan | None],
+        plans: Mapping[str, RequestPlan | SpeculativePlan | None],
         class_names: Sequence[str] | None = None,
         sampling_defaults: Mapping[str, Any] | None = None,
     ):
         self.cfg, self.warmup = cfg, warmup
         self.model = served_model(engine, class_names, sampling_defaults)
-        if plans and self.model.family != "var":
-            raise InvalidInputError("quality plans are for VAR models; a raster model serves exact requests")
+        want = RequestPlan if self.model.family == "var" else SpeculativePlan
+        for q, plan in plans.items():
+            if plan is not None and not isinstance(plan, want):
+                raise InvalidInputError(
+                    f"quality {q!r}: a {self.model.family} model takes {want.__name__}s, got {type(plan).__name__}"
+                )
         self.plans = dict(plans)  # quality level -> plan (a missing level is the exact plan)
         self.metrics = ServerMetrics()
         self.bridge = AsyncEngine(engine, self.metrics, cfg.max_queue)
@@ -315,12 +320,13 @@ def create_app(
     engine: Engine,
     cfg: ServerConfig | None = None,
     warmup: bool = True,
-    plans: Mapping[str, RequestPlan | None] | None = None,
+    plans: Mapping[str, RequestPlan | SpeculativePlan | None] | None = None,
     class_names: Sequence[str] | None = None,
     sampling_defaults: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """The app; ``plans`` maps a request's ``quality`` ("auto", "high", "medium", "low") to its acceleration plan
-    (``serve.config.quality_plans``, VAR); without it every request is exact. ``class_names`` and
+    (``serve.config.quality_plans`` for VAR, ``speculative_plans`` for a raster model); without it every request is
+    exact. ``class_names`` and
     ``sampling_defaults``: a raster model's, from its pipeline (``LlamaGenPipeline.class_names`` and
     ``.sampling_defaults``); a VAR model carries its names in its config."""
     server = _Server(engine, cfg or ServerConfig(), warmup, plans or {}, class_names, sampling_defaults)

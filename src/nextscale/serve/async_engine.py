@@ -22,6 +22,7 @@ from nextscale.engine.engine import Engine, ScaleEvent
 from nextscale.engine.plan import RequestPlan
 from nextscale.engine.raster import RasterParams
 from nextscale.engine.request import SamplingParams
+from nextscale.engine.speculative import SpeculativePlan
 from nextscale.serve.metrics import ServerMetrics
 
 log = logging.getLogger("nextscale.serve")
@@ -93,7 +94,7 @@ class AsyncEngine:
         labels_B: torch.Tensor,
         params: SamplingParams | RasterParams,
         previews: bool,
-        plan: RequestPlan | None = None,
+        plan: RequestPlan | SpeculativePlan | None = None,
     ) -> Handle:
         if not self.accepting:
             raise ShuttingDown()

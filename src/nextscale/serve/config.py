@@ -14,7 +14,9 @@ from nextscale.errors import ConfigError
 if TYPE_CHECKING:
     from nextscale.accel import AccelArg
     from nextscale.engine.plan import RequestPlan
+    from nextscale.engine.speculative import SpeculativePlan
     from nextscale.pipeline import VARPipeline
+    from nextscale.raster_pipeline import LlamaGenPipeline
 
 
 @dataclass(frozen=True)
@@ -42,4 +44,15 @@ def quality_plans(pipe: VARPipeline, default: AccelArg = None) -> dict[str, Requ
                 f"quality {q!r} ({name}) runs a transformed model (e.g. int8) that the server does not; "
                 f"add that method to serve --accel"
             )
+    return plans
+
+
+def speculative_plans(pipe: LlamaGenPipeline, default: str | None = None) -> dict[str, SpeculativePlan | None]:
+    """A raster model's plan per ``quality`` level: high is exact, medium and low the speculative presets
+    ``balanced`` and ``fast`` (``nextscale.accel.speculative.PRESETS``); ``default`` (``serve --speculative``, a
+    spec, a preset or "exact") is "auto"."""
+    plans: dict[str, SpeculativePlan | None] = {
+        q: None if name == "exact" else pipe.speculative_plan(name) for q, name in QUALITY_PRESETS.items()
+    }
+    plans["auto"] = None if default in (None, "exact") else pipe.speculative_plan(default)
     return plans

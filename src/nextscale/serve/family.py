@@ -4,8 +4,8 @@ a request body becomes the engine's sampling parameters.
 One API for both families: ``cfg``, ``top_k`` and ``top_p`` are each family's own settings, ``0`` turns a filter
 off in both. For a raster (LlamaGen) model a field the request leaves out takes the model's recommended value
 (``LlamaGenPipeline.sampling_defaults``: cfg 4.0, top-k 2000 for the official release) rather than the body's VAR
-default; ``more_smooth`` is VAR's and refused, and ``quality`` has one raster level — exact ("auto", "high") —
-since speculative decoding does not run in the engine.
+default; ``more_smooth`` is VAR's and refused. ``quality`` picks a plan in both families (``serve.config``): VAR's
+acceleration presets, or a raster model's speculative decoding (high: exact; medium: SJD; low: the lossy preset).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from nextscale.raster_pipeline import DEFAULT_SAMPLING
 from nextscale.serve.protocol import ImageGenerationRequest
 
 Params = SamplingParams | RasterParams
-EXACT_QUALITIES = ("auto", "high")
 
 
 def bad_field(param: str, message: str) -> InvalidInputError:
@@ -80,12 +79,6 @@ class RasterServed(ServedModel):
         self.defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
 
     def params(self, body: ImageGenerationRequest, seed: int) -> Params:
-        if body.quality not in EXACT_QUALITIES:
-            raise bad_field(
-                "quality",
-                f"quality {body.quality!r} is not available for a raster model (speculative decoding is not served); "
-                f"allowed: {', '.join(EXACT_QUALITIES)}",
-            )
         if body.more_smooth:
             raise bad_field("more_smooth", "more_smooth is a VAR setting; this is a raster (LlamaGen) model")
         given, d = body.model_fields_set, self.defaults
