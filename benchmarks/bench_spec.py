@@ -1,16 +1,19 @@
 """Speculative decoding for raster models (SJD, GSD, LANTERN) against plain next-token sampling.
 
     python benchmarks/bench_spec.py                        # both parts
-    python benchmarks/bench_spec.py --part speed --reps 3  # random GPT-B-shaped model
+    python benchmarks/bench_spec.py --part speed --reps 3  # the demo and a random GPT-B-shaped model
     python benchmarks/bench_spec.py --part fidelity --per-class 150   # the bundled raster demo
+    python benchmarks/bench_spec.py --part fidelity --per-class 20 --method exact --method gsd:dist=2  # a sweep
 
-Per method: forward passes per image (step compression = exact's passes / the method's), mean tokens fixed per
-pass, and wall-clock images/s at batch 1 and 8 as a ratio to exact, interleaved in one process (median of
-``--reps`` rounds, token phase: ``output_type="latent"``). Speed runs on a random-weight model with GPT-B's shape
-at 256 px (12 layers, width 768, 16384 codes, 256 tokens); random weights accept few guesses, so its step
-compression says little — the demo model's does. Fidelity on ``demo-fmnist-raster`` with the same seeds as exact:
-class accuracy and Fréchet distance (bundled classifier, ``--per-class`` samples per class), the share of images
-identical to exact's and of tokens equal to exact's. Prints markdown tables, writes JSON and a plot (PNG).
+Per method (``--method``, repeatable: "exact", a spec, or a preset name — the demo's tuned presets first): forward
+passes per image (step compression = exact's passes / the method's), mean tokens fixed per pass, and wall-clock
+images/s at batch 1 and 8 as a ratio to exact, interleaved in one process (median of ``--reps`` rounds, token
+phase: ``output_type="latent"``). Speed runs on the bundled demo (its own sampling settings) and on a random-weight
+model with GPT-B's shape at 256 px (12 layers, width 768, 16384 codes, 256 tokens; ``--top-k``); random weights
+accept few guesses, so its step compression says little — what it shows is the cost of a pass at full scale.
+Fidelity on ``demo-fmnist-raster`` with the same seeds as exact: class accuracy and Fréchet distance (bundled
+classifier, ``--per-class`` samples per class), the share of images identical to exact's and of tokens equal to
+exact's. Prints markdown tables, writes JSON and a plot (PNG).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def spec(method: str) -> str | None:
     return None if method == "exact" else method
 
 
+def demo_pipe() -> LlamaGenPipeline:
+    return LlamaGenPipeline.from_pretrained(DEMO, dtype=auto_dtype(torch.device("cpu")))
+
+
 def speed_pipe(seed: int = 0) -> LlamaGenPipeline:
     """GPT-B at 256 px with random weights, and a random single-scale VQ-VAE of the same grid (token phase only)."""
     torch.manual_seed(seed)
@@ -51,28 +58,33 @@ def speed_pipe(seed: int = 0) -> LlamaGenPipeline:
 
 
 def speed(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]]:
-    pipe = speed_pipe()
     rows, out = [], []
-    for batch in (1, 8):
-        labels = [i % pipe.num_classes for i in range(batch)]
-        stats: dict[str, dict[str, Any]] = {}
+    methods = args.method
+    for model in args.speed_models.split(","):
+        if model not in ("demo", "gpt-b"):
+            raise SystemExit(f"--speed-models: unknown model {model!r}; allowed: demo, gpt-b")
+        pipe = demo_pipe() if model == "demo" else speed_pipe()
+        kw = {} if model == "demo" else {"top_k": args.top_k}
+        for batch in (1, 8):
+            labels = [i % pipe.num_classes for i in range(batch)]
+            stats: dict[str, dict[str, Any]] = {}
 
-        def runner(method: str, labels: list[int] = labels, stats: dict = stats):
-            def fn() -> None:
-                res = pipe(labels, seed=0, output_type="latent", speculative=spec(method), top_k=args.top_k)
-                stats[method] = res.stats
+            def runner(method: str, labels: list[int] = labels, stats: dict = stats, pipe=pipe, kw=kw):
+                def fn() -> None:
+                    res = pipe(labels, seed=0, output_type="latent", speculative=spec(method), **kw)
+                    stats[method] = res.stats
 
-            return fn
+                return fn
 
-        cells = [Cell(f"b{batch}/{m}", {"batch": batch, "method": m}) for m in METHODS]
-        interleave(cells, [runner(m) for m in METHODS], args.reps, warmup=True)
-        for m, c in zip(METHODS, cells):
-            ratio = statistics.median(e.seconds / r.seconds for e, r in zip(cells[0].reps, c.reps))
-            st = stats[m]
-            passes = float(st["forward_passes"])
-            row = [batch, m, batch / c.median_s, ratio, passes, stats["exact"]["forward_passes"] / passes]
-            rows.append([*row, float(st.get("mean_accepted", 1.0)), c.peak_rss_mb])
-            out.append(c.to_dict() | {"stats": _plain(st), "ratio_vs_exact": ratio})
+            cells = [Cell(f"{model}/b{batch}/{m}", {"model": model, "batch": batch, "method": m}) for m in methods]
+            interleave(cells, [runner(m) for m in methods], args.reps, warmup=True)
+            for m, c in zip(methods, cells):
+                ratio = statistics.median(e.seconds / r.seconds for e, r in zip(cells[0].reps, c.reps))
+                st = stats[m]
+                passes = float(st["forward_passes"])
+                row = [model, batch, m, batch / c.median_s, ratio, passes, stats[methods[0]]["forward_passes"] / passes]
+                rows.append([*row, float(st.get("mean_accepted", 1.0)), c.peak_rss_mb])
+                out.append(c.to_dict() | {"stats": _plain(st), "ratio_vs_exact": ratio})
     return rows, out
 
 
@@ -84,7 +96,7 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
     from nextscale.jobs.quality import balanced_subset
     from nextscale.pipeline import bundled_model_dir
 
-    pipe = LlamaGenPipeline.from_pretrained(DEMO)
+    pipe = demo_pipe()
     clf = load_classifier(bundled_model_dir() / "classifier")
     test_ds = load_dataset("fashion-mnist", "test", pipe.image_size)
     real = balanced_subset(test_ds.images, test_ds.labels, args.per_class, pipe.num_classes)[0]
@@ -105,7 +117,7 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
     rows, out = [], []
     exact_tokens = None
     exact_passes = 1.0
-    for m in METHODS:
+    for m in args.method:
         tokens, images, passes, accepted = sample(m)
         if exact_tokens is None:
             exact_tokens, exact_passes = tokens, statistics.mean(passes)
@@ -114,10 +126,14 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
         same_token = float((tokens == exact_tokens).float().mean())
         p = statistics.mean(passes)
         acc, fd, mean_acc = r["class_accuracy"], r["FD-classifier"], statistics.mean(accepted)
-        rows.append([m, p, exact_passes / p, mean_acc, same_image, same_token, acc, fd])
+        full = "exact" if m == "exact" else pipe.speculative_config(m).spec()
+        rows.append(
+            [m if full == m else f"{m} = {full}", p, exact_passes / p, mean_acc, same_image, same_token, acc, fd]
+        )
         out.append(
             {
                 "method": m,
+                "spec": full,
                 "forward_passes": p,
                 "mean_accepted": mean_acc,
                 "same_image": same_image,
@@ -140,14 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--top-k", type=int, default=2000, help="speed part: top-k of the random model's sampling")
     p.add_argument("--per-class", type=int, default=150)
+    p.add_argument("--method", action="append", help=f"exact, a spec or a preset, repeatable (default: {METHODS})")
+    p.add_argument("--speed-models", default="demo,gpt-b", help="speed part: demo and/or gpt-b")
     p.add_argument("--out", default="benchmarks/results/bench_spec.json")
     args = p.parse_args(argv)
+    args.method = args.method or METHODS
+    if args.method[0] != "exact":
+        p.error("--method: the first method is the baseline and must be exact")
     info = machine_info()
     print("machine:", info, file=sys.stderr)
     payload: dict[str, Any] = {"benchmark": "bench_spec", "machine": info}
     if args.part in ("speed", "both"):
         rows, payload["speed"] = speed(args)
-        header = ["batch", "method", "images/s", "x exact (wall)", "passes/image", "x fewer passes", "tokens/pass"]
+        header = ["model", "batch", "method", "images/s", "x exact (wall)", "passes/image", "x fewer passes"]
+        header.append("tokens/pass")
         print(markdown_table([*header, "peak RSS MB"], rows))
     if args.part in ("fidelity", "both"):
         rows, payload["fidelity"] = fidelity(args)

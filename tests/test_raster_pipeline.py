@@ -314,6 +314,20 @@ def test_speculative_without_the_module_says_so(msvq_pipe, monkeypatch):
     assert "speculative decoding is not available" in one_line(msvq_pipe, [1], seed=0, speculative="sjd")
 
 
+def test_a_models_speculative_presets_are_saved_and_take_precedence(msvq_pipe, tmp_path):
+    p = msvq_pipe
+    tuned = LlamaGenPipeline(p.transformer, p.vae, speculative_presets={"fast": "lantern:window=4,delta=0.2,k=9"})
+    loaded = LlamaGenPipeline.from_pretrained(tuned.save_pretrained(tmp_path / "m"))
+    assert loaded.speculative_presets == {"fast": "lantern:window=4,delta=0.2,k=9"}
+    out = loaded([1], seed=0, speculative="fast", output_type="latent")
+    assert out.stats["speculative"] == "lantern:window=4,delta=0.2,k=9"
+    want = p([1], seed=0, speculative="lantern:window=4,delta=0.2,k=9", output_type="latent")
+    assert torch.equal(out.tokens, want.tokens)
+    assert p([1], seed=0, speculative="fast", output_type="latent").stats["speculative"] == "gsd", "the default"
+    with pytest.raises(InvalidInputError, match="unknown speculative method 'nope'"):
+        LlamaGenPipeline(p.transformer, p.vae, speculative_presets={"fast": "nope"})
+
+
 def test_speculative_decoding_through_the_pipeline(pipe, msvq_pipe):
     """The real loop (nextscale.engine.speculative): greedy SJD keeps exactly the greedy tokens of the fixture (a
     random-weight model gives Jacobi guesses little to agree on, so no speed-up is asserted); images stay

@@ -256,6 +256,7 @@ class LlamaGenPipeline:
         dtype: torch.dtype | str = torch.float32,
         sampling_defaults: dict[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
+        speculative_presets: dict[str, str] | None = None,
     ):
         self.transformer = transformer.eval().requires_grad_(False)
         self.tokenizer = make_tokenizer(vae, transformer.cfg)
@@ -266,6 +267,13 @@ class LlamaGenPipeline:
         # The model's recommended settings (stored in model_index.json), used when a call leaves them unset.
         self.sampling_defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
         self.sampling_params(seed=0)  # a bad stored value fails here, not at the first call
+        # Speculative presets tuned for this model ("balanced", "fast" -> a spec; model_index.json), which take
+        # precedence over nextscale.accel.speculative.PRESETS. Checked here, not at the first call.
+        self.speculative_presets = dict(speculative_presets or {})
+        for name, spec in self.speculative_presets.items():
+            if not isinstance(spec, str) or ":" in name:
+                raise InvalidInputError(f"speculative preset {name!r} must map a plain name to a spec string")
+            self.speculative_config(spec)
         self.class_names: tuple[str, ...] = ()
         if class_names:
             self.set_class_names(class_names)
@@ -313,7 +321,15 @@ class LlamaGenPipeline:
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise CheckpointError(f"{folder / 'model_index.json'}: class_names must be a list of strings")
         tokenizer = make_tokenizer(vae, gpt.cfg, str(folder))
-        return cls(gpt, tokenizer, device, dtype, sampling_defaults=index.get("sampling_defaults"), class_names=names)
+        return cls(
+            gpt,
+            tokenizer,
+            device,
+            dtype,
+            sampling_defaults=index.get("sampling_defaults"),
+            class_names=names,
+            speculative_presets=index.get("speculative_presets"),
+        )
 
     def save_pretrained(self, path: str | Path, transformer_dtype: torch.dtype | None = None) -> Path:
         """Write a native folder (``model_index.json`` + ``transformer/`` + ``vae/``) that ``from_pretrained``
@@ -322,6 +338,8 @@ class LlamaGenPipeline:
         extra: dict[str, Any] = {"sampling_defaults": custom} if custom else {}
         if self.class_names:
             extra["class_names"] = list(self.class_names)
+        if self.speculative_presets:
+            extra["speculative_presets"] = dict(self.speculative_presets)
         vae = self.tokenizer.module
         if not isinstance(vae, (VQModel, VQVAE)):
             raise InvalidInputError(f"cannot save a {type(vae).__name__} tokenizer; allowed: VQModel, VQVAE")
@@ -409,8 +427,11 @@ class LlamaGenPipeline:
         )
 
     def speculative_config(self, speculative: Any) -> Any:
-        """Parse a speculative-decoding spec (a string such as those of ``nextscale.accel.speculative``, or a config
-        object) before any sampling; the result has ``.window`` and ``.rule(model)``."""
+        """Parse a speculative-decoding spec (a string such as those of ``nextscale.accel.speculative``, a preset
+        name — this model's ``speculative_presets`` first —, or a config object) before any sampling; the result has
+        ``.window`` and ``.rule(model)``."""
+        if isinstance(speculative, str) and speculative.strip().lower() in self.speculative_presets:
+            speculative = self.speculative_presets[speculative.strip().lower()]
         try:
             from nextscale.accel.speculative import parse_speculative
         except ModuleNotFoundError as e:
