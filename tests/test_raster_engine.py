@@ -42,7 +42,7 @@ def raster_engine(pipe: LlamaGenPipeline, **cfg) -> Engine:
     return Engine(pipe.transformer, pipe.tokenizer, EngineConfig(**cfg))
 
 
-def reference(pipe: LlamaGenPipeline, labels: list[int], params: RasterParams, first: int = 0):
+def reference(pipe: LlamaGenPipeline, labels: list[int], params: RasterParams, first: int = 0, speculative=None):
     """The pipeline's call for an engine request (it names the null class -1)."""
     return pipe(
         [-1 if x == pipe.num_classes else x for x in labels],
@@ -55,6 +55,7 @@ def reference(pipe: LlamaGenPipeline, labels: list[int], params: RasterParams, f
         rng=params.rng,
         output_type="pt",
         first_image_index=first,
+        speculative=speculative,
     )
 
 
@@ -239,20 +240,7 @@ def test_speculative_requests_equal_the_pipeline_among_exact_ones(pipe, seed):
         it += 1
     assert not engine.pool.slots and engine.scheduler.rows_in_use == 0
     for rid, (labels, params, first, spec) in ids.items():
-        labels_ref = [-1 if x == pipe.num_classes else x for x in labels]
-        ref = pipe(
-            labels_ref,
-            cfg=params.cfg_scale,
-            cfg_interval=params.cfg_interval,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            temperature=params.temperature,
-            seed=params.seed,
-            rng=params.rng,
-            output_type="pt",
-            first_image_index=first,
-            speculative=spec,
-        )
+        ref = reference(pipe, labels, params, first, spec)
         assert torch.equal(done[rid].tokens[0], ref.tokens), (rid, spec, params)
         torch.testing.assert_close(done[rid].images, ref.images, atol=1e-5, rtol=0)
         si = events[rid]

@@ -5,6 +5,7 @@ one loop in ``nextscale.engine.speculative``.
     parse_speculative("sjd:window=8,init=repeat")         # guesses copied from the left neighbour
     parse_speculative("gsd:size=7,pdiff=0.15,dist=0.5")   # lossy: group acceptance
     parse_speculative("lantern:delta=0.1,k=1000")         # lossy: relaxed acceptance over latent neighbours
+    parse_speculative("fast")                             # a preset (PRESETS; a model folder may tune its own)
     cfg.rule(model) -> AcceptRule;  sample_speculative(model, labels, params, cfg.rule(model), cfg.window)
 
 Every method shares ``window`` (guesses verified per forward pass; 1 = plain sampling) and ``init`` (how slots

@@ -39,7 +39,30 @@ def raster_units(
     return rows, (window,) * num_tokens, unit_rows
 
 
-class RasterGeneration:
+class _RasterRequest:
+    """What the engine reads of a raster request of either kind: ``t`` tokens final for every image, ``tokens_BL``
+    (zeros where not drawn yet: previews embed the whole grid), the grid's width, the KV slot it frees."""
+
+    t: int
+    grid: int
+    tokens_BL: torch.Tensor
+    kv: KVSlot
+
+    @property
+    def rows_done(self) -> int:
+        """Complete rows of the token grid so far."""
+        return self.t // self.grid
+
+    @property
+    def tokens(self) -> list[torch.Tensor]:
+        """The tokens final so far, [B, t], in a list like a VAR request's per-scale maps."""
+        return [self.tokens_BL[:, : self.t]]
+
+    def release(self) -> None:
+        self.kv.free()
+
+
+class RasterGeneration(_RasterRequest):
     """One raster request: ``B`` images drawn token by token, their KV rows a slot of the engine's pool."""
 
     def __init__(
@@ -69,16 +92,6 @@ class RasterGeneration:
         """Rows this step feeds: R while the token is guided, B after."""
         return self.x.shape[0]
 
-    @property
-    def rows_done(self) -> int:
-        """Complete rows of the token grid so far."""
-        return self.t // self.grid
-
-    @property
-    def tokens(self) -> list[torch.Tensor]:
-        """The tokens drawn so far, [B, t], in a list like a VAR request's per-scale maps."""
-        return [self.tokens_BL[:, : self.t]]
-
     def advance(self, logits_RV: torch.Tensor) -> torch.Tensor:
         """Draw token ``t`` of every image from this step's logits [rows, V] (filtered in place: nothing reads them
         again) and prepare the next step's inputs; returns the tokens [B]."""
@@ -94,11 +107,8 @@ class RasterGeneration:
             self.x = self.model.embed_tokens(idx_B.repeat(rows // B).unsqueeze(1))
         return idx_B
 
-    def release(self) -> None:
-        self.kv.free()
 
-
-class SpeculativeGeneration:
+class SpeculativeGeneration(_RasterRequest):
     """One speculative raster request (``SpeculativePlan``): a ``SpeculativeDecoder`` whose per-row KV cache is
     the request's slot of the engine's pool. A step is one pass: every image verifies its own window, so a step
     fixes one or more tokens of every image; ``t`` counts the tokens every image has fixed."""
@@ -117,26 +127,15 @@ class SpeculativeGeneration:
         self.tokens_BL = self.decoder.tokens_BL
 
     @property
-    def t(self) -> int:
+    def t(self) -> int:  # type: ignore[override]  # a plain attribute of the one-token kind
         return self.decoder.fixed
 
     @property
     def done(self) -> bool:
         return self.decoder.done
 
-    @property
-    def rows_done(self) -> int:
-        return self.t // self.grid
-
-    @property
-    def tokens(self) -> list[torch.Tensor]:
-        return [self.tokens_BL[:, : self.t]]
-
     def inputs(self) -> tuple[torch.Tensor, RowWindows]:
         return self.decoder.inputs()
 
     def advance(self, logits_RlV: torch.Tensor) -> None:
         self.decoder.advance(logits_RlV)
-
-    def release(self) -> None:
-        self.kv.free()

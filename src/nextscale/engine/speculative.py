@@ -34,6 +34,11 @@ turn, its mask, its random numbers — depends on that row only; batch-mates cha
 the attention sums. A model-side per-row position (``RasterLayout`` naming positions per row) would make the
 re-rotation unnecessary.
 
+The loop is a state object (``SpeculativeDecoder``: ``inputs()`` -> one GPT call -> ``advance(logits)``) driven by
+``sample_speculative`` here and by the serving engine (``engine.raster_state.SpeculativeGeneration``), whose
+per-row cache is the request's rows of the engine's KV pool: a cache of exactly L positions suffices, as positions
+past the grid (padding of windows that run off it) are never stored.
+
 RNG discipline: before its first pass and at every pass, image ``i`` draws exactly ``3 x window`` uniforms
 (float64) from its own generator — acceptance coins, inverse-CDF draws for the residual / Jacobi redraws, fresh
 guesses; slot j always uses column j — whatever its batch, its position or the call's length. Image i alone
@@ -42,7 +47,8 @@ batch) the batch is drawn at once and results depend on the batch.
 
 Cost notes: the per-image draws are a Python loop over the images (one generator call each per pass); everything
 else is vectorised over images, window slots and the vocabulary. Finished images and the null-class rows of images
-whose guidance has ended (``cfg_interval``) leave the batch; their KV rows are dropped (one copy per change).
+whose guidance has ended (``cfg_interval``) leave the batch; their KV rows move to the front of the cache (one
+copy per change).
 
 Not verified against the papers: the window convention (SJD's code feeds the last accepted token plus the window
 in one call like here, but counts its ``max_num_new_tokens`` slightly differently), the per-row batching (the
