@@ -125,8 +125,9 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, Path | None]:
     from nextscale.pipeline import bundled_model_dir
 
     p = Path(args.model)
-    if not p.exists() and bundled_model_dir(str(args.model)).is_dir():
-        return "var", None
+    bundled = bundled_model_dir(str(args.model))
+    if not p.exists() and bundled.is_dir():  # a bundled model's name: demo-fmnist, demo-fmnist-raster, ...
+        return ("raster", bundled) if model_family(bundled) == "raster" else ("var", None)
     try:
         folder = resolve_model_dir(args.model)
         return model_family(folder), folder
