@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nextscale.cli.args import FILE
 from nextscale.cli.common import (
     FAMILY_NAMES,
     MODEL_OPTIONS,
@@ -21,6 +22,7 @@ from nextscale.cli.common import (
     read_class_names,
     refuse_options,
 )
+from nextscale.errors import InvalidInputError
 
 log = logging.getLogger("nextscale")
 
@@ -30,16 +32,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert official files (VAR + VQ-VAE .pth, or LlamaGen GPT + VQ .pt) to a native model folder",
     )
-    p.add_argument("var", metavar="MODEL_FILE", help="VAR var_d*.pth or LlamaGen c2i_*.pt")
-    p.add_argument("vae", metavar="TOKENIZER_FILE", help="VAR vae_*.pth or LlamaGen vq_ds16_c2i.pt")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="model folder to write")
+    p.add_argument("var", type=FILE, metavar="MODEL_FILE", help="VAR var_d*.pth or LlamaGen c2i_*.pt")
+    p.add_argument("vae", type=FILE, metavar="TOKENIZER_FILE", help="VAR vae_*.pth or LlamaGen vq_ds16_c2i.pt")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="model folder to write: a new or empty folder, or an earlier model folder (one with model_index.json), "
+        "which is replaced; anything else there is refused unless --force",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write DIR even when a file or a folder with other files is there: it is moved aside to DIR.old "
+        "(kept, never deleted) and the model folder takes its place",
+    )
     p.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...", help="VAR: scale schedule")
-    p.add_argument("--class-names", metavar="FILE", help="text file with one class name per line")
+    p.add_argument("--class-names", type=FILE, metavar="FILE", help="text file with one class name per line")
     add_llamagen_file_args(p)
     p.set_defaults(func=run_convert)
 
     q = sub.add_parser("info", help="show the family, configuration and parameter counts of a checkpoint or folder")
-    q.add_argument("path", metavar="FILE_OR_DIR")
+    q.add_argument("path", metavar="FILE_DIR_OR_NAME", help="a checkpoint, a model folder, a bundled model or a hub id")
     q.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...", help="VAR: scale schedule")
     add_llamagen_file_args(q)
     q.add_argument("--json", action="store_true", help="machine-readable output")
@@ -47,6 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from nextscale.fileio import MODEL_INDEX, folder_target
+
+    # Before any weights are read: a target that cannot be written fails now, not after the conversion.
+    folder_target(args.output, (MODEL_INDEX,), args.force, "--force")
     family = checkpoint_family(args.var)
     refuse_options(args, family, MODEL_OPTIONS, args.var)
     if family == "raster":
@@ -55,7 +74,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     names = read_class_names(args.class_names)
     pipe = VARPipeline.from_official(args.var, args.vae, args.patch_nums, class_names=names)
-    out = pipe.save_pretrained(args.output)
+    out = pipe.save_pretrained(args.output, overwrite=args.force)
     log.info(
         "wrote %s (VAR %s params, VQ-VAE %s params)", out, f"{_count(pipe.transformer):,}", f"{_count(pipe.vae):,}"
     )
@@ -67,7 +86,7 @@ def _convert_llamagen(args: argparse.Namespace) -> int:
 
     names = read_class_names(args.class_names)
     pipe = LlamaGenPipeline.from_official(args.var, args.vae, args.image_size, args.n_head, class_names=names)
-    out = pipe.save_pretrained(args.output)
+    out = pipe.save_pretrained(args.output, overwrite=args.force)
     c = pipe.config
     log.info(
         "wrote %s (LlamaGen GPT %s params, %d px, %dx%d tokens; %s tokenizer %s params)",
@@ -184,8 +203,23 @@ def _describe_raster(path: Path, n_head: int | None, image_size: int | None) -> 
     return {"format": "official", "family": "raster", "path": str(path), kind: {**part, "tensors": len(sd)}}
 
 
+def _info_target(text: str) -> Path:
+    """A file or folder as given; else a bundled model's name (``demo-fmnist``) or a hub id, as ``--model`` takes."""
+    path = Path(text)
+    if path.exists():
+        return path
+    from nextscale.models.native import resolve_model_dir
+    from nextscale.pipeline import bundled_model_dir
+
+    if text and "/" not in text and bundled_model_dir(text).is_dir():
+        return bundled_model_dir(text)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        return resolve_model_dir(text)
+    raise InvalidInputError(f"{text}: no such file or folder (nor a bundled model's name or a hub id)")
+
+
 def run_info(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    path = _info_target(args.path)
     family = _folder_family(path) if path.is_dir() else checkpoint_family(path)
     refuse_options(args, family, MODEL_OPTIONS, args.path)
     info = describe(path, args.patch_nums, args.n_head, args.image_size)

@@ -84,8 +84,10 @@ def save_native(
     transformer_dtype: torch.dtype | None = None,
     components: dict[str, VAR] | None = None,
     files: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``var`` and ``vae`` as a native model folder at ``path`` (replaced atomically if it exists).
+    """Write ``var`` and ``vae`` as a native model folder at ``path`` (an earlier model folder there is replaced
+    atomically; anything else is refused unless ``overwrite``, which moves it aside: ``fileio.atomic_folder``).
 
     ``transformer_dtype`` stores the transformer's weights in e.g. float16 to halve the folder (they load
     back into whatever dtype the pipeline uses); the VQ-VAE is always stored as it is. ``components`` adds
@@ -115,7 +117,7 @@ def save_native(
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
 
-    return atomic_folder(Path(path), fill)
+    return atomic_folder(Path(path), fill, (INDEX,), overwrite)
 
 
 def save_tokenizer(path: str | Path, vae: VQVAE, extra_index: dict[str, Any] | None = None) -> Path:
@@ -239,10 +241,12 @@ def save_raster_native(
     tokenizer: RasterTokenizerModule,
     extra_index: dict[str, Any] | None = None,
     transformer_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a raster model (the GPT and its tokenizer, either kind) as a native folder at ``path``, atomically.
 
-    ``transformer_dtype`` stores the GPT's weights in e.g. bfloat16; the tokenizer is stored as it is."""
+    ``transformer_dtype`` stores the GPT's weights in e.g. bfloat16; the tokenizer is stored as it is. What may be
+    replaced at ``path``: as for ``save_native``."""
     kind = type(tokenizer).__name__
     if kind not in RASTER_TOKENIZERS:
         raise ConfigError(f"cannot save a {kind} as a raster tokenizer; allowed: {', '.join(RASTER_TOKENIZERS)}")
@@ -254,7 +258,7 @@ def save_raster_native(
         _write_component(tmp, "transformer", gpt, transformer_dtype)
         _write_component(tmp, "vae", tokenizer)
 
-    return atomic_folder(Path(path), fill)
+    return atomic_folder(Path(path), fill, (INDEX,), overwrite)
 
 
 def load_raster_native(path: str | Path) -> tuple[LlamaGen, RasterTokenizerModule, dict[str, Any]]:
