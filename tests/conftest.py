@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,15 @@ def tiny_pair(seed: int = 0, var_kw: dict | None = None, vae_kw: dict | None = N
     return randomize_(VAR(var_cfg), seed), randomize_(VQVAE(vae_cfg), seed + 1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_nextscale_cache(tmp_path_factory):
+    """The suite never writes to the user's ``~/.cache/nextscale``: every test (and every command it starts, which
+    inherits the environment) uses a cache folder of its session. A test that needs its own sets the variable."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEXTSCALE_CACHE", str(tmp_path_factory.mktemp("nextscale-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not (FIXTURES / "var.pth").is_file():
@@ -106,3 +116,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_LOGGER_AT_START = (
+    logging.getLogger("nextscale").handlers[:],
+    logging.getLogger("nextscale").level,
+    logging.getLogger("nextscale").propagate,
+)
+
+
+def _reset_nextscale_logger() -> None:
+    logger = logging.getLogger("nextscale")
+    logger.handlers[:] = _LOGGER_AT_START[0]
+    logger.setLevel(_LOGGER_AT_START[1])
+    logger.propagate, logger.disabled = _LOGGER_AT_START[2], False
+
+
+@pytest.fixture(autouse=True)
+def _nextscale_logging_reset():
+    """Every test starts and ends with the "nextscale" logger as the package left it: anything that changed it (the
+    training runner lowers its level; a module- or session-scoped fixture may run the CLI) cannot make a
+    log-capturing test depend on which tests ran before it."""
+    _reset_nextscale_logger()
+    yield
+    _reset_nextscale_logger()

@@ -129,9 +129,6 @@ def test_info_counts_parameters_the_same_for_a_file_and_its_converted_folder(off
             ["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--class", "7"],
             "class 7 is out of range",
         ),
-        (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--cfg", "-2"], "cfg must be a finite"),
-        (["generate", "--checkpoint", "{d}/var.pth", "--vae", "{d}/vae.pth", "--num", "0"], "--num must be >= 1"),
-        (["generate", "--checkpoint", "{d}/missing.pth", "--vae", "{d}/vae.pth"], "missing.pth: no such file"),
         (["info", "{d}/names.txt"], "not a readable PyTorch checkpoint"),
         (
             ["generate", "--checkpoint", "{d}/empty.pth", "--vae", "{d}/vae.pth"],
@@ -156,3 +153,16 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "nextscale", "generate", "--help"], capture_output=True, text=True, check=True
     )
     assert "--top-k" in res.stdout and "--model" in res.stdout
+
+
+def test_info_takes_a_bundled_models_name_as_every_other_command_does(capsys):
+    code, out, _ = run(["info", "demo-fmnist", "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["family"] == "var" and info["format"] == "native"
+    assert info["path"].endswith("demo-fmnist")
+    code, _, err = run(["info", "no-such-model"], capsys)
+    assert code == 2
+    assert err.strip() == (
+        "nextscale: error: no-such-model: no such file or folder (nor a bundled model's name or a hub id)"
+    )

@@ -15,6 +15,10 @@ from typing import Any
 
 from nextscale.errors import ConfigError
 
+# Guidance weights above this only saturate the softmax (at 1e308 the logits overflow to inf/nan): the one bound
+# that the sampling parameters of both families, the HTTP API and the CLI enforce.
+MAX_CFG = 100.0
+
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
@@ -26,6 +30,89 @@ def _check_patch_nums(patch_nums: tuple[int, ...], min_scales: int = 2) -> None:
         raise ConfigError(f"patch_nums must be positive ints, got {patch_nums}")
     if any(a >= b for a, b in itertools.pairwise(patch_nums)):
         raise ConfigError(f"patch_nums must be strictly increasing, got {patch_nums}")
+
+
+# Validators of single settings, shared by every config class: each returns the value or raises a one-line
+# ConfigError naming the setting, what is allowed and what was given.
+
+
+def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    if lo == -math.inf and hi == math.inf:
+        return ""
+    if hi == math.inf:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo == -math.inf:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def check_int(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
+    """An int in ``[lo, hi]`` (``hi=None``: no upper bound); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{name} must be an int {allowed}, got {value!r}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """A finite number in the interval (``lo_open``/``hi_open`` exclude the bound); NaN and infinities never pass."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        allowed = _interval(lo, hi, lo_open, hi_open)
+        raise ConfigError(f"{name} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A rate or share in [0, 1): 1 would drop, smooth or decay everything."""
+    return check_float(name, value, 0.0, 1.0, hi_open=True)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_text(name: str, value: Any, what: str = "a non-empty string") -> str:
+    """A non-empty string (``what`` says what it names, e.g. "a folder path")."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # where nextscale runs (whether one is present is checked later)
+
+
+def check_device(name: str, value: Any) -> str:
+    """A torch device string of a type nextscale runs on (whether one is present is checked where it is used)."""
+    wanted = f"a device such as cpu, cuda or cuda:1 (types: {', '.join(DEVICE_TYPES)})"
+    check_text(name, value, wanted)
+    import torch  # here, not at import: config stays importable without torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{name} must be {wanted}, got {value!r}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(f"{name} must be {wanted}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nextscale.cli.args import DEVICE, FILE, HEADS, PIXELS
 from nextscale.errors import InvalidInputError, NextscaleError
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -33,10 +34,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the bundled demo model)")
     g.add_argument("--model", metavar="DIR_OR_HUB_ID", help="native model folder or Hugging Face hub repo id")
     g.add_argument(
-        "--checkpoint", metavar="FILE", help="official checkpoint: VAR var_d*.pth or LlamaGen c2i_*.pt (with --vae)"
+        "--checkpoint",
+        type=FILE,
+        metavar="FILE",
+        help="official checkpoint: VAR var_d*.pth or LlamaGen c2i_*.pt (with --vae)",
     )
     g.add_argument(
         "--vae",
+        type=FILE,
         metavar="FILE",
         help="its official tokenizer: VAR vae_*.pth or LlamaGen vq_ds16_c2i.pt (with --checkpoint)",
     )
@@ -47,8 +52,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="VAR: scale schedule, when it cannot be inferred from the checkpoint",
     )
     add_llamagen_file_args(g)
-    g.add_argument("--class-names", metavar="FILE", help="text file with one class name per line")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--class-names", type=FILE, metavar="FILE", help="text file with one class name per line")
+    g.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument(
         "--dtype",
         default="float32",
@@ -61,11 +66,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_llamagen_file_args(g: Any) -> None:
     """What an official LlamaGen GPT file does not say (an argument group or parser)."""
     g.add_argument(
-        "--n-head", type=int, metavar="N", help="LlamaGen GPT: attention heads (default: the release's for its width)"
+        "--n-head", type=HEADS, metavar="N", help="LlamaGen GPT: attention heads (default: the release's for its width)"
     )
     g.add_argument(
         "--image-size",
-        type=int,
+        type=PIXELS,
         metavar="PX",
         help="LlamaGen GPT: image size, fixing the token grid (default: the file name's _256/_384, else 256)",
     )
@@ -73,9 +78,14 @@ def add_llamagen_file_args(g: Any) -> None:
 
 def parse_patch_nums(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.replace("_", ",").split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,2,3,4, got {text!r}") from e
+        nums = tuple(int(x) for x in text.replace("_", ",").split(",") if x.strip())
+    except ValueError:
+        nums = ()
+    if not nums or any(n < 1 or n > 1024 for n in nums):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token-map sides like 1,2,3,4 (1..1024), got {text!r}"
+        )
+    return nums
 
 
 def read_class_names(path: str | None) -> list[str] | None:

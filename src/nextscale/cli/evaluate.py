@@ -8,8 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from nextscale.cli.args import BATCH, CFG, COUNT, PIXELS, SEED, TOP_K, TOP_P, Int
 from nextscale.cli.common import add_model_args, load_pipeline
-from nextscale.errors import InvalidInputError
 
 log = logging.getLogger("nextscale")
 
@@ -23,24 +23,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.add_argument("--out", required=True, help="folder for the PNGs; the .npz is written next to it")
-    p.add_argument("--per-class", type=int, default=50, help="images per class (VAR protocol: 50)")
+    p.add_argument("--per-class", type=COUNT, default=50, help="images per class (VAR protocol: 50)")
     p.add_argument("--classes", default="all", help="'all' or comma-separated class indices/names")
-    p.add_argument("--cfg", type=float, default=None, help="guidance (default: the model's recommended value)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--cfg", type=CFG, default=None, help="guidance (default: the model's recommended value)")
+    p.add_argument("--top-k", type=TOP_K, default=None, help="top-k filter, 0 = off")
+    p.add_argument("--top-p", type=TOP_P, default=None, help="top-p filter")
     p.add_argument("--more-smooth", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--batch-size", type=BATCH, default=16)
     p.add_argument("--no-pack", action="store_true", help="only write PNGs")
     p.set_defaults(func=run_sample)
 
     c = sub.add_parser("train-classifier", help="train the small classifier used as a feature network")
     c.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist5k or an image folder")
     c.add_argument("--data-root", default=None)
-    c.add_argument("--image-size", type=int, default=32)
-    c.add_argument("--epochs", type=int, default=3)
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--image-size", type=PIXELS, default=32)
+    c.add_argument("--epochs", type=Int(1, 100_000), default=3)
+    c.add_argument("--batch-size", type=BATCH, default=128)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--out", required=True, help="folder to write (safetensors + config.json)")
     c.set_defaults(func=run_train_classifier)
 
@@ -53,8 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="classifier:FOLDER or inception:pt_inception-2015-12-05-6726825d.pth "
         "(default: the bundled demo model's classifier)",
     )
-    q.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
-    q.add_argument("-k", type=int, default=3, help="neighbours for precision/recall (default 3)")
+    q.add_argument("--ref-limit", type=COUNT, default=None, help="use only the first N reference images")
+    q.add_argument("-k", type=Int(1, 1000), default=3, help="neighbours for precision/recall (default 3)")
     q.add_argument("--json", default=None, help="also write the results to this file")
     q.set_defaults(func=run_eval)
 
@@ -62,9 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from nextscale.fileio import check_writable
     from nextscale.jobs.sample_set import SampleSetSpec, generate_set, pack
     from nextscale.train import dist
 
+    check_writable(Path(args.out), f"--out {args.out}")  # the folder, and <out>.npz beside it
     info = dist.init(torch.device(args.device))
     try:
         pipe = load_pipeline(args)
@@ -73,8 +75,6 @@ def run_sample(args: argparse.Namespace) -> int:
             if args.classes == "all"
             else tuple(int(pipe.labels(c)[0]) for c in args.classes.split(","))
         )
-        if args.per_class < 1:
-            raise InvalidInputError(f"--per-class must be >= 1, got {args.per_class}")
         params = pipe.sampling_params(
             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth, seed=args.seed
         )
@@ -93,8 +93,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from nextscale.eval.evaluate import evaluate, load_feature_net, load_image_set
+    from nextscale.fileio import atomic_file, check_file_target
     from nextscale.pipeline import bundled_model_dir
 
+    if args.json:
+        check_file_target(args.json, f"--json {args.json}")
     features = args.features or f"classifier:{bundled_model_dir() / 'classifier'}"
     name, net = load_feature_net(features)
     samples, labels = load_image_set(args.samples)
@@ -105,7 +108,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if key != "per_class_accuracy":
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+        text = json.dumps(result, indent=2, default=float) + "\n"
+        atomic_file(args.json, lambda f: f.write(text.encode()))
     return 0
 
 
@@ -114,7 +118,9 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
     from nextscale.data import load_dataset
     from nextscale.eval.classifier import save_classifier, train_classifier
+    from nextscale.fileio import folder_target
 
+    folder_target(args.out, force_hint="another --out")  # before training, not after
     train = load_dataset(args.data, "train", args.image_size, root=args.data_root)
     test = load_dataset(args.data, "test", args.image_size, root=args.data_root)
     model, acc = train_classifier(

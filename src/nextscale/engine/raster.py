@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nextscale.config import MAX_CFG
 from nextscale.engine.kv_cache import ConcatKVCache, KVCache, KVPool, KVSlot
 from nextscale.engine.request import RngMode
 from nextscale.engine.sampling import (
@@ -74,8 +75,10 @@ class RasterParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
-        if self.cfg_scale < 0:
-            raise InvalidInputError(f"cfg_scale must be >= 0 (<= 1 means unguided), got {self.cfg_scale}")
+        if not 0 <= self.cfg_scale <= MAX_CFG:
+            raise InvalidInputError(
+                f"cfg_scale must be in [0, {MAX_CFG:g}] (<= 1 means unguided), got {self.cfg_scale}"
+            )
         if self.temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:

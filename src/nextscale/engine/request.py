@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from nextscale.config import MAX_CFG
 from nextscale.engine.sampling import Generators, request_generators
 from nextscale.errors import InvalidInputError
 
@@ -39,9 +40,9 @@ class SamplingParams:
             isinstance(self.cfg, bool)
             or not isinstance(self.cfg, (int, float))
             or not math.isfinite(self.cfg)
-            or self.cfg < 0
+            or not 0 <= self.cfg <= MAX_CFG
         ):
-            raise InvalidInputError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
+            raise InvalidInputError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {self.cfg!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:

@@ -85,12 +85,14 @@ def load_torch_file(path: Path, pickled_hint: str) -> Any:
         raise
     except pickle.UnpicklingError as e:
         if hint := _not_torch_save(path):  # garbage, not a refused pickle
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({hint})") from e
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_what_it_is(path) or hint})") from e
         raise CheckpointError(
             f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; {pickled_hint}. "
             f"Detail: {error_detail(e)}"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # the unpickler meets garbage with any error (KeyError 101 for a text file, ...)
+        if hint := _not_torch_save(path):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_what_it_is(path) or hint})") from e
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error_detail(e)}"
         ) from e
@@ -133,6 +135,19 @@ def _not_torch_save(path: Path) -> str | None:
     if head[:1] == pickle.PROTO:  # a pickle, but not one torch.save wrote
         return "a pickle.dump file, not torch.save output?"
     return "truncated or corrupt?"
+
+
+def _what_it_is(path: Path) -> str | None:
+    """A guess at what a file that is no checkpoint holds, for the error message."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF")):
+        return "it is an image"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "it is a text file"
 
 
 def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], kind: str, source: str) -> None:
@@ -210,6 +225,11 @@ def infer_vae_config(
     ch, in_ch = sd["encoder.conv_in.weight"].shape[:2]
     vocab, z = sd["quantize.embedding.weight"].shape
     levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        what = "a LlamaGen VQ tokenizer" if any(k.startswith("encoder.conv_blocks.") for k in sd) else "another model"
+        raise CheckpointError(
+            f"{source}: not a VAR VQ-VAE (no encoder.down.N blocks; it looks like {what}): pass VAR's vae_*.pth"
+        )
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
     n_res = len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."))
     shared_k = _indices(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.weight")

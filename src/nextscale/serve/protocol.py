@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from nextscale.config import MAX_CFG
+
 
 class ImageGenerationRequest(BaseModel):
     # NaN and Infinity are valid JSON to Python's parser; rejecting them here names the field (the bounds
@@ -22,7 +24,7 @@ class ImageGenerationRequest(BaseModel):
     class_label: int | str | None = Field(None, description="class index or name; alternative to prompt")
     n: int = Field(1, ge=1, description="number of images")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses a generator from (seed, i)")
-    cfg: float = Field(1.5, ge=0.0, le=100.0, description="guidance: VAR's (0 = none), a raster model's cfg_scale")
+    cfg: float = Field(1.5, ge=0.0, le=MAX_CFG, description="guidance: VAR's (0 = none), a raster model's cfg_scale")
     top_k: int = Field(0, ge=0, description="top-k filter, 0 = off")
     top_p: float = Field(0.0, ge=0.0, le=1.0, description="top-p filter, 0 = off")
     more_smooth: bool = False
