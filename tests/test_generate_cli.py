@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nextscale.cli import generate
 from nextscale.cli.main import main
+from nextscale.errors import InvalidInputError
 from nextscale.pipeline import VARPipeline
 
 
@@ -38,15 +40,13 @@ def counted(monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--grid-cols", "-2"], "--grid-cols must be >= 1 (omit it for an automatic layout), got -2"),
-        (["--grid-cols", "0"], "--grid-cols must be >= 1"),
         (["-o", "{t}/x.gif"], "unknown image format '.gif'; use .png, .jpg, .jpeg, .webp"),
         (["-o", "{t}/noext"], "unknown image format '(no extension)'"),
-        (["--num", "300", "-o", "{t}/g.png"], "a grid of 300 images (0 megapixels) is too large: at most 256 images"),
-        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--num", "300", "-o", "{t}/g.png"], "a grid of 300 images is too large: at most 256 images; write one"),
         (["--num", "3", "--rng", "official", "--batch-size", "2"], "pass --batch-size 3 (or use --rng per_image)"),
         (["--accel", "warp"], "unknown acceleration method 'warp'; available: cfg-cutoff, code, fastvar"),
         (["--accel", "code"], "code needs a refiner"),
+        (["--accel", "warp", "-o", "{t}/d/"], "unknown acceleration method 'warp'"),  # and the folder is not made
     ],
 )
 def test_output_options_are_refused_before_any_sampling(tmp_path, capsys, counted, argv, message):
@@ -104,7 +104,7 @@ def test_chunks_resume_and_equal_one_batch(tmp_path, capsys, counted):
     for n in names:  # same tokens; decoder round-off may move a pixel by one 8-bit level at most
         a, b = (np.asarray(Image.open(d / n), dtype=np.int16) for d in (one, chunked))
         assert np.abs(a - b).max() <= 1
-    assert "6 image(s) of Sneaker, Bag" in err, "classes in the order the user gave them"
+    assert "6 image(s) of Sneaker, Bag (3 per class x 2 classes) in" in err, "classes in the order the user gave them"
     # resume: only the missing files are generated, and they are the same images
     before = {n: (chunked / n).read_bytes() for n in names}
     (chunked / names[1]).unlink()
@@ -112,14 +112,26 @@ def test_chunks_resume_and_equal_one_batch(tmp_path, capsys, counted):
     counted.clear()
     code, err = run([*args, "--batch-size", "2", "-o", f"{chunked}/"], capsys)
     assert code == 0 and counted == [2] and "4 of 6 image(s) already in" in err
+    assert "2 image(s) of Sneaker, Bag (3 per class x 2 classes; 4 of 6 already there) in" in err
     assert {n: (chunked / n).read_bytes() for n in names} == before
 
 
 def test_accel_presets_and_specs_from_the_command_line(tmp_path, capsys, counted):
-    for accel in (["--accel", "balanced"], ["--accel", "cfg-cutoff:last=1", "--accel", "fastvar:keep=0.5"]):
+    """Each run says first what its setting resolved to: the demo's own tuned presets, or the specs as given."""
+    said = {
+        "fast": "--accel fast -> cfg-cutoff, scalekv (model's tuned preset)",
+        "balanced": "--accel balanced -> scalekv (model's tuned preset)",
+        "cfg-cutoff:last=1 fastvar:keep=0.5": "--accel cfg-cutoff:last=1 + fastvar:keep=0.5 -> cfg-cutoff:last=1, "
+        "fastvar:keep=0.5 (as given)",
+    }
+    for specs, line in said.items():
+        accel = [a for spec in specs.split() for a in ("--accel", spec)]
         code, err = run(["generate", "--class", "bag", "--num", "2", *accel, "-o", str(tmp_path / "g.png")], capsys)
         assert code == 0 and "2 image(s) of Bag" in err, err
-    assert counted == [2, 2]
+        assert err.splitlines()[0] == line
+    assert counted == [2, 2, 2]
+    code, err = run(["generate", "--class", "bag", "-o", str(tmp_path / "g.png")], capsys)
+    assert code == 0 and "--accel" not in err, "nothing to say without --accel"
 
 
 def test_separate_files_take_the_extension_of_the_output(tmp_path, capsys):
@@ -159,3 +171,94 @@ def test_two_thousand_images_in_flat_memory(tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 2000
     peak_mb = int(res.stdout.split()[-1]) / 1024
     assert peak_mb < 1536, f"peak RSS {peak_mb:.0f} MB"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Makes loading the model a test failure: these jobs must be refused from their arguments alone."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("the model was loaded for a job that is refused")
+
+    monkeypatch.setattr(generate, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-o", "/proc/nope.png"], "-o /proc/nope.png: cannot write in /proc: No such file or directory"),
+        (["-o", "/proc/nope/"], "-o /proc/nope/: cannot write in /proc: No such file or directory"),
+        (["--separate", "-o", "/sys/s.png"], "-o /sys/s.png: cannot write in /sys: Permission denied"),
+        (
+            ["-o", "{t}/file.txt/g.png"],
+            "-o {t}/file.txt/g.png: cannot be created: {t}/file.txt is a file, not a folder",
+        ),
+        (["-o", "{t}/file.txt/sub/"], "-o {t}/file.txt/sub/: cannot be created: {t}/file.txt is a file, not a folder"),
+    ],
+)
+def test_an_unwritable_output_fails_before_the_model_is_loaded(tmp_path, capsys, no_model, argv, message):
+    (tmp_path / "file.txt").write_text("mine")
+    argv = [a.format(t=tmp_path) for a in argv]
+    code, err = run(["generate", "--class", "bag", *argv], capsys)
+    assert code == 2 and err.splitlines() == [f"nextscale: error: {message.format(t=tmp_path)}"], err
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"], "no probe or temp file left, nothing created"
+
+
+def test_a_huge_job_is_refused_from_its_size_before_anything_is_built(tmp_path, capsys, no_model):
+    argv = ["generate", "--num", "5000000", "--class", "1", "--class", "2", "--class", "3", "-o", f"{tmp_path}/d/"]
+    code, err = run(argv, capsys)
+    assert code == 2 and err.splitlines() == [
+        f"nextscale: error: -o {tmp_path}/d/: 15,000,000 images is too many for one run: at most 10,000,000 "
+        "(--num is per class: the total is --num times the number of --class)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+    t0 = time.perf_counter()  # sized by arithmetic: a trillion images cost nothing to refuse, for either target
+    with pytest.raises(InvalidInputError, match=r"1,000,000,000,000 images is too many for one run"):
+        generate.plan_output(f"{tmp_path}/d/", False, None, 10**12)
+    with pytest.raises(InvalidInputError, match=r"a grid of 1,000,000,000,000 images is too large: at most 256"):
+        generate.plan_output(str(tmp_path / "g.png"), False, None, 10**12)
+    assert time.perf_counter() - t0 < 1
+
+
+def test_the_grid_size_message_gives_a_real_number():
+    plan = generate.plan_output("/tmp/g.png", False, None, 256)
+    with pytest.raises(InvalidInputError) as err:
+        plan.check_grid_pixels(256, 512)
+    assert str(err.value) == (
+        "a grid of 256 images of 512 px is 67.7 megapixels, too large: at most 67.1; write one file per image with "
+        "-o DIR/ instead"
+    )
+    plan.check_grid_pixels(256, 256)  # 16.9 megapixels: fine
+
+
+def test_file_names_do_not_depend_on_the_total(tmp_path, capsys, counted):
+    """A folder a --num 1000 run filled (000..999) gains one image with --num 1001: nothing is renamed or redone."""
+    for i in range(1000):
+        (tmp_path / f"{i:03d}_bag.png").write_bytes(b"png")
+    code, err = run(["generate", "--class", "bag", "--num", "1001", "-o", f"{tmp_path}/"], capsys)
+    assert code == 0 and counted == [1], err
+    assert "1 image(s) of Bag (1000 of 1001 already there) in" in err
+    assert (tmp_path / "1000_bag.png").stat().st_size > 100 and (tmp_path / "000_bag.png").read_bytes() == b"png"
+    assert len(list(tmp_path.iterdir())) == 1001
+
+
+def test_files_named_by_earlier_releases_count_as_done(tmp_path, capsys, counted):
+    """Earlier releases padded to the total's digits (a job of 1,000+ wrote 0000_bag.png): still recognised."""
+    old = [tmp_path / "0000_bag.png", tmp_path / "s_00001_bag.png"]
+    for f in old:
+        f.write_bytes(b"png")
+    code, err = run(["generate", "--class", "bag", "--num", "2", "-o", f"{tmp_path}/"], capsys)
+    assert code == 0 and counted == [1] and "1 of 2 already there" in err, err
+    assert (tmp_path / "001_bag.png").is_file() and not (tmp_path / "000_bag.png").exists()
+    counted.clear()
+    code, err = run(["generate", "--class", "bag", "--num", "3", "--separate", "-o", str(tmp_path / "s.png")], capsys)
+    assert code == 0 and counted == [2], err
+    assert {p.name for p in tmp_path.glob("s_*")} == {"s_000_bag.png", "s_00001_bag.png", "s_002_bag.png"}
+    assert all(f.read_bytes() == b"png" for f in old)
+
+
+def test_the_log_says_num_is_per_class(tmp_path, capsys):
+    code, err = run(
+        ["generate", "--class", "sneaker", "--class", "dress", "--num", "2", "-o", str(tmp_path / "g.png")], capsys
+    )
+    assert code == 0 and err.splitlines()[-1].startswith("4 image(s) of Sneaker, Dress (2 per class x 2 classes) in ")

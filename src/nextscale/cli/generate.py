@@ -3,7 +3,10 @@
 Images are sampled in chunks of ``--batch-size`` and each chunk's files are written (atomically) as soon as it is
 done, so memory stays flat however large ``--num`` is; a folder output resumes by skipping the files that exist
 (image i always comes from the seed (seed, i), so a resumed job writes exactly the images of an uninterrupted one).
-Every output option is checked before any sampling.
+Image i's file is ``<i>_<class>.png`` with i zero-padded to 3 digits (``007_bag.png``, ``1234_bag.png``) whatever
+the total, so a run with a larger ``--num`` keeps what a smaller one wrote; files named by earlier releases, which
+padded to the total's digits (``0007_bag.png``), count as done too. The job's size (``--num`` per class times the
+classes), the output format and the target folder's writability are checked before the model is loaded.
 
 Works with either model family: a VAR model, or a raster (LlamaGen) one, where ``--cfg`` is LlamaGen's cfg_scale and
 ``--cfg-interval``, ``--temperature`` and ``--speculative`` apply; an option of the other family is refused in one
@@ -15,13 +18,19 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import re
 import sys
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nextscale.cli.args import BATCH, CFG, COUNT, SEED, TEMPERATURE, TOP_K, TOP_P, Float, Int
 from nextscale.cli.common import ALL_FAMILIES, add_model_args, load_pipeline, refuse_options, resolve_model
 from nextscale.errors import InvalidInputError
+from nextscale.fileio import check_writable
 from nextscale.images import auto_grid_cols
 
 log = logging.getLogger("nextscale")
@@ -30,6 +39,11 @@ log = logging.getLogger("nextscale")
 MAX_GRID_IMAGES = 256
 MAX_GRID_PIXELS = 64 * 2**20
 GRID_PAD = 2
+# A folder run beyond this takes years on any machine (and its resume scan alone, hours): refused up front.
+MAX_FOLDER_IMAGES = 10_000_000
+# Image i's file is <i padded to at least this many digits>_<class>.png, whatever the job's size: a run with a
+# larger --num resumes the files of a smaller one instead of renaming (and regenerating) them all.
+MIN_DIGITS = 3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,21 +62,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="class index or name; repeat for several (default: class 0)",
     )
-    s.add_argument("--num", type=int, default=1, help="images per class (default: 1)")
+    s.add_argument(
+        "--num", type=COUNT, default=1, help="images per class: --num 4 with two --class gives 8 (default: 1)"
+    )
     s.add_argument(
         "--cfg",
-        type=float,
+        type=CFG,
         default=None,
         help="guidance (default: the model's recommended value): VAR convention (else 1.5), or LlamaGen's "
         "cfg_scale for a raster model (else 4.0; <= 1 = unguided)",
     )
     s.add_argument(
-        "--top-k", type=int, default=None, help="top-k filter, 0 = off (VAR demo: 900; LlamaGen default: 2000)"
+        "--top-k",
+        type=TOP_K,
+        default=None,
+        help="top-k filter, 0 = off (default: the model's recommended value, else 0 for VAR and 2000 for LlamaGen)",
     )
     s.add_argument(
-        "--top-p", type=float, default=None, help="top-p filter (VAR: 0 = off, demo 0.95; LlamaGen: 1.0 = off)"
+        "--top-p",
+        type=TOP_P,
+        default=None,
+        help="top-p filter (default: the model's recommended value; VAR: 0 = off, LlamaGen: 1.0 = off)",
     )
-    s.add_argument("--seed", type=int, default=0, help="seed; image i uses a generator derived from (seed, i)")
+    s.add_argument("--seed", type=SEED, default=0, help="seed; image i uses a generator derived from (seed, i)")
     s.add_argument(
         "--more-smooth", action="store_true", default=None, help="gumbel-softmax code mixing (visual quality)"
     )
@@ -74,7 +96,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--batch-size",
-        type=int,
+        type=BATCH,
         default=None,
         help="images sampled at once (default: chosen from the model's KV-cache size)",
     )
@@ -90,11 +112,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("raster (LlamaGen) models only")
     r.add_argument(
         "--cfg-interval",
-        type=float,
+        type=Float(-1.0, 1e9),
         default=None,
         help="stop guidance after this many decode steps (default: -1, guidance throughout)",
     )
-    r.add_argument("--temperature", type=float, default=None, help="logits temperature (default: 1.0)")
+    r.add_argument("--temperature", type=TEMPERATURE, default=None, help="logits temperature (default: 1.0)")
     r.add_argument(
         "--speculative",
         metavar="SPEC",
@@ -107,14 +129,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--output",
         default="samples.png",
         help="a grid image (.png, .jpg/.jpeg or .webp); an existing directory or a path ending in / gets "
-        "one PNG per image (existing files are kept: an interrupted run resumes)",
+        "one PNG per image, <i>_<class>.png with i padded to 3 digits whatever --num is (existing files are "
+        "kept: an interrupted or enlarged run resumes)",
     )
     o.add_argument(
         "--separate",
         action="store_true",
         help="one file per image next to --output, named after it (<stem>_<i>_<class>.<ext>)",
     )
-    o.add_argument("--grid-cols", type=int, default=None, help="columns of the grid (default: automatic, about square)")
+    o.add_argument(
+        "--grid-cols", type=Int(1, 4096), default=None, help="columns of the grid (default: automatic, about square)"
+    )
     p.set_defaults(func=run)
 
 
@@ -123,7 +148,7 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 @dataclass(frozen=True)
 class OutputPlan:
-    """Where the images go, decided and checked before sampling."""
+    """Where the images go, decided and checked before the model is loaded."""
 
     folder: Path | None  # one file per image in this folder, or None for a grid at ``grid``
     grid: Path | None
@@ -131,16 +156,57 @@ class OutputPlan:
     suffix: str = ".png"
     grid_cols: int | None = None
 
-    def image_path(self, index: int, tag: str, total: int) -> Path:
+    def image_path(self, index: int, tag: str, digits: int = MIN_DIGITS) -> Path:
+        """Image ``index``'s file: its name depends on the index and class only, never on the job's size."""
         assert self.folder is not None
         safe = "".join(c if c.isalnum() else "-" for c in tag).strip("-").lower()
-        return self.folder / f"{self.stem}{index:0{max(3, len(str(total - 1)))}d}_{safe}{self.suffix}"
+        return self.folder / f"{self.stem}{index:0{digits}d}_{safe}{self.suffix}"
+
+    def legacy_digits(self) -> tuple[int, ...]:
+        """The zero-paddings wider than ``MIN_DIGITS`` that files in the folder use (earlier releases padded to
+        the total's digits: ``0005_bag.png`` in a job of 1,000+): a resumed run counts those files as done.
+        One streaming pass over the folder; no names are kept."""
+        if self.folder is None or not self.folder.is_dir():
+            return ()
+        pattern = re.compile(re.escape(self.stem) + rf"(0\d{{{MIN_DIGITS},}})_.*" + re.escape(self.suffix))
+        found: set[int] = set()
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                m = pattern.fullmatch(entry.name)
+                if m:
+                    found.add(len(m.group(1)))
+        return tuple(sorted(found))
+
+    def check_grid_pixels(self, total: int, image_size: int) -> None:
+        """The grid's size in pixels, once the model (its image size) is known; still before any sampling."""
+        if self.grid is None or self.grid_cols is None:
+            return
+        side = image_size + GRID_PAD
+        pixels = (self.grid_cols * side + GRID_PAD) * (math.ceil(total / self.grid_cols) * side + GRID_PAD)
+        if pixels > MAX_GRID_PIXELS:
+            raise InvalidInputError(
+                f"a grid of {total} images of {image_size} px is {pixels / 1e6:.1f} megapixels, too large: at most "
+                f"{MAX_GRID_PIXELS / 1e6:.1f}; write one file per image with -o DIR/ instead"
+            )
 
 
-def plan_output(output: str, separate: bool, grid_cols: int | None, total: int, image_size: int) -> OutputPlan:
-    """Validate the output options against the job; one-line errors, before anything is sampled."""
+def plan_output(output: str, separate: bool, grid_cols: int | None, total: int) -> OutputPlan:
+    """Validate the output options against the job's size (``--num`` x classes) and check that the target folder
+    can be written; one-line errors, before the model is loaded or anything is sampled or created."""
     if grid_cols is not None and grid_cols < 1:
         raise InvalidInputError(f"--grid-cols must be >= 1 (omit it for an automatic layout), got {grid_cols}")
+    plan = _output_kind(output, separate, grid_cols, total)
+    if plan.folder is not None and total > MAX_FOLDER_IMAGES:
+        raise InvalidInputError(
+            f"-o {output}: {total:,} images is too many for one run: at most {MAX_FOLDER_IMAGES:,} "
+            "(--num is per class: the total is --num times the number of --class)"
+        )
+    target = plan.folder if plan.folder is not None else Path(output).parent
+    check_writable(target, f"-o {output}")
+    return plan
+
+
+def _output_kind(output: str, separate: bool, grid_cols: int | None, total: int) -> OutputPlan:
     target = Path(output)
     if target.is_dir() or output.endswith(("/", "\\")):
         return OutputPlan(folder=target, grid=None)
@@ -152,16 +218,12 @@ def plan_output(output: str, separate: bool, grid_cols: int | None, total: int, 
         )
     if separate:
         return OutputPlan(folder=target.parent, grid=None, stem=target.stem + "_", suffix=suffix)
-    cols = grid_cols or auto_grid_cols(total)
-    rows = math.ceil(total / cols)
-    side = image_size + GRID_PAD
-    pixels = (cols * side + GRID_PAD) * (rows * side + GRID_PAD)
-    if total > MAX_GRID_IMAGES or pixels > MAX_GRID_PIXELS:
+    if total > MAX_GRID_IMAGES:
         raise InvalidInputError(
-            f"a grid of {total} images ({pixels / 2**20:.0f} megapixels) is too large: at most {MAX_GRID_IMAGES} "
-            f"images and {MAX_GRID_PIXELS // 2**20} megapixels; write one file per image with -o DIR/ instead"
+            f"a grid of {total:,} images is too large: at most {MAX_GRID_IMAGES} images; write one file per image "
+            "with -o DIR/ instead"
         )
-    return OutputPlan(folder=None, grid=target, grid_cols=cols)
+    return OutputPlan(folder=None, grid=target, grid_cols=grid_cols or auto_grid_cols(total))
 
 
 # Sampling options of one family only (the model options are checked in ``load_pipeline``).
@@ -169,57 +231,97 @@ FAMILY_OPTIONS = {"var": ("--accel", "--more-smooth"), "raster": ("--cfg-interva
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num < 1:
-        raise InvalidInputError(f"--num must be >= 1, got {args.num}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    classes = args.classes or [0]
+    total = args.num * len(classes)  # sized from the arguments: nothing is built, loaded or created before the checks
+    plan = plan_output(args.output, args.separate, args.grid_cols, total)
     resolved = resolve_model(args)
     refuse_options(args, resolved[0], FAMILY_OPTIONS)
     pipe = load_pipeline(args, ALL_FAMILIES, resolved)
-    labels = pipe.labels(args.classes or [0], args.num).tolist()
-    total = len(labels)
-    plan = plan_output(args.output, args.separate, args.grid_cols, total, pipe.image_size)
+    plan.check_grid_pixels(total, pipe.image_size)
+    ids = pipe.labels(classes, 1).tolist()  # one label per --class: image i is of class ids[i // num]
     batch = args.batch_size or pipe.suggested_batch_size()
     if args.rng == "official" and total > batch:
         raise InvalidInputError(
             f"--rng official draws all {total} images from one stream, so they must be one "
             f"batch: pass --batch-size {total} (or use --rng per_image)"
         )
-    tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in labels]
-    todo = list(range(total))
-    if plan.folder is not None:
-        plan.folder.mkdir(parents=True, exist_ok=True)
-        if args.rng == "per_image":  # only per-image seeds make a file independent of the rest of the job
-            todo = [i for i in todo if not _exists(plan.image_path(i, tags[i], total))]
-            if len(todo) < total:
-                log.info(
-                    "%d of %d image(s) already in %s: generating the other %d",
-                    total - len(todo),
-                    total,
-                    plan.folder,
-                    len(todo),
-                )
+    tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in ids]
     settings = sampling_settings(args, pipe, resolved[0])
-    grid_images: list = []
+    todo = _todo(plan, args, total, tags)
     t0 = time.perf_counter()
-    with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
-        for c in range(0, len(todo), batch):
-            chunk = todo[c : c + batch]
-            out = pipe([labels[i] for i in chunk], image_indices=chunk, **settings)
-            if plan.folder is None:
-                grid_images.extend(out.images)
-            else:
-                for i, im in zip(chunk, out.images):
-                    save_image(im, plan.image_path(i, tags[i], total))
-            progress.update(len(chunk))
+    grid_images = _sample(pipe, plan, todo, ids, tags, args, batch, settings)
     dt = time.perf_counter() - t0
     if plan.grid is not None:
         from nextscale.images import make_grid
 
         save_image(make_grid(grid_images, plan.grid_cols, GRID_PAD), plan.grid)
     where = plan.grid if plan.grid is not None else plan.folder
-    log.info("%d image(s) of %s in %.1fs -> %s", len(todo), ", ".join(dict.fromkeys(tags)), dt, where)
+    log.info(
+        "%d image(s) of %s%s in %.1fs -> %s",
+        len(todo),
+        ", ".join(dict.fromkeys(tags)),
+        _job(args, total, len(todo)),
+        dt,
+        where,
+    )
     return 0
+
+
+def _todo(plan: OutputPlan, args: argparse.Namespace, total: int, tags: list[str]) -> Sequence[int]:
+    """The indices to sample: all of them, or for a folder the ones not on disk yet (8 bytes an index, however
+    large the job). Creates the folder: called once every setting is checked."""
+    if plan.folder is None:
+        return range(total)
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    if args.rng != "per_image":  # only per-image seeds make a file independent of the rest of the job
+        return range(total)
+    digits = (MIN_DIGITS, *plan.legacy_digits())
+    todo = array(
+        "q",
+        (i for i in range(total) if not any(_exists(plan.image_path(i, tags[i // args.num], d)) for d in digits)),
+    )
+    if len(todo) < total:
+        log.info(
+            "%d of %d image(s) already in %s: generating the other %d", total - len(todo), total, plan.folder, len(todo)
+        )
+    return todo
+
+
+def _sample(
+    pipe,
+    plan: OutputPlan,
+    todo: Sequence[int],
+    ids: list[int],
+    tags: list[str],
+    args: argparse.Namespace,
+    batch: int,
+    settings: dict,
+) -> list:
+    """Sample ``todo`` in chunks of ``batch``; a folder's files are written as each chunk is done, a grid's images
+    are returned."""
+    grid_images: list = []
+    with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
+        for c in range(0, len(todo), batch):
+            chunk = list(todo[c : c + batch])
+            out = pipe([ids[i // args.num] for i in chunk], image_indices=chunk, **settings)
+            if plan.folder is None:
+                grid_images.extend(out.images)
+            else:
+                for i, im in zip(chunk, out.images):
+                    save_image(im, plan.image_path(i, tags[i // args.num]))
+            progress.update(len(chunk))
+    return grid_images
+
+
+def _job(args: argparse.Namespace, total: int, sampled: int) -> str:
+    """What the job was, when the count alone would mislead: --num is per class, and a resume skips files."""
+    parts = []
+    n_classes = len(args.classes or [0])
+    if n_classes > 1:
+        parts.append(f"{args.num} per class x {n_classes} classes")
+    if sampled < total:
+        parts.append(f"{total - sampled} of {total} already there")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def sampling_settings(args: argparse.Namespace, pipe, family: str) -> dict:
@@ -237,9 +339,23 @@ def sampling_settings(args: argparse.Namespace, pipe, family: str) -> dict:
         settings.update(cfg_interval=args.cfg_interval, temperature=args.temperature, speculative=args.speculative)
         pipe.sampling_params(args.cfg, args.cfg_interval, args.top_k, args.top_p, args.temperature, args.seed)
         if args.speculative is not None:
-            pipe.speculative_config(args.speculative)
+            window = pipe.speculative_config(args.speculative).window
+            log.info("--speculative %s", pipe.describe_accel(args.speculative))
+            batch = min(args.batch_size or pipe.suggested_batch_size(), len(args.classes or [0]) * args.num)
+            if batch > 1 and pipe.device.type == "cpu":
+                # A pass verifies `window` guesses of every image: at batch > 1 a CPU is compute-bound and the fewer
+                # passes no longer pay (benchmarks/RESULTS.md, "Speculative decoding ... batch size").
+                log.info(
+                    "--speculative at batch %d on a CPU: each pass verifies %d guesses per image, so past batch 1 it "
+                    "is slower than exact (bundled raster demo: 1.6x faster at batch 1, 0.84x at 4, 0.52x at 40); "
+                    "it pays for one image's latency (--batch-size 1), not for throughput",
+                    batch,
+                    window,
+                )
         return settings
     pipe.plan(args.accel)  # an unknown or impossible combination fails here, before any sampling
+    if args.accel is not None:  # what a preset or spec runs: the model's tuned preset, the built-in one, as given
+        log.info("--accel %s", pipe.describe_accel(args.accel))
     return {**settings, "accel": args.accel, "more_smooth": args.more_smooth}
 
 
