@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         with timings("tokenize data"):
             for split in ("train", "test"):
                 ds = load_dataset("fashion-mnist", split, 32, root=data_root)
-                cached_tokens(vae, ds, "fashion-mnist", split, False, gpt_cfg.out_dir, DistInfo())
+                cached_tokens(vae, ds, split, False, DistInfo())
     with timings("gpt"):
         if not done and not _run(gpt_cfg):
             return 3

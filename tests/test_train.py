@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from nextscale.errors import ConfigError
 from nextscale.pipeline import VARPipeline
-from nextscale.train.config import VAETrainConfig, VARTrainConfig
+from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig, VARTrainConfig
 from nextscale.train.metrics_log import plot_losses, read_metrics
 from nextscale.train.runner import run_training
 
@@ -130,7 +130,7 @@ def test_loss_from_scale_trains_the_late_scales_only(tmp_path, tokenizer, data_d
     b = task.model.scales.begin_ends[2][0]
     w = task.loss_weight_L
     assert (w[:b] == 0).all() and torch.allclose(w[b:].sum(), torch.tensor(1.0))
-    with pytest.raises(ConfigError, match="loss_from_scale must be >= 0"):
+    with pytest.raises(ConfigError, match=r"loss_from_scale must be an int in 0\.\.4096, got -1"):
         VARTrainConfig(tokenizer="t", loss_from_scale=-1)
     bad = VARTrainConfig(
         data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "b"), **VAR_KW, loss_from_scale=9
@@ -246,13 +246,19 @@ def _flags(kw: dict) -> list[str]:
 
 @contextlib.contextmanager
 def _train_logs(caplog):
-    logger = logging.getLogger("nextscale")  # an in-process CLI run may have stopped it propagating to root
+    """Every "nextscale" record in ``caplog`` exactly once, whatever ran before: caplog's handler on the logger
+    itself (an in-process CLI run stops it propagating to root) and, meanwhile, no propagation (else the handler's
+    copy on root got each record a second time)."""
+    logger = logging.getLogger("nextscale")
+    propagate = logger.propagate
     logger.addHandler(caplog.handler)
+    logger.propagate = False
     try:
         with caplog.at_level(logging.INFO, logger="nextscale"):
             yield
     finally:
         logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
 
 
 def test_corrupt_last_checkpoint_points_to_the_older_one(tmp_path, data_dir, capsys):
@@ -391,7 +397,6 @@ def test_two_process_ddp_matches_single_process(tmp_path, tokenizer, data_dir):
 def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, data_dir, caplog):
     """A 3-class model fine-tuned on 2 classes: the architecture and every non-class weight carry over, the
     class embedding keeps the first rows and the null row, and the resize is stated in the log."""
-    import logging
     import shutil
 
     base = run_training(
@@ -401,21 +406,16 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
     for name in CLASSES[:2]:
         shutil.copytree(data_dir / name, two / name)
     kw = {**VAR_KW, "depth": 1, "embed_dim": 32, "steps": 1, "lr": 1e-9, "warmup": 0.0}  # ignored: pretrained shape
-    logger = logging.getLogger("nextscale")  # an in-process CLI run may have stopped it propagating to root
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="nextscale"):
-            tuned = run_training(
-                VARTrainConfig(
-                    data=str(two),
-                    tokenizer=str(tokenizer),
-                    out_dir=str(tmp_path / "ft"),
-                    init_from=base["export"],
-                    **kw,
-                )
+    with _train_logs(caplog):
+        tuned = run_training(
+            VARTrainConfig(
+                data=str(two),
+                tokenizer=str(tokenizer),
+                out_dir=str(tmp_path / "ft"),
+                init_from=base["export"],
+                **kw,
             )
-    finally:
-        logger.removeHandler(caplog.handler)
+        )
     assert "class embedding resized from 3+1 to 2+1 rows" in caplog.text
     pipe = VARPipeline.from_pretrained(tuned["export"])
     assert pipe.class_names == tuple(sorted(CLASSES[:2])) and pipe.transformer.cfg.depth == VAR_KW["depth"]
@@ -455,3 +455,302 @@ def test_bf16_autocast_training_runs_and_exports_float32_weights(tmp_path, token
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
     train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
     assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
+
+
+# ---- refused before any work, nothing left behind, tokens shared by runs ----------------------------------------
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time (empty when ``root`` does not exist)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A token cache of this test alone (not yet created)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NEXTSCALE_CACHE", str(cache))
+    return cache
+
+
+def _exit_code(argv: list[str]) -> int:
+    from nextscale.cli.main import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize(
+    "cls, kw, message",
+    [
+        (VARTrainConfig, {"depth": 0}, "depth must be an int in 1..4096, got 0"),
+        (VARTrainConfig, {"lr": float("nan")}, "lr must be a finite number in (0, 1], got nan"),
+        (VARTrainConfig, {"lr": float("inf")}, "lr must be a finite number in (0, 1], got inf"),
+        (VARTrainConfig, {"steps": True}, "steps must be an int in 1..2147483647, got True"),
+        (VARTrainConfig, {"batch_size": 2.0}, "batch_size must be an int in 1..2147483647, got 2.0"),
+        (VARTrainConfig, {"seed": -1}, "seed must be an int in 0..9223372036854775807, got -1"),
+        (VARTrainConfig, {"warmup": 1.0}, "warmup must be a finite number in [0, 1), got 1.0"),
+        (VARTrainConfig, {"cond_drop": 1.0}, "cond_drop must be a finite number in [0, 1), got 1.0"),
+        (VARTrainConfig, {"grad_clip": -1.0}, "grad_clip must be a finite number in [0, 1e+06], got -1.0"),
+        (VARTrainConfig, {"weight_decay_end": float("nan")}, "weight_decay_end must be a finite number in [0, 100]"),
+        (VARTrainConfig, {"embed_dim": 100, "num_heads": 3}, "embed_dim 100 is not divisible by num_heads 3"),
+        (VARTrainConfig, {"mlp_ratio": 0.001, "embed_dim": 64, "num_heads": 1}, "gives an MLP of no units"),
+        (VARTrainConfig, {"device": "bogus"}, "device must be a device such as cpu, cuda or cuda:1"),
+        (VARTrainConfig, {"precision": "fp8"}, "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+        (VARTrainConfig, {"progress": "yes"}, "progress must be true or false, got 'yes'"),
+        (VARTrainConfig, {"out_dir": ""}, "out_dir must be a folder path, got ''"),
+        (VARTrainConfig, {"batch_size": 10, "grad_accum": 4}, "batch_size 10 is not divisible by grad_accum 4"),
+        (VAETrainConfig, {"patch_nums": (1, 4, 2)}, "patch_nums must be strictly increasing"),
+        (VAETrainConfig, {"ch_mult": ()}, "ch_mult must be a non-empty list of ints in 1..64"),
+        (VAETrainConfig, {"ch": 30}, "must be a multiple of 32 (GroupNorm groups)"),
+        (VAETrainConfig, {"beta": float("-inf")}, "beta must be a finite number in [0, 1e+06], got -inf"),
+        (VAETrainConfig, {"vocab_size": 1}, "vocab_size must be an int in 2..16777216, got 1"),
+        (LlamaGenTrainConfig, {"num_kv_heads": 0}, "num_kv_heads must be an int in 1..65536, got 0"),
+    ],
+)
+def test_every_setting_is_checked_when_the_config_is_built(cls, kw, message):
+    base = {} if cls is VAETrainConfig else {"tokenizer": "t"}
+    with pytest.raises(ConfigError) as e:
+        cls(**base, **kw)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_every_numeric_setting_declares_its_range():
+    """The range is the one place a setting's allowed values live: the config checks it, the CLI parses with it."""
+    import typing
+
+    from nextscale.train.config import FLOATS, INT_LISTS, INTS
+
+    declared = {**INTS, **FLOATS, **INT_LISTS}
+    for cls in (VAETrainConfig, VARTrainConfig, LlamaGenTrainConfig):
+        hints = typing.get_type_hints(cls)
+        numeric = [f.name for f in dataclasses.fields(cls) if re.search(r"\b(int|float)\b", str(hints[f.name]))]
+        assert numeric and not set(numeric) - set(declared), set(numeric) - set(declared)
+        cls(**({} if cls is VAETrainConfig else {"tokenizer": "t"}))  # the defaults lie inside their ranges
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--depth", "0"], "argument --depth: expected an integer in 1..4_096, got '0'"),
+        (["train", "--steps", "abc"], "argument --steps: expected an integer in 1..2_147_483_647, got 'abc'"),
+        (["train", "--lr", "nan"], "argument --lr: expected a finite number > 0 and <= 1, got 'nan'"),
+        (["train-vae", "--patch-nums", "1,x"], "argument --patch-nums: expected comma-separated integers in 1..1024"),
+        (["train", "--tokenizer", "t", "--cond-drop", "1"], "cond_drop must be a finite number in [0, 1), got 1.0"),
+    ],
+)
+def test_bad_flags_are_one_line_before_anything_happens(tmp_path, own_cache, argv, message, capsys):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    assert _exit_code([*argv, "--out-dir", str(out)]) == 2
+    assert time.perf_counter() - t0 < 1.0, "refused at once, not after reading or tokenizing the data"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and not own_cache.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss-from-scale", "9"], "loss_from_scale=9: the model has scales 0..3"),
+        (["--arch", "llamagen"], "--arch llamagen needs a single-scale VQ-VAE"),
+        (["--progressive", "0.5", "--pg0", "4"], "pg0=4: progressive training starts within the scales 0..3"),
+        (["--batch-size", "512"], "the dataset has 72 items, fewer than one global batch of 512"),
+        (["--init-from", "{tmp}/missing"], "init_from {tmp}/missing: no such folder or file"),
+        (["--tokenizer", "{tmp}/missing"], "tokenizer {tmp}/missing: no such folder or file"),
+        (["--out-dir", "{tmp}/file.txt/run"], "cannot be created: {tmp}/file.txt is a file, not a folder"),
+    ],
+)
+def test_settings_the_tokenizer_or_data_refuse_are_refused_before_tokenizing(
+    tmp_path, own_cache, tokenizer, data_dir, extra, message, capsys
+):
+    """Nothing is tokenized, cached or written for a run that cannot start (the issue: 107 s of tokenizing, then
+    the error, and a 36 MB cache and a config.json left behind)."""
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    before = _listing(tmp_path)
+    argv = ["train", "--data", str(data_dir), "--tokenizer", str(tokenizer), "--out-dir", str(tmp_path / "run")]
+    argv += ["--depth", "1", "--embed-dim", "32", "--num-heads", "1", "--batch-size", "8", "--steps", "2"]
+    assert _exit_code([*argv, *[x.format(tmp=tmp_path) for x in extra]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
+    assert _listing(tmp_path) == before, "no cache, no run folder"
+
+
+def _fail_at_optimizer_step(monkeypatch, n: int, before_crash=lambda: None) -> None:
+    """Make the ``n``-th optimizer step of a run raise (a crash mid-training: out of memory, a NaN guard, a bug)."""
+    from nextscale.train import loop
+
+    real, calls = loop._optimizer_step, []
+
+    def step(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            before_crash()
+            raise RuntimeError("simulated crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+
+
+def test_a_failed_first_start_leaves_nothing_behind(tmp_path, tokenizer, data_dir, monkeypatch):
+    """Crashing after config.json and the first metrics are written, before any checkpoint: the folders this run
+    created are gone; in a folder that existed, only what was there before remains, unchanged."""
+    kw = {**VAR_KW, "ckpt_every": 4}  # metrics after every step; the crash comes at step 2, before a checkpoint
+    new = tmp_path / "new" / "run"
+    _fail_at_optimizer_step(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(new), **kw))
+    assert not (tmp_path / "new").exists()
+
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text('{"my": "own"}')
+    before = _contents(mine)
+    added = mine / "added-while-it-ran.txt"  # not the run's: kept
+    _fail_at_optimizer_step(monkeypatch, 2, before_crash=lambda: added.write_text("also mine"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(mine), **kw))
+    assert _contents(mine) == {**before, added.name: b"also mine"} and (mine / "sub").is_dir()
+
+
+def test_a_failed_resume_leaves_the_run_as_it_was(tmp_path, tokenizer, data_dir, monkeypatch):
+    """A resumed run that crashes before its next checkpoint puts back the config.json and metrics.jsonl it
+    rewrote, so the folder is the resumable run it was; after a checkpoint the folder is kept as it is."""
+    cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "r"), **VAR_KW)
+    run_training(dataclasses.replace(cfg, stop_after=2))
+    before = _contents(tmp_path / "r")
+    assert {"config.json", "metrics.jsonl", "checkpoints/last.pt"} <= set(before)
+    _fail_at_optimizer_step(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(dataclasses.replace(cfg, resume=True, lr=2e-3))
+    assert _contents(tmp_path / "r") == before
+    _fail_at_optimizer_step(monkeypatch, 3)  # steps 3 and 4 done, checkpoint at 4, crash at step 5
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(dataclasses.replace(cfg, resume=True))
+    kept = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert kept["step"] == 4 and json.loads((tmp_path / "r" / "config.json").read_text())["resume"] is True
+
+
+def test_a_new_run_folder_reuses_the_tokens_of_earlier_runs(tmp_path, own_cache, tokenizer, data_dir, caplog):
+    kw = {**VAR_KW, "steps": 1, "eval_every": 100, "ckpt_every": 100}
+
+    def run(name: str) -> str:
+        caplog.clear()
+        with _train_logs(caplog):
+            run_training(
+                VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / name), **kw)
+            )
+        return caplog.text
+
+    first = run("a")
+    assert "tokenizing 72 train images once" in first and "tokenizing 72 test images once" in first, first
+    cached = _listing(own_cache)
+    assert sorted(Path(p).name.split("-")[1] for p in cached if p.endswith(".pt")) == ["test", "train"]
+    assert not (tmp_path / "a" / "cache").exists(), "the run folder holds the run, not the tokens"
+    second = run("b")
+    assert "tokenizing" not in second and second.count("reusing the cached tokens of 72") == 2, second
+    assert _listing(own_cache) == cached, "not one cache file rewritten"
+
+
+def test_the_token_cache_key_follows_the_images_and_the_tokenizer(tmp_path, tokenizer, data_dir):
+    import shutil
+
+    from nextscale.data import TensorImageDataset, load_dataset
+    from nextscale.models.native import load_tokenizer
+    from nextscale.train.tokens import cache_path
+
+    vae = load_tokenizer(tokenizer)
+    key = cache_path(vae, load_dataset(str(data_dir), "train", 16), "train", False)
+    assert key == cache_path(vae, load_dataset(str(data_dir), "train", 16), "train", False), "stable"
+    assert key != cache_path(vae, load_dataset(str(data_dir), "train", 16), "train", True)  # + mirrored
+    assert key != cache_path(vae, load_dataset(str(data_dir), "test", 16), "train", False)  # centre crops
+    copy = shutil.copytree(data_dir, tmp_path / "copy")
+    img = next(copy.rglob("*.png"))
+    before = cache_path(vae, load_dataset(str(copy), "train", 16), "train", False)
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # the image was edited
+    assert before != cache_path(vae, load_dataset(str(copy), "train", 16), "train", False)
+    pixels = np.zeros((4, 16, 16), np.uint8)
+    same = cache_path(vae, TensorImageDataset(pixels, [0, 1, 0, 1], ["a", "b"]), "train", False)
+    assert same == cache_path(vae, TensorImageDataset(pixels.copy(), [0, 1, 0, 1], ["a", "b"]), "train", False)
+    pixels[0, 0, 0] = 1
+    assert same != cache_path(vae, TensorImageDataset(pixels, [0, 1, 0, 1], ["a", "b"]), "train", False)
+    with torch.no_grad():
+        vae.quantize.embedding.weight[0, 0] += 1e-3  # a retrained tokenizer
+    assert key != cache_path(vae, load_dataset(str(data_dir), "train", 16), "train", False)
+
+
+def test_a_damaged_cache_file_is_tokenized_again(own_cache, tokenizer, data_dir, caplog):
+    from nextscale.data import load_dataset
+    from nextscale.models.native import load_tokenizer
+    from nextscale.train.dist import DistInfo
+    from nextscale.train.tokens import cache_path, cached_tokens
+
+    vae, ds = load_tokenizer(tokenizer), load_dataset(str(data_dir), "test", 16)
+    good = cached_tokens(vae, ds, "test", False, DistInfo(), progress=False)
+    path = cache_path(vae, ds, "test", False)
+    path.write_bytes(b"half a file")
+    with _train_logs(caplog):
+        again = cached_tokens(vae, ds, "test", False, DistInfo(), progress=False)
+    assert "are unreadable" in caplog.text and "tokenizing 72 test images once" in caplog.text
+    assert torch.equal(again.idx_NL, good.idx_NL) and torch.equal(again.labels_N, good.labels_N)
+    assert torch.equal(torch.load(path, weights_only=True)["idx"], good.idx_NL)
+
+
+def test_tokenizing_reports_progress_at_most_every_10_s(caplog, monkeypatch):
+    from nextscale.train.tokens import TokenizeProgress
+
+    now = [0.0]
+    with _train_logs(caplog):
+        bar = TokenizeProgress(1000, "train", enabled=True, clock=lambda: now[0])
+        for _ in range(10):  # 100 images every 4 s
+            now[0] += 4.0
+            bar.update(100)
+        bar.close()
+        TokenizeProgress(10, "test", enabled=False).update(10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tokenizing train: 300/1000 images (30%), ETA 28s",
+        "tokenizing train: 600/1000 images (60%), ETA 16s",
+        "tokenizing train: 900/1000 images (90%), ETA 4s",
+    ]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = TokenizeProgress(10, "train", enabled=True)
+    assert bar.bar is not None and not bar.lines
+    bar.close()
+
+
+def test_the_cache_folder_is_the_users_and_never_theirs_in_the_suite(monkeypatch, tmp_path_factory):
+    from nextscale import env
+
+    assert env.cache_dir().is_relative_to(tmp_path_factory.getbasetemp()), "the suite must not write the user's cache"
+    monkeypatch.delenv("NEXTSCALE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
+    assert env.cache_dir() == Path("/x/cache/nextscale")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: ignored
+    assert env.cache_dir() == Path.home() / ".cache" / "nextscale"
+    monkeypatch.setenv("NEXTSCALE_CACHE", "~/elsewhere")
+    assert env.cache_dir() == Path.home() / "elsewhere"
+
+
+def test_export_of_a_folder_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    from nextscale.cli.main import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--export", "--out-dir", str(empty)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"nextscale: error: {empty / 'checkpoints'}: no checkpoint to export (train first, or name one with "
+        "--resume-from)"
+    ]
+    assert list(empty.iterdir()) == []

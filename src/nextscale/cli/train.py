@@ -4,7 +4,8 @@ CLI cannot drift from the library (every ``VARTrainConfig`` and ``LlamaGenTrainC
 ``train --arch var`` (the default) trains VAR on a multi-scale tokenizer, ``train --arch llamagen`` a raster-order
 LlamaGen GPT on a single-scale one (``train-vae --patch-nums 16 ...``); a flag of the other architecture is a
 one-line error. ``--export`` writes the model of a run's newest checkpoint without training.
-Single process by default; under ``torchrun --nproc_per_node=N`` the same commands run DDP.
+Single process by default; under ``torchrun --nproc_per_node=N`` the same commands run DDP. Each flag parses with
+the range its config field declares (``train.config.INTS``/``FLOATS``), so a bad value is one line naming the flag.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import json
 import logging
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
 
+from nextscale.cli.args import DEVICE, FILE, Float, Int
 from nextscale.errors import ConfigError
 
 log = logging.getLogger("nextscale")
@@ -68,12 +71,44 @@ def add_config_args(p: argparse.ArgumentParser, *classes: type) -> None:
         help_ = HELP.get(name, "") + _defaults_help(name, owners, classes)
         if t is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif typing.get_origin(t) is tuple:
-            p.add_argument(
-                flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, metavar="A,B,...", help=help_
-            )
         else:
-            p.add_argument(flag, type=t, default=None, help=help_)
+            metavar = "A,B,..." if typing.get_origin(t) is tuple else None
+            p.add_argument(flag, type=flag_type(name, t), default=None, metavar=metavar, help=help_)
+
+
+@dataclass(frozen=True)
+class IntList(Int):
+    """Comma-separated integers, each in ``[lo, hi]`` (``--patch-nums 1,2,4,8``)."""
+
+    def wanted(self) -> str:
+        return f"comma-separated integers in {self.lo}..{self.hi} like 1,2,4"
+
+    def __call__(self, text: str) -> tuple[int, ...]:  # type: ignore[override]
+        try:
+            return tuple(super(IntList, self).__call__(x) for x in text.split(","))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected {self.wanted()}, got {text!r}") from None
+
+
+def flag_type(name: str, t: Any) -> Any:
+    """The parser of a setting's flag: numbers with the range the config class declares (so a bad value is refused
+    naming its flag, as every other command's are), the device and checkpoint by what they name, text as it is."""
+    from nextscale.train.config import FLOATS, INT_LISTS, INTS
+
+    if name in INTS:
+        return Int(*INTS[name])
+    if name in FLOATS:
+        i = FLOATS[name]
+        return Float(i.lo, i.hi, i.lo_open)  # an open upper end (a rate < 1) is the config's to refuse
+    if name in INT_LISTS:
+        return IntList(*INT_LISTS[name])
+    if name == "device":
+        return DEVICE
+    if name == "resume_from":
+        return FILE
+    if t is not str:
+        raise TypeError(f"the setting {name} ({t}) has no declared range in nextscale.train.config")
+    return str
 
 
 def _defaults_help(name: str, owners: list[type], classes: tuple[type, ...]) -> str:
@@ -113,7 +148,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ("train", tuple(ARCHS.values()), "train a transformer (VAR, or a LlamaGen raster GPT) on a trained tokenizer"),
     )
     for name, classes, text in jobs:
-        p = sub.add_parser(name, help=text, description=f"{text}. Runs under torchrun for DDP.")
+        description = f"{text}. Runs under torchrun for DDP."
+        if name == "train":
+            description += (
+                " The dataset is tokenized once, into a cache every run shares: $NEXTSCALE_CACHE, else "
+                "$XDG_CACHE_HOME/nextscale, else ~/.cache/nextscale (deleting it only costs the tokenizing again)."
+            )
+        p = sub.add_parser(name, help=text, description=description)
         if len(classes) > 1:
             p.add_argument(
                 "--arch",

@@ -83,9 +83,18 @@ def open_resume(cfg: LoopConfig, folder: Path) -> Resumed | None:
     """The checkpoint a run continues from: ``resume_from``, else (``resume``) last.pt or prev.pt in ``folder``."""
     if cfg.resume_from:
         return Resumed(Path(cfg.resume_from), load_training_state(cfg.resume_from))
-    last, prev = folder / LAST, folder / PREV
     if not cfg.resume:
         return None
+    resumed = newest_checkpoint(folder)
+    if resumed is None:
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", folder)
+    return resumed
+
+
+def newest_checkpoint(folder: Path) -> Resumed | None:
+    """last.pt in ``folder``, else prev.pt (killed between moving last.pt aside and writing the new one), else
+    None; a bad last.pt is an error that names prev.pt when there is one."""
+    last, prev = folder / LAST, folder / PREV
     if last.is_file():
         try:
             return Resumed(last, load_training_state(last))
@@ -93,9 +102,8 @@ def open_resume(cfg: LoopConfig, folder: Path) -> Resumed | None:
             if not prev.is_file():
                 raise
             raise CheckpointError(f"{e}; the checkpoint before it can be resumed with --resume-from {prev}") from e
-    if prev.is_file():  # killed between moving last.pt aside and writing the new one
+    if prev.is_file():
         return Resumed(prev, load_training_state(prev))
-    log.info("--resume: no checkpoint in %s yet, starting from scratch", folder)
     return None
 
 

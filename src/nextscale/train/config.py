@@ -1,15 +1,119 @@
-"""Frozen configurations of the training jobs (tokenizer; VAR or LlamaGen transformer), validated at construction."""
+"""Frozen configurations of the training jobs (tokenizer; VAR or LlamaGen transformer), validated at construction.
+
+Every setting is checked when a config is built (``__post_init__``, with the shared validators of
+``nextscale.config``), so a bad value is refused in one line before a dataset is read or a file is written. The
+allowed range of every numeric setting is declared once, in ``INTS``/``FLOATS``/``INT_LISTS``: the configs check
+it, and ``nextscale train``'s flags parse with it. What needs the tokenizer or the data (its scales, its classes)
+is checked by the task before it tokenizes anything.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from nextscale.config import (
+    VARConfig,
+    VQVAEConfig,
+    check_bool,
+    check_choice,
+    check_device,
+    check_float,
+    check_int,
+    check_text,
+)
 from nextscale.errors import ConfigError
 
+if TYPE_CHECKING:
+    from nextscale.models.llamagen import LlamaGenConfig
+
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_COUNT = 2**31 - 1  # steps, batch sizes, intervals: far beyond any run, and exact as a float (warm-up rounding)
+MAX_SEED = 2**63 - 1  # the CLI's seed bound; the task generators add small offsets, within torch's 64-bit seeds
+MAX_LR = 1.0  # an AdamW step moves each weight by about lr: beyond 1 no run converges
+GREY_DATASETS = ("fashion-mnist", "mnist5k")  # built-in sets of 1-channel images; folders are read as RGB
+
+
+class Interval(NamedTuple):
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+
+FRACTION = Interval(0.0, 1.0, hi_open=True)  # a rate or share: 1 would drop, smooth or average away everything
+WEIGHT = Interval(0.0, 1e6)  # a loss weight or clipping norm (0 = off)
+
+# The allowed values of every numeric setting of every training config (a name means the same in each class).
+# Bounds are what a run can honour, not what a typical run uses.
+INTS: dict[str, tuple[int, int]] = {
+    "batch_size": (1, MAX_COUNT),
+    "grad_accum": (1, MAX_COUNT),
+    "steps": (1, MAX_COUNT),
+    "log_every": (1, MAX_COUNT),
+    "eval_every": (1, MAX_COUNT),
+    "ckpt_every": (1, MAX_COUNT),
+    "stop_after": (1, MAX_COUNT),
+    "seed": (0, MAX_SEED),
+    "image_size": (1, 16_384),
+    "vocab_size": (2, 2**24),
+    "z_channels": (1, 65_536),
+    "ch": (1, 65_536),
+    "num_res_blocks": (0, 256),
+    "share_quant_resi": (0, 4096),  # 0: one residual conv per scale
+    "dead_code_every": (0, MAX_COUNT),  # 0 = never
+    "depth": (1, 4096),
+    "embed_dim": (1, 2**20),
+    "num_heads": (1, 65_536),
+    "num_kv_heads": (1, 65_536),
+    "pg0": (0, 4096),
+    "loss_from_scale": (0, 4096),
+}
+FLOATS: dict[str, Interval] = {
+    "lr": Interval(0.0, MAX_LR, lo_open=True),
+    "weight_decay": Interval(0.0, 100.0),
+    "weight_decay_end": Interval(0.0, 100.0),
+    "warmup": FRACTION,  # of the steps
+    "wp0": Interval(0.0, 1.0),  # factors of the peak learning rate at the first and the last step
+    "wpe": Interval(0.0, 1.0),
+    "grad_clip": WEIGHT,
+    "ema": FRACTION,
+    "progress_every_s": Interval(0.0, 7 * 86_400.0, lo_open=True),
+    "l1_weight": WEIGHT,
+    "vq_weight": WEIGHT,
+    "beta": WEIGHT,
+    "mlp_ratio": Interval(0.0, 256.0, lo_open=True),
+    "drop_path_rate": FRACTION,
+    "init_adaln_gamma": WEIGHT,
+    "cond_drop": FRACTION,
+    "label_smoothing": FRACTION,
+    "progressive": Interval(0.0, 1.0),  # share of the steps over which scales are added; 0 = off
+}
+INT_LISTS: dict[str, tuple[int, int]] = {"patch_nums": (1, 1024), "ch_mult": (1, 64)}
+
+
+def _check_numbers(cfg: Any) -> None:
+    """Every numeric setting of ``cfg`` against its declared range (an optional one may be None); tuples of ints
+    become tuples (lists come from JSON), so the config stays hashable."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.default is None:
+            continue
+        if f.name in INTS:
+            check_int(f.name, value, *INTS[f.name])
+        elif f.name in FLOATS:
+            i = FLOATS[f.name]
+            check_float(f.name, value, i.lo, i.hi, lo_open=i.lo_open, hi_open=i.hi_open)
+        elif f.name in INT_LISTS:
+            lo, hi = INT_LISTS[f.name]
+            ok = isinstance(value, (list, tuple)) and value
+            if not ok or any(isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi for v in value):
+                raise ConfigError(
+                    f"{f.name} must be a non-empty list of ints in {lo}..{hi} (on the command line: 1,2,4), "
+                    f"got {value!r}"
+                )
+            object.__setattr__(cfg, f.name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -43,26 +147,23 @@ class LoopConfig:
     progress: bool = True
     progress_every_s: float = 30.0  # without a terminal: a progress line this often (and at each 10 % of steps)
     compile: bool = False  # torch.compile the trained module (fuses the memory-bound elementwise work)
+    export_name: ClassVar[str] = "model"  # the folder under out_dir the end of training writes
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "ckpt_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        _check_numbers(self)  # every class's numeric settings, before the checks that combine them
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, bool):
+                check_bool(f.name, getattr(self, f.name))
+        check_text("data", self.data, "a built-in dataset name (fashion-mnist, mnist5k) or an image folder")
+        check_text("out_dir", self.out_dir, "a folder path")
+        if self.data_root is not None:
+            check_text("data_root", self.data_root, "a folder path")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ConfigError(f"ema decay must be in [0, 1), got {self.ema}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if not 0 < self.progress_every_s < math.inf:
-            raise ConfigError(f"progress_every_s must be a number of seconds > 0, got {self.progress_every_s}")
+        check_choice("precision", self.precision, PRECISIONS)
+        check_device("device", self.device)
+        if self.resume_from is not None:
+            check_text("resume_from", self.resume_from, "a training checkpoint file")
 
     @property
     def warmup_steps(self) -> int:
@@ -102,16 +203,37 @@ class VAETrainConfig(LoopConfig):
     vq_weight: float = 1.0
     beta: float = 0.25
     dead_code_every: int = 50  # re-seed codes unused for this many steps (0 = never)
+    export_name: ClassVar[str] = "tokenizer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        self.vqvae_config()  # the tokenizer's own shape rules (increasing scales, GroupNorm widths)
         if self.image_size != self.patch_nums[-1] * 2 ** (len(self.ch_mult) - 1):
             raise ConfigError(
                 f"image_size {self.image_size} != patch_nums[-1] * 2**(len(ch_mult)-1) = "
                 f"{self.patch_nums[-1]} * {2 ** (len(self.ch_mult) - 1)}"
             )
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the images the tokenizer is trained on: 1 for the grey built-in sets, else 3 (RGB)."""
+        return 1 if self.data in GREY_DATASETS else 3
+
+    def vqvae_config(self) -> VQVAEConfig:
+        """The VQ-VAE this job trains."""
+        return VQVAEConfig(
+            vocab_size=self.vocab_size,
+            z_channels=self.z_channels,
+            ch=self.ch,
+            ch_mult=self.ch_mult,
+            num_res_blocks=self.num_res_blocks,
+            in_channels=self.in_channels,
+            using_sa=self.using_sa,
+            using_mid_sa=self.using_sa,
+            beta=self.beta,
+            share_quant_resi=self.share_quant_resi,
+            patch_nums=self.patch_nums,
+        )
 
 
 @dataclass(frozen=True)
@@ -140,14 +262,42 @@ class VARTrainConfig(LoopConfig):
         super().__post_init__()
         if not self.tokenizer:
             raise ConfigError("tokenizer is required: the folder written by `nextscale train-vae`")
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.loss_from_scale < 0:
-            raise ConfigError(f"loss_from_scale must be >= 0, got {self.loss_from_scale}")
+        check_text("tokenizer", self.tokenizer, "the folder written by `nextscale train-vae`")
+        if self.init_from is not None:
+            check_text("init_from", self.init_from, "a native model folder or an official var_d*.pth")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if round(self.embed_dim * self.mlp_ratio) < 1:
+            raise ConfigError(f"mlp_ratio {self.mlp_ratio} gives an MLP of no units at embed_dim {self.embed_dim}")
+
+    def var_config(self, tokenizer: VQVAEConfig, class_names: tuple[str, ...]) -> VARConfig:
+        """The transformer this job trains on ``tokenizer`` for ``class_names`` (``init_from`` keeps the shape of
+        the pretrained model instead), checked against the tokenizer's scales."""
+        scales = len(tokenizer.patch_nums)
+        if scales == 1:
+            raise ConfigError(
+                f"tokenizer {self.tokenizer} has a single scale (patch_nums {tokenizer.patch_nums}): a raster "
+                "tokenizer; VAR needs a multi-scale one (train it with --arch llamagen instead)"
+            )
+        if self.loss_from_scale >= scales:
+            raise ConfigError(f"loss_from_scale={self.loss_from_scale}: the model has scales 0..{scales - 1}")
+        if self.progressive > 0 and self.pg0 >= scales:
+            raise ConfigError(f"pg0={self.pg0}: progressive training starts within the scales 0..{scales - 1}")
+        return VARConfig(
+            depth=self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            num_classes=len(class_names),
+            vocab_size=tokenizer.vocab_size,
+            z_channels=tokenizer.z_channels,
+            patch_nums=tokenizer.patch_nums,
+            shared_aln=self.shared_aln,
+            attn_l2_norm=self.attn_l2_norm,
+            drop_path_rate=self.drop_path_rate,
+            cond_drop_rate=self.cond_drop,
+            class_names=class_names,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,14 +320,10 @@ class LlamaGenTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        wanted = "a single-scale VQ-VAE folder (`nextscale train-vae --patch-nums 16 ...`)"
         if not self.tokenizer:
-            raise ConfigError(
-                "tokenizer is required: a single-scale VQ-VAE folder (`nextscale train-vae --patch-nums 16 ...`)"
-            )
-        for name in ("depth", "embed_dim", "num_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+            raise ConfigError(f"tokenizer is required: {wanted}")
+        check_text("tokenizer", self.tokenizer, wanted)
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_dim // self.num_heads) % 4:
@@ -185,11 +331,30 @@ class LlamaGenTrainConfig(LoopConfig):
                 f"the head dim embed_dim / num_heads = {self.embed_dim // self.num_heads} must be a multiple of 4 "
                 "(2-D RoPE gives a quarter of it to rows, a quarter to columns)"
             )
-        kv = self.num_kv_heads
-        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.num_heads % kv):
-            raise ConfigError(f"num_kv_heads must be an int >= 1 dividing num_heads {self.num_heads}, got {kv!r}")
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_kv_heads must be an int >= 1 dividing num_heads {self.num_heads}, got {self.num_kv_heads!r}"
+            )
+
+    def gpt_config(self, tokenizer: VQVAEConfig, num_classes: int) -> LlamaGenConfig:
+        """The GPT this job trains on ``tokenizer`` (single-scale: its grid is read in raster order)."""
+        from nextscale.models.llamagen import LlamaGenConfig  # here: the model module imports torch
+
+        if len(tokenizer.patch_nums) != 1:
+            raise ConfigError(
+                f"tokenizer {self.tokenizer} has patch_nums {tokenizer.patch_nums}; --arch llamagen needs a "
+                f"single-scale VQ-VAE (e.g. `nextscale train-vae --patch-nums {tokenizer.latent_size} ...`)"
+            )
+        return LlamaGenConfig(
+            dim=self.embed_dim,
+            n_layer=self.depth,
+            n_head=self.num_heads,
+            n_kv_head=self.num_kv_heads,
+            vocab_size=tokenizer.vocab_size,
+            num_classes=num_classes,
+            image_size=tokenizer.image_size,
+            downsample=tokenizer.downsample,
+        )
 
 
 # `nextscale train --arch NAME`: the transformer families the trainer builds.

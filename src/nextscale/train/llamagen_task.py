@@ -1,7 +1,7 @@
 """Raster-order training: a LlamaGen c2i GPT on a frozen single-scale tokenizer, as LlamaGen's ``train_c2i.py``.
 
 The tokenizer is a nextscale VQ-VAE with one scale (``patch_nums=(g,)``: a plain VQ-VAE whose g x g token grid is
-read in raster order). Images are tokenised once and cached next to the run, and batches carry condition
+read in raster order). Images are tokenised once into the token cache all runs share, and batches carry condition
 dropout drawn for the global batch (``train.tokens``, shared with the VAR task). One step, as ``train_c2i.py``:
 
     _, loss = model(cond_idx=c_indices, idx=z_indices[:, :-1], targets=z_indices)
@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.data import ShardedBatchSampler, load_dataset
-from nextscale.errors import ConfigError
-from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
+from nextscale.models.llamagen import LlamaGen
 from nextscale.models.native import load_tokenizer, save_raster_native
 from nextscale.train import dist
 from nextscale.train.config import LlamaGenTrainConfig
@@ -53,34 +52,24 @@ class LlamaGenTask:
         self.cfg, self.info, self.device = cfg, info, device
         self.vae = load_tokenizer(cfg.tokenizer).to(device).eval().requires_grad_(False)
         vcfg = self.vae.cfg
-        if len(vcfg.patch_nums) != 1:
-            raise ConfigError(
-                f"tokenizer {cfg.tokenizer} has patch_nums {vcfg.patch_nums}; --arch llamagen needs a single-scale "
-                f"VQ-VAE (e.g. `nextscale train-vae --patch-nums {vcfg.latent_size} ...`)"
-            )
+        # Refuse what can be refused before the data is read, let alone tokenized: a multi-scale tokenizer, and the
+        # GPT's shape, built on the meta device (no memory, no time).
+        with torch.device("meta"):
+            LlamaGen(cfg.gpt_config(vcfg, 1))
         train_ds = load_dataset(cfg.data, "train", vcfg.image_size, vcfg.in_channels, root=cfg.data_root)
         val_ds = load_dataset(cfg.data, "test", vcfg.image_size, vcfg.in_channels, root=cfg.data_root)
         self.class_names = tuple(train_ds.class_names)
-        self.train_tokens = cached_tokens(self.vae, train_ds, cfg.data, "train", cfg.hflip, cfg.out_dir, info)
-        self.val_tokens = cached_tokens(self.vae, val_ds, cfg.data, "test", False, cfg.out_dir, info)
-        gpt_cfg = LlamaGenConfig(
-            dim=cfg.embed_dim,
-            n_layer=cfg.depth,
-            n_head=cfg.num_heads,
-            n_kv_head=cfg.num_kv_heads,
-            vocab_size=vcfg.vocab_size,
-            num_classes=len(self.class_names),
-            image_size=vcfg.image_size,
-            downsample=vcfg.downsample,
-        )
         torch.manual_seed(cfg.seed)
-        self.model = LlamaGen(gpt_cfg)
+        self.model = LlamaGen(cfg.gpt_config(vcfg, len(self.class_names)))
         init_weights(self.model)
         self.model.train()
         self.generators = {"data": torch.Generator().manual_seed(cfg.seed + 101)}
-        n, per_rank = len(self.train_tokens.labels_N), cfg.batch_size // info.world_size
+        n, per_rank = len(train_ds) * (2 if cfg.hflip else 1), cfg.batch_size // info.world_size
         self.sampler = ShardedBatchSampler(n, per_rank, cfg.seed, info.rank, info.world_size)
         self.images_per_step = cfg.batch_size
+        # Last, once every setting has been accepted: the one slow step (minutes on a full dataset, then cached).
+        self.train_tokens = cached_tokens(self.vae, train_ds, "train", cfg.hflip, info, cfg.progress)
+        self.val_tokens = cached_tokens(self.vae, val_ds, "test", False, info, cfg.progress)
 
     # ---- data ------------------------------------------------------------------------------------------------
     def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -151,4 +140,4 @@ class LlamaGenTask:
         gpt = dist.unwrap(model)
         assert isinstance(gpt, LlamaGen)
         extra = {"trained_on": self.cfg.data, "class_names": list(self.class_names)}
-        return save_raster_native(out_dir / "model", gpt, self.vae, extra)
+        return save_raster_native(out_dir / self.cfg.export_name, gpt, self.vae, extra)

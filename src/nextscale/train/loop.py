@@ -273,12 +273,12 @@ class ProgressLines:
             100 * step // self.steps,
             self.loss_sum / self.n,
             self.images / max(now - self.t_line, 1e-9),
-            _duration(eta_s),
+            format_duration(eta_s),
         )
         self.t_line, self.loss_sum, self.n, self.images = now, 0.0, 0, 0
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

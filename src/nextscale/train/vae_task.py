@@ -17,7 +17,6 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from nextscale.config import VQVAEConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.models.native import save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
@@ -36,22 +35,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 class VAETask:
     def __init__(self, cfg: VAETrainConfig, info: dist.DistInfo, device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
-        channels = 1 if cfg.data in ("fashion-mnist", "mnist5k") else 3
-        self.train_ds = load_dataset(cfg.data, "train", cfg.image_size, channels, root=cfg.data_root)
-        self.val_ds = load_dataset(cfg.data, "test", cfg.image_size, channels, root=cfg.data_root)
-        vae_cfg = VQVAEConfig(
-            vocab_size=cfg.vocab_size,
-            z_channels=cfg.z_channels,
-            ch=cfg.ch,
-            ch_mult=cfg.ch_mult,
-            num_res_blocks=cfg.num_res_blocks,
-            in_channels=channels,
-            using_sa=cfg.using_sa,
-            using_mid_sa=cfg.using_sa,
-            beta=cfg.beta,
-            share_quant_resi=cfg.share_quant_resi,
-            patch_nums=cfg.patch_nums,
-        )
+        vae_cfg = cfg.vqvae_config()
+        with torch.device("meta"):  # its shape is refused before the data is read (no memory, no time)
+            VQVAE(vae_cfg)
+        self.train_ds = load_dataset(cfg.data, "train", cfg.image_size, cfg.in_channels, root=cfg.data_root)
+        self.val_ds = load_dataset(cfg.data, "test", cfg.image_size, cfg.in_channels, root=cfg.data_root)
         torch.manual_seed(cfg.seed)
         self.model = VQVAE(vae_cfg).train()
         nn.init.uniform_(self.model.quantize.embedding.weight, -1 / cfg.vocab_size, 1 / cfg.vocab_size)
@@ -142,6 +130,5 @@ class VAETask:
 
     def export(self, out_dir: Path, model: nn.Module) -> Path:
         vae = dist.unwrap(model).eval()
-        return save_tokenizer(
-            out_dir / "tokenizer", vae, {"trained_on": self.cfg.data, "class_names": list(self.train_ds.class_names)}
-        )
+        extra = {"trained_on": self.cfg.data, "class_names": list(self.train_ds.class_names)}
+        return save_tokenizer(out_dir / self.cfg.export_name, vae, extra)

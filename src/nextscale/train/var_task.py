@@ -1,7 +1,7 @@
 """Transformer training on a frozen tokenizer: the official VAR recipe on any labelled image set.
 
-Images are tokenised once (frozen VQ-VAE, float32) and cached next to the run (``train.tokens``, shared with the
-raster task); each step rebuilds the teacher-forcing input from the tokens. Loss: per-token cross-entropy
+Images are tokenised once (frozen VQ-VAE, float32) into the token cache all runs share (``train.tokens``, shared
+with the raster task); each step rebuilds the teacher-forcing input from the tokens. Loss: per-token cross-entropy
 (optional label smoothing), weighted 1/L per position and summed — the official weighting — with 10 % of the
 labels replaced by the null class (condition dropout, drawn for the global batch so the run does not depend on
 the number of ranks).
@@ -20,7 +20,7 @@ from torch import nn
 
 from nextscale.config import VARConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
-from nextscale.errors import CheckpointError, ConfigError
+from nextscale.errors import CheckpointError
 from nextscale.models.native import load_native, load_tokenizer, save_native
 from nextscale.models.var import VAR
 from nextscale.models.weights import load_official_var
@@ -63,32 +63,15 @@ class VARTask:
         self.cfg, self.info, self.device = cfg, info, device
         self.vae = load_tokenizer(cfg.tokenizer).to(device).eval().requires_grad_(False)
         vcfg = self.vae.cfg
-        if len(vcfg.patch_nums) == 1:
-            raise ConfigError(
-                f"tokenizer {cfg.tokenizer} has a single scale (patch_nums {vcfg.patch_nums}): a raster tokenizer; "
-                "VAR needs a multi-scale one (train it with --arch llamagen instead)"
-            )
+        # Refuse what can be refused before the data is read, let alone tokenized: the scales the settings name and
+        # the transformer's shape, built on the meta device (no memory, no time).
+        with torch.device("meta"):
+            VAR(cfg.var_config(vcfg, ("?",)))
         self.patch_nums = vcfg.patch_nums
         train_ds = load_dataset(cfg.data, "train", vcfg.image_size, vcfg.in_channels, root=cfg.data_root)
         val_ds = load_dataset(cfg.data, "test", vcfg.image_size, vcfg.in_channels, root=cfg.data_root)
         self.class_names = tuple(train_ds.class_names)
-        self.train_tokens = self._tokens(train_ds, "train")
-        self.val_tokens = self._tokens(val_ds, "test", flips=False)
-        var_cfg = VARConfig(
-            depth=cfg.depth,
-            embed_dim=cfg.embed_dim,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            num_classes=len(self.class_names),
-            vocab_size=vcfg.vocab_size,
-            z_channels=vcfg.z_channels,
-            patch_nums=vcfg.patch_nums,
-            shared_aln=cfg.shared_aln,
-            attn_l2_norm=cfg.attn_l2_norm,
-            drop_path_rate=cfg.drop_path_rate,
-            cond_drop_rate=cfg.cond_drop,
-            class_names=self.class_names,
-        )
+        var_cfg = cfg.var_config(vcfg, self.class_names)
         torch.manual_seed(cfg.seed)
         pretrained = self._pretrained(cfg.init_from, var_cfg) if cfg.init_from else None
         if pretrained is not None:  # fine-tuning: the architecture is the pretrained one's
@@ -112,22 +95,22 @@ class VARTask:
         self.model.train()
         self.generators = {"data": torch.Generator().manual_seed(cfg.seed + 101)}
         per_rank = cfg.batch_size // info.world_size
-        n = len(self.train_tokens.labels_N)
+        n = len(train_ds) * (2 if cfg.hflip else 1)  # the mirrored copies are tokenized as images of their own
         self.sampler = ShardedBatchSampler(n, per_rank, cfg.seed, info.rank, info.world_size)
         self.images_per_step = cfg.batch_size
         L = self.model.scales.seq_len
-        S = self.model.scales.num_scales
-        if cfg.loss_from_scale >= S:
-            raise ConfigError(f"loss_from_scale={cfg.loss_from_scale}: the model has scales 0..{S - 1}")
         first = self.model.scales.begin_ends[cfg.loss_from_scale][0]
         self.loss_weight_L = torch.full((L,), 1.0 / (L - first), device=device)
         self.loss_weight_L[:first] = 0.0  # earlier scales condition the trained ones but are not trained
+        # Last, once every setting has been accepted: the one slow step (minutes on a full dataset, then cached).
+        self.train_tokens = self._tokens(train_ds, "train")
+        self.val_tokens = self._tokens(val_ds, "test", flips=False)
 
     # ---- data ------------------------------------------------------------------------------------------------
     def _tokens(self, dataset, split: str, flips: bool | None = None) -> TokenSet:
-        """Tokens of ``dataset`` (and of its mirror image with hflip), cached under the run folder."""
+        """Tokens of ``dataset`` (and of its mirror image with hflip), from the cache all runs share."""
         flips = self.cfg.hflip if flips is None else flips
-        return cached_tokens(self.vae, dataset, self.cfg.data, split, flips, self.cfg.out_dir, self.info)
+        return cached_tokens(self.vae, dataset, split, flips, self.info, self.cfg.progress)
 
     def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return conditioned_batches(
@@ -218,7 +201,7 @@ class VARTask:
         var = dist.unwrap(model).eval()
         assert isinstance(var, VAR)
         return save_native(
-            out_dir / "model",
+            out_dir / self.cfg.export_name,
             var,
             self.vae.cpu() if self.device.type != "cpu" else self.vae,
             {"trained_on": self.cfg.data},
