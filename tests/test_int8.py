@@ -203,4 +203,4 @@ def test_accel_int8_runs_a_cached_quantized_copy_in_the_pipeline_and_is_server_w
     pipe.accel_presets = {"fast": ["int8", "cfg-cutoff"]}
     with pytest.raises(ConfigError, match=r"quality 'low' .* runs a transformed model"):
         quality_plans(pipe, "balanced")
-    assert quality_plans(pipe, "int8")["low"] is not None
+    assert quality_plans(pipe, "int8")["low"].plan is not None

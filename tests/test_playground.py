@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 
 import pytest
 
-from .test_server import live_server  # noqa: F401 - pytest fixture
+from .test_server import live, live_server  # noqa: F401 - pytest fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without these, Chromium tries to reach Google services and the sandbox needs privileges CI lacks.
@@ -43,8 +44,16 @@ def test_pick_a_class_watch_it_sharpen_and_download(live_server, page, tmp_path)
     url, _ = live_server
     console_errors: list[str] = []
     page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    sent: list[dict] = []
+    page.on("request", lambda rq: sent.append(json.loads(rq.post_data)) if rq.method == "POST" else None)
     page.goto(url + "/")
     page.wait_for_function("document.querySelectorAll('#class option').length === 5")
+    # the API's quality levels, each saying what it runs on this model (the test server's are all exact)
+    options = page.eval_on_selector_all("#quality option", "els => els.map(e => [e.value, e.textContent])")
+    assert [v for v, _ in options] == ["auto", "high", "medium", "low"]
+    assert dict(options)["high"] == "high · exact"
+    page.select_option("#quality", "high")
+    assert page.inner_text("#quality-note") == "runs exact"
     page.select_option("#class", "Dress")
     page.fill("#cfg", "3")
     page.fill("#seed", "42")
@@ -54,7 +63,9 @@ def test_pick_a_class_watch_it_sharpen_and_download(live_server, page, tmp_path)
     page.wait_for_function("document.querySelectorAll('#gallery figure.item').length === 2", timeout=60_000)
     captions = page.locator("#previews figcaption").all_inner_texts()
     assert captions == ["scale 4/4", "scale 4/4"]
-    assert "done in" in page.inner_text("#status")
+    assert "done in" in page.inner_text("#status") and "quality high: exact" in page.inner_text("#status")
+    assert [b["quality"] for b in sent] == ["high"]
+    assert "4 scales" in page.inner_text("#model")
     sizes = page.eval_on_selector_all("#gallery img", "els => els.map(e => [e.naturalWidth, e.complete])")
     assert sizes == [[8, True], [8, True]]
     assert page.inner_text("#gallery figure.item figcaption >> nth=0").startswith("Dress · seed 42")
@@ -82,3 +93,21 @@ def test_errors_are_shown_not_swallowed(live_server, page):  # noqa: F811
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').classList.contains('error')", timeout=30_000)
     assert "n=9 is too large" in page.inner_text("#status")
+
+
+def test_a_raster_model_is_shown_row_by_row(page):
+    """A raster model's previews are rows of its token grid, not scales; /v1/models says which."""
+    from .test_raster_engine import GRID, tiny_raster_pipe
+    from .test_raster_server import make_app
+
+    pipe = tiny_raster_pipe()
+    pipe.set_class_names(tuple(f"class-{i}" for i in range(10)))
+    with live(make_app(pipe)) as url:
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelectorAll('#class option').length === 10")
+        assert f"{GRID} rows" in page.inner_text("#model") and page.inner_text("#progress-title") == "Row by row"
+        page.fill("#count", "1")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery figure.item').length === 1", timeout=60_000)
+        assert page.locator("#previews figcaption").all_inner_texts() == [f"row {GRID}/{GRID}"]
+        assert "scale" not in page.inner_text("#status")

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from nextscale import LlamaGenPipeline
@@ -53,9 +54,22 @@ def test_samples_are_recognisable_exactly_and_with_speculative_decoding(pipe, sp
         assert out.stats["forward_passes"] < 256 / 1.5, out.stats
 
 
+def test_gsd_at_its_default_groups_codes_where_sjd_would_not(pipe):
+    """GSD is lossy: at its default distance (the codebook's own neighbourhood) it keeps guesses SJD refuses, so with
+    the same seeds most images differ from SJD's. With a distance below every code pair's (the official 0.5 is
+    nearly that on this codebook) the group is the guess alone and the tokens are SJD's exactly."""
+    labels = list(range(10))
+    sjd = pipe(labels, seed=0, speculative="sjd", output_type="latent").tokens
+    gsd = pipe(labels, seed=0, speculative="gsd", output_type="latent").tokens
+    alone = pipe(labels, seed=0, speculative="gsd:dist=1e-9", output_type="latent").tokens
+    assert torch.equal(alone, sjd)
+    differ = int((gsd != sjd).any(dim=1).sum())
+    assert differ >= 5, f"only {differ} of 10 images differ from SJD's"
+
+
 def test_serve_by_name_equals_the_pipeline_exactly_and_speculatively(serve_cli_env, pipe):  # noqa: F811
-    assert main(["serve", "--model", NAME]) == 0
-    ((app, _),) = serve_cli_env
+    assert main(["serve", "--model", NAME, "--port", "0"]) == 0
+    ((app, _, _),) = serve_cli_env
     with TestClient(app) as c:
         info = c.get("/v1/models").json()["data"][0]
         assert info["id"] == NAME and info["family"] == "raster" and info["classes"] == list(FMNIST)

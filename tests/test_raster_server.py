@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -27,7 +26,7 @@ from nextscale.serve.api import ServerConfig, create_app
 from nextscale.serve.config import speculative_plans
 
 from .test_raster_engine import GRID, tiny_raster_pipe
-from .test_server import decode, live, serve_cli_env  # noqa: F401 - serve_cli_env: pytest fixture
+from .test_server import decode, live, serve_cli_env, wait_until  # noqa: F401 - serve_cli_env: pytest fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +69,7 @@ def test_health_ready_models_metrics(client):
     info = client.get("/v1/models").json()["data"][0]
     assert info["id"] == "tiny-raster" and info["family"] == "raster" and info["classes"] == list(NAMES)
     assert info["image_size"] == 8 and info["num_scales"] == GRID and info["num_classes"] == 10
+    assert info["step_unit"] == "row"  # the playground labels its progress by it
     text = client.get("/metrics").text
     for name in ("nextscale_queue_depth", "nextscale_tokens_per_iteration_bucket", "nextscale_request_latency"):
         assert name in text
@@ -129,11 +129,15 @@ def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe)
     method. Each gives the pipeline's images for that method and seed."""
     app = make_app(pipe, plans=speculative_plans(pipe, "sjd:window=3,init=repeat"))
     methods = {"auto": "sjd:window=3,init=repeat", "high": None, "medium": "balanced", "low": "fast"}
+    # what each level resolved to on this model, as reported: the spec that rebuilds it (defaults left out)
+    reported = {"auto": ["sjd:window=3,init=repeat"], "high": [], "medium": ["sjd"], "low": ["gsd"]}
     with TestClient(app) as c:
+        assert c.get("/v1/models").json()["data"][0]["qualities"] == reported
         for quality, spec in methods.items():
             body = {"prompt": "class-2", "n": 2, "seed": 9, "top_k": 8, "quality": quality}
             r = c.post("/v1/images/generations", json=body)
             assert r.status_code == 200, r.text
+            assert (r.json()["quality"], r.json()["acceleration"]) == (quality, reported[quality])
             want = pipe([2, 2], seed=9, top_k=8, speculative=spec, output_type="pt").images
             assert_images(r.json()["data"], want)
 
@@ -172,9 +176,8 @@ def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
 
     def second_row_waits_for_the_hang_up(tokenizer, tokens_BL, rows):  # else the request may finish first
         calls.append(rows)
-        deadline = time.time() + 10
-        while len(calls) == 2 and bridge._handles and time.time() < deadline:
-            time.sleep(0.01)
+        if len(calls) == 2:
+            wait_until(lambda: not bridge._handles, what="the hang-up to drop the request")
         return row_preview(tokenizer, tokens_BL, rows)
 
     monkeypatch.setattr(engine_module, "row_preview", second_row_waits_for_the_hang_up)
@@ -184,10 +187,8 @@ def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # got the first row's preview, now hang up
-        deadline = time.time() + 10
-        while (bridge._handles or bridge.engine.requests) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not bridge._handles and not bridge.engine.requests and calls[0] == 1
+        wait_until(lambda: not bridge._handles and not bridge.engine.requests, what="the request to be dropped")
+        assert calls[0] == 1
         assert bridge.engine.scheduler.rows_in_use == 0 and not bridge.engine.pool.slots
         r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "class-3", "seed": 1}, timeout=30)
         assert r.status_code == 200
@@ -222,8 +223,8 @@ def test_an_openai_client_gets_images(pipe):
 
 def test_serve_takes_a_raster_folder_with_speculative_and_refuses_accel(serve_cli_env, pipe, tmp_path, capsys):  # noqa: F811
     folder = pipe.save_pretrained(tmp_path / "tiny-raster")
-    assert main(["serve", "--model", str(folder), "--max-images", "2", "--kv-cache-mb", "1"]) == 0
-    ((app, _),) = serve_cli_env
+    assert main(["serve", "--model", str(folder), "--port", "0", "--max-images", "2", "--kv-cache-mb", "1"]) == 0
+    ((app, _, _),) = serve_cli_env
     engine = app.state.bridge.engine
     assert engine.raster is not None and engine.cfg == EngineConfig(kv_cache_mb=1, max_images_per_request=2)
     with TestClient(app) as c:
@@ -232,14 +233,14 @@ def test_serve_takes_a_raster_folder_with_speculative_and_refuses_accel(serve_cl
         r = c.post("/v1/images/generations", json={"prompt": "class-6", "seed": 1})
         assert r.status_code == 200, r.text
         assert_images(r.json()["data"], pipe([6], seed=1, output_type="pt").images)
-    assert main(["serve", "--model", str(folder), "--accel", "fast"]) == 2
+    assert main(["serve", "--model", str(folder), "--port", "0", "--accel", "fast"]) == 2
     assert "--accel is an option of VAR models" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert main(["serve", "--model", str(folder), "--speculative", "lantern:window=4,k=9"]) == 0
+    assert main(["serve", "--model", str(folder), "--port", "0", "--speculative", "lantern:window=4,k=9"]) == 0
     app = serve_cli_env[-1][0]
     with TestClient(app) as c:
         r = c.post("/v1/images/generations", json={"prompt": "class-6", "seed": 1})
         assert r.status_code == 200, r.text
         want = pipe([6], seed=1, speculative="lantern:window=4,k=9", output_type="pt").images
         assert_images(r.json()["data"], want)
-    assert main(["serve", "--model", str(folder), "--speculative", "nope"]) == 2
+    assert main(["serve", "--model", str(folder), "--port", "0", "--speculative", "nope"]) == 2
     assert "unknown speculative method 'nope'" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from dataclasses import fields
 from typing import Any
 
 from nextscale.allocator import CHOICES, use_tcmalloc
+from nextscale.cli.args import MEGABYTES, PORT, SECONDS, Int
 from nextscale.cli.common import ALL_FAMILIES, add_model_args, load_pipeline, resolve_model
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import SchedulerConfig
@@ -29,33 +31,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=PORT, default=8000, help="TCP port (0: any free port; default: 8000)")
     s.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
     s.add_argument(
         "--max-queue",
-        type=int,
+        type=Int(1, 1_000_000),
         help=f"requests waiting to start before new ones get HTTP 429 (default: {SERVER.max_queue})",
     )
     s.add_argument(
         "--max-images",
-        type=int,
+        type=Int(1, 4096),
         dest="max_images_per_request",
         metavar="MAX_IMAGES",
         help=f"largest n per request (default: {ENGINE.max_images_per_request})",
     )
     s.add_argument(
-        "--max-running", type=int, help=f"requests generated concurrently (default: {ENGINE.scheduler.max_running})"
+        "--max-running",
+        type=Int(1, 65_536),
+        help=f"requests generated concurrently (default: {ENGINE.scheduler.max_running})",
     )
     s.add_argument(
         "--max-tokens-per-iter",
-        type=int,
+        type=Int(1, 2**31 - 1),
         dest="max_tokens",
         metavar="MAX_TOKENS_PER_ITER",
         help=f"query tokens fused into one engine iteration (default: {ENGINE.scheduler.max_tokens})",
     )
     s.add_argument(
         "--admit-gap",
-        type=int,
+        type=Int(0, 4096),
         help="start waiting requests only when every running one is this many scales in (cohorts; "
         "helps small models whose iterations cost mostly per-kernel overhead; default: "
         f"{ENGINE.scheduler.admit_gap})",
@@ -68,10 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "first preview does not wait behind costly late scales (for large, compute-bound models; "
         "pair with a --max-tokens-per-iter of about two last-scale units)",
     )
-    s.add_argument("--kv-cache-mb", type=float, help=f"memory for KV caches (default: {ENGINE.kv_cache_mb:g})")
+    s.add_argument("--kv-cache-mb", type=MEGABYTES, help=f"memory for KV caches (default: {ENGINE.kv_cache_mb:g})")
     s.add_argument(
         "--drain-timeout",
-        type=float,
+        type=SECONDS,
         help=f"seconds to finish in-flight work on shutdown (default: {SERVER.drain_timeout:g})",
     )
     s.add_argument(
@@ -107,14 +111,21 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    allocator = use_tcmalloc(args.allocator)  # first: it may replace this process
-    import uvicorn  # the serve extra: imported only by the command that needs it
+    from nextscale.serve import server  # the serve extra (uvicorn): imported only by the command that needs it
 
-    from nextscale.serve.api import create_app
-    from nextscale.serve.config import quality_plans, speculative_plans
-
-    # settings are checked before the model loads
+    # Settings, then the address, are checked first: a bad one is one line and exit 2, before the allocator's
+    # re-execution says anything and long before a model loads. Binding is cheap, so a re-executed process simply
+    # binds again (exec closes this socket).
     engine_cfg = EngineConfig(scheduler=SchedulerConfig(**given(args, SchedulerConfig)), **given(args, EngineConfig))
+    sock = server.listen(args.host, args.port)
+    try:
+        allocator = use_tcmalloc(args.allocator)  # may replace this process: expensive work comes after it
+        return _checked(args, engine_cfg, sock, allocator)
+    finally:
+        sock.close()
+
+
+def _checked(args: argparse.Namespace, engine_cfg: EngineConfig, sock: socket.socket, allocator: str) -> int:
     resolved = resolve_model(args)
     official = "llamagen" if resolved[0] == "raster" else "var"
     name = args.name or (
@@ -128,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if resolved[0] != "raster" and args.speculative is not None:
         raise InvalidInputError(f"--speculative is an option of raster (LlamaGen) models; {model} is a VAR model")
+    from nextscale.serve import server
+    from nextscale.serve.api import create_app
+    from nextscale.serve.config import quality_plans, speculative_plans
+
     pipe = load_pipeline(args, ALL_FAMILIES, resolved)
     if resolved[0] == "raster":
         plans = speculative_plans(pipe, args.speculative)
@@ -141,12 +156,13 @@ def run(args: argparse.Namespace) -> int:
         if served is not pipe.transformer:
             log.info("serving a transformed model for every quality level (%s)", args.accel)
         app = create_app(Engine(served, pipe.vae, engine_cfg, refiner=pipe.refiner), cfg, plans=plans)
+    host, port = sock.getsockname()[:2]
     log.info(
         "serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)",
-        name,
-        args.host,
-        args.port,
+        cfg.model_name,
+        f"[{host}]" if ":" in host else host,
+        port,
         allocator,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=cfg.drain_timeout)
-    return 0
+    # 0 after a clean drain; non-zero when the drain timed out and abandoned requests (server.serve)
+    return server.serve(app, sock, cfg.drain_timeout)

@@ -32,9 +32,10 @@ def bad_field(param: str, message: str) -> InvalidInputError:
 
 class ServedModel(ABC):
     """The served model's facts. ``steps``: events per request, each with a preview — VAR's scales, or the rows of a
-    raster model's token grid."""
+    raster model's token grid; ``step_unit`` names them ("scale", "row") for the playground and clients."""
 
     family: str
+    step_unit: str
     image_size: int
     num_classes: int
     vocab_size: int
@@ -51,7 +52,7 @@ class ServedModel(ABC):
 
 
 class VARServed(ServedModel):
-    family = "var"
+    family, step_unit = "var", "scale"
 
     def __init__(self, engine: Engine):
         var = engine.var
@@ -67,7 +68,7 @@ class VARServed(ServedModel):
 
 
 class RasterServed(ServedModel):
-    family = "raster"
+    family, step_unit = "raster", "row"
 
     def __init__(
         self, engine: Engine, class_names: Sequence[str] = (), sampling_defaults: Mapping[str, Any] | None = None
