@@ -9,15 +9,21 @@
 3. classifier: the small CNN used as the evaluation feature network;
 4. quality: class accuracy and Fréchet distance (classifier features) of 150 samples per class for several
    guidance settings; the best setting that meets both targets becomes the model's recommended default;
-5. writes ``src/nextscale/assets/demo-fmnist`` (transformer stored in float16 to stay under 20 MB).
+5. writes ``src/nextscale/assets/demo-fmnist`` (transformer stored in float16 to stay under 20 MB);
+6. acceleration presets: ``tune-accel`` on the folder as written (``--tune-per-class`` images per class, the same
+   seeds for exact and every candidate, class accuracy with the bundled classifier): the fastest candidates within
+   1 and 5 points of exact become its ``balanced`` / ``fast`` (``model_index.json`` ``accel_presets``). The built-in
+   presets are made for VAR's 10 scales; on 6 scales each late scale is a large share of the tokens.
 
-Each training step resumes from its checkpoint if the command is run again (e.g. after being killed).
+Each training step resumes from its checkpoint if the command is run again (e.g. after being killed), and the
+tuning report is reused while the weights, defaults and candidates are the same (``WORK/accel.json``).
 Needs Debian's ``dataset-fashion-mnist``. Runtime on a 2-core CPU: see README (about 1.5-2 hours).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -30,6 +36,7 @@ from nextscale.data import load_dataset
 from nextscale.engine.request import SamplingParams
 from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
 from nextscale.jobs.quality import balanced_subset, conditional_quality
+from nextscale.jobs.tune import CANDIDATES, Budget, tune, write_presets
 from nextscale.models.native import save_native
 from nextscale.pipeline import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
@@ -60,6 +67,25 @@ def portable(cfg: dict, work: Path) -> dict:
     return {k: rel(v) for k, v in cfg.items()}
 
 
+def tune_presets(out: Path, cache: Path, defaults: dict, per_class: int) -> dict:
+    """``tune-accel`` on the written folder, its report cached in ``cache`` while the weights, defaults, candidates
+    and budget are the same; writes the chosen presets into ``out/model_index.json``."""
+    weights = hashlib.sha256((out / "transformer" / "model.safetensors").read_bytes()).hexdigest()[:16]
+    budget = Budget()
+    key = {"transformer": weights, "defaults": defaults, "per_class": per_class, "candidates": CANDIDATES}
+    key["budget"] = budget.__dict__
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:
+        report = cached["report"]
+    else:
+        report = tune(out, budget, per_class, write=False)
+        cache.write_text(json.dumps({"key": key, "report": report}, indent=2) + "\n")
+    write_presets(out, report["presets"], report)
+    for name, specs in report["presets"].items():
+        print(f"{name} preset: {' + '.join(specs) if specs else 'exact (nothing within the budget)'}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="run folders (checkpoints, metrics)")
@@ -69,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfgs", default="1.0,1.5,2.0,3.0", help="guidance values to evaluate")
     p.add_argument("--top-ps", default="0,0.9", help="top-p values to evaluate (grid with --cfgs)")
     p.add_argument("--per-class", type=int, default=150)
+    p.add_argument(
+        "--tune-per-class", type=int, default=50, help="images per class to tune the acceleration presets (0: skip)"
+    )
     p.add_argument(
         "--precision",
         default="fp32",
@@ -175,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         transformer_dtype=torch.float16,
     )
     shutil.copytree(clf_dir, out / "classifier")
+    if args.tune_per_class > 0:
+        report["accel"] = tune_presets(out, work / "accel.json", defaults, args.tune_per_class)
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out / "build.json").write_text(
         json.dumps(

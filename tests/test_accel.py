@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from nextscale.accel import PlanContext, build_plan, parse_spec, resolve
+from nextscale.accel import PlanContext, build_plan, describe, parse_spec, resolve
 from nextscale.accel.fastvar import FastVAR
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.plan import REFINER, RequestPlan, StepPlan
@@ -39,6 +39,9 @@ def run(pipe, accel, labels=(0, 3, 4), **kw):
 def test_spec_strings_round_trip_and_errors_name_the_allowed_values():
     m = parse_spec("fastvar:keep=0.5/0.3,layers=1-3,cache=2")
     assert m == FastVAR(keep=(0.5, 0.3), layers=(1, 3), cache=2) and parse_spec(m.spec()) == m
+    counted_from_the_end = FastVAR(scales=(-1,))  # "-1" is a scale index, not a range: it once parsed as scale 1
+    assert parse_spec("fastvar:scales=-1") == counted_from_the_end == parse_spec(counted_from_the_end.spec())
+    assert parse_spec("fastvar:scales=-2/-1,layers=-3--1") == FastVAR(scales=(-2, -1), layers=(-3, -1))
     with pytest.raises(InvalidInputError, match=r"unknown acceleration method 'warp'; available: cfg-cutoff, code"):
         parse_spec("warp")
     with pytest.raises(InvalidInputError, match=r"fastvar: bad option 'speed=2'; .* keep, scales, layers, cache"):
@@ -64,9 +67,34 @@ def test_presets_and_the_plans_they_make():
     assert balanced.compresses_kv and balanced.steps[-1].kv_keep == (0,) * 4, "balanced holds a quarter of the KV"
     fast = build_plan(resolve("fast", with_refiner), with_refiner)
     assert fast.names[0].startswith("code") and fast.uses_refiner
-    assert "skip-scales" in build_plan(resolve("fast", alone), alone).names, "no refiner: fast skips a scale"
+    no_refiner = build_plan(resolve("fast", alone), alone)
+    assert not any(s.skip for s in no_refiner.steps), "no refiner: fast still generates every scale"
+    assert no_refiner.names == ("cfg-cutoff",) and [s.guided for s in no_refiner.steps] == [True] * 4 + [False] * 2
     tuned = resolve("fast", alone, presets={"fast": ["cfg-cutoff:last=1"]})
     assert [m.spec() for m in tuned] == ["cfg-cutoff:last=1"], "a model's tuned presets win"
+
+
+def test_describe_says_what_a_setting_runs_and_where_it_came_from(pipe):
+    alone, with_refiner = PlanContext(PNS, 4), PlanContext(PNS, 4, refiner_depth=1)
+    tuned = describe("fast", alone, {"fast": ["fastvar:keep=0.25", "cfg-cutoff:last=2"]})
+    assert str(tuned) == "fast -> cfg-cutoff, fastvar:keep=0.25 (model's tuned preset)", "canonical specs, in order"
+    built_in = describe("fast", with_refiner)
+    assert built_in.specs == ("code:draft=-3", "cfg-cutoff", "fastvar:keep=0.25")
+    assert built_in.source == "built-in preset"
+    assert describe("fast", alone).source == "built-in preset for models without a refiner"
+    given = describe(["cfg-cutoff:last=1", "fastvar:keep=0.4"], alone)
+    assert str(given) == "cfg-cutoff:last=1 + fastvar:keep=0.4 -> cfg-cutoff:last=1, fastvar (as given)"
+    mixed = describe(["balanced", FastVAR(keep=0.3)], alone, {"balanced": ["cfg-cutoff:last=1"]})
+    assert mixed.specs == ("cfg-cutoff:last=1", "fastvar:keep=0.3")
+    assert mixed.source == "balanced: model's tuned preset; the rest as given"
+    assert str(describe(None, alone)) == "exact -> no acceleration (default)"
+    with pytest.raises(InvalidInputError, match="unknown acceleration method 'warp'"):
+        describe("warp", alone)
+    # A call reports the same description in its stats, and its specs are those of the plan that ran.
+    out = run(pipe, "fast")
+    assert out.stats["resolved"] == pipe.describe_accel("fast").as_dict()
+    assert out.stats["resolved"]["specs"] == out.stats["accel"] and out.stats["resolved"]["requested"] == "fast"
+    assert run(pipe, None).stats["resolved"] == {"requested": "exact", "specs": [], "source": "default"}
 
 
 def test_plans_refuse_what_the_engine_cannot_do():

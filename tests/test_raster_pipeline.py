@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nextscale import LlamaGenPipeline, raster_pipeline
+from nextscale.accel.base import Resolved
 from nextscale.config import VQVAEConfig
 from nextscale.engine.raster import RasterResult, sample_raster
 from nextscale.errors import CheckpointError, InvalidInputError
@@ -294,6 +295,7 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
 
     accel_mod = types.ModuleType("nextscale.accel.speculative")
     accel_mod.parse_speculative = parse_speculative  # type: ignore[attr-defined]
+    accel_mod.describe = lambda spec, presets: Resolved(spec, (spec,), "as given")  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "nextscale.accel.speculative", accel_mod)
     monkeypatch.setattr(raster_pipeline, "sample_speculative", sample_speculative)
 
@@ -321,6 +323,12 @@ def test_a_models_speculative_presets_are_saved_and_take_precedence(msvq_pipe, t
     assert loaded.speculative_presets == {"fast": "lantern:window=4,delta=0.2,k=9"}
     out = loaded([1], seed=0, speculative="fast", output_type="latent")
     assert out.stats["speculative"] == "lantern:window=4,delta=0.2,k=9"
+    tuned_fast = {"requested": "fast", "specs": ["lantern:window=4,delta=0.2,k=9"], "source": "model's tuned preset"}
+    assert out.stats["resolved"] == tuned_fast == loaded.describe_accel("fast").as_dict()
+    assert str(p.describe_accel(" Fast ")) == "fast -> gsd (built-in preset)"
+    assert str(p.describe_accel("sjd:window=3")) == "sjd:window=3 -> sjd:window=3 (as given)"
+    exact = p([1], seed=0, output_type="latent").stats["resolved"]
+    assert exact == {"requested": "exact", "specs": [], "source": "default"}
     want = p([1], seed=0, speculative="lantern:window=4,delta=0.2,k=9", output_type="latent")
     assert torch.equal(out.tokens, want.tokens)
     assert p([1], seed=0, speculative="fast", output_type="latent").stats["speculative"] == "gsd", "the default"

@@ -24,6 +24,7 @@ from nextscale.accel.speculative import (
     Lantern,
     RelaxedRule,
     SpeculativeConfig,
+    group_radius,
     latent_neighbours,
     nearest_codes,
     parse_speculative,
@@ -210,6 +211,18 @@ def test_gsd_accepts_on_the_mass_of_the_group():
     torch.testing.assert_close(wide.accept_prob(p, q, x), torch.tensor([0.55 / 1.0]))
     tight = GroupRule("random", emb, size=2, pdiff=0.01, dist=0.5)  # nothing close in probability: SJD's ratio
     torch.testing.assert_close(tight.accept_prob(p, q, x), ExactRule().accept_prob(p, q, x))
+
+
+def test_gsd_default_distance_is_the_codebooks_own_neighbourhood():
+    """The default ``dist`` is scale-free: the median squared distance to a code's ``2·size``-th nearest code."""
+    line = torch.tensor([[0.0], [1.0], [3.0], [7.0]])  # 2nd-nearest distances²: 9, 4, 9, 36 -> median 9
+    assert group_radius(line, 1) == 1.0 and group_radius(line, 2) == 9.0
+    assert group_radius(10 * line, 2) == pytest.approx(900.0), "scales with the table"
+    model = tiny_model()
+    emb = model.tok_embeddings.weight
+    rule = GSD(size=3).rule(model)
+    assert isinstance(rule, GroupRule) and rule.dist == pytest.approx(group_radius(emb, 6))
+    assert GSD(dist=0.5).rule(model).dist == 0.5 and GSD().spec() == "gsd", "a given number is used as it is"
 
 
 def test_repeat_guesses_copy_the_left_neighbour_in_the_grid():

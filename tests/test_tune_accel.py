@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nextscale.cli.main import main
-from nextscale.jobs.tune import _fastest
+from nextscale.jobs.tune import Budget, _fastest, tune
 from nextscale.pipeline import VARPipeline
 
 from .conftest import tiny_pair
@@ -66,6 +66,18 @@ def test_a_strict_budget_keeps_exact_quality(model_dir, capsys):
     assert code == 0
     assert "balanced: none within the budget" in capsys.readouterr().err
     assert "accel_presets" not in json.loads((model_dir / "model_index.json").read_text()), "dry run writes nothing"
+
+
+def test_a_preset_nothing_meets_is_stored_as_exact(model_dir):
+    """The built-in combinations are candidates too: where none is within the budget, the model must not fall back
+    to them."""
+    report = tune(model_dir, Budget(min_psnr=99, fast_min_psnr=99), per_class=1, candidates=[["cfg-cutoff"]])
+    assert report["presets"] == {"balanced": None, "fast": None}
+    index = json.loads((model_dir / "model_index.json").read_text())
+    assert index["accel_presets"] == {"balanced": [], "fast": []}
+    pipe = VARPipeline.from_pretrained(model_dir)
+    assert pipe.plan("fast") is None
+    assert str(pipe.describe_accel("fast")) == "fast -> no acceleration (model's tuned preset)"
 
 
 def test_budget_by_class_accuracy_points():

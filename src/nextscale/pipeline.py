@@ -40,7 +40,7 @@ from nextscale.models.var import VAR, check_refiner
 from nextscale.models.weights import load_official_pair
 
 if TYPE_CHECKING:
-    from nextscale.accel import Accel, AccelArg, PlanContext
+    from nextscale.accel import Accel, AccelArg, PlanContext, Resolved
 
 log = logging.getLogger(__name__)
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -83,7 +83,8 @@ class VAROutput:
     seed: int
     params: SamplingParams
     # ``rows_x_tokens`` (transformer rows x tokens per scale), ``kv_bytes_peak`` (keys/values held at most),
-    # ``accel`` (the plug-ins' specs): what the call cost, for comparing acceleration settings.
+    # ``accel`` (the plug-ins' specs): what the call cost, for comparing acceleration settings; ``resolved``: what
+    # ``accel`` asked for and where its specs came from (``describe_accel(accel).as_dict()``).
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -182,14 +183,19 @@ class VARPipeline:
             kv_roles=_read_json(folder / KV_ROLES_FILE),
         )
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a native model folder at ``path``, atomically. An earlier model folder there (one with
+        ``model_index.json``) is replaced; a file or a folder with other files in it is refused, or with
+        ``overwrite=True`` moved aside to ``<name>.old`` (kept, never deleted)."""
         custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
         extra: dict[str, Any] = {"sampling_defaults": custom} if custom else {}
         if self.accel_presets:
             extra["accel_presets"] = self.accel_presets
         refiner = {"refiner": self.refiner} if self.refiner is not None else None
         files = {KV_ROLES_FILE: json.dumps(self.kv_roles, indent=1) + "\n"} if self.kv_roles else None
-        return save_native(path, self.transformer, self.vae, extra or None, components=refiner, files=files)
+        return save_native(
+            path, self.transformer, self.vae, extra or None, components=refiner, files=files, overwrite=overwrite
+        )
 
     def sampling_params(
         self,
@@ -317,7 +323,7 @@ class VARPipeline:
         plan, refiner, transformer = self._plan(accel)
         if sampler == "reference" and plan is not None:
             raise InvalidInputError("sampler='reference' is the exact oracle loop; acceleration needs sampler='fast'")
-        return self._generate(
+        out = self._generate(
             labels_B,
             params,
             None,
@@ -330,10 +336,19 @@ class VARPipeline:
             refiner,
             transformer,
         )
+        out.stats["resolved"] = self.describe_accel(accel).as_dict()
+        return out
 
     def plan(self, accel: AccelArg) -> RequestPlan | None:
         """The per-scale plan of ``accel`` for this model (None: exact), checked before any sampling."""
         return self._plan(accel)[0]
+
+    def describe_accel(self, accel: AccelArg) -> Resolved:
+        """What ``accel`` runs on this model: ``str()`` gives ``"fast -> cfg-cutoff, ... (model's tuned preset)"``,
+        ``.specs`` the plug-ins' spec strings in application order (``nextscale.accel.describe``)."""
+        from nextscale.accel import describe
+
+        return describe(accel, self._plan_context(self.refiner), self.accel_presets)
 
     def transformer_for(self, accel: AccelArg) -> VAR:
         """The transformer ``accel`` runs on: the model itself, or its transformed copy (e.g. int8 weights)."""

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from nextscale.models.native import check_raster_pair, load_raster_native, resol
 from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
 from nextscale.models.tokenizers.vq import VQModel
 from nextscale.pipeline import bundled_model_dir
+
+if TYPE_CHECKING:
+    from nextscale.accel import Resolved
 
 log = logging.getLogger(__name__)
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -197,8 +200,9 @@ def make_tokenizer(module: nn.Module | RasterTokenizer, gpt_cfg: LlamaGenConfig,
 class LlamaGenOutput:
     """``images``: PIL list, float [B, H, W, C] array in [0, 1] (``np``), [B, C, H, W] tensor in [0, 1] (``pt``),
     or None (``latent``: nothing is decoded). ``tokens``: LongTensor [B, L] in raster order.
-    ``stats``: ``forward_passes`` (transformer calls per image, mean), ``row_tokens``, ``guided_steps``, and with
-    ``speculative`` what that loop reports (``mean_accepted``, ...)."""
+    ``stats``: ``forward_passes`` (transformer calls per image, mean), ``row_tokens``, ``guided_steps``, with
+    ``speculative`` what that loop reports (``mean_accepted``, ...), and ``resolved``: what ``speculative`` asked for
+    and ran (``describe_accel(speculative).as_dict()``)."""
 
     images: Any
     tokens: torch.Tensor
@@ -331,9 +335,14 @@ class LlamaGenPipeline:
             speculative_presets=index.get("speculative_presets"),
         )
 
-    def save_pretrained(self, path: str | Path, transformer_dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | Path, transformer_dtype: torch.dtype | None = None, overwrite: bool = False
+    ) -> Path:
         """Write a native folder (``model_index.json`` + ``transformer/`` + ``vae/``) that ``from_pretrained``
-        loads with no arguments; non-default sampling settings and class names go into ``model_index.json``."""
+        loads with no arguments; non-default sampling settings and class names go into ``model_index.json``.
+
+        An earlier model folder at ``path`` is replaced atomically; a file or a folder with other files in it is
+        refused, or with ``overwrite=True`` moved aside to ``<name>.old`` (kept, never deleted)."""
         custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
         extra: dict[str, Any] = {"sampling_defaults": custom} if custom else {}
         if self.class_names:
@@ -343,7 +352,7 @@ class LlamaGenPipeline:
         vae = self.tokenizer.module
         if not isinstance(vae, (VQModel, VQVAE)):
             raise InvalidInputError(f"cannot save a {type(vae).__name__} tokenizer; allowed: VQModel, VQVAE")
-        return save_raster_native(path, self.transformer, vae, extra or None, transformer_dtype)
+        return save_raster_native(path, self.transformer, vae, extra or None, transformer_dtype, overwrite)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> LlamaGenPipeline:
         """Move to ``device``; ``dtype`` applies to the GPT (the tokenizer stays float32, as in ``sample_c2i.py``).
@@ -442,6 +451,19 @@ class LlamaGenPipeline:
             ) from e
         return parse_speculative(speculative)
 
+    def describe_accel(self, speculative: Any) -> Resolved:
+        """What a speculative setting runs on this model (``VARPipeline.describe_accel``'s raster counterpart):
+        ``str()`` gives ``"fast -> gsd:dist=6.0 (model's tuned preset)"``; ``None`` is plain decoding
+        (``nextscale.accel.speculative.describe``)."""
+        if speculative is None:
+            from nextscale.accel.base import DEFAULT, Resolved
+
+            return Resolved("exact", (), DEFAULT)
+        self.speculative_config(speculative)  # its one-line errors (a missing module included)
+        from nextscale.accel.speculative import describe
+
+        return describe(speculative, self.speculative_presets)
+
     def speculative_plan(self, speculative: Any) -> SpeculativePlan:
         """The engine's ``SpeculativePlan`` for a spec: its rule for this model — latent proximity (LANTERN) measured
         between the tokenizer's code vectors, as LANTERN does — and its window."""
@@ -517,6 +539,7 @@ class LlamaGenPipeline:
         stats = dict(res.stats)
         if spec is not None:
             stats["speculative"] = spec.spec() if hasattr(spec, "spec") else str(speculative)
+        stats["resolved"] = self.describe_accel(speculative).as_dict()
         return LlamaGenOutput(images, tokens, labels_B.tolist(), params.seed or 0, params, stats)
 
     def _sample(

@@ -2,6 +2,7 @@
 
     pipe(labels, accel=["cfg-cutoff", "fastvar:keep=0.4"])     # specs, plug-in objects, or a preset:
     pipe(labels, accel="balanced")                              # "exact" | "balanced" | "fast"
+    str(pipe.describe_accel("fast"))  # "fast -> cfg-cutoff, ... (model's tuned preset)": what a setting runs
 
 Importing this package registers every method (``REGISTRY``). The engine never imports it.
 """
@@ -13,7 +14,9 @@ from nextscale.accel.base import (
     Accel,
     AccelArg,
     PlanContext,
+    Resolved,
     build_plan,
+    describe,
     parse_spec,
     preset,
     resolve,
@@ -38,10 +41,12 @@ __all__ = [
     "Int8",
     "KVRoles",
     "PlanContext",
+    "Resolved",
     "ScaleKV",
     "SkipScales",
     "build_plan",
     "calibrate_kv",
+    "describe",
     "parse_spec",
     "preset",
     "resolve",

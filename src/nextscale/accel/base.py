@@ -4,7 +4,8 @@ A method is a frozen dataclass with a registry ``name``; ``apply`` edits the per
 request. Users name methods with spec strings ``"name:key=value,key=value"`` (lists as ``a/b/c``, layer ranges
 as ``first-last``) or pass the objects; ``resolve`` turns either into an ordered, checked list, and
 ``build_plan`` into a ``RequestPlan``. Presets (``exact``, ``balanced``, ``fast``) are lists of specs; a model
-folder may override them (``accel_presets`` in its ``model_index.json``, written by ``tune-accel``).
+folder may override them (``accel_presets`` in its ``model_index.json``, written by ``tune-accel``). ``describe``
+says what a setting resolved to and where its specs came from, for logs, output stats and server responses.
 """
 
 from __future__ import annotations
@@ -120,14 +121,24 @@ def _convert(method: str, key: str, text: str, hint: Any) -> Any:
             return text.lower() in ("1", "true", "yes")
         if hint in (int, float, str):
             return hint(text)
-        if origin is tuple:  # "8/9" -> (8, 9); "2-14" -> (2, 14)
-            parts = text.replace("-", "/").split("/") if args[0] is int else text.split("/")
-            return tuple(args[0](p) for p in parts if p != "")
+        if origin is tuple:  # "8/9" -> (8, 9); "2-14" -> (2, 14); "-2/-1" -> (-2, -1)
+            parts = _int_items(text) if args[0] is int else [p for p in text.split("/") if p != ""]
+            return tuple(args[0](p) for p in parts)
         if args:  # Optional[X] / X | None
             return None if text.lower() == "none" else _convert(method, key, text, args[0])
     except (TypeError, ValueError):
         pass
     raise InvalidInputError(f"{method}: option {key}={text!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _int_items(text: str) -> list[str]:
+    """``a/b/c`` items, each a number or a range ``first-last`` (its two ends); a leading ``-`` is a sign, so
+    ``-2/-1`` (scales counted from the end) stays (-2, -1) and a spec string rebuilds what wrote it."""
+    out: list[str] = []
+    for part in filter(None, text.split("/")):
+        first, dash, last = part[1:].partition("-")
+        out += [part[0] + first, last] if dash else [part]
+    return out
 
 
 def _format(value: Any) -> str:
@@ -137,13 +148,17 @@ def _format(value: Any) -> str:
 # ---- presets and resolution --------------------------------------------------------------------------------------
 # Measured combinations (benchmarks/RESULTS.md, "Acceleration"): one model for balanced (guidance off for the last
 # three scales, a quarter of the KV cache: 1.7x, 1.4 points of accuracy on the testbed, a quarter of the memory);
-# fast adds token pruning and collaborative decoding where the model has a refiner, else drops the last scale.
+# fast adds token pruning and collaborative decoding where the model has a refiner. Without one, fast only drops
+# guidance at the last two scales (SkipVAR's cutoff): it never drops a scale, which on a model with few scales is a
+# quarter or more of its tokens (the demo's last scale: 64 of 130; skip-scales there cost 28 points of accuracy, the
+# old cfg-cutoff + fastvar:keep=0.25 + skip-scales 33), and cfg-cutoff alone stays within fast's 5 points on both
+# bundled models ("Presets on the demo"). A model's tuned presets (tune-accel) replace these.
 PRESETS: dict[str, list[str]] = {
     "exact": [],
     "balanced": ["cfg-cutoff:last=3", "scalekv"],
     "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code:draft=-3"],
 }
-PRESETS_WITHOUT_REFINER: dict[str, list[str]] = {"fast": ["cfg-cutoff", "fastvar:keep=0.25", "skip-scales"]}
+PRESETS_WITHOUT_REFINER: dict[str, list[str]] = {"fast": ["cfg-cutoff"]}
 
 AccelSpec = str | Accel
 AccelArg = AccelSpec | Sequence[AccelSpec] | None
@@ -177,11 +192,56 @@ def resolve(accel: AccelArg, ctx: PlanContext, presets: Mapping[str, Sequence[st
 
 def preset(name: str, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """The specs of a preset: the model's own (tuned) ones first, else the built-in ones for its shape."""
+    return _preset(name, ctx, presets)[0]
+
+
+def _preset(name: str, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | None) -> tuple[list[str], str]:
+    """A preset's specs and where they come from (``Resolved.source``)."""
     if presets and name in presets:
-        return list(presets[name])
+        return list(presets[name]), TUNED
     if ctx.refiner_depth is None and name in PRESETS_WITHOUT_REFINER:
-        return PRESETS_WITHOUT_REFINER[name]
-    return PRESETS[name]
+        return list(PRESETS_WITHOUT_REFINER[name]), "built-in preset for models without a refiner"
+    return list(PRESETS[name]), BUILT_IN
+
+
+# ---- what a setting resolved to ------------------------------------------------------------------------------------
+TUNED, BUILT_IN, GIVEN, DEFAULT = "model's tuned preset", "built-in preset", "as given", "default"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What an acceleration setting runs, for logs and reports (VAR plug-ins and raster speculative decoding alike):
+    ``requested`` as given (a preset name, or specs joined by ``+``), ``specs`` the spec strings that run, in
+    application order (empty: exact), ``source`` where they came from (the model's tuned preset in its
+    ``model_index.json``, a built-in preset, or as given)."""
+
+    requested: str
+    specs: tuple[str, ...]
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.requested} -> {', '.join(self.specs) or 'no acceleration'} ({self.source})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "specs": list(self.specs), "source": self.source}
+
+
+def describe(accel: AccelArg, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | None = None) -> Resolved:
+    """What ``accel`` (as ``resolve`` takes it) runs on a model of ``ctx`` with its tuned ``presets``: the checked
+    specs in application order, and for presets where their specs came from. The one description that logs, output
+    stats and server responses report."""
+    methods = resolve(accel, ctx, presets)
+    items = [] if accel is None else [accel] if isinstance(accel, (str, Accel)) else list(accel)
+    names = [i.spec() if isinstance(i, Accel) else i.strip() for i in items]
+    sources = {n: _preset(n, ctx, presets)[1] for n in names if n in PRESETS}
+    if not names:
+        source = DEFAULT
+    elif len(names) == 1 and sources:
+        source = sources[names[0]]
+    else:
+        parts = [f"{n}: {s}" for n, s in sources.items()]
+        source = "; ".join(parts + ([f"the rest {GIVEN}" if parts else GIVEN] if len(sources) < len(names) else []))
+    return Resolved(" + ".join(names) or "exact", tuple(m.spec() for m in methods), source)
 
 
 def transform_key(methods: Sequence[Accel]) -> tuple[str, ...]:

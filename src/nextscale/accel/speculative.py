@@ -22,8 +22,12 @@ the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it
   input embeddings ``|e_x - e_y|² < dist``; keep x with ``min(1, Σ_G p / Σ_G q)``; the refusal path is SJD's.
   Embeddings: the LlamaGen model's ``tok_embeddings.weight`` (GSD uses the model's input embedding rows too) or a
   ``codebook`` given to ``rule``. Lossy by design. Differences: the official code falls back to SJD's ratio when the
-  rank window runs off the vocabulary; here the window is clipped. ``dist=0.5`` is the official value for
-  Lumina-mGPT's embeddings; LlamaGen's embedding scale differs, so it is a knob to tune, not a verified default.
+  rank window runs off the vocabulary; here the window is clipped. The official ``dist=0.5`` is in the units of
+  Lumina-mGPT's embeddings: on the raster demo's codebook (512 x 16) most codes have no neighbour that close (median
+  nearest-neighbour distance² 1.3), so the group was the guess alone and GSD drew SJD's tokens exactly. The default
+  here is scale-free instead: ``group_radius`` (the median distance² from a code to its ``2·size``-th nearest code,
+  3.6 on the demo), so the distance test has about as many codes to choose from as the rank window. A number
+  given as ``dist`` is used as it is (the demo's tuned ``fast`` preset is ``gsd:dist=6``).
 * ``lantern`` — Jang et al., "LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative Decoding"
   (ICLR 2025), relaxed acceptance as its code (jadohu/LANTERN) computes it: walk x's ``k`` nearest codes in latent
   space (nearest first) and absorb the longest prefix whose summed target probability is <= ``delta`` (the total
@@ -51,13 +55,14 @@ real checkpoint in this environment).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from nextscale.accel.base import parse_options, spec_string
+from nextscale.accel.base import BUILT_IN, DEFAULT, GIVEN, TUNED, Resolved, parse_options, spec_string
 from nextscale.engine.raster import RasterParams, RasterResult, StepCallback
 from nextscale.engine.sampling import Generators
 from nextscale.engine.speculative import DRAFT_INITS, AcceptRule, sample_speculative
@@ -249,24 +254,40 @@ class SJD(SpeculativeConfig):
         return ExactRule(draft_init=self.init)
 
 
+def group_radius(points_VD: torch.Tensor, k: int, sample: int = 512) -> float:
+    """The median squared distance from a code to its ``k``-th nearest other code: within it a typical code has
+    ``k`` neighbours, whatever the table's scale or dimension. Estimated on at most ``sample`` codes (every n-th, so
+    deterministic) against all of them."""
+    x = points_VD.detach().float()
+    V = x.shape[0]
+    k = max(1, min(k, V - 1))
+    rows = torch.arange(0, V, max(1, -(-V // sample)), device=x.device)
+    d2 = x[rows].square().sum(-1, keepdim=True) + x.square().sum(-1) - 2 * x[rows] @ x.T
+    d2[torch.arange(len(rows), device=x.device), rows] = torch.inf  # not itself
+    return float(d2.kthvalue(k, dim=-1).values.clamp_min(0).median())
+
+
 @register
 @dataclass(frozen=True)
 class GSD(SpeculativeConfig):
-    """Grouped speculative decoding: ``size`` (rank half-width), ``pdiff``, ``dist`` (squared embedding distance)."""
+    """Grouped speculative decoding: ``size`` (rank half-width), ``pdiff``, ``dist`` (squared embedding distance;
+    default: ``group_radius`` of the embeddings with ``k = 2·size``, so that the distance test has as many codes
+    to choose from as the rank window)."""
 
     name: ClassVar[str] = "gsd"
     size: int = 7
     pdiff: float = 0.15
-    dist: float = 0.5
+    dist: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.size < 1 or not self.pdiff > 0 or not self.dist > 0:
+        if self.size < 1 or not self.pdiff > 0 or not (self.dist is None or self.dist > 0):
             raise InvalidInputError(f"gsd: size must be >= 1 and pdiff, dist > 0, got {self.spec()}")
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         emb = _embeddings(model, codebook_VD).detach().to(model.output.weight.device)
-        return GroupRule(self.init, emb, self.size, float(self.pdiff), float(self.dist))
+        dist = group_radius(emb, 2 * self.size) if self.dist is None else float(self.dist)
+        return GroupRule(self.init, emb, self.size, float(self.pdiff), dist)
 
 
 @register
@@ -313,6 +334,22 @@ def parse_speculative(spec: str | SpeculativeConfig) -> SpeculativeConfig:
     return cls(**parse_options(name, cls, rest))
 
 
+def describe(spec: str | SpeculativeConfig | None, presets: Mapping[str, str] | None = None) -> Resolved:
+    """What a speculative setting runs (``nextscale.accel.describe``'s raster counterpart): the spec string, and for
+    a preset name whether it is the model's tuned one (``presets``, its ``speculative_presets``) or the built-in one.
+    ``None`` and ``"exact"`` are plain decoding."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "exact"):
+        return Resolved("exact", (), DEFAULT if spec is None else BUILT_IN)
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if presets and key in presets:
+            return Resolved(key, (parse_speculative(presets[key]).spec(),), TUNED)
+        if key in PRESETS:
+            return Resolved(key, (parse_speculative(PRESETS[key]).spec(),), BUILT_IN)
+    cfg = parse_speculative(spec)
+    return Resolved(spec.strip() if isinstance(spec, str) else cfg.spec(), (cfg.spec(),), GIVEN)
+
+
 __all__ = [
     "GSD",
     "PRESETS",
@@ -323,6 +360,8 @@ __all__ = [
     "Lantern",
     "RelaxedRule",
     "SpeculativeConfig",
+    "describe",
+    "group_radius",
     "latent_neighbours",
     "nearest_codes",
     "parse_speculative",
