@@ -35,7 +35,7 @@ from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.hardware import auto_dtype
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
-from nextscale.pipeline import VARPipeline, bundled_model_dir
+from nextscale.pipelines.var import VARPipeline, bundled_model_dir
 
 METHODS = [
     "exact",
@@ -149,7 +149,7 @@ def int8_part(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str,
 def in_flight(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]]:
     """Requests that a fixed KV pool holds at once, per plan and request size (d16 shape, the engine's admission)."""
     from nextscale.engine.engine import Engine, EngineConfig
-    from nextscale.engine.request import SamplingParams
+    from nextscale.engine.var.params import SamplingParams
 
     pipe = speed_models()
     var = pipe.transformer

@@ -4,7 +4,7 @@
     python benchmarks/bench_sample.py --models d16 --batch-sizes 8 --reps 2
 
 Models: ``d16`` has the shape of VAR-d16 with the 256 px VQ-VAE (ch 160); ``tiny`` is a 4-layer, width-256
-VAR with a ch-32 VQ-VAE at 256 px. Modes: ``reference`` = the oracle loop (``engine/reference.py``), one
+VAR with a ch-32 VQ-VAE at 256 px. Modes: ``reference`` = the oracle loop (``engine/var/reference.py``), one
 image at a time as the house style's naive per-sample loop, float32, decoder in the official (NCHW) layout;
 ``fast`` = ``VARPipeline`` in float32 (batched, preallocated KV cache, conditioning computed once, NHWC
 decoder); ``fast-bf16`` = the same in bfloat16. Every cell generates full images (tokens + VQ-VAE decode).
@@ -26,7 +26,7 @@ from nextscale.bench import Cell, gemm_peak_gflops, interleave, machine_info, ma
 from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 MODELS = {
     "tiny": (dict(depth=4, embed_dim=256, num_heads=4), dict(ch=32)),

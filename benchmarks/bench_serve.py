@@ -34,11 +34,11 @@ from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.bench import machine_info, markdown_table, write_json
 from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.engine.engine import Engine, EngineConfig
-from nextscale.engine.request import SamplingParams
-from nextscale.engine.runner import ModelRunner
 from nextscale.engine.sampling import image_generators
 from nextscale.engine.scheduler import SchedulerConfig
-from nextscale.engine.state import Generation
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.runner import ModelRunner
+from nextscale.engine.var.state import Generation
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
 from nextscale.plot import line_plot
@@ -85,7 +85,7 @@ class RunResult:
 
 def build(name: str) -> tuple[VAR, VQVAE, SamplingParams]:
     if name == "demo":
-        from nextscale.pipeline import VARPipeline
+        from nextscale.pipelines.var import VARPipeline
 
         pipe = VARPipeline.from_pretrained()
         return pipe.transformer, pipe.vae, pipe.sampling_params(seed=0)

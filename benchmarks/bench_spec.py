@@ -32,7 +32,7 @@ from nextscale.config import VQVAEConfig
 from nextscale.hardware import auto_dtype
 from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
 from nextscale.models.tokenizers.msvq import VQVAE
-from nextscale.raster_pipeline import LlamaGenPipeline
+from nextscale.pipelines.raster import LlamaGenPipeline
 
 METHODS = ["exact", "sjd", "gsd", "lantern"]
 DEMO = "demo-fmnist-raster"
@@ -94,7 +94,7 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
     from nextscale.eval.evaluate import evaluate
     from nextscale.images import to_uint8_nhwc
     from nextscale.jobs.quality import balanced_subset
-    from nextscale.pipeline import bundled_model_dir
+    from nextscale.pipelines.var import bundled_model_dir
 
     pipe = demo_pipe()
     clf = load_classifier(bundled_model_dir() / "classifier")

@@ -33,8 +33,8 @@ import torch
 from bench_serve import Arrival, build, engine_configs, new_state, schedule
 from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.bench import machine_info, markdown_table, write_json
-from nextscale.engine.runner import ModelRunner
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
+from nextscale.engine.var.runner import ModelRunner
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from nextscale.data import load_dataset
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
 from nextscale.jobs.quality import balanced_subset, conditional_quality
 from nextscale.jobs.tune import CANDIDATES, Budget, tune, write_presets
 from nextscale.models.native import save_native
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.runner import run_training
 

@@ -53,15 +53,15 @@ from build_testbed_model import _run
 
 from nextscale.data import load_dataset
 from nextscale.data.builtin import FASHION_MNIST_CLASSES, fashion_mnist
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier
 from nextscale.eval.evaluate import evaluate
 from nextscale.fileio import atomic_file
 from nextscale.images import to_uint8_nhwc
 from nextscale.jobs.quality import balanced_subset, conditional_quality
 from nextscale.models.native import load_tokenizer, save_raster_native
-from nextscale.pipeline import bundled_model_dir
-from nextscale.raster_pipeline import LlamaGenPipeline
+from nextscale.pipelines.raster import LlamaGenPipeline
+from nextscale.pipelines.var import bundled_model_dir
 from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig
 from nextscale.train.dist import DistInfo
 from nextscale.train.metrics_log import read_metrics

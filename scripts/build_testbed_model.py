@@ -33,11 +33,11 @@ from build_demo_model import portable
 
 from nextscale.config import PATCH_NUMS_256
 from nextscale.data import load_dataset
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier
 from nextscale.jobs.quality import balanced_subset, conditional_quality
 from nextscale.models.native import load_native, save_native
-from nextscale.pipeline import VARPipeline, bundled_model_dir
+from nextscale.pipelines.var import VARPipeline, bundled_model_dir
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.runner import run_training
 

@@ -11,11 +11,11 @@ import torch
 from nextscale.accel import PlanContext, build_plan, describe, parse_spec, resolve
 from nextscale.accel.fastvar import FastVAR
 from nextscale.engine.engine import Engine, EngineConfig
-from nextscale.engine.plan import REFINER, RequestPlan, StepPlan
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.plan import REFINER, RequestPlan, StepPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.var import VAR
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import randomize_, tiny_pair, tiny_var_config
 

@@ -181,10 +181,10 @@ def _unwritable_cases():
 
 @pytest.mark.parametrize(("what", "argv"), list(_unwritable_cases()), ids=[c[0] for c in _unwritable_cases()])
 def test_outputs_are_checked_before_the_work(what, argv, workdir, capsys, monkeypatch):
-    import nextscale.pipeline
+    import nextscale.pipelines.var
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(nextscale.pipeline.VARPipeline, "from_pretrained", no_loading)
+    monkeypatch.setattr(nextscale.pipelines.var.VARPipeline, "from_pretrained", no_loading)
     one_line_exit_2(argv, capsys, workdir)

@@ -8,7 +8,7 @@ import pytest
 
 from nextscale.eval.classifier import load_classifier
 from nextscale.jobs.quality import balanced_subset, conditional_quality, sample_per_class
-from nextscale.pipeline import VARPipeline, bundled_model_dir
+from nextscale.pipelines.var import VARPipeline, bundled_model_dir
 
 FMNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nextscale.engine.engine import Engine, EngineConfig
-from nextscale.engine.request import SamplingParams
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
+from nextscale.engine.var.params import SamplingParams
 from nextscale.errors import InvalidInputError
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 
@@ -140,7 +140,7 @@ def test_row_allocator_first_fit_and_coalescing():
 
 
 def test_adjacent_same_scale_requests_share_one_attention_call(models):
-    from nextscale.engine.runner import ModelRunner
+    from nextscale.engine.var.runner import ModelRunner
 
     engine = Engine(*models)
     for i in range(3):

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import torch
 
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import SmallClassifier, save_classifier
 from nextscale.eval.evaluate import evaluate, load_image_set
 from nextscale.jobs.sample_set import SampleSetSpec, generate_set, pack
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

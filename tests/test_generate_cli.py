@@ -14,7 +14,7 @@ from PIL import Image
 from nextscale.cli import generate
 from nextscale.cli.main import main
 from nextscale.errors import InvalidInputError
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 
 def run(argv, capsys):

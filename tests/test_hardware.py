@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nextscale import hardware
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

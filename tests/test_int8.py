@@ -14,7 +14,7 @@ from nextscale.accel.base import PlanContext, build_plan, parse_spec, resolve
 from nextscale.accel.int8 import Int8, int8_available, int8_linear_names, is_int8, quantize_int8, weight_bytes
 from nextscale.errors import InvalidInputError
 from nextscale.models.var import VAR
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import randomize_, tiny_pair, tiny_var_config
 

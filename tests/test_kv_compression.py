@@ -16,10 +16,10 @@ from nextscale.accel import HACK, KVRoles, PlanContext, ScaleKV, build_plan, cal
 from nextscale.accel.scalekv import ScaleKVSelect, window_queries
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.kv_cache import CompactKV, compact_rows, pack_layers
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

@@ -24,10 +24,10 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "eval": ("models", "data"),  # Inception weights load through models.weights; reference images come from data
     "engine": ("models",),
     "accel": ("engine",),  # plug-ins produce the plans the engine consumes; the engine never imports them
-    "pipeline": ("accel",),
+    "pipelines": ("accel",),
     "train": ("models", "data"),
-    "serve": ("pipeline",),
-    "jobs": ("pipeline", "eval"),  # batch work that drives a pipeline: FID sample sets, quality reports
+    "serve": ("pipelines",),
+    "jobs": ("pipelines", "eval"),  # batch work that drives a pipeline: FID sample sets, quality reports
     "cli": ("serve", "jobs", "train"),
 }
 # Top-level modules of nextscale/ (sub-packages are layers of their own name).
@@ -40,11 +40,9 @@ TOP_LEVEL: dict[str, str] = {
     "plot": "base",
     "bench": "base",
     "hardware": "base",
-    "pipeline": "pipeline",
-    "raster_pipeline": "pipeline",
-    "editing": "pipeline",
-    "images": "pipeline",
-    "labels": "pipeline",
+    "editing": "pipelines",
+    "images": "pipelines",
+    "labels": "pipelines",
     "__main__": "cli",
 }
 # The root package re-exports the public API lazily (by name, through importlib), so importing it for

@@ -19,7 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nextscale.engine.raster import RasterParams, RasterStep, filter_logits_, reference_sample_raster, sample_raster
+from nextscale.engine.raster.sampler import (
+    RasterParams,
+    RasterStep,
+    filter_logits_,
+    reference_sample_raster,
+    sample_raster,
+)
 from nextscale.errors import CheckpointError
 from nextscale.models.llamagen_weights import (
     check_llamagen_pair,

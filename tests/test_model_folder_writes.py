@@ -17,8 +17,8 @@ from nextscale import fileio
 from nextscale.cli.main import main
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import atomic_folder
-from nextscale.pipeline import VARPipeline
-from nextscale.raster_pipeline import LlamaGenPipeline
+from nextscale.pipelines.raster import LlamaGenPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

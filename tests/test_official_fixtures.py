@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from nextscale.engine.kv_cache import KVCache
-from nextscale.engine.reference import reference_sample
-from nextscale.engine.request import SamplingParams
-from nextscale.engine.sampler import sample_tokens_batch
 from nextscale.engine.sampling import cfg_double, cfg_labels, cfg_mix, cfg_rows, cfg_weight
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.reference import reference_sample
+from nextscale.engine.var.sampler import sample_tokens_batch
 from nextscale.models.attention import CachedStep
 from nextscale.models.scales import phi_index_table
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from nextscale.editing import box_mask, keep_maps
 from nextscale.errors import InvalidInputError
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

@@ -14,7 +14,7 @@ from nextscale import LlamaGenPipeline
 from nextscale.cli.main import main
 from nextscale.eval.classifier import load_classifier
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipeline import bundled_model_dir
+from nextscale.pipelines.var import bundled_model_dir
 
 from .test_server import decode, serve_cli_env  # noqa: F401 - serve_cli_env: pytest fixture
 

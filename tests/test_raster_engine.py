@@ -11,12 +11,12 @@ import torch
 
 from nextscale import LlamaGenPipeline
 from nextscale.engine.engine import Engine, EngineConfig
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.raster import RasterParams, sample_raster
-from nextscale.engine.raster_runner import RasterRunner
-from nextscale.engine.raster_state import RasterGeneration
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.raster.runner import RasterRunner
+from nextscale.engine.raster.sampler import RasterParams, sample_raster
+from nextscale.engine.raster.state import RasterGeneration
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.tokenizers.msvq import VQVAE
 

@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from nextscale import LlamaGenPipeline, raster_pipeline
+from nextscale import LlamaGenPipeline
 from nextscale.accel.base import Resolved
 from nextscale.config import VQVAEConfig
-from nextscale.engine.raster import RasterResult, sample_raster
+from nextscale.engine.raster.sampler import RasterResult, sample_raster
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.models.native import load_raster_native, model_family
 from nextscale.models.tokenizers.msvq import VQVAE
-from nextscale.pipeline import VARPipeline
-from nextscale.raster_pipeline import MSVQTokenizer, make_tokenizer
+from nextscale.pipelines import raster as raster_pipeline
+from nextscale.pipelines.raster import MSVQTokenizer, make_tokenizer
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import randomize_, tiny_pair, tiny_vae_config
 from .test_raster_sampler import tiny_llamagen
@@ -337,7 +338,7 @@ def test_a_models_speculative_presets_are_saved_and_take_precedence(msvq_pipe, t
 
 
 def test_speculative_decoding_through_the_pipeline(pipe, msvq_pipe):
-    """The real loop (nextscale.engine.speculative): greedy SJD keeps exactly the greedy tokens of the fixture (a
+    """The real loop (nextscale.engine.raster.speculative): greedy SJD keeps exactly the greedy tokens of the fixture (a
     random-weight model gives Jacobi guesses little to agree on, so no speed-up is asserted); images stay
     batch-independent; row previews follow the tokens it fixes."""
     pytest.importorskip("nextscale.accel.speculative")

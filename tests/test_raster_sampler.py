@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nextscale.engine.kv_cache import ConcatKVCache
-from nextscale.engine.raster import (
+from nextscale.engine.raster.sampler import (
     RasterParams,
     RasterStep,
     cfg_guide,

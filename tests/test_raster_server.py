@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from nextscale.cli.main import main
 from nextscale.engine import engine as engine_module
 from nextscale.engine.engine import Engine, EngineConfig
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.raster import RasterParams
-from nextscale.engine.raster_runner import row_preview
+from nextscale.engine.raster.runner import row_preview
+from nextscale.engine.raster.sampler import RasterParams
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_uint8_nhwc
 from nextscale.serve.api import ServerConfig, create_app

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from nextscale.engine.kv_cache import KVCache, KVPool
-from nextscale.engine.reference import reference_sample
-from nextscale.engine.request import ForcedTokens, SamplingParams
-from nextscale.engine.sampler import sample_tokens_batch
 from nextscale.engine.sampling import image_generators
+from nextscale.engine.var.params import ForcedTokens, SamplingParams
+from nextscale.engine.var.reference import reference_sample
+from nextscale.engine.var.sampler import sample_tokens_batch
 from nextscale.models.attention import CachedStep
 
 from .conftest import tiny_pair

@@ -4,7 +4,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nextscale.engine.request import SamplingParams
 from nextscale.engine.sampling import (
     cfg_mix,
     cfg_weight,
@@ -15,6 +14,7 @@ from nextscale.engine.sampling import (
     mask_top_p_,
     sample_tokens,
 )
+from nextscale.engine.var.params import SamplingParams
 from nextscale.errors import InvalidInputError
 
 

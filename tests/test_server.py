@@ -34,7 +34,7 @@ from nextscale.cli.main import main
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import SchedulerConfig
 from nextscale.errors import ConfigError
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 from nextscale.serve import api
 from nextscale.serve import server as runner
 from nextscale.serve.api import ServerConfig, create_app, field_path, preview_scales

@@ -16,7 +16,7 @@ from PIL import Image
 
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 from nextscale.serve.api import create_app
 from nextscale.serve.config import QUALITY_PRESETS, ServerConfig, quality_plans
 

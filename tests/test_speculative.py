@@ -1,4 +1,4 @@
-"""Speculative decoding for raster models (engine/speculative.py, accel/speculative.py) on tiny random LlamaGen models.
+"""Speculative decoding for raster models (engine/raster/speculative.py, accel/speculative.py), tiny LlamaGen models.
 
 The central check: SJD is lossless. On a model with 8 codes and a 2x2 grid, the exact joint distribution of the 4
 tokens under plain sampling (guidance with cfg_interval, temperature, top-k, top-p) is enumerated over all 8^4
@@ -29,8 +29,8 @@ from nextscale.accel.speculative import (
     nearest_codes,
     parse_speculative,
 )
-from nextscale.engine.raster import RasterParams, RasterStep, cfg_guide, filter_logits_, sample_raster
-from nextscale.engine.speculative import RowKV, RowWindows, fresh_guesses, sample_speculative
+from nextscale.engine.raster.sampler import RasterParams, RasterStep, cfg_guide, filter_logits_, sample_raster
+from nextscale.engine.raster.speculative import RowKV, RowWindows, fresh_guesses, sample_speculative
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nextscale.config import PATCH_NUMS_256
-from nextscale.pipeline import VARPipeline, bundled_model_dir
+from nextscale.pipelines.var import VARPipeline, bundled_model_dir
 
 
 @pytest.fixture(scope="module")

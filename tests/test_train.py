@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nextscale.errors import ConfigError
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig, VARTrainConfig
 from nextscale.train.metrics_log import plot_losses, read_metrics
 from nextscale.train.runner import run_training

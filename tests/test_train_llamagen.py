@@ -19,7 +19,7 @@ from nextscale.config import VQVAEConfig
 from nextscale.errors import ConfigError
 from nextscale.models.native import load_tokenizer, model_family, save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
-from nextscale.raster_pipeline import LlamaGenPipeline
+from nextscale.pipelines.raster import LlamaGenPipeline
 from nextscale.train import dist
 from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig, VARTrainConfig
 from nextscale.train.metrics_log import read_metrics

@@ -8,7 +8,7 @@ import pytest
 
 from nextscale.cli.main import main
 from nextscale.jobs.tune import Budget, _fastest, tune
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

@@ -21,7 +21,7 @@ from nextscale.models.weights import (
     load_official_vae,
     load_official_var,
 )
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 from .conftest import tiny_pair
 

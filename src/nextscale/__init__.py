@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "VARPipeline": "nextscale.pipeline",
-    "VAROutput": "nextscale.pipeline",
-    "LlamaGenPipeline": "nextscale.raster_pipeline",
-    "LlamaGenOutput": "nextscale.raster_pipeline",
-    "SamplingParams": "nextscale.engine.request",
+    "VARPipeline": "nextscale.pipelines.var",
+    "VAROutput": "nextscale.pipelines.var",
+    "LlamaGenPipeline": "nextscale.pipelines.raster",
+    "LlamaGenOutput": "nextscale.pipelines.raster",
+    "SamplingParams": "nextscale.engine.var.params",
     "VARConfig": "nextscale.config",
     "VQVAEConfig": "nextscale.config",
 }
 
 if TYPE_CHECKING:
     from nextscale.config import VARConfig, VQVAEConfig
-    from nextscale.engine.request import SamplingParams
-    from nextscale.pipeline import VAROutput, VARPipeline
-    from nextscale.raster_pipeline import LlamaGenOutput, LlamaGenPipeline
+    from nextscale.engine.var.params import SamplingParams
+    from nextscale.pipelines.raster import LlamaGenOutput, LlamaGenPipeline
+    from nextscale.pipelines.var import VAROutput, VARPipeline
 
 __all__ = [
     "LlamaGenOutput",

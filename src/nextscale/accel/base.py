@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from nextscale.engine.plan import EXACT, RequestPlan, StepPlan
+from nextscale.engine.var.plan import EXACT, RequestPlan, StepPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.var import VAR
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from nextscale.accel.base import Accel, PlanContext, register
-from nextscale.engine.plan import StepPlan
+from nextscale.engine.var.plan import StepPlan
 from nextscale.errors import InvalidInputError
 
 

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from nextscale.accel.base import Accel, PlanContext, register
-from nextscale.engine.plan import REFINER, StepPlan
+from nextscale.engine.var.plan import REFINER, StepPlan
 from nextscale.errors import InvalidInputError
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nextscale.accel.base import Accel, PlanContext, register, scale_index
-from nextscale.engine.plan import REFINER, HookContext, StepPlan
+from nextscale.engine.var.plan import REFINER, HookContext, StepPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.attention import Layout
 

@@ -26,7 +26,7 @@ import torch
 
 from nextscale.accel.base import register
 from nextscale.accel.scalekv import KVRoles, ScaleKV, pool_scores, window_queries
-from nextscale.engine.plan import KVSelector
+from nextscale.engine.var.plan import KVSelector
 
 
 @dataclass(frozen=True)

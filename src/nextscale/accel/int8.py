@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from nextscale.accel.base import Accel, PlanContext, register
-from nextscale.engine.plan import StepPlan
+from nextscale.engine.var.plan import StepPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.var import VAR
 

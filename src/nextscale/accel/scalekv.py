@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from nextscale.accel.base import Accel, PlanContext, register
 from nextscale.engine.kv_cache import KVCache
-from nextscale.engine.plan import REFINER, KVSelector, StepPlan
-from nextscale.engine.request import SamplingParams
 from nextscale.engine.sampling import Generators
-from nextscale.engine.state import Generation
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.plan import REFINER, KVSelector, StepPlan
+from nextscale.engine.var.state import Generation
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import atomic_file
 from nextscale.models.attention import CachedStep

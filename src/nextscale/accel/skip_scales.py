@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from nextscale.accel.base import Accel, PlanContext, register, scale_index
-from nextscale.engine.plan import StepPlan
+from nextscale.engine.var.plan import StepPlan
 from nextscale.errors import InvalidInputError
 
 

@@ -1,5 +1,5 @@
 """Speculative decoding for raster (LlamaGen) models as plug-ins: SJD, GSD and LANTERN as acceptance rules of the
-one loop in ``nextscale.engine.speculative``.
+one loop in ``nextscale.engine.raster.speculative``.
 
     parse_speculative("sjd")                              # window 16, random first guesses
     parse_speculative("sjd:window=8,init=repeat")         # guesses copied from the left neighbour
@@ -63,9 +63,9 @@ import torch
 from torch import nn
 
 from nextscale.accel.base import BUILT_IN, DEFAULT, GIVEN, TUNED, Resolved, parse_options, spec_string
-from nextscale.engine.raster import RasterParams, RasterResult, StepCallback
+from nextscale.engine.raster.sampler import RasterParams, RasterResult, StepCallback
+from nextscale.engine.raster.speculative import DRAFT_INITS, AcceptRule, sample_speculative
 from nextscale.engine.sampling import Generators
-from nextscale.engine.speculative import DRAFT_INITS, AcceptRule, sample_speculative
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen
 

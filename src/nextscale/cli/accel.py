@@ -85,7 +85,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     from nextscale.accel import calibrate_kv
     from nextscale.fileio import check_file_target
-    from nextscale.pipeline import KV_ROLES_FILE, VARPipeline
+    from nextscale.pipelines.var import KV_ROLES_FILE, VARPipeline
 
     out = args.output
     if out is None:

@@ -132,7 +132,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, Path | None]:
     if args.model is None:
         return "var", None
     from nextscale.models.native import model_family, resolve_model_dir
-    from nextscale.pipeline import bundled_model_dir
+    from nextscale.pipelines.var import bundled_model_dir
 
     p = Path(args.model)
     bundled = bundled_model_dir(str(args.model))
@@ -189,7 +189,7 @@ def load_pipeline(
 
 
 def _load_var(args: argparse.Namespace) -> Any:
-    from nextscale.pipeline import VARPipeline
+    from nextscale.pipelines.var import VARPipeline
 
     names = read_class_names(args.class_names)
     dtype = DTYPES[args.dtype]
@@ -202,7 +202,7 @@ def _load_var(args: argparse.Namespace) -> Any:
 
 
 def _load_raster(args: argparse.Namespace, folder: Path | None) -> Any:
-    from nextscale.raster_pipeline import LlamaGenPipeline
+    from nextscale.pipelines.raster import LlamaGenPipeline
 
     names = read_class_names(args.class_names)
     dtype = DTYPES[args.dtype]

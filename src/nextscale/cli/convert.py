@@ -70,7 +70,7 @@ def run_convert(args: argparse.Namespace) -> int:
     refuse_options(args, family, MODEL_OPTIONS, args.var)
     if family == "raster":
         return _convert_llamagen(args)
-    from nextscale.pipeline import VARPipeline
+    from nextscale.pipelines.var import VARPipeline
 
     names = read_class_names(args.class_names)
     pipe = VARPipeline.from_official(args.var, args.vae, args.patch_nums, class_names=names)
@@ -82,7 +82,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def _convert_llamagen(args: argparse.Namespace) -> int:
-    from nextscale.raster_pipeline import LlamaGenPipeline
+    from nextscale.pipelines.raster import LlamaGenPipeline
 
     names = read_class_names(args.class_names)
     pipe = LlamaGenPipeline.from_official(args.var, args.vae, args.image_size, args.n_head, class_names=names)
@@ -209,7 +209,7 @@ def _info_target(text: str) -> Path:
     if path.exists():
         return path
     from nextscale.models.native import resolve_model_dir
-    from nextscale.pipeline import bundled_model_dir
+    from nextscale.pipelines.var import bundled_model_dir
 
     if text and "/" not in text and bundled_model_dir(text).is_dir():
         return bundled_model_dir(text)

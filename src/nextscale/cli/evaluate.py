@@ -94,7 +94,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from nextscale.eval.evaluate import evaluate, load_feature_net, load_image_set
     from nextscale.fileio import atomic_file, check_file_target
-    from nextscale.pipeline import bundled_model_dir
+    from nextscale.pipelines.var import bundled_model_dir
 
     if args.json:
         check_file_target(args.json, f"--json {args.json}")

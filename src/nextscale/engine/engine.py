@@ -5,29 +5,17 @@
     while engine.has_unfinished():
         for event in engine.step(): ...          # one ScaleEvent per request advanced this iteration
 
-One engine serves both model families; the model it is given picks which. A VAR request advances one scale per
-iteration (``state.Generation``, ``runner.ModelRunner``). A raster request — ``Engine(gpt, pipe.tokenizer)`` with a
-LlamaGen GPT and ``RasterParams`` — advances one token of every row per iteration (``raster_state.RasterGeneration``,
-``raster_runner.RasterRunner``: Flover's setting): the scheduler sees one unit per token costing its rows (1 token
-per row, so always a cheap unit: every running request advances every iteration, bounded by ``max_running`` and the
-KV rows), and events come at each completed row of the token grid (``si`` is that row, ``num_scales`` the grid's
-rows) with the rows decoded so far as the preview. A raster request with a ``SpeculativePlan`` (SJD, GSD, LANTERN:
-``LlamaGenPipeline.speculative_plan``) advances one verification pass per iteration: one unit costing ``window``
-tokens per row, which completes as many units as every one of its images fixed tokens. Scheduling, KV-row admission,
-aborts and the batched final decode are shared (a raster tokenizer decodes in one piece).
+``step()`` is vLLM's contract: ``scheduler.schedule()`` -> the runner executes the scheduled units as one fused
+forward -> ``scheduler.update()``. A VAR request advances one scale per iteration; a raster request one token of
+each of its rows (Flover's setting), or one speculative verification pass. Each request samples with its own
+generators, so an image is the same whatever else is in flight (tested against the pipelines). Finished or aborted
+requests free their KV rows at once.
 
-``step()`` is the vLLM-style contract: ``scheduler.schedule()`` -> ``runner.execute()`` -> ``scheduler.update()``.
-Each request samples with its own generators, so an image is the same whatever else is in flight (tested
-against the single-request pipeline). Finished or aborted requests free their KV cache at once.
-
-The final VQ-VAE decode of the requests that finish in one iteration is batched and *resumable*: it runs
-decoder piece by piece (``VQVAE.fhat_to_img_steps``) after the transformer iteration, and ``step(interrupt)``
-can stop between pieces when ``interrupt()`` says new requests are waiting, resuming in the next step. For a
-large decoder (seconds at d16 shape on a CPU) this keeps a new arrival's first scale from waiting behind it.
-Only a decode expected to outlast the step's transformer iteration pauses (``decode_slice``; the decoder's
-time per image is measured as the engine runs): a short one costs an arrival little and is cheaper to finish
-than to defer — pausing the demo model's 8 ms decode at every piece under steady arrivals advanced it one piece
-per iteration and tripled p99 latency at load 0.7.
+The final decode of the requests that finish in one iteration is batched and resumable: it runs piece by piece
+after the transformer iteration, and ``step(interrupt)`` can stop between pieces while new requests wait. Only a
+decode expected to outlast the iteration pauses (``decode_slice``, with the decoder's time per image measured as
+the engine runs): a short one costs an arrival little and is cheaper to finish than to defer (measurements in
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,9 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from nextscale.engine.kv_cache import CompactKV, KVPool, compact_rows
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.raster import RasterParams
-from nextscale.engine.raster_runner import (
+from nextscale.engine.raster.runner import (
     RasterRunner,
     TokenDecoder,
     check_tokenizer,
@@ -53,13 +39,15 @@ from nextscale.engine.raster_runner import (
     raster_row_bytes,
     row_preview,
 )
-from nextscale.engine.raster_state import RasterGeneration, SpeculativeGeneration, raster_units
-from nextscale.engine.request import SamplingParams
-from nextscale.engine.runner import ModelRunner
+from nextscale.engine.raster.sampler import RasterParams
+from nextscale.engine.raster.speculative import SpeculativePlan
+from nextscale.engine.raster.state import RasterGeneration, SpeculativeGeneration, raster_units
 from nextscale.engine.sampling import cfg_rows
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from nextscale.engine.speculative import SpeculativePlan
-from nextscale.engine.state import Generation
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.plan import RequestPlan
+from nextscale.engine.var.runner import ModelRunner
+from nextscale.engine.var.state import Generation
 from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.models.llamagen import LlamaGen
 from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
@@ -174,7 +162,7 @@ class Engine:
                 raise InvalidInputError("a refiner is a VAR model's (collaborative decoding); raster models have none")
             if isinstance(tokenizer, VQVAE):
                 raise InvalidInputError(
-                    "a raster model needs a raster tokenizer: raster_pipeline.make_tokenizer(vae, gpt.cfg)"
+                    "a raster model needs a raster tokenizer: nextscale.pipelines.raster.make_tokenizer(vae, gpt.cfg)"
                 )
             check_tokenizer(model, tokenizer)
             self.gpt, self.tokenizer = model.eval(), tokenizer

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from nextscale.engine.plan import StepPlan
+    from nextscale.engine.var.plan import StepPlan
     from nextscale.models.var import VAR
 
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.evaluate import evaluate
 from nextscale.eval.metrics import FeatureNet
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 
 def balanced_subset(

@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from nextscale import __version__
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.metrics import save_npz_samples
-from nextscale.pipeline import VARPipeline
+from nextscale.pipelines.var import VARPipeline
 
 
 @dataclass(frozen=True)

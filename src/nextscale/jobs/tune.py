@@ -24,7 +24,7 @@ import torch
 from nextscale.eval.classifier import SmallClassifier, load_classifier
 from nextscale.fileio import atomic_file
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipeline import VARPipeline, bundled_model_dir
+from nextscale.pipelines.var import VARPipeline, bundled_model_dir
 
 log = logging.getLogger(__name__)
 

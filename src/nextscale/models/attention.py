@@ -4,7 +4,7 @@ The VAR blocks never own per-request state. Each call receives a *layout* object
 (1) how rows map to tokens, so per-row AdaLN vectors can be broadcast (``modulate``/``gate``), and
 (2) how to attend: over the whole sequence with the block-causal mask (teacher forcing), or over an explicit
 KV cache that the caller owns (sampling one scale at a time). The serving engine adds a ragged layout that
-packs several requests at different scales into one call (see ``engine/runner.py``).
+packs several requests at different scales into one call (see ``engine/var/runner.py``).
 
 Shapes: ``R`` rows (images x CFG branches), ``l`` tokens per row in this call, ``H`` heads, ``c`` head dim,
 ``C = H*c``. Dense layouts carry tokens as [R, l, C] and q/k/v as [R, l, H, c].

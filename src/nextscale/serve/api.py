@@ -36,8 +36,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from nextscale.engine.engine import Engine, ScaleEvent
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.speculative import SpeculativePlan
+from nextscale.engine.raster.speculative import SpeculativePlan
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_pil
 from nextscale.labels import resolve_label

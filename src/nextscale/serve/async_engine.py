@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from nextscale.engine.engine import Engine, ScaleEvent
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.raster import RasterParams
-from nextscale.engine.request import SamplingParams
-from nextscale.engine.speculative import SpeculativePlan
+from nextscale.engine.raster.sampler import RasterParams
+from nextscale.engine.raster.speculative import SpeculativePlan
+from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.serve.metrics import CompletionRate, ServerMetrics
 
 log = logging.getLogger("nextscale.serve")

@@ -14,10 +14,10 @@ from nextscale.errors import ConfigError
 
 if TYPE_CHECKING:
     from nextscale.accel import AccelArg
-    from nextscale.engine.plan import RequestPlan
-    from nextscale.engine.speculative import SpeculativePlan
-    from nextscale.pipeline import VARPipeline
-    from nextscale.raster_pipeline import LlamaGenPipeline
+    from nextscale.engine.raster.speculative import SpeculativePlan
+    from nextscale.engine.var.plan import RequestPlan
+    from nextscale.pipelines.raster import LlamaGenPipeline
+    from nextscale.pipelines.var import VARPipeline
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class QualityPlan:
     def of(cls, plan: QualityPlan | RequestPlan | SpeculativePlan | None) -> QualityPlan:
         """A bare plan with the description it carries: a VAR plan names its plug-ins; a bare speculative plan
         knows only its rule and window (``speculative_plans`` keeps the spec)."""
-        from nextscale.engine.plan import RequestPlan
+        from nextscale.engine.var.plan import RequestPlan
 
         if plan is None or isinstance(plan, QualityPlan):
             return plan or cls(None)

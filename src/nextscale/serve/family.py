@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nextscale.engine.engine import Engine
-from nextscale.engine.raster import RasterParams
-from nextscale.engine.request import SamplingParams
+from nextscale.engine.raster.sampler import RasterParams
+from nextscale.engine.var.params import SamplingParams
 from nextscale.errors import InvalidInputError
-from nextscale.raster_pipeline import DEFAULT_SAMPLING
+from nextscale.pipelines.raster import DEFAULT_SAMPLING
 from nextscale.serve.protocol import ImageGenerationRequest
 
 Params = SamplingParams | RasterParams

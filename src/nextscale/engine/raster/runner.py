@@ -24,8 +24,8 @@ from typing import Protocol
 import torch
 
 from nextscale.engine.kv_cache import KVPool, KVSlot
-from nextscale.engine.raster_state import RasterGeneration, SpeculativeGeneration
-from nextscale.engine.speculative import rotate_pairs
+from nextscale.engine.raster.speculative import rotate_pairs
+from nextscale.engine.raster.state import RasterGeneration, SpeculativeGeneration
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen, _sdpa
 from nextscale.models.tokenizers.msvq import to_unit_range_
@@ -35,7 +35,7 @@ IDENTITY_POSITION = 1
 
 
 class TokenDecoder(Protocol):
-    """What the engine needs of a raster tokenizer (``raster_pipeline.RasterTokenizer`` is one): tokens [B, grid²]
+    """What the engine needs of a raster tokenizer (``pipelines.raster.RasterTokenizer`` is one): tokens [B, grid²]
     to code maps [B, D, grid, grid] and images in [-1, 1]."""
 
     vocab_size: int

@@ -5,7 +5,7 @@ scale ``si``, conditional and unconditional rows) through the transformer, and `
 into tokens and the next scale's input.* Who runs the transformer is not this module's business: the
 pipeline's loop runs one request at a time, the serving engine packs many requests into one call.
 
-How each scale runs is the request's ``RequestPlan`` (``engine/plan.py``): which transformer, whether the
+How each scale runs is the request's ``RequestPlan`` (``engine/var/plan.py``): which transformer, whether the
 unconditional rows run, whether the scale is skipped, and a per-block hook. The exact plan is the plain loop.
 
 Shapes: ``B`` images, ``R`` rows (2B with guidance: conditional rows first; B at an unguided scale), ``l``
@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 from nextscale.engine.kv_cache import CompactKV, KVCache, KVSlot, RequestKV
-from nextscale.engine.plan import MAIN, REFINER, HookContext, RequestPlan, StepPlan
-from nextscale.engine.request import ForcedTokens, SamplingParams
 from nextscale.engine.sampling import (
     Generators,
     cfg_double,
@@ -32,6 +30,8 @@ from nextscale.engine.sampling import (
     gumbel_soft_codes,
     sample_tokens,
 )
+from nextscale.engine.var.params import ForcedTokens, SamplingParams
+from nextscale.engine.var.plan import MAIN, REFINER, HookContext, RequestPlan, StepPlan
 from nextscale.models.attention import CachedPrefill, CachedStep, Layout
 from nextscale.models.tokenizers.msvq import MultiScaleQuantizer
 from nextscale.models.var import VAR, Conditioning
@@ -39,7 +39,7 @@ from nextscale.models.var import VAR, Conditioning
 
 @dataclass
 class SampleResult:
-    """What a sampler returns — the fast loop (``engine/sampler.py``) and the reference alike."""
+    """What a sampler returns — the fast loop (``engine/var/sampler.py``) and the reference alike."""
 
     tokens: list[torch.Tensor]  # one [B, pn*pn] map per scale ([B, 0] for a skipped scale)
     f_hat_BChw: torch.Tensor  # the final latent

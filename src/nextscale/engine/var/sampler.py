@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.request import ForcedTokens, SamplingParams
 from nextscale.engine.sampling import Generators
-from nextscale.engine.state import Generation, SampleResult, ScaleResult
+from nextscale.engine.var.params import ForcedTokens, SamplingParams
+from nextscale.engine.var.plan import RequestPlan
+from nextscale.engine.var.state import Generation, SampleResult, ScaleResult
 from nextscale.models.tokenizers.msvq import MultiScaleQuantizer
 from nextscale.models.var import VAR
 

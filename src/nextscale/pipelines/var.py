@@ -4,7 +4,7 @@
     out = pipe([980, 437], cfg=4.0, top_k=900, top_p=0.95, seed=0)
     out.images[0].save("volcano.png")
 
-One call = one batch through the fast sampler (``engine/sampler.py``); ``sampler="reference"`` runs the slow
+One call = one batch through the fast sampler (``engine/var/sampler.py``); ``sampler="reference"`` runs the slow
 oracle loop instead. Image i of a call depends only on (seed, i, its label, the sampling settings), not on
 the batch it is in (``rng="per_image"``, the default).
 """
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from nextscale.editing import keep_maps
-from nextscale.engine.plan import RequestPlan
-from nextscale.engine.reference import reference_sample
-from nextscale.engine.request import ForcedTokens, RngMode, SamplingParams
-from nextscale.engine.sampler import sample_tokens_batch
 from nextscale.engine.sampling import cfg_rows
-from nextscale.engine.state import ScaleResult
+from nextscale.engine.var.params import ForcedTokens, RngMode, SamplingParams
+from nextscale.engine.var.plan import RequestPlan
+from nextscale.engine.var.reference import reference_sample
+from nextscale.engine.var.sampler import sample_tokens_batch
+from nextscale.engine.var.state import ScaleResult
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.hardware import auto_dtype
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nextscale.engine.raster import (
+from nextscale.engine.raster.sampler import (
     RasterParams,
     RasterResult,
     RasterStep,
@@ -39,8 +39,8 @@ from nextscale.engine.raster import (
     reference_sample_raster,
     sample_raster,
 )
-from nextscale.engine.request import RngMode
-from nextscale.engine.speculative import SpeculativePlan, sample_speculative
+from nextscale.engine.raster.speculative import SpeculativePlan, sample_speculative
+from nextscale.engine.var.params import RngMode
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.hardware import auto_dtype
 from nextscale.images import to_pil
@@ -50,7 +50,7 @@ from nextscale.models.llamagen_weights import load_llamagen_gpt, load_llamagen_v
 from nextscale.models.native import check_raster_pair, load_raster_native, resolve_model_dir, save_raster_native
 from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
 from nextscale.models.tokenizers.vq import VQModel
-from nextscale.pipeline import bundled_model_dir
+from nextscale.pipelines.var import bundled_model_dir
 
 if TYPE_CHECKING:
     from nextscale.accel import Resolved

@@ -35,7 +35,7 @@ the attention sums. A model-side per-row position (``RasterLayout`` naming posit
 re-rotation unnecessary.
 
 The loop is a state object (``SpeculativeDecoder``: ``inputs()`` -> one GPT call -> ``advance(logits)``) driven by
-``sample_speculative`` here and by the serving engine (``engine.raster_state.SpeculativeGeneration``), whose
+``sample_speculative`` here and by the serving engine (``engine.raster.state.SpeculativeGeneration``), whose
 per-row cache is the request's rows of the engine's KV pool: a cache of exactly L positions suffices, as positions
 past the grid (padding of windows that run off it) are never stored.
 
@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from nextscale.engine.kv_cache import KVSlot
-from nextscale.engine.raster import (
+from nextscale.engine.raster.sampler import (
     RasterParams,
     RasterResult,
     RasterStep,
@@ -390,7 +390,7 @@ class SpeculativePlan:
 class SpeculativeDecoder:
     """One speculative request: ``B`` images, each with its own window. *A pass feeds ``inputs()`` through the GPT
     and ``advance`` verifies the windows with the pass's logits.* Who runs the GPT is the caller's business:
-    ``sample_speculative`` below, or the serving engine (``engine.raster_state.SpeculativeGeneration``).
+    ``sample_speculative`` below, or the serving engine (``engine.raster.state.SpeculativeGeneration``).
 
     ``fixed``: tokens every image has fixed (raster positions ``< fixed`` are final for the whole request)."""
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nextscale.engine.kv_cache import KVSlot
-from nextscale.engine.state import Generation, ScaleResult
+from nextscale.engine.var.state import Generation, ScaleResult
 from nextscale.models.attention import KVAttend
 from nextscale.models.var import VAR, Conditioning
 

@@ -2,7 +2,7 @@
 
 The engine's counterpart of ``engine.state.Generation`` for raster models. *A step feeds ``x`` (every row's input at
 position ``t``: the class token at t = 0, else token t-1) through the GPT, and ``advance`` turns the step's logits
-into token ``t``.* Who runs the GPT is not this module's business: ``engine.raster_runner`` packs the steps of many
+into token ``t``.* Who runs the GPT is not this module's business: ``engine.raster.runner`` packs the steps of many
 requests, each at its own position, into one call.
 
 A request draws exactly what ``engine.raster.sample_raster`` draws for the same labels, settings and generators:
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from nextscale.engine.kv_cache import KVSlot
-from nextscale.engine.raster import RasterParams, cfg_guide, draw_exponential_, filter_logits_
+from nextscale.engine.raster.sampler import RasterParams, cfg_guide, draw_exponential_, filter_logits_
+from nextscale.engine.raster.speculative import RowKV, RowWindows, SpeculativeDecoder, SpeculativePlan
 from nextscale.engine.sampling import Generators, cfg_labels
-from nextscale.engine.speculative import RowKV, RowWindows, SpeculativeDecoder, SpeculativePlan
 from nextscale.models.llamagen import LlamaGen
 
 

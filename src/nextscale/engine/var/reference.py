@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from nextscale.engine.kv_cache import ConcatKVCache
-from nextscale.engine.request import ForcedTokens, SamplingParams
 from nextscale.engine.sampling import (
     Generators,
     cfg_double,
@@ -20,7 +19,8 @@ from nextscale.engine.sampling import (
     gumbel_soft_codes,
     sample_tokens,
 )
-from nextscale.engine.state import SampleResult
+from nextscale.engine.var.params import ForcedTokens, SamplingParams
+from nextscale.engine.var.state import SampleResult
 from nextscale.models.attention import CachedStep
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR

@@ -33,7 +33,6 @@ import torch
 
 from nextscale.config import MAX_CFG
 from nextscale.engine.kv_cache import ConcatKVCache, KVCache, KVPool, KVSlot
-from nextscale.engine.request import RngMode
 from nextscale.engine.sampling import (
     CFG_BRANCHES,
     Generators,
@@ -42,6 +41,7 @@ from nextscale.engine.sampling import (
     request_generators,
     sample_tokens,
 )
+from nextscale.engine.var.params import RngMode
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import CachedCausal, LlamaGen
 

@@ -1,0 +1,1 @@
+"""The VAR (next-scale, class-conditional) family's sampling machinery: params, plans, state, runner, loops."""

@@ -1,0 +1,1 @@
+"""Pipelines: the user-facing objects (load, move, sample, save), one file per family on one shared base."""
