@@ -33,9 +33,10 @@ import torch
 from nextscale.bench import Cell, interleave, machine_info, markdown_table, write_json
 from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.hardware import auto_dtype
+from nextscale.models.native import bundled_model_dir
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR
-from nextscale.pipelines.var import VARPipeline, bundled_model_dir
+from nextscale.pipelines.var import VARPipeline
 
 METHODS = [
     "exact",
@@ -149,6 +150,7 @@ def int8_part(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str,
 def in_flight(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]]:
     """Requests that a fixed KV pool holds at once, per plan and request size (d16 shape, the engine's admission)."""
     from nextscale.engine.engine import Engine, EngineConfig
+    from nextscale.engine.var.family import VARFamily
     from nextscale.engine.var.params import SamplingParams
 
     pipe = speed_models()
@@ -159,7 +161,7 @@ def in_flight(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str,
         base = None
         for name, accel in ENGINE_PLANS.items():
             cfg = EngineConfig(kv_cache_mb=row_mb * ENGINE_POOL_ROWS, max_images_per_request=images)
-            engine = Engine(var, pipe.vae, cfg)
+            engine = Engine(VARFamily(var, pipe.vae), cfg)
             plan = pipe.plan(accel)
             for i in range(2 * ENGINE_POOL_ROWS):
                 labels = torch.arange(i, i + images) % var.num_classes

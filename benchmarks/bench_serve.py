@@ -36,6 +36,7 @@ from nextscale.config import VARConfig, VQVAEConfig
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.sampling import image_generators
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.engine.var.family import VARFamily
 from nextscale.engine.var.params import SamplingParams
 from nextscale.engine.var.runner import ModelRunner
 from nextscale.engine.var.state import Generation
@@ -180,7 +181,7 @@ def run_static(var: VAR, vae: VQVAE, arrivals: list[Arrival], base: SamplingPara
 
 @torch.inference_mode()
 def run_continuous(var: VAR, vae: VQVAE, arrivals: list[Arrival], base: SamplingParams, cfg: EngineConfig) -> None:
-    engine, q = Engine(var, vae, cfg), queue.Queue()
+    engine, q = Engine(VARFamily(var, vae), cfg), queue.Queue()
     by_id: dict[str, Arrival] = {}
     drive(arrivals, q, time.perf_counter())
     finished = 0

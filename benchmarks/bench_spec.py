@@ -94,7 +94,7 @@ def fidelity(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, 
     from nextscale.eval.evaluate import evaluate
     from nextscale.images import to_uint8_nhwc
     from nextscale.jobs.quality import balanced_subset
-    from nextscale.pipelines.var import bundled_model_dir
+    from nextscale.models.native import bundled_model_dir
 
     pipe = demo_pipe()
     clf = load_classifier(bundled_model_dir() / "classifier")

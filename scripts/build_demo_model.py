@@ -35,7 +35,7 @@ import torch
 from nextscale.data import load_dataset
 from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
-from nextscale.jobs.quality import balanced_subset, conditional_quality
+from nextscale.jobs.quality import balanced_subset, choose_defaults, conditional_quality
 from nextscale.jobs.tune import CANDIDATES, Budget, tune, write_presets
 from nextscale.models.native import save_native
 from nextscale.pipelines.var import VARPipeline
@@ -44,15 +44,6 @@ from nextscale.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC_TARGET, FD_RATIO_TARGET = 0.95, 5.0
-
-
-def choose_defaults(settings: list[dict]) -> tuple[dict, bool]:
-    """The lowest Fréchet distance among settings whose class accuracy meets the target (the most accurate
-    setting if none does); also whether that setting meets the distance target too."""
-    accurate = [s for s in settings if s["class_accuracy"] >= ACC_TARGET]
-    best = min(accurate, key=lambda s: s["fd_ratio"]) if accurate else max(settings, key=lambda s: s["class_accuracy"])
-    ok = best["class_accuracy"] >= ACC_TARGET and best["fd_ratio"] <= FD_RATIO_TARGET
-    return {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}, ok
 
 
 def portable(cfg: dict, work: Path) -> dict:
@@ -177,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     real_train = balanced_subset(train_ds.images, train_ds.labels, args.per_class, 10)
     real_test = balanced_subset(test_ds.images, test_ds.labels, args.per_class, 10)
     report = conditional_quality(pipe, clf, real_train, real_test, settings, args.per_class)
-    defaults, ok = choose_defaults(report["settings"])
+    defaults, best = choose_defaults(report["settings"], ACC_TARGET)
+    ok = best["class_accuracy"] >= ACC_TARGET and best["fd_ratio"] <= FD_RATIO_TARGET
     report.update(
         {
             "chosen_defaults": defaults,

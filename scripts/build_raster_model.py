@@ -42,7 +42,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,15 @@ from build_testbed_model import _run
 
 from nextscale.data import load_dataset
 from nextscale.data.builtin import FASHION_MNIST_CLASSES, fashion_mnist
-from nextscale.engine.var.params import SamplingParams
-from nextscale.eval.classifier import load_classifier
+from nextscale.engine.raster.params import RasterParams
+from nextscale.eval.classifier import SmallClassifier, load_classifier
 from nextscale.eval.evaluate import evaluate
 from nextscale.fileio import atomic_file
 from nextscale.images import to_uint8_nhwc
-from nextscale.jobs.quality import balanced_subset, conditional_quality
-from nextscale.models.native import load_tokenizer, save_raster_native
+from nextscale.jobs.quality import balanced_subset, choose_defaults, conditional_quality
+from nextscale.jobs.tune import fastest_speculative, speculative_sweep
+from nextscale.models.native import bundled_model_dir, load_tokenizer, save_raster_native
 from nextscale.pipelines.raster import LlamaGenPipeline
-from nextscale.pipelines.var import bundled_model_dir
 from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig
 from nextscale.train.dist import DistInfo
 from nextscale.train.metrics_log import read_metrics
@@ -75,123 +75,13 @@ SIZE_LIMIT_MB = 12.0
 SPEC_CANDIDATES = ("gsd", "gsd:dist=2", "gsd:dist=6", "lantern", "lantern:delta=0.2", "lantern:delta=0.4")
 # Accuracy a fast preset may lose at the tuning sample size (issue target: within 3 points at 150 per class).
 SPEC_MARGIN = 0.02
+# Images sampled per call in the quality sweeps (bounds the KV cache; each image has its own generator, so the
+# results do not depend on it).
+QUALITY_BATCH = 125
+Real = tuple[np.ndarray, np.ndarray]
 
 
-class RasterQualityAdapter:
-    """What ``jobs.quality.conditional_quality`` samples through (written for ``VARPipeline``): ``num_classes`` and a
-    call with a ``SamplingParams``' fields. ``cfg``, ``top_k``, ``top_p`` and ``seed`` go to the raster pipeline
-    unchanged, so they mean what LlamaGen means by them (cfg <= 1 unguided; top-k 0 and top-p 1.0 off);
-    ``more_smooth`` is VAR's and refused. A call is sampled in chunks of ``chunk`` images (each image has its own
-    generator, so the result does not depend on the chunking) to bound the KV cache."""
-
-    def __init__(self, pipe: LlamaGenPipeline, chunk: int = 125):
-        self.pipe, self.chunk, self.num_classes = pipe, chunk, pipe.num_classes
-
-    def __call__(
-        self,
-        labels: list[int],
-        cfg: float,
-        top_k: int,
-        top_p: float,
-        seed: int | None,
-        more_smooth: bool,
-        output_type: str,
-        image_indices: Sequence[int],
-    ) -> Any:
-        if more_smooth:
-            raise ValueError("more_smooth is a VAR setting; a raster model has none")
-        indices = list(image_indices)
-        images = []
-        for i in range(0, len(labels), self.chunk):
-            out = self.pipe(
-                labels[i : i + self.chunk],
-                cfg=cfg,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                output_type="pt",
-                image_indices=indices[i : i + self.chunk],
-            )
-            images.append(out.images)
-        return argparse.Namespace(images=torch.cat(images))
-
-
-def choose_defaults(settings: list[dict]) -> dict:
-    """The lowest Fréchet distance among settings at >= ``ACC_TARGET`` class accuracy, else the most accurate one."""
-    accurate = [s for s in settings if s["class_accuracy"] >= ACC_TARGET]
-    best = min(accurate, key=lambda s: s["fd_ratio"]) if accurate else max(settings, key=lambda s: s["class_accuracy"])
-    return {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}
-
-
-def speculative_sweep(
-    pipe: LlamaGenPipeline,
-    clf: Any,
-    defaults: dict,
-    real: tuple[np.ndarray, np.ndarray],
-    per_class: int,
-    specs: Sequence[str],
-) -> list[dict]:
-    """Exact, then each spec, with the same seeds: forward passes per image, class accuracy, Fréchet distance."""
-    labels = np.repeat(np.arange(10), per_class)
-    rows = []
-    for spec in ("exact", *specs):
-        images, passes = [], 0.0
-        for i in range(0, len(labels), 100):
-            chunk = labels[i : i + 100].tolist()
-            out = pipe(
-                chunk,
-                cfg=defaults["cfg"],
-                top_k=defaults["top_k"],
-                top_p=defaults["top_p"],
-                seed=0,
-                output_type="pt",
-                image_indices=range(i, i + len(chunk)),
-                speculative=None if spec == "exact" else spec,
-            )
-            images.append(out.images)
-            passes += float(out.stats["forward_passes"]) * len(chunk)
-        r = evaluate(to_uint8_nhwc(torch.cat(images)), real[0], clf, labels, "classifier", num_classes=10)
-        rows.append(
-            {
-                "spec": spec,
-                "forward_passes": passes / len(labels),
-                "class_accuracy": r["class_accuracy"],
-                "FD-classifier": r["FD-classifier"],
-            }
-        )
-        print(f"speculative {spec}: {rows[-1]['forward_passes']:.1f} passes, accuracy {r['class_accuracy']:.3f}")
-    return rows
-
-
-def choose_fast(rows: list[dict]) -> str | None:
-    """The spec with the fewest passes among those within ``SPEC_MARGIN`` accuracy of exact (rows[0])."""
-    floor = rows[0]["class_accuracy"] - SPEC_MARGIN
-    ok = [r for r in rows[1:] if r["class_accuracy"] >= floor]
-    return min(ok, key=lambda r: r["forward_passes"])["spec"] if ok else None
-
-
-def write_subset(folder: Path, train: int, test: int) -> Path:
-    """The first ``train`` / ``test`` Fashion-MNIST images as IDX files (``--data-root`` for the smoke run)."""
-
-    def idx(path: Path, arr: np.ndarray) -> None:
-        header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-        path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes(), compresslevel=1))
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, prefix in (("train", train, "train"), ("test", test, "t10k")):
-        ds = fashion_mnist(split, size=28)
-        idx(folder / f"{prefix}-images-idx3-ubyte.gz", ds.images[:n, 0].numpy())
-        idx(folder / f"{prefix}-labels-idx1-ubyte.gz", ds.labels[:n].numpy())
-    return folder
-
-
-def images_per_s(run: Path) -> float:
-    """Training speed of a run: the median of its logged windows (the first one holds start-up costs)."""
-    rates = [r["images_per_s"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
-    return float(np.median(rates[1:] if len(rates) > 2 else rates)) if rates else float("nan")
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=None, help="run folders (default: runs/raster; --smoke: a new temp dir)")
     p.add_argument("--out", default=None, help="model folder (default: src/nextscale/assets/demo-fmnist-raster)")
@@ -239,31 +129,30 @@ def main(argv: list[str] | None = None) -> int:
         help="check the pipeline end to end in about a minute: 2,000 training images, 20 tokenizer and 6 GPT "
         "steps, 5 images per class; prints the full build's estimated time",
     )
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    return p.parse_args(argv)
+
+
+def full_build_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The full build's steps and images (what ``--smoke`` extrapolates to), before ``--smoke`` shrinks them."""
     settings = len(args.cfgs.split(",")) * len(args.top_ks.split(",")) * len(args.top_ps.split(","))
-    full = {
+    return {
         "vae_steps": args.vae_steps,
         "gpt_steps": args.gpt_steps,
         "sweep_images": settings * 10 * args.sweep_per_class,
         "report_images": 10 * args.per_class,
     }
-    if args.smoke:
-        args.vae_steps, args.gpt_steps = min(args.vae_steps, 20), min(args.gpt_steps, 6)
-        args.sweep_per_class, args.per_class = 5, 5
-        args.spec_per_class = min(args.spec_per_class, 2)
-        args.cfgs, args.top_ks, args.top_ps = "1.5,4.0", "0", "1.0"
-    work = Path(args.work or (tempfile.mkdtemp(prefix="raster-smoke-") if args.smoke else ROOT / "runs" / "raster"))
-    out = Path(args.out or (work if args.smoke else ROOT / "src" / "nextscale" / "assets") / "demo-fmnist-raster")
-    data_root = str(write_subset(work / "data", 2000, 500)) if args.smoke else None
-    common = dict(data="fashion-mnist", data_root=data_root, resume=True, precision=args.precision)
-    common["stop_after"] = args.stop_after
-    timings = Timings(work / "timings.json")
 
-    # 1. the tokenizer: the testbed's VQ-VAE, one scale
-    vae_cfg = VAETrainConfig(
+
+def shrink_for_smoke(args: argparse.Namespace) -> None:
+    args.vae_steps, args.gpt_steps = min(args.vae_steps, 20), min(args.gpt_steps, 6)
+    args.sweep_per_class, args.per_class = 5, 5
+    args.spec_per_class = min(args.spec_per_class, 2)
+    args.cfgs, args.top_ks, args.top_ps = "1.5,4.0", "0", "1.0"
+
+
+# ---- 1. the tokenizer: the testbed's VQ-VAE, one scale --------------------------------------------------------------
+def tokenizer_config(args: argparse.Namespace, work: Path, common: dict[str, Any]) -> VAETrainConfig:
+    return VAETrainConfig(
         out_dir=str(work / "vae"),
         batch_size=64,
         steps=args.vae_steps,
@@ -279,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         patch_nums=(16,),
         **common,
     )
-    tokenizer = work / "vae" / "tokenizer"
-    with timings("tokenizer"):
-        if not (tokenizer / "model_index.json").is_file() and not _run(vae_cfg):
-            return 3
 
-    # 2. the GPT (tokenizing the data set once is part of this stage)
-    gpt_cfg = LlamaGenTrainConfig(
+
+def train_tokenizer(vae_cfg: VAETrainConfig, tokenizer: Path, timings: Timings) -> bool:
+    """Train (or resume) the tokenizer into ``tokenizer``; False when the run stopped early (``--stop-after``)."""
+    with timings("tokenizer"):
+        return (tokenizer / "model_index.json").is_file() or _run(vae_cfg)
+
+
+# ---- 2. the GPT (tokenizing the data set once is part of this stage) ------------------------------------------------
+def gpt_config(args: argparse.Namespace, work: Path, tokenizer: Path, common: dict[str, Any]) -> LlamaGenTrainConfig:
+    return LlamaGenTrainConfig(
         tokenizer=str(tokenizer),
         out_dir=str(work / "gpt"),
         depth=args.depth,
@@ -302,74 +195,126 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         **common,
     )
+
+
+def train_gpt(
+    gpt_cfg: LlamaGenTrainConfig, work: Path, tokenizer: Path, data_root: str | None, timings: Timings
+) -> bool:
+    """Tokenize the data set once, here (the trainer finds the tokens cached), to time it apart; then train (or
+    resume) the GPT. False when the run stopped early (``--stop-after``)."""
     done = (work / "gpt" / "model" / "model_index.json").is_file()
-    if not done:  # tokenize the data set once, here (the trainer finds the tokens cached), to time it apart
+    if not done:
         vae = load_tokenizer(tokenizer).eval().requires_grad_(False)
         with timings("tokenize data"):
             for split in ("train", "test"):
                 ds = load_dataset("fashion-mnist", split, 32, root=data_root)
                 cached_tokens(vae, ds, split, False, DistInfo())
     with timings("gpt"):
-        if not done and not _run(gpt_cfg):
-            return 3
+        return done or _run(gpt_cfg)
 
-    # 3. quality, of the weights exactly as they will ship (GPT rounded to float16)
+
+# ---- 3. quality, of the weights exactly as they will ship (GPT rounded to float16) ----------------------------------
+def shipped_pipeline(work: Path) -> tuple[LlamaGenPipeline, Path]:
+    """The trained model with its GPT rounded to float16 as it will ship, and the staged folder it loads from."""
     src = LlamaGenPipeline.from_pretrained(work / "gpt" / "model")
     staged = src.save_pretrained(work / "staged", transformer_dtype=torch.float16)
-    pipe = LlamaGenPipeline.from_pretrained(staged)
-    clf = load_classifier(bundled_model_dir() / "classifier")
+    return LlamaGenPipeline.from_pretrained(staged), staged
+
+
+def real_images(data_root: str | None, per_class: int) -> tuple[Real, Real]:
+    """The first ``per_class`` training and test images of every class."""
     train_ds = load_dataset("fashion-mnist", "train", 32, root=data_root)
     test_ds = load_dataset("fashion-mnist", "test", 32, root=data_root)
-    n = max(args.per_class, args.sweep_per_class)
-    real_train = balanced_subset(train_ds.images, train_ds.labels, n, 10)
-    real_test = balanced_subset(test_ds.images, test_ds.labels, n, 10)
+    return (
+        balanced_subset(train_ds.images, train_ds.labels, per_class, 10),
+        balanced_subset(test_ds.images, test_ds.labels, per_class, 10),
+    )
 
-    def first(real: tuple[np.ndarray, np.ndarray], per_class: int) -> tuple[np.ndarray, np.ndarray]:
-        keep = np.concatenate([np.nonzero(real[1] == c)[0][:per_class] for c in range(10)])
-        return real[0][keep], real[1][keep]
 
-    test_images, test_labels = first(real_test, args.per_class)
-    with timings("reconstructions"):
-        recon = reconstructions(pipe, test_images)
-        tok_report = evaluate(recon, test_images, clf, test_labels, "classifier", num_classes=10)
+def first(real: Real, per_class: int) -> Real:
+    """The first ``per_class`` images of every class of ``real``."""
+    keep = np.concatenate([np.nonzero(real[1] == c)[0][:per_class] for c in range(10)])
+    return real[0][keep], real[1][keep]
 
-    grid = [
-        SamplingParams(cfg=float(c), top_k=int(k), top_p=float(tp), seed=0)
+
+def sweep_defaults(
+    args: argparse.Namespace,
+    work: Path,
+    pipe: LlamaGenPipeline,
+    clf: SmallClassifier,
+    real: tuple[Real, Real],
+    weights: str,
+    timings: Timings,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The guidance sweep (cached in ``WORK/sweep.json`` while the weights and settings are the same) and the
+    defaults it recommends."""
+    grid: list[RasterParams] = [
+        pipe.sampling_params(cfg=float(c), top_k=int(k), top_p=float(tp), seed=0)
         for tp in args.top_ps.split(",")
         for k in args.top_ks.split(",")
         for c in args.cfgs.split(",")
     ]
-    weights = hashlib.sha256((staged / "transformer" / "model.safetensors").read_bytes()).hexdigest()[:16]
-    spec = {"settings": [[s.cfg, s.top_k, s.top_p] for s in grid], "per_class": args.sweep_per_class, "gpt": weights}
+    key = {"settings": [[s.cfg_scale, s.top_k, s.top_p] for s in grid], "per_class": args.sweep_per_class}
+    key["gpt"] = weights
     sweep_file = work / "sweep.json"
     sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
-    adapter: Any = RasterQualityAdapter(pipe)
-    if sweep.get("spec") != spec:
-        sw = first(real_train, args.sweep_per_class), first(real_test, args.sweep_per_class)
+    if sweep.get("spec") != key:
+        sw = first(real[0], args.sweep_per_class), first(real[1], args.sweep_per_class)
         with timings("sweep", images=len(grid) * 10 * args.sweep_per_class):
-            report = conditional_quality(adapter, clf, *sw, grid, args.sweep_per_class)
-        sweep = {"spec": spec, "report": report}
+            report = conditional_quality(pipe, clf, *sw, grid, args.sweep_per_class, batch_size=QUALITY_BATCH)
+        sweep = {"spec": key, "report": report}
         write_json(sweep_file, sweep)
-    for s in sweep["report"]["settings"]:
+    settings = sweep["report"]["settings"]
+    for s in settings:
         print(
             f"sweep cfg {s['cfg']:.1f} top_k {s['top_k']} top_p {s['top_p']}: accuracy {s['class_accuracy']:.3f}, "
             f"FD {s['FD-classifier']:.2f} (ratio {s['fd_ratio']:.2f})"
         )
-    defaults = choose_defaults(sweep["report"]["settings"])
+    defaults, _ = choose_defaults(settings, ACC_TARGET)
+    return defaults, settings
 
-    chosen = [SamplingParams(cfg=defaults["cfg"], top_k=defaults["top_k"], top_p=defaults["top_p"], seed=0)]
-    final = first(real_train, args.per_class), first(real_test, args.per_class)
-    report_key = {"gpt": weights, "defaults": defaults, "per_class": args.per_class}
+
+def quality_report(
+    args: argparse.Namespace,
+    work: Path,
+    pipe: LlamaGenPipeline,
+    clf: SmallClassifier,
+    real: tuple[Real, Real],
+    weights: str,
+    defaults: dict[str, Any],
+    timings: Timings,
+) -> dict[str, Any]:
+    """The chosen defaults measured at ``--per-class`` (cached in ``WORK/report.json``)."""
+    chosen = [pipe.sampling_params(cfg=defaults["cfg"], top_k=defaults["top_k"], top_p=defaults["top_p"], seed=0)]
+    final = first(real[0], args.per_class), first(real[1], args.per_class)
+    key = {"gpt": weights, "defaults": defaults, "per_class": args.per_class}
     report_file = work / "report.json"
     cached = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    if cached.get("spec") == report_key:
-        report = cached["report"]
-    else:
-        with timings("report", images=10 * args.per_class):
-            report = conditional_quality(adapter, clf, *final, chosen, args.per_class)
-        write_json(report_file, {"spec": report_key, "report": report})
+    if cached.get("spec") == key:
+        return dict(cached["report"])
+    with timings("report", images=10 * args.per_class):
+        report = conditional_quality(pipe, clf, *final, chosen, args.per_class, batch_size=QUALITY_BATCH)
+    write_json(report_file, {"spec": key, "report": report})
+    return report
+
+
+def tokenizer_quality(pipe: LlamaGenPipeline, clf: SmallClassifier, test: Real, timings: Timings) -> dict[str, Any]:
+    """The tokenizer's own reconstructions of the test images: the ceiling the GPT can reach."""
+    with timings("reconstructions"):
+        return evaluate(reconstructions(pipe, test[0]), test[0], clf, test[1], "classifier", num_classes=10)
+
+
+def complete_report(
+    report: dict[str, Any],
+    tok_report: dict[str, Any],
+    defaults: dict[str, Any],
+    sweep: list[dict[str, Any]],
+    sweep_per_class: int,
+) -> bool:
+    """Add the conventions, the tokenizer's ceiling, the sweep and the targets to ``report`` and print its summary;
+    whether the chosen defaults meet the accuracy target."""
     s = report["settings"][0]
-    accuracy_ok = s["class_accuracy"] >= ACC_TARGET
+    accuracy_ok = bool(s["class_accuracy"] >= ACC_TARGET)
     report.update(
         {
             "conventions": "cfg, top_k, top_p as LlamaGen's sample_c2i.py: cfg <= 1 unguided; top-k 0, top-p 1.0 off",
@@ -381,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "chosen_defaults": defaults,
             "targets": {"class_accuracy": ACC_TARGET},
             "targets_met": accuracy_ok,
-            "sweep": {"per_class": args.sweep_per_class, "settings": sweep["report"]["settings"]},
+            "sweep": {"per_class": sweep_per_class, "settings": sweep},
         }
     )
     print(
@@ -389,31 +334,45 @@ def main(argv: list[str] | None = None) -> int:
         f"(real train vs test {report['real_train_vs_test']['FD-classifier']:.2f}; tokenizer reconstructions "
         f"{tok_report['FD-classifier']:.2f}, accuracy {tok_report['class_accuracy']:.3f})"
     )
+    return accuracy_ok
 
-    # 4. the fast speculative preset
-    spec_key = {"gpt": weights, "defaults": defaults, "per_class": args.spec_per_class, "specs": SPEC_CANDIDATES}
+
+# ---- 4. the fast speculative preset ---------------------------------------------------------------------------------
+def speculative_presets(
+    args: argparse.Namespace,
+    work: Path,
+    pipe: LlamaGenPipeline,
+    clf: SmallClassifier,
+    real_test: Real,
+    weights: str,
+    defaults: dict[str, Any],
+    timings: Timings,
+) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The sweep of ``SPEC_CANDIDATES`` (cached in ``WORK/speculative.json``): the model's presets (``fast`` when a
+    candidate stays within ``SPEC_MARGIN`` of exact) and the report's section (None: not tuned)."""
+    key = {"gpt": weights, "defaults": defaults, "per_class": args.spec_per_class, "specs": list(SPEC_CANDIDATES)}
     spec_file = work / "speculative.json"
-    spec_sweep = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
-    if args.spec_per_class > 0 and spec_sweep.get("spec") != spec_key:
+    sweep = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    if args.spec_per_class > 0 and sweep.get("spec") != key:
         n_spec = 10 * args.spec_per_class * (1 + len(SPEC_CANDIDATES))
         with timings("speculative presets", images=n_spec):
-            rows = speculative_sweep(
-                pipe, clf, defaults, first(real_test, args.spec_per_class), args.spec_per_class, SPEC_CANDIDATES
-            )
-        spec_sweep = {"spec": spec_key, "settings": rows}
-        write_json(spec_file, spec_sweep)
-    fast = choose_fast(spec_sweep["settings"]) if spec_sweep.get("spec") == spec_key else None
-    presets = {"fast": fast} if fast else {}
-    if spec_sweep.get("spec") == spec_key:
-        report["speculative"] = {
-            "per_class": args.spec_per_class,
-            "margin": SPEC_MARGIN,
-            "settings": spec_sweep["settings"],
-            "fast": fast,
-        }
-        print(f"fast speculative preset: {fast or 'none within the margin (the library default stays)'}")
+            real = first(real_test, args.spec_per_class)
+            rows = speculative_sweep(pipe, clf, defaults, real, args.spec_per_class, SPEC_CANDIDATES)
+        sweep = {"spec": key, "settings": rows}
+        write_json(spec_file, sweep)
+    if sweep.get("spec") != key:
+        return {}, None
+    fast = fastest_speculative(sweep["settings"], SPEC_MARGIN)
+    print(f"fast speculative preset: {fast or 'none within the margin (the library default stays)'}")
+    section = {"per_class": args.spec_per_class, "margin": SPEC_MARGIN, "settings": sweep["settings"], "fast": fast}
+    return ({"fast": fast} if fast else {}), section
 
-    # 5. the bundled folder
+
+# ---- 5. the bundled folder ------------------------------------------------------------------------------------------
+def write_model(
+    out: Path, pipe: LlamaGenPipeline, defaults: dict[str, Any], presets: dict[str, str], report: dict[str, Any]
+) -> float:
+    """The model folder (GPT stored in float16) with ``quality.json``; its size in MB."""
     save_raster_native(
         out,
         pipe.transformer,
@@ -428,22 +387,76 @@ def main(argv: list[str] | None = None) -> int:
         transformer_dtype=torch.float16,
     )
     write_json(out / "quality.json", report)
+    LlamaGenPipeline.from_pretrained(out)  # the folder loads as shipped
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+
+
+def build_record(
+    args: argparse.Namespace,
+    work: Path,
+    vae_cfg: VAETrainConfig,
+    gpt_cfg: LlamaGenTrainConfig,
+    timings: Timings,
+) -> dict[str, Any]:
+    """``build.json``: the training configs, the command that rebuilds the model, wall times and training speeds."""
     flags = f"--vae-steps {args.vae_steps} --gpt-steps {args.gpt_steps} --batch-size {args.batch_size}"
     flags += f" --lr {args.lr} --depth {args.depth} --width {args.width} --heads {args.heads}"
     flags += f" --precision {args.precision}" + (" --compile" if args.compile else "")
     flags += f" --threads {args.threads}" if args.threads is not None else ""
     flags += f" --spec-per-class {args.spec_per_class}"
     flags += " --smoke" if args.smoke else ""
-    record = {
+    return {
         "vae": portable(vae_cfg.to_dict(), work),
         "gpt": portable(gpt_cfg.to_dict(), work),
         "command": f"python scripts/build_raster_model.py --work WORK {flags}",
         "wall_time_s": timings.seconds,
         "images_per_s": {"tokenizer": images_per_s(work / "vae"), "gpt": images_per_s(work / "gpt")},
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    full = full_build_sizes(args)
+    if args.smoke:
+        shrink_for_smoke(args)
+    work = Path(args.work or (tempfile.mkdtemp(prefix="raster-smoke-") if args.smoke else ROOT / "runs" / "raster"))
+    out = Path(args.out or (work if args.smoke else ROOT / "src" / "nextscale" / "assets") / "demo-fmnist-raster")
+    data_root = str(write_subset(work / "data", 2000, 500)) if args.smoke else None
+    common = dict(data="fashion-mnist", data_root=data_root, resume=True, precision=args.precision)
+    common["stop_after"] = args.stop_after
+    timings = Timings(work / "timings.json")
+
+    # 1-2. train the tokenizer, then the GPT (each resumable; 3: a run stopped early, rerun to continue)
+    tokenizer = work / "vae" / "tokenizer"
+    vae_cfg = tokenizer_config(args, work, common)
+    if not train_tokenizer(vae_cfg, tokenizer, timings):
+        return 3
+    gpt_cfg = gpt_config(args, work, tokenizer, common)
+    if not train_gpt(gpt_cfg, work, tokenizer, data_root, timings):
+        return 3
+
+    # 3. quality of the shipped weights: the tokenizer's ceiling, the guidance sweep, the chosen defaults' report
+    pipe, staged = shipped_pipeline(work)
+    weights = hashlib.sha256((staged / "transformer" / "model.safetensors").read_bytes()).hexdigest()[:16]
+    clf = load_classifier(bundled_model_dir() / "classifier")
+    real = real_images(data_root, max(args.per_class, args.sweep_per_class))
+    tok_report = tokenizer_quality(pipe, clf, first(real[1], args.per_class), timings)
+    defaults, sweep = sweep_defaults(args, work, pipe, clf, real, weights, timings)
+    report = quality_report(args, work, pipe, clf, real, weights, defaults, timings)
+    accuracy_ok = complete_report(report, tok_report, defaults, sweep, args.sweep_per_class)
+
+    # 4. the fast speculative preset
+    presets, section = speculative_presets(args, work, pipe, clf, real[1], weights, defaults, timings)
+    if section is not None:
+        report["speculative"] = section
+
+    # 5. the bundled folder and its build record
+    size = write_model(out, pipe, defaults, presets, report)
+    record = build_record(args, work, vae_cfg, gpt_cfg, timings)
     write_json(out / "build.json", record)
-    LlamaGenPipeline.from_pretrained(out)  # the folder loads as shipped
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"wrote {out} ({size:.1f} MB)")
     if args.smoke:
         print_estimate(record, timings, full, args)
@@ -452,6 +465,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the folder is over {SIZE_LIMIT_MB} MB: use a smaller GPT (--width/--depth)")
         return 1
     return 0 if accuracy_ok or args.smoke else 1
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------------
+def write_subset(folder: Path, train: int, test: int) -> Path:
+    """The first ``train`` / ``test`` Fashion-MNIST images as IDX files (``--data-root`` for the smoke run)."""
+
+    def idx(path: Path, arr: np.ndarray) -> None:
+        header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes(), compresslevel=1))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, prefix in (("train", train, "train"), ("test", test, "t10k")):
+        ds = fashion_mnist(split, size=28)
+        idx(folder / f"{prefix}-images-idx3-ubyte.gz", ds.images[:n, 0].numpy())
+        idx(folder / f"{prefix}-labels-idx1-ubyte.gz", ds.labels[:n].numpy())
+    return folder
+
+
+def images_per_s(run: Path) -> float:
+    """Training speed of a run: the median of its logged windows (the first one holds start-up costs)."""
+    rates = [r["images_per_s"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    return float(np.median(rates[1:] if len(rates) > 2 else rates)) if rates else float("nan")
 
 
 def write_json(path: Path, obj: Any) -> None:

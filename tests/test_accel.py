@@ -11,6 +11,7 @@ import torch
 from nextscale.accel import PlanContext, build_plan, describe, parse_spec, resolve
 from nextscale.accel.fastvar import FastVAR
 from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.var.family import VARFamily
 from nextscale.engine.var.params import SamplingParams
 from nextscale.engine.var.plan import REFINER, RequestPlan, StepPlan
 from nextscale.errors import InvalidInputError
@@ -205,7 +206,8 @@ ENGINE_PLANS = [
 def test_engine_equals_pipeline_for_mixed_plans_under_random_arrivals(pipe, seed):
     rng = random.Random(seed)
     engine = Engine(
-        pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0, max_images_per_request=3), refiner=pipe.refiner
+        VARFamily(pipe.transformer, pipe.vae, refiner=pipe.refiner),
+        EngineConfig(kv_cache_mb=100.0, max_images_per_request=3),
     )
     pending = []
     for i in range(7):
@@ -231,7 +233,7 @@ def test_engine_equals_pipeline_for_mixed_plans_under_random_arrivals(pipe, seed
 
 
 def test_engine_units_cost_what_their_plan_computes(pipe):
-    engine = Engine(pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0))
+    engine = Engine(VARFamily(pipe.transformer, pipe.vae), EngineConfig(kv_cache_mb=100.0))
     a = engine.add_request(torch.tensor([1, 2]), SamplingParams(seed=0))
     b = engine.add_request(torch.tensor([1, 2]), SamplingParams(seed=0), plan=pipe.plan("balanced"))
     c = engine.add_request(torch.tensor([1, 2]), SamplingParams(seed=0), plan=pipe.plan("skip-scales:last=2"))
@@ -239,10 +241,10 @@ def test_engine_units_cost_what_their_plan_computes(pipe):
     assert [seqs[a].unit_rows[i] * seqs[a].scale_tokens[i] for i in range(6)] == [4 * p * p for p in PNS]
     assert seqs[b].unit_rows[-3:] == (2, 2, 2) and seqs[b].rows < seqs[a].rows, "unguided, compressed KV"
     assert len(seqs[c].scale_tokens) == 4, "skipped scales are no units"
-    coded = Engine(pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=100.0), refiner=pipe.refiner)
+    coded = Engine(VARFamily(pipe.transformer, pipe.vae, refiner=pipe.refiner), EngineConfig(kv_cache_mb=100.0))
     d = coded.add_request(torch.tensor([1, 2]), SamplingParams(seed=0), plan=pipe.plan("code:draft=3"))
     assert coded.scheduler.waiting[0].scale_tokens[3] == sum(p * p for p in PNS[:4]), "the hand-off recomputes"
-    assert d and coded.pool.rows > 0 and coded.refiner_pool is not None
+    assert d and coded.pool.rows > 0 and coded.family.refiner_pool is not None
     with pytest.raises(InvalidInputError, match="this engine was built without one"):
         engine.add_request(torch.tensor([1]), SamplingParams(seed=0), plan=pipe.plan("code"))
 

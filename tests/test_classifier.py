@@ -64,6 +64,7 @@ def test_feature_net_interface(trained):
     nhwc = ds.images.permute(0, 2, 3, 1).numpy()
     feats, logits = model.features(nhwc, batch_size=3), model.logits(nhwc)
     assert feats.shape == (7, FEATURE_DIM) and logits.shape == (7, 3)
+    assert feats.dtype == logits.dtype == torch.float32 and feats.device.type == logits.device.type == "cpu"
     floats = ds.images.float() / 127.5 - 1
     assert torch.allclose(model.logits(floats), logits, atol=1e-5)
     rgb = np.repeat(nhwc, 3, axis=-1)

@@ -8,9 +8,10 @@ import pytest
 
 from nextscale.eval.classifier import load_classifier
 from nextscale.jobs.quality import balanced_subset, conditional_quality, sample_per_class
-from nextscale.pipelines.var import VARPipeline, bundled_model_dir
+from nextscale.models.native import bundled_model_dir
+from nextscale.pipelines.var import VARPipeline
 
-FMNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+from .helpers import FMNIST
 
 
 @pytest.fixture(scope="module")

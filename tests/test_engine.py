@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import Scheduler, SchedulerConfig
+from nextscale.engine.var.family import VARFamily
 from nextscale.engine.var.params import SamplingParams
 from nextscale.errors import InvalidInputError
 from nextscale.pipelines.var import VARPipeline
@@ -142,7 +143,7 @@ def test_row_allocator_first_fit_and_coalescing():
 def test_adjacent_same_scale_requests_share_one_attention_call(models):
     from nextscale.engine.var.runner import ModelRunner
 
-    engine = Engine(*models)
+    engine = Engine(VARFamily(*models))
     for i in range(3):
         engine.add_request(torch.tensor([i]), SamplingParams(seed=i))
     engine.step()  # all three admitted together: slots 0-1, 2-3, 4-5, all at scale 1 now
@@ -203,7 +204,8 @@ def test_engine_equals_pipeline_under_random_arrivals(models, seed):
         first_scale_priority=rng.random() < 0.5,
     )
     engine = Engine(
-        var, vae, EngineConfig(scheduler=scheduler, kv_cache_mb=kv_cache_mb, max_images_per_request=3, decode_slice=0)
+        VARFamily(var, vae),
+        EngineConfig(scheduler=scheduler, kv_cache_mb=kv_cache_mb, max_images_per_request=3, decode_slice=0),
     )
     pending = random_requests(rng, 7)
     ids, done, it = {}, {}, 0
@@ -249,8 +251,8 @@ def test_first_scale_priority_runs_new_arrivals_first_but_cannot_starve_older_re
 def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(models):
     var, vae = models
     params = SamplingParams(seed=5)
-    ref = Engine(var, vae).generate([(torch.tensor([1, 2]), params)])[0]
-    engine = Engine(var, vae, EngineConfig(decode_slice=0))
+    ref = Engine(VARFamily(var, vae)).generate([(torch.tensor([1, 2]), params)])[0]
+    engine = Engine(VARFamily(var, vae), EngineConfig(decode_slice=0))
     a = engine.add_request(torch.tensor([1, 2]), params)
     b = engine.add_request(torch.tensor([3]), SamplingParams(seed=6))
     events = []
@@ -277,7 +279,7 @@ def test_interrupted_decode_resumes_and_abort_during_decode_drops_the_event(mode
 
 def test_only_decodes_expected_to_outlast_the_iteration_pause(models):
     var, vae = models
-    engine = Engine(var, vae, EngineConfig(decode_slice=1e9))  # every decode counts as short once timed
+    engine = Engine(VARFamily(var, vae), EngineConfig(decode_slice=1e9))  # every decode counts as short once timed
     steps_to_deliver = []
     for seed in (2, 3):
         rid = engine.add_request(torch.tensor([1]), SamplingParams(seed=seed))
@@ -304,7 +306,7 @@ def test_decoder_pieces_compose_to_the_whole_decode(models):
 
 
 def test_events_and_previews_go_coarse_to_fine(models):
-    engine = Engine(*models)
+    engine = Engine(VARFamily(*models))
     events = list(engine.stream(torch.tensor([1, 2]), SamplingParams(seed=3)))
     assert [e.si for e in events] == [0, 1, 2, 3] and events[-1].finished
     assert all(e.preview is not None and e.preview.shape == (2, 3, 8, 8) for e in events[:-1])
@@ -312,7 +314,7 @@ def test_events_and_previews_go_coarse_to_fine(models):
 
 
 def test_abort_frees_everything(models):
-    engine = Engine(*models)
+    engine = Engine(VARFamily(*models))
     a = engine.add_request(torch.tensor([1]), SamplingParams(seed=0))
     b = engine.add_request(torch.tensor([2, 3]), SamplingParams(seed=1))
     engine.step()
@@ -329,8 +331,8 @@ def test_abort_frees_everything(models):
 
 def test_engine_rejects_bad_requests(models):
     with pytest.raises(InvalidInputError, match="a request of max_images_per_request=8 needs 16"):
-        Engine(*models, EngineConfig(kv_cache_mb=0.1))
-    engine = Engine(*models, EngineConfig(max_images_per_request=2))
+        Engine(VARFamily(*models), EngineConfig(kv_cache_mb=0.1))
+    engine = Engine(VARFamily(*models), EngineConfig(max_images_per_request=2))
     with pytest.raises(InvalidInputError, match=r"1\.\.2 images"):
         engine.add_request(torch.tensor([1, 2, 3]), SamplingParams(seed=0))
     with pytest.raises(ValueError, match="class labels must be in"):

@@ -61,7 +61,6 @@ def test_output_options_are_refused_before_any_sampling(tmp_path, capsys, counte
 
 
 def test_a_huge_grid_is_refused_at_once(tmp_path):
-    t0 = time.perf_counter()
     res = subprocess.run(
         [
             sys.executable,
@@ -79,7 +78,7 @@ def test_a_huge_grid_is_refused_at_once(tmp_path):
         text=True,
         timeout=60,
     )
-    assert time.perf_counter() - t0 < 10
+    # refused from the arguments alone (the in-process tests check that nothing is loaded or sampled first)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "write one file per image with -o DIR/" in res.stderr
 
 

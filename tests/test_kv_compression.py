@@ -16,6 +16,7 @@ from nextscale.accel import HACK, KVRoles, PlanContext, ScaleKV, build_plan, cal
 from nextscale.accel.scalekv import ScaleKVSelect, window_queries
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.kv_cache import CompactKV, compact_rows, pack_layers
+from nextscale.engine.var.family import VARFamily
 from nextscale.engine.var.params import SamplingParams
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
@@ -74,8 +75,8 @@ def test_a_cache_that_keeps_everything_is_the_exact_cache(pipe):
         keeps = [(c,) * depth for c in cum[:-1]] + [(last_keep,) * depth]
         steps = tuple(dataclasses.replace(RequestPlan.exact(len(PNS)).steps[0], kv_keep=k) for k in keeps)
         plan = RequestPlan(steps)
-        out = pipe._generate(torch.tensor([0, 3, 4]), pipe.sampling_params(cfg=2.0, top_k=20, seed=5), None, "pt",
-                             None, "fast", False, None, plan, None)  # fmt: skip
+        params = pipe.sampling_params(cfg=2.0, top_k=20, seed=5)
+        out = pipe._generate(torch.tensor([0, 3, 4]), params, output_type="pt", plan=plan)
         assert all(torch.equal(a, b) for a, b in zip(out.tokens, exact.tokens)), last_keep
         assert out.stats["kv_bytes_peak"] <= exact.stats["kv_bytes_peak"]
 
@@ -173,7 +174,7 @@ ENGINE_PLANS = [None, "scalekv:budget=0.3", "hack:budget=0.3", "cfg-cutoff,fastv
 @pytest.mark.parametrize("seed", range(2))
 def test_engine_serves_compressed_caches_like_the_pipeline(pipe, seed):
     rng = random.Random(seed)
-    engine = Engine(pipe.transformer, pipe.vae, EngineConfig(kv_cache_mb=50.0, max_images_per_request=3))
+    engine = Engine(VARFamily(pipe.transformer, pipe.vae), EngineConfig(kv_cache_mb=50.0, max_images_per_request=3))
     pending = []
     for i in range(7):
         spec = rng.choice(ENGINE_PLANS)
@@ -205,7 +206,7 @@ def test_a_fixed_pool_holds_more_compressed_requests(pipe):
     row_mb = 2 * var.depth * var.cfg.seq_len * var.C * 4 / 2**20
     in_flight = {}
     for accel in (None, "scalekv:budget=0.25"):
-        engine = Engine(var, pipe.vae, EngineConfig(kv_cache_mb=row_mb * 16.5, max_images_per_request=1))
+        engine = Engine(VARFamily(var, pipe.vae), EngineConfig(kv_cache_mb=row_mb * 16.5, max_images_per_request=1))
         for i in range(40):
             engine.add_request(torch.tensor([i % 5]), SamplingParams(seed=i), plan=pipe.plan(accel))
         engine.step()

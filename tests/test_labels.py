@@ -7,7 +7,7 @@ import pytest
 from nextscale.errors import InvalidInputError
 from nextscale.labels import resolve_label, resolve_labels
 
-FMNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+from .helpers import FMNIST
 
 
 @pytest.mark.parametrize(

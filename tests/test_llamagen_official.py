@@ -37,7 +37,7 @@ from nextscale.models.llamagen_weights import (
 )
 from nextscale.models.tokenizers.vq import VQConfig, VQModel
 
-from .test_raster_sampler import tiny_llamagen
+from .conftest import tiny_llamagen
 
 LATENT_TOL, LOGIT_TOL, IMAGE_TOL, SUM_TOL, MARGIN = 1e-5, 1e-4, 1e-4, 1e-5, 1e-3
 # The official implementation's outputs, copied unchanged from shared/fixtures/llamagen-official (README there).

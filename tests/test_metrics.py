@@ -11,7 +11,6 @@ import torch
 
 from nextscale.errors import InvalidInputError
 from nextscale.eval.metrics import (
-    FeatureNet,
     class_accuracy,
     feature_stats,
     frechet_distance,
@@ -171,15 +170,3 @@ def test_npz_reference_stats(tmp_path: Path):
     np.savez(tmp_path / "bad.npz", mu=mu, sigma=np.eye(2))
     with pytest.raises(InvalidInputError, match="mu"):
         load_npz_stats(tmp_path / "bad.npz")
-
-
-def test_feature_net_protocol():
-    class Dummy:
-        def features(self, images, batch_size=8):
-            return torch.zeros(len(images), 2)
-
-        def logits(self, images, batch_size=8):
-            return torch.zeros(len(images), 3)
-
-    assert isinstance(Dummy(), FeatureNet)
-    assert not isinstance(object(), FeatureNet)

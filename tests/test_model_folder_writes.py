@@ -239,6 +239,6 @@ def test_convert_replaces_an_earlier_model_folder_even_of_the_other_family(tmp_p
     model = tmp_path / "model"
     assert run([*CONVERT_VAR, "-o", str(model)], capsys)[0] == 0
     code, lines = run([*CONVERT_RASTER, "-o", f"{model}/"], capsys)
-    assert code == 0 and lines[-1].startswith(f"wrote {model} (LlamaGen GPT"), lines
+    assert code == 0 and lines[-1].startswith(f"wrote {model} (raster (LlamaGen): transformer"), lines
     assert LlamaGenPipeline.from_pretrained(model).config.image_size == 256
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from .test_server import live, live_server  # noqa: F401 - pytest fixture
+from .conftest import RASTER_GRID, tiny_raster_pipe
+from .helpers import live, raster_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without these, Chromium tries to reach Google services and the sandbox needs privileges CI lacks.
@@ -40,7 +41,7 @@ def page():
         browser.close()
 
 
-def test_pick_a_class_watch_it_sharpen_and_download(live_server, page, tmp_path):  # noqa: F811
+def test_pick_a_class_watch_it_sharpen_and_download(live_server, page, tmp_path):
     url, _ = live_server
     console_errors: list[str] = []
     page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
@@ -85,7 +86,7 @@ def test_pick_a_class_watch_it_sharpen_and_download(live_server, page, tmp_path)
     assert not console_errors, f"console errors: {console_errors}"
 
 
-def test_errors_are_shown_not_swallowed(live_server, page):  # noqa: F811
+def test_errors_are_shown_not_swallowed(live_server, page):
     url, _ = live_server
     page.goto(url + "/")
     page.wait_for_function("document.querySelectorAll('#class option').length === 5")
@@ -97,17 +98,14 @@ def test_errors_are_shown_not_swallowed(live_server, page):  # noqa: F811
 
 def test_a_raster_model_is_shown_row_by_row(page):
     """A raster model's previews are rows of its token grid, not scales; /v1/models says which."""
-    from .test_raster_engine import GRID, tiny_raster_pipe
-    from .test_raster_server import make_app
-
     pipe = tiny_raster_pipe()
     pipe.set_class_names(tuple(f"class-{i}" for i in range(10)))
-    with live(make_app(pipe)) as url:
+    with live(raster_app(pipe)) as url:
         page.goto(url + "/")
         page.wait_for_function("document.querySelectorAll('#class option').length === 10")
-        assert f"{GRID} rows" in page.inner_text("#model") and page.inner_text("#progress-title") == "Row by row"
+        assert f"{RASTER_GRID} rows" in page.inner_text("#model") and page.inner_text("#progress-title") == "Row by row"
         page.fill("#count", "1")
         page.click("#generate")
         page.wait_for_function("document.querySelectorAll('#gallery figure.item').length === 1", timeout=60_000)
-        assert page.locator("#previews figcaption").all_inner_texts() == [f"row {GRID}/{GRID}"]
+        assert page.locator("#previews figcaption").all_inner_texts() == [f"row {RASTER_GRID}/{RASTER_GRID}"]
         assert "scale" not in page.inner_text("#status")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from nextscale.cli.common import checkpoint_family, load_pipeline, resolve_model
 from nextscale.cli.main import main
+from nextscale.models.native import bundled_model_dir
 
 from .conftest import tiny_pair
 
@@ -85,7 +86,6 @@ def test_generate_from_the_folder_reproduces_the_greedy_fixture(converted, capsy
 
 
 def test_generate_with_speculative_decoding(converted, capsys, tmp_path):
-    pytest.importorskip("nextscale.accel.speculative")
     out = tmp_path / "spec.png"
     argv = ["generate", "--model", converted, "--class", "207", "--top-k", "1", "--speculative", "sjd:window=8"]
     code, _, err = run([*argv, "-o", out], capsys)
@@ -174,10 +174,11 @@ def model_args(**kw) -> argparse.Namespace:
 
 def test_the_family_comes_from_the_folder_and_commands_say_what_they_support(converted):
     assert resolve_model(model_args(model=str(converted))) == ("raster", converted)
-    assert resolve_model(model_args()) == ("var", None)  # the bundled demo model
-    assert resolve_model(model_args(model="demo-fmnist")) == ("var", None)
+    demo = bundled_model_dir("demo-fmnist")
+    assert resolve_model(model_args()) == ("var", demo)  # the default model: the bundled demo, a folder like any
+    assert resolve_model(model_args(model="demo-fmnist")) == ("var", demo)
     assert resolve_model(model_args(checkpoint=str(GPT_FILE), vae=str(VQ_FILE))) == ("raster", None)
     with pytest.raises(ValueError, match=r"^nextscale sample-fid supports VAR \(next-scale\) models; .* is a raster"):
-        load_pipeline(model_args(model=str(converted)))  # sample-fid: VAR only (serve takes both)
+        load_pipeline(model_args(model=str(converted)), ("var",))  # sample-fid: VAR only (serve takes all)
     pipe = load_pipeline(model_args(model=str(converted)), families=("var", "raster"))
     assert type(pipe).__name__ == "LlamaGenPipeline" and pipe.image_size == 256

@@ -14,12 +14,11 @@ from nextscale import LlamaGenPipeline
 from nextscale.cli.main import main
 from nextscale.eval.classifier import load_classifier
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipelines.var import bundled_model_dir
+from nextscale.models.native import bundled_model_dir
 
-from .test_server import decode, serve_cli_env  # noqa: F401 - serve_cli_env: pytest fixture
+from .helpers import FMNIST, decode
 
 NAME = "demo-fmnist-raster"
-FMNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def test_gsd_at_its_default_groups_codes_where_sjd_would_not(pipe):
     assert differ >= 5, f"only {differ} of 10 images differ from SJD's"
 
 
-def test_serve_by_name_equals_the_pipeline_exactly_and_speculatively(serve_cli_env, pipe):  # noqa: F811
+def test_serve_by_name_equals_the_pipeline_exactly_and_speculatively(serve_cli_env, pipe):
     assert main(["serve", "--model", NAME, "--port", "0"]) == 0
     ((app, _, _),) = serve_cli_env
     with TestClient(app) as c:

@@ -11,35 +11,25 @@ import torch
 
 from nextscale import LlamaGenPipeline
 from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.raster.family import RasterFamily
 from nextscale.engine.raster.runner import RasterRunner
 from nextscale.engine.raster.sampler import RasterParams, sample_raster
 from nextscale.engine.raster.state import RasterGeneration
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.engine.var.family import VARFamily
 from nextscale.engine.var.params import SamplingParams
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
-from nextscale.models.tokenizers.msvq import VQVAE
 
-from .conftest import randomize_, tiny_pair
-from .test_raster_pipeline import GRID, single_scale_vae_config
-from .test_raster_sampler import tiny_llamagen
+from .conftest import RASTER_GRID, tiny_pair, tiny_raster_pipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-L = GRID * GRID
-
-
-def tiny_raster_pipe(seed: int = 4, **gpt_kw) -> LlamaGenPipeline:
-    """A 4x4-token raster model (10 classes, 64 codes) with nextscale's single-scale VQ-VAE as its tokenizer."""
-    vae = randomize_(VQVAE(single_scale_vae_config()), 5)
-    image_size = GRID * vae.cfg.downsample
-    return LlamaGenPipeline(
-        tiny_llamagen(seed, vocab_size=vae.cfg.vocab_size, image_size=image_size, downsample=2, **gpt_kw), vae
-    )
+L = RASTER_GRID * RASTER_GRID
 
 
 def raster_engine(pipe: LlamaGenPipeline, **cfg) -> Engine:
-    return Engine(pipe.transformer, pipe.tokenizer, EngineConfig(**cfg))
+    return Engine(pipe.engine_family(), EngineConfig(**cfg))
 
 
 def reference(pipe: LlamaGenPipeline, labels: list[int], params: RasterParams, first: int = 0, speculative=None):
@@ -95,7 +85,7 @@ def test_engine_equals_pipeline_under_random_arrivals(pipe, gqa_pipe, seed):
         max_images_per_request=3,
         scheduler=SchedulerConfig(max_running=rng.choice([2, 64])),
     )
-    engine = Engine(p.transformer, p.tokenizer, cfg)
+    engine = Engine(p.engine_family(), cfg)
     pending = random_requests(rng, 8, p.num_classes)
     ids, done, it = {}, {}, 0
     while pending or engine.has_unfinished():
@@ -148,7 +138,9 @@ def test_a_unit_is_one_token_of_every_row(pipe):
 def test_events_come_per_row_with_the_rows_so_far_then_the_images(pipe):
     params = RasterParams(top_k=20, seed=7)
     events = list(raster_engine(pipe).stream(torch.tensor([2, 5]), params, previews=True))
-    assert [(e.si, e.num_scales, e.finished) for e in events] == [(r, GRID, r == GRID - 1) for r in range(GRID)]
+    assert [(e.si, e.num_scales, e.finished) for e in events] == [
+        (r, RASTER_GRID, r == RASTER_GRID - 1) for r in range(RASTER_GRID)
+    ]
     rows: list[torch.Tensor] = []
     ref = pipe([2, 5], top_k=20, seed=7, output_type="pt", callback_on_rows=lambda r, x: rows.append(x))
     for ev, want in zip(events[:-1], rows):
@@ -202,12 +194,12 @@ def test_each_family_refuses_the_others_requests(pipe):
     with pytest.raises(InvalidInputError, match="explicit seed"):
         engine.add_request(torch.tensor([1]), RasterParams())
     with pytest.raises(InvalidInputError, match="needs a raster tokenizer"):
-        Engine(pipe.transformer, pipe.vae)
+        RasterFamily(pipe.transformer, pipe.vae)
     var, vae = tiny_pair(0)
-    with pytest.raises(InvalidInputError, match="raster models have none"):
-        Engine(pipe.transformer, pipe.tokenizer, refiner=var)
+    with pytest.raises(InvalidInputError, match="a VAR engine runs a VAR transformer"):
+        VARFamily(pipe.transformer, pipe.tokenizer)
     with pytest.raises(InvalidInputError, match="a VAR model samples with SamplingParams"):
-        Engine(var, vae).add_request(torch.tensor([1]), RasterParams(seed=0))
+        Engine(VARFamily(var, vae)).add_request(torch.tensor([1]), RasterParams(seed=0))
 
 
 # ---- speculative requests (SJD, GSD, LANTERN) ----------------------------------------------------------------------
@@ -221,7 +213,7 @@ def test_speculative_requests_equal_the_pipeline_among_exact_ones(pipe, seed):
     scheduler by the tokens every image of the request fixed."""
     rng = random.Random(10 + seed)
     cfg = EngineConfig(kv_cache_mb=rng.choice([0.06, 1.0]), max_images_per_request=3)
-    engine = Engine(pipe.transformer, pipe.tokenizer, cfg)
+    engine = Engine(pipe.engine_family(), cfg)
     specs = [None, *SPECS, None, *SPECS]
     rng.shuffle(specs)
     pending = [(*r, spec) for r, spec in zip(random_requests(rng, 8, pipe.num_classes), specs)]
@@ -244,7 +236,9 @@ def test_speculative_requests_equal_the_pipeline_among_exact_ones(pipe, seed):
         assert torch.equal(done[rid].tokens[0], ref.tokens), (rid, spec, params)
         torch.testing.assert_close(done[rid].images, ref.images, atol=1e-5, rtol=0)
         si = events[rid]
-        assert si == sorted(set(si)) and si[-1] == GRID - 1, "rows complete in order; a pass may complete several"
+        assert si == sorted(set(si)) and si[-1] == RASTER_GRID - 1, (
+            "rows complete in order; a pass may complete several"
+        )
 
 
 def test_a_speculative_unit_costs_its_window_and_completes_the_tokens_every_image_fixed(pipe):
@@ -280,5 +274,7 @@ def test_aborting_a_speculative_request_frees_its_rows(pipe):
 
 def test_a_var_engine_refuses_a_speculative_plan(pipe):
     var, vae = tiny_pair(0)
-    with pytest.raises(InvalidInputError, match="speculative decoding is for raster models"):
-        Engine(var, vae).add_request(torch.tensor([1]), SamplingParams(seed=0), plan=pipe.speculative_plan("sjd"))
+    with pytest.raises(InvalidInputError, match="a VAR request runs exact or with a RequestPlan"):
+        Engine(VARFamily(var, vae)).add_request(
+            torch.tensor([1]), SamplingParams(seed=0), plan=pipe.speculative_plan("sjd")
+        )

@@ -18,7 +18,6 @@ import torch
 
 from nextscale import LlamaGenPipeline
 from nextscale.accel.base import Resolved
-from nextscale.config import VQVAEConfig
 from nextscale.engine.raster.sampler import RasterResult, sample_raster
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.models.native import load_raster_native, model_family
@@ -27,8 +26,14 @@ from nextscale.pipelines import raster as raster_pipeline
 from nextscale.pipelines.raster import MSVQTokenizer, make_tokenizer
 from nextscale.pipelines.var import VARPipeline
 
-from .conftest import randomize_, tiny_pair, tiny_vae_config
-from .test_raster_sampler import tiny_llamagen
+from .conftest import (
+    RASTER_GRID,
+    single_scale_vae_config,
+    tiny_llamagen,
+    tiny_pair,
+    tiny_raster_pipe,
+    tiny_vae_config,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen-official"
 GPT_FILE, VQ_FILE = FIXTURES / "c2i_tiny_256.pt", FIXTURES / "vq_ds16_c2i_tiny.pt"
@@ -181,26 +186,15 @@ def test_wrong_or_missing_components_are_named(pipe, tmp_path):
 
 
 # ---- nextscale's own VQ-VAE as the tokenizer ------------------------------------------------------------------
-GRID = 4
-
-
-def single_scale_vae_config(grid: int = GRID, **kw) -> VQVAEConfig:
-    """A plain VQ-VAE: ``patch_nums=(grid,)``, one (shared) Phi."""
-    return tiny_vae_config(patch_nums=(grid,), share_quant_resi=1, **kw)
-
-
 @pytest.fixture(scope="module")
 def msvq_pipe() -> LlamaGenPipeline:
-    torch.manual_seed(0)
-    vae = randomize_(VQVAE(single_scale_vae_config()), 5)
-    gpt = tiny_llamagen(4, vocab_size=vae.cfg.vocab_size, image_size=GRID * vae.cfg.downsample, downsample=2)
-    return LlamaGenPipeline(gpt, vae)
+    return tiny_raster_pipe()
 
 
 def test_a_single_scale_vqvae_is_a_raster_tokenizer(msvq_pipe):
     p = msvq_pipe
     assert isinstance(p.tokenizer, MSVQTokenizer) and p.tokenizer.kind == "VQVAE"
-    assert (p.tokenizer.grid, p.tokenizer.vocab_size, p.image_size, p.seq_len) == (GRID, 64, 8, GRID * GRID)
+    assert (p.tokenizer.grid, p.tokenizer.vocab_size, p.image_size, p.seq_len) == (RASTER_GRID, 64, 8, RASTER_GRID**2)
     out = p([0, 3, 9], seed=1, output_type="pt")
     assert out.tokens.shape == (3, 16) and out.images.shape == (3, 3, 8, 8)
     assert out.images.min() >= 0 and out.images.max() <= 1
@@ -252,7 +246,7 @@ def test_row_previews(msvq_pipe):
         [2, 5], seed=7, output_type="latent", callback_every=2, callback_on_rows=lambda r, x: toks.append((r, x))
     )
     assert [r for r, _ in toks] == [2, 4]
-    assert torch.equal(toks[0][1], out.tokens[:, : 2 * GRID]) and torch.equal(toks[1][1], out.tokens)
+    assert torch.equal(toks[0][1], out.tokens[:, : 2 * RASTER_GRID]) and torch.equal(toks[1][1], out.tokens)
 
 
 def test_bad_arguments_are_one_line_errors(msvq_pipe):
@@ -312,11 +306,6 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
     assert "speculative needs 'fast'" in one_line(p, [1], seed=0, speculative="sjd", sampler="reference")
 
 
-def test_speculative_without_the_module_says_so(msvq_pipe, monkeypatch):
-    monkeypatch.setitem(sys.modules, "nextscale.accel.speculative", None)  # as if it were not installed
-    assert "speculative decoding is not available" in one_line(msvq_pipe, [1], seed=0, speculative="sjd")
-
-
 def test_a_models_speculative_presets_are_saved_and_take_precedence(msvq_pipe, tmp_path):
     p = msvq_pipe
     tuned = LlamaGenPipeline(p.transformer, p.vae, speculative_presets={"fast": "lantern:window=4,delta=0.2,k=9"})
@@ -341,7 +330,6 @@ def test_speculative_decoding_through_the_pipeline(pipe, msvq_pipe):
     """The real loop (nextscale.engine.raster.speculative): greedy SJD keeps exactly the greedy tokens of the fixture (a
     random-weight model gives Jacobi guesses little to agree on, so no speed-up is asserted); images stay
     batch-independent; row previews follow the tokens it fixes."""
-    pytest.importorskip("nextscale.accel.speculative")
     ref = load("gpt_sample_greedy.npz")
     out = pipe(ref["labels"].tolist(), cfg=4.0, top_k=1, seed=0, speculative="sjd:window=8", output_type="latent")
     np.testing.assert_array_equal(out.tokens.numpy(), ref["tokens"])

@@ -19,35 +19,14 @@ from nextscale.engine.raster.sampler import (
     mask_top_p_raster_,
     raster_kv_cache,
     reference_sample_raster,
-    rewind_kv,
     sample_raster,
 )
 from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.models.llamagen import CachedCausal, LlamaGen, LlamaGenConfig, rope_table_2d
 
+from .conftest import tiny_llamagen
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize_llamagen_(model: LlamaGen, seed: int) -> LlamaGen:
-    """Non-degenerate weights like the official fixtures' (the official init zeroes the output layer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.startswith(("cls_embedding", "tok_embeddings")):
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                std = (9 if name == "output.weight" else 1) / p.shape[1]
-                p.copy_(std**0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def tiny_llamagen(seed: int = 0, **kw) -> LlamaGen:
-    """dim 32, 2 layers, 512 codes, 6x6 grid (image 96 / downsample 16): 36 tokens per image."""
-    base = dict(dim=32, n_layer=2, n_head=2, vocab_size=512, num_classes=10, image_size=96, downsample=16)
-    base.update(kw)
-    return randomize_llamagen_(LlamaGen(LlamaGenConfig(**base)), seed)
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +76,6 @@ def test_cached_windows_equal_teacher_forcing(request, which):
 def test_gqa_cache_holds_only_the_kv_heads(gqa_model):
     kv = raster_kv_cache(gqa_model, rows=2)
     assert kv.pool.k[0].shape == (2, 2, 36, 16)  # [rows, n_kv_head, L, head_dim]
-
-
-def test_rewind_then_recompute_gives_the_same_logits(model):
-    idx = torch.randint(0, model.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
-    lab = LABELS[:1]
-    with torch.no_grad():
-        kv = raster_kv_cache(model, 1)
-        model.forward_tokens(model.embed_classes(lab), CachedCausal(kv, 0))
-        first = model.forward_tokens(model.embed_tokens(idx[:, :6]), CachedCausal(kv, 1))
-        rewind_kv(kv, 4)  # reject the last 3 of the 6 guesses
-        again = model.forward_tokens(model.embed_tokens(idx[:, 3:6]), CachedCausal(kv, 4))
-        torch.testing.assert_close(again, first[:, 3:], atol=1e-5, rtol=1e-5)
-        with pytest.raises(RuntimeError, match="held 7 positions"):
-            model.forward_tokens(model.embed_tokens(idx[:, :1]), CachedCausal(kv, 5))
-    with pytest.raises(ValueError, match="rewind"):
-        rewind_kv(kv, 50)
 
 
 def test_config_validation_and_presets():

@@ -14,19 +14,18 @@ import torch
 from fastapi.testclient import TestClient
 
 from nextscale.cli.main import main
-from nextscale.engine import engine as engine_module
-from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.engine import EngineConfig
+from nextscale.engine.raster import family as raster_family
 from nextscale.engine.raster.runner import row_preview
 from nextscale.engine.raster.sampler import RasterParams
 from nextscale.engine.scheduler import SchedulerConfig
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_uint8_nhwc
-from nextscale.serve.api import ServerConfig, create_app
-from nextscale.serve.config import speculative_plans
+from nextscale.serve.config import quality_plans
 
-from .test_raster_engine import GRID, tiny_raster_pipe
-from .test_server import decode, live, serve_cli_env, wait_until  # noqa: F401 - serve_cli_env: pytest fixture
+from .conftest import RASTER_GRID, tiny_raster_pipe
+from .helpers import decode, live, raster_app, wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,16 +39,9 @@ def pipe():
     return p
 
 
-def make_app(pipe, **kw):
-    engine = Engine(pipe.transformer, pipe.tokenizer, kw.pop("engine_cfg", EngineConfig(max_images_per_request=4)))
-    plans = kw.pop("plans", None)
-    cfg = ServerConfig(model_name="tiny-raster", **kw)
-    return create_app(engine, cfg, plans=plans, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults)
-
-
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(make_app(pipe)) as c:
+    with TestClient(raster_app(pipe)) as c:
         yield c
 
 
@@ -68,7 +60,7 @@ def test_health_ready_models_metrics(client):
     assert client.get("/ready").status_code == 200
     info = client.get("/v1/models").json()["data"][0]
     assert info["id"] == "tiny-raster" and info["family"] == "raster" and info["classes"] == list(NAMES)
-    assert info["image_size"] == 8 and info["num_scales"] == GRID and info["num_classes"] == 10
+    assert info["image_size"] == 8 and info["num_scales"] == RASTER_GRID and info["num_classes"] == 10
     assert info["step_unit"] == "row"  # the playground labels its progress by it
     text = client.get("/metrics").text
     for name in ("nextscale_queue_depth", "nextscale_tokens_per_iteration_bucket", "nextscale_request_latency"):
@@ -80,7 +72,7 @@ def test_generation_equals_the_pipeline_with_the_models_defaults(client, pipe):
     assert r.status_code == 200, r.text
     body = r.json()
     assert [d["revised_prompt"] for d in body["data"]] == ["class-3"] * 2
-    assert body["usage"] == {"images": 2, "tokens": 2 * GRID * GRID}
+    assert body["usage"] == {"images": 2, "tokens": 2 * RASTER_GRID * RASTER_GRID}
     assert_images(body["data"], pipe([3, 3], seed=7, cfg=2.0, top_k=20, output_type="pt").images)
     # Fields left out take the model's recommended settings (cfg 4, top-k 2000), not the body's VAR defaults;
     # top_p 0 is "off" as for VAR (1.0 in LlamaGen's convention).
@@ -93,12 +85,12 @@ def test_stream_sends_the_rows_so_far_then_the_final_images(client, pipe):
     with client.stream("POST", "/v1/images/generations", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    rows = GRID - 1  # a preview per completed row but the last, whose images are the final ones
+    rows = RASTER_GRID - 1  # a preview per completed row but the last, whose images are the final ones
     assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 * rows + [
         "image_generation.completed"
     ] * 2
-    assert [e["scale"] for e in events] == [r for r in range(GRID) for _ in range(2)]
-    assert {e["num_scales"] for e in events} == {GRID}
+    assert [e["scale"] for e in events] == [r for r in range(RASTER_GRID) for _ in range(2)]
+    assert {e["num_scales"] for e in events} == {RASTER_GRID}
     previews: list[torch.Tensor] = []
     pipe([1, 1], seed=4, output_type="pt", callback_on_rows=lambda _, x: previews.append(x))
     for r in range(rows):
@@ -127,7 +119,7 @@ def test_invalid_bodies_get_422_naming_the_field(client, body, param, text):
 def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe):
     """quality=high is exact, medium SJD (the balanced preset), low the fast preset; auto runs serve --speculative's
     method. Each gives the pipeline's images for that method and seed."""
-    app = make_app(pipe, plans=speculative_plans(pipe, "sjd:window=3,init=repeat"))
+    app = raster_app(pipe, plans=quality_plans(pipe, "sjd:window=3,init=repeat"))
     methods = {"auto": "sjd:window=3,init=repeat", "high": None, "medium": "balanced", "low": "fast"}
     # what each level resolved to on this model, as reported: the spec that rebuilds it (defaults left out)
     reported = {"auto": ["sjd:window=3,init=repeat"], "high": [], "medium": ["sjd"], "low": ["gsd"]}
@@ -143,13 +135,13 @@ def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe)
 
 
 def test_a_raster_server_refuses_var_plans(pipe):
-    with pytest.raises(InvalidInputError, match="a raster model takes SpeculativePlans, got RequestPlan"):
-        make_app(pipe, plans={"low": RequestPlan.exact(4)})
+    with pytest.raises(InvalidInputError, match=r"quality 'low': a raster request runs exact or with a Specul"):
+        raster_app(pipe, plans={"low": RequestPlan.exact(4)})
 
 
 def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete(pipe):
     one_at_a_time = EngineConfig(scheduler=SchedulerConfig(max_running=1), max_images_per_request=4)
-    app = make_app(pipe, max_queue=2, engine_cfg=one_at_a_time)
+    app = raster_app(pipe, max_queue=2, engine_cfg=one_at_a_time)
     results: list[httpx.Response] = []
     with TestClient(app) as c:
 
@@ -170,7 +162,7 @@ def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete(pipe):
 
 
 def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
-    app = make_app(pipe)
+    app = raster_app(pipe)
     bridge = app.state.bridge
     calls: list[int] = []
 
@@ -180,7 +172,7 @@ def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
             wait_until(lambda: not bridge._handles, what="the hang-up to drop the request")
         return row_preview(tokenizer, tokens_BL, rows)
 
-    monkeypatch.setattr(engine_module, "row_preview", second_row_waits_for_the_hang_up)
+    monkeypatch.setattr(raster_family, "row_preview", second_row_waits_for_the_hang_up)
     with live(app) as url:
         body = {"prompt": "class-3", "n": 4, "seed": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=30) as r:
@@ -196,7 +188,7 @@ def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
 
 
 def test_shutdown_drains_in_flight_work(pipe):
-    app = make_app(pipe)
+    app = raster_app(pipe)
     with TestClient(app) as c:
         bridge = app.state.bridge
         handle = bridge.submit(torch.tensor([1, 2]), RasterParams(seed=3), previews=False)
@@ -212,7 +204,7 @@ def test_an_openai_client_gets_images(pipe):
     """The official ``openai`` package (a dev dependency) against the live server."""
     import openai
 
-    with live(make_app(pipe)) as url:
+    with live(raster_app(pipe)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         out = client.images.generate(
             model="tiny-raster", prompt="class-4", n=2, size="8x8", response_format="b64_json", extra_body={"seed": 5}
@@ -221,12 +213,12 @@ def test_an_openai_client_gets_images(pipe):
     assert_images([{"b64_json": d.b64_json} for d in out.data], pipe([4, 4], seed=5, output_type="pt").images)
 
 
-def test_serve_takes_a_raster_folder_with_speculative_and_refuses_accel(serve_cli_env, pipe, tmp_path, capsys):  # noqa: F811
+def test_serve_takes_a_raster_folder_with_speculative_and_refuses_accel(serve_cli_env, pipe, tmp_path, capsys):
     folder = pipe.save_pretrained(tmp_path / "tiny-raster")
     assert main(["serve", "--model", str(folder), "--port", "0", "--max-images", "2", "--kv-cache-mb", "1"]) == 0
     ((app, _, _),) = serve_cli_env
     engine = app.state.bridge.engine
-    assert engine.raster is not None and engine.cfg == EngineConfig(kv_cache_mb=1, max_images_per_request=2)
+    assert engine.family.name == "raster" and engine.cfg == EngineConfig(kv_cache_mb=1, max_images_per_request=2)
     with TestClient(app) as c:
         info = c.get("/v1/models").json()["data"][0]
         assert info["id"] == "tiny-raster" and info["classes"] == list(NAMES)
@@ -234,7 +226,7 @@ def test_serve_takes_a_raster_folder_with_speculative_and_refuses_accel(serve_cl
         assert r.status_code == 200, r.text
         assert_images(r.json()["data"], pipe([6], seed=1, output_type="pt").images)
     assert main(["serve", "--model", str(folder), "--port", "0", "--accel", "fast"]) == 2
-    assert "--accel is an option of VAR models" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--accel is an option of VAR (next-scale) models" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["serve", "--model", str(folder), "--port", "0", "--speculative", "lantern:window=4,k=9"]) == 0
     app = serve_cli_env[-1][0]
     with TestClient(app) as c:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
@@ -16,23 +14,21 @@ import struct
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from nextscale import allocator
 from nextscale.cli import serve as serve_cli
 from nextscale.cli.main import main
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import SchedulerConfig
+from nextscale.engine.var.family import VARFamily
 from nextscale.errors import ConfigError
 from nextscale.pipelines.var import VARPipeline
 from nextscale.serve import api
@@ -49,14 +45,15 @@ from nextscale.serve.metrics import (
 )
 
 from .conftest import tiny_pair
+from .helpers import FMNIST, decode, live, ready, var_app, wait_until
 
-NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat")
+NAMES = FMNIST[:5]
 
 
 def make_app(**kw) -> tuple:
+    """The API over a tiny VAR model with 5 class names (``live_server``'s model), and that model."""
     var, vae = tiny_pair(5, dict(class_names=NAMES))
-    engine = Engine(var, vae, kw.pop("engine_cfg", EngineConfig(max_images_per_request=4)))
-    return create_app(engine, ServerConfig(model_name="tiny", **kw)), var, vae
+    return var_app(var, vae, **kw), var, vae
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +62,6 @@ def client():
     with TestClient(app) as c:
         c.models = (var, vae)
         yield c
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 120, what: str = "the condition") -> None:
-    """Wait for a condition another thread makes true; ``timeout`` only ends a test that would hang (it is no margin
-    the test relies on: on a loaded machine the condition just comes later)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def test_health_ready_models_metrics_and_page(client):
@@ -301,43 +284,12 @@ def test_retry_after_is_the_images_ahead_at_the_measured_rate():
     rate.busy()
     clock.now += 2.0
     rate.done(5, busy=False)  # 2.5 images/s
-    bridge = AsyncEngine(Engine(var, vae, EngineConfig(max_images_per_request=4)), ServerMetrics(), 2, rate)
+    bridge = AsyncEngine(Engine(VARFamily(var, vae), EngineConfig(max_images_per_request=4)), ServerMetrics(), 2, rate)
     bridge.submit(torch.tensor([0, 1, 2, 3]), __import__("nextscale").SamplingParams(seed=0), previews=False)
     bridge.submit(torch.tensor([0, 1, 2]), __import__("nextscale").SamplingParams(seed=1), previews=False)
     with pytest.raises(QueueFull) as full:
         bridge.submit(torch.tensor([0]), __import__("nextscale").SamplingParams(seed=2), previews=False)
     assert full.value.retry_after == 3  # 7 images at 2.5/s: 2.8 s
-
-
-@contextmanager
-def live(app) -> Iterator[str]:
-    """A real uvicorn server in a thread (client disconnects need a real socket); yields its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: ready(f"http://127.0.0.1:{port}"), what="the server's /ready")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=30).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@pytest.fixture
-def live_server():
-    app, _, _ = make_app(engine_cfg=EngineConfig(scheduler=SchedulerConfig(max_tokens=8), max_images_per_request=4))
-    with live(app) as url:
-        yield url, app
 
 
 def test_disconnecting_client_frees_its_capacity(live_server, monkeypatch):
@@ -385,7 +337,7 @@ def test_responses_report_what_their_quality_resolved_to():
     too) names its quality and the methods it ran, as spec strings ([] = exact)."""
     var, vae = tiny_pair(5, dict(class_names=NAMES))
     plans = quality_plans(VARPipeline(var, vae, channels_last_decoder=False), "cfg-cutoff:last=1")
-    app = create_app(Engine(var, vae, EngineConfig(max_images_per_request=4)), ServerConfig(), plans=plans)
+    app = create_app(Engine(VARFamily(var, vae), EngineConfig(max_images_per_request=4)), ServerConfig(), plans=plans)
     with TestClient(app) as c:
         info = c.get("/v1/models").json()["data"][0]
         assert info["step_unit"] == "scale" and list(info["qualities"]) == list(QUALITIES)
@@ -520,22 +472,8 @@ def test_a_client_resetting_mid_stream_ends_quietly(monkeypatch, caplog):
 def test_the_kv_budget_is_stated_once_in_megabytes():
     with pytest.raises(ConfigError, match=r"scheduler.max_rows=100 is not used: .* set kv_cache_mb instead"):
         EngineConfig(scheduler=SchedulerConfig(max_rows=100))
-    engine = Engine(*tiny_pair(5), EngineConfig(kv_cache_mb=0.5))
+    engine = Engine(VARFamily(*tiny_pair(5)), EngineConfig(kv_cache_mb=0.5))
     assert engine.scheduler.cfg.max_rows == engine.pool.rows != SchedulerConfig().max_rows
-
-
-@pytest.fixture
-def serve_cli_env(monkeypatch):
-    """`nextscale serve` in this process: on glibc without tcmalloc (never re-executing pytest), the server stubbed:
-    each run appends (app, drain_timeout, the bound address). Give ``--port 0``: the socket is bound for real."""
-    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
-    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
-    monkeypatch.setattr(allocator, "tune_glibc", lambda: True)
-    served: list = []
-    monkeypatch.setattr(
-        runner, "serve", lambda app, sock, drain_timeout: served.append((app, drain_timeout, sock.getsockname())) or 0
-    )
-    return served
 
 
 def exit_status(argv: list[str]) -> int:

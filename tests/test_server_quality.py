@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from nextscale.engine.engine import Engine, EngineConfig
+from nextscale.engine.var.family import VARFamily
 from nextscale.images import to_uint8_nhwc
 from nextscale.pipelines.var import VARPipeline
 from nextscale.serve.api import create_app
@@ -33,7 +34,7 @@ def served():
     refiner, _ = tiny_pair(9, dict(depth=1, num_classes=5), dict(patch_nums=PNS, ch_mult=(1, 1, 2)))
     pipe = VARPipeline(var, vae, channels_last_decoder=False, refiner=refiner)
     assert pipe.plan("fast").uses_refiner, "quality=low runs collaborative decoding in the engine"
-    engine = Engine(var, vae, EngineConfig(max_images_per_request=3), refiner=refiner)
+    engine = Engine(VARFamily(var, vae, refiner=refiner), EngineConfig(max_images_per_request=3))
     app = create_app(engine, ServerConfig(model_name="tiny"), plans=quality_plans(pipe, DEFAULT))
     with TestClient(app) as client:
         yield client, pipe

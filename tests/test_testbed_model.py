@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nextscale.config import PATCH_NUMS_256
-from nextscale.pipelines.var import VARPipeline, bundled_model_dir
+from nextscale.models.native import bundled_model_dir
+from nextscale.pipelines.var import VARPipeline
 
 
 @pytest.fixture(scope="module")

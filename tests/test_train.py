@@ -28,27 +28,7 @@ from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig, VARTrain
 from nextscale.train.metrics_log import plot_losses, read_metrics
 from nextscale.train.runner import run_training
 
-CLASSES = ("disc", "bars", "checker")
-
-
-def make_folder(root: Path, per_class: int = 24, size: int = 20) -> Path:
-    """Three visually distinct classes of small RGB images (any size works: the loader resizes and crops)."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            phase = rng.random()
-            if c == 0:
-                m = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < (0.2 + 0.1 * phase) ** 2).astype(float)
-            elif c == 1:
-                m = (np.sin((xx + phase) * 12) > 0).astype(float)
-            else:
-                m = ((np.floor(xx * 4 + phase) + np.floor(yy * 4)) % 2).astype(float)
-            rgb = np.stack([m, 1 - m, 0.5 * np.ones_like(m)], -1) * 255
-            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
-
+from .helpers import IMAGE_FOLDER_CLASSES, make_image_folder
 
 VAE_KW = dict(
     image_size=16,
@@ -83,7 +63,7 @@ VAR_KW = dict(
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("data") / "imgs")
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +89,7 @@ def test_transformer_training_exports_a_working_model(tmp_path, tokenizer, data_
     cfg = VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "run"), **VAR_KW)
     result = run_training(cfg)
     pipe = VARPipeline.from_pretrained(result["export"])
-    assert pipe.class_names == tuple(sorted(CLASSES))
+    assert pipe.class_names == tuple(sorted(IMAGE_FOLDER_CLASSES))
     out = pipe(["checker", "disc"], seed=0, output_type="np")
     assert out.images.shape == (2, 16, 16, 3)
     val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "val"]
@@ -403,7 +383,7 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
         VARTrainConfig(data=str(data_dir), tokenizer=str(tokenizer), out_dir=str(tmp_path / "base"), **VAR_KW)
     )
     two = tmp_path / "two"
-    for name in CLASSES[:2]:
+    for name in IMAGE_FOLDER_CLASSES[:2]:
         shutil.copytree(data_dir / name, two / name)
     kw = {**VAR_KW, "depth": 1, "embed_dim": 32, "steps": 1, "lr": 1e-9, "warmup": 0.0}  # ignored: pretrained shape
     with _train_logs(caplog):
@@ -418,7 +398,7 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
         )
     assert "class embedding resized from 3+1 to 2+1 rows" in caplog.text
     pipe = VARPipeline.from_pretrained(tuned["export"])
-    assert pipe.class_names == tuple(sorted(CLASSES[:2])) and pipe.transformer.cfg.depth == VAR_KW["depth"]
+    assert pipe.class_names == tuple(sorted(IMAGE_FOLDER_CLASSES[:2])) and pipe.transformer.cfg.depth == VAR_KW["depth"]
     a, b = weights(tmp_path / "base"), weights(tmp_path / "ft")
     assert a.keys() == b.keys()
     emb_a, emb_b = a["class_emb.weight"], b["class_emb.weight"]

@@ -25,7 +25,7 @@ from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig, VARTrain
 from nextscale.train.metrics_log import read_metrics
 from nextscale.train.runner import run_training
 
-from .test_train import CLASSES, make_folder
+from .helpers import IMAGE_FOLDER_CLASSES, make_image_folder
 
 VOCAB = 32
 VAE_KW = dict(
@@ -60,7 +60,7 @@ GPT_KW = dict(
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("data") / "imgs")
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_training_lowers_the_loss_and_exports_a_raster_model(tmp_path, tokenizer
     pipe = LlamaGenPipeline.from_pretrained(folder)
     c = pipe.config
     assert (c.n_layer, c.dim, c.n_head, c.vocab_size, c.grid_size, c.num_classes) == (2, 32, 2, VOCAB, 8, 3)
-    assert pipe.class_names == tuple(sorted(CLASSES)) and pipe.tokenizer.kind == "VQVAE"
+    assert pipe.class_names == tuple(sorted(IMAGE_FOLDER_CLASSES)) and pipe.tokenizer.kind == "VQVAE"
     out = pipe(["checker", "disc"], cfg=2.0, top_k=0, seed=0, output_type="np")
     assert out.images.shape == (2, 16, 16, 3) and out.tokens.shape == (2, 64)
     again = pipe(["checker", "disc"], cfg=2.0, top_k=0, seed=0, output_type="np")

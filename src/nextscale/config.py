@@ -36,6 +36,19 @@ def _check_patch_nums(patch_nums: tuple[int, ...], min_scales: int = 2) -> None:
 # ConfigError naming the setting, what is allowed and what was given.
 
 
+def check_ch_mult(model: str, ch: int, name: str, mult: tuple[int, ...], groups: int) -> None:
+    """A conv tokenizer's channel multipliers: non-empty, positive, and every width ``ch * m`` a multiple of the
+    GroupNorm ``groups``."""
+    if not mult or any(m < 1 for m in mult):
+        raise ConfigError(f"{name} must be a non-empty tuple of positive ints, got {mult}")
+    for width in {ch * m for m in mult}:
+        if width % groups:
+            raise ConfigError(
+                f"every {model} width must be a multiple of {groups} (GroupNorm groups); "
+                f"ch={ch} with {name}={mult} gives {width}"
+            )
+
+
 def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
     if lo == -math.inf and hi == math.inf:
         return ""
@@ -149,14 +162,7 @@ class VQVAEConfig:
         _check_patch_nums(self.patch_nums, min_scales=1)
         if self.vocab_size < 2 or self.z_channels < 1:
             raise ConfigError(f"vocab_size must be >= 2 and z_channels >= 1, got {self.vocab_size}, {self.z_channels}")
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ConfigError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
-        for width in {self.ch * m for m in self.ch_mult}:
-            if width % self.norm_groups:
-                raise ConfigError(
-                    f"every VQ-VAE width must be a multiple of {self.norm_groups} (GroupNorm groups); "
-                    f"ch={self.ch} with ch_mult={self.ch_mult} gives {width}"
-                )
+        check_ch_mult("VQ-VAE", self.ch, "ch_mult", self.ch_mult, self.norm_groups)
         if self.share_quant_resi < 0:
             raise ConfigError(f"share_quant_resi must be >= 0, got {self.share_quant_resi}")
         if self.in_channels not in (1, 3):

@@ -63,7 +63,8 @@ import torch
 from torch import nn
 
 from nextscale.accel.base import BUILT_IN, DEFAULT, GIVEN, TUNED, Resolved, parse_options, spec_string
-from nextscale.engine.raster.sampler import RasterParams, RasterResult, StepCallback
+from nextscale.engine.raster.params import RasterParams
+from nextscale.engine.raster.sampler import RasterResult, StepCallback
 from nextscale.engine.raster.speculative import DRAFT_INITS, AcceptRule, sample_speculative
 from nextscale.engine.sampling import Generators
 from nextscale.errors import InvalidInputError

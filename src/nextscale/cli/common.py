@@ -9,7 +9,6 @@ supports; VAR models load exactly as they always have.
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from nextscale.cli.args import DEVICE, FILE, HEADS, PIXELS
-from nextscale.errors import InvalidInputError, NextscaleError
+from nextscale.errors import InvalidInputError
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",  # bf16 where it is native (GPU, AVX512-BF16/AMX CPU), else float32
@@ -97,52 +96,55 @@ def read_class_names(path: str | None) -> list[str] | None:
     return names
 
 
-# Model families: ``model_index.json``'s pipeline class names them (``models.native.FAMILIES``).
-FAMILY_NAMES = {"var": "VAR (next-scale)", "raster": "raster (LlamaGen)"}
-ALL_FAMILIES = ("var", "raster")
-# Keys only a LlamaGen GPT (c2i or t2i) or LlamaGen VQ tokenizer file holds.
-_RASTER_KEYS = ("tok_embeddings.weight", "encoder.conv_blocks.0.res.0.conv1.weight")
+# The default model: the bundled demo (a native folder, whose model_index.json names its family like any other).
+DEFAULT_MODEL = "demo-fmnist"
+
+
+def family_names() -> dict[str, str]:
+    """Every registered family and how messages name it."""
+    from nextscale.pipelines.registry import families, family_title
+
+    return {f: family_title(f) for f in families()}
 
 
 def checkpoint_family(path: str | Path) -> str:
-    """``"raster"`` for a readable LlamaGen GPT or VQ file, else ``"var"`` (whose loader then reads the file and
-    reports any problem with it exactly as before)."""
-    from nextscale.models.llamagen_weights import read_llamagen_state_dict
+    """The family of an official model or tokenizer file (one-line error for a file no family reads)."""
+    from nextscale.pipelines.registry import family_of_file
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sd = read_llamagen_state_dict(path)
-    except (NextscaleError, OSError):
-        return "var"
-    return "raster" if any(k in sd for k in _RASTER_KEYS) else "var"
+    return family_of_file(path)
+
+
+def model_options() -> dict[str, tuple[str, ...]]:
+    """Each family's ``from_official`` options as flags (what its checkpoint files cannot tell)."""
+    from nextscale.pipelines.registry import families, pipeline_class
+
+    return {f: tuple("--" + o.replace("_", "-") for o in pipeline_class(f).official_options) for f in families()}
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, Path | None]:
-    """The family (``"var"`` or ``"raster"``) of the model ``args`` name, and its folder when it is a native one.
-
-    Anything that is not recognisably a raster model goes down the VAR path unchanged (the bundled models, and
-    paths VAR's loader refuses with its own messages)."""
+    """The family of the model ``args`` name, and its folder when it is a native one (a bundled model's name, a
+    folder or a hub id; ``None`` for official files)."""
     if args.checkpoint or args.vae:
         if not (args.checkpoint and args.vae):
             raise InvalidInputError("--checkpoint and --vae must be given together (the model and its tokenizer)")
         if args.model:
             raise InvalidInputError("give either --model or --checkpoint/--vae, not both")
-        return checkpoint_family(args.checkpoint), None
-    if args.model is None:
-        return "var", None
-    from nextscale.models.native import model_family, resolve_model_dir
-    from nextscale.pipelines.var import bundled_model_dir
+        family, tokenizer_family = checkpoint_family(args.checkpoint), checkpoint_family(args.vae)
+        if tokenizer_family != family:
+            names = family_names()
+            raise InvalidInputError(
+                f"--vae {args.vae} is a {names[tokenizer_family]} file but --checkpoint {args.checkpoint} is a "
+                f"{names[family]} model: pass the tokenizer of its own family"
+            )
+        return family, None
+    from nextscale.models.native import bundled_model_dir, resolve_model_dir
+    from nextscale.pipelines.registry import family_of_folder
 
-    p = Path(args.model)
-    bundled = bundled_model_dir(str(args.model))
-    if not p.exists() and bundled.is_dir():  # a bundled model's name: demo-fmnist, demo-fmnist-raster, ...
-        return ("raster", bundled) if model_family(bundled) == "raster" else ("var", None)
-    try:
-        folder = resolve_model_dir(args.model)
-        return model_family(folder), folder
-    except NextscaleError:
-        return "var", None
+    name = str(args.model or DEFAULT_MODEL)
+    bundled = bundled_model_dir(name) if "/" not in name else None
+    folder = bundled if bundled is not None and not Path(name).exists() and bundled.is_dir() else None
+    folder = folder or resolve_model_dir(name)
+    return family_of_folder(folder), folder
 
 
 def where(args: argparse.Namespace) -> str:
@@ -155,6 +157,7 @@ def refuse_options(
 ) -> None:
     """One-line error for an option of another family: ``options`` maps a family to its own flags; ``subject``
     names the model in the message (default: ``where(args)``)."""
+    names = family_names()
     for other, flags in options.items():
         if other == family:
             continue
@@ -162,55 +165,36 @@ def refuse_options(
             if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
                 allowed = ", ".join(options.get(family, ())) or "none"
                 raise InvalidInputError(
-                    f"{flag} is an option of {FAMILY_NAMES[other]} models; {subject or where(args)} is a "
-                    f"{FAMILY_NAMES[family]} model (its own options: {allowed})"
+                    f"{flag} is an option of {names[other]} models; {subject or where(args)} is a "
+                    f"{names[family]} model (its own options: {allowed})"
                 )
 
 
-MODEL_OPTIONS = {"var": ("--patch-nums",), "raster": ("--n-head", "--image-size")}
-
-
 def load_pipeline(
-    args: argparse.Namespace, families: Sequence[str] = ("var",), resolved: tuple[str, Path | None] | None = None
-) -> Any:  # VARPipeline | LlamaGenPipeline (imported lazily: keeps --help fast)
-    """The pipeline ``args`` name, of one of ``families`` (a command's supported families; one-line error for
-    another). ``resolved``: ``resolve_model(args)`` when the caller already has it."""
+    args: argparse.Namespace, families: Sequence[str] | None = None, resolved: tuple[str, Path | None] | None = None
+) -> Any:  # a family's pipeline (imported lazily: keeps --help fast)
+    """The pipeline ``args`` name, of one of ``families`` (a command's supported families, default all; one-line
+    error for another). ``resolved``: ``resolve_model(args)`` when the caller already has it."""
+    from nextscale.pipelines.registry import pipeline_class
+
     family, folder = resolved or resolve_model(args)
-    if family not in families:
+    if families is not None and family not in families:
         command = getattr(args, "command", None) or "this command"
+        names = family_names()
         raise InvalidInputError(
-            f"nextscale {command} supports {', '.join(FAMILY_NAMES[f] for f in families)} models; {where(args)} is a "
-            f"{FAMILY_NAMES[family]} model"
+            f"nextscale {command} supports {', '.join(names[f] for f in families)} models; {where(args)} is a "
+            f"{names[family]} model"
         )
-    refuse_options(args, family, MODEL_OPTIONS)
-    if family == "raster":
-        return _load_raster(args, folder)
-    return _load_var(args)
-
-
-def _load_var(args: argparse.Namespace) -> Any:
-    from nextscale.pipelines.var import VARPipeline
-
-    names = read_class_names(args.class_names)
-    dtype = DTYPES[args.dtype]
-    if args.checkpoint:
-        return VARPipeline.from_official(args.checkpoint, args.vae, args.patch_nums, args.device, dtype, names)
-    pipe = VARPipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
-    if names:
-        pipe.set_class_names(names)
-    return pipe
-
-
-def _load_raster(args: argparse.Namespace, folder: Path | None) -> Any:
-    from nextscale.pipelines.raster import LlamaGenPipeline
-
+    refuse_options(args, family, model_options())
+    cls = pipeline_class(family)
     names = read_class_names(args.class_names)
     dtype = DTYPES[args.dtype]
     if folder is None:
-        return LlamaGenPipeline.from_official(
-            args.checkpoint, args.vae, args.image_size, args.n_head, args.device, dtype, names
+        options = {o: getattr(args, o) for o in cls.official_options if getattr(args, o, None) is not None}
+        return cls.from_official(
+            args.checkpoint, args.vae, device=args.device, dtype=dtype, class_names=names, **options
         )
-    pipe = LlamaGenPipeline.from_pretrained(folder, device=args.device, dtype=dtype)
+    pipe = cls.from_pretrained(folder, device=args.device, dtype=dtype)
     if names:
         pipe.set_class_names(names)
     return pipe

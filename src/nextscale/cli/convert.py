@@ -14,10 +14,10 @@ from typing import Any
 
 from nextscale.cli.args import FILE
 from nextscale.cli.common import (
-    FAMILY_NAMES,
-    MODEL_OPTIONS,
     add_llamagen_file_args,
     checkpoint_family,
+    family_names,
+    model_options,
     parse_patch_nums,
     read_class_names,
     refuse_options,
@@ -67,35 +67,18 @@ def run_convert(args: argparse.Namespace) -> int:
     # Before any weights are read: a target that cannot be written fails now, not after the conversion.
     folder_target(args.output, (MODEL_INDEX,), args.force, "--force")
     family = checkpoint_family(args.var)
-    refuse_options(args, family, MODEL_OPTIONS, args.var)
-    if family == "raster":
-        return _convert_llamagen(args)
-    from nextscale.pipelines.var import VARPipeline
+    refuse_options(args, family, model_options(), args.var)
+    from nextscale.pipelines.registry import family_title, pipeline_class
 
-    names = read_class_names(args.class_names)
-    pipe = VARPipeline.from_official(args.var, args.vae, args.patch_nums, class_names=names)
+    cls = pipeline_class(family)
+    options = {o: getattr(args, o) for o in cls.official_options if getattr(args, o, None) is not None}
+    pipe = cls.from_official(args.var, args.vae, class_names=read_class_names(args.class_names), **options)
     out = pipe.save_pretrained(args.output, overwrite=args.force)
     log.info(
-        "wrote %s (VAR %s params, VQ-VAE %s params)", out, f"{_count(pipe.transformer):,}", f"{_count(pipe.vae):,}"
-    )
-    return 0
-
-
-def _convert_llamagen(args: argparse.Namespace) -> int:
-    from nextscale.pipelines.raster import LlamaGenPipeline
-
-    names = read_class_names(args.class_names)
-    pipe = LlamaGenPipeline.from_official(args.var, args.vae, args.image_size, args.n_head, class_names=names)
-    out = pipe.save_pretrained(args.output, overwrite=args.force)
-    c = pipe.config
-    log.info(
-        "wrote %s (LlamaGen GPT %s params, %d px, %dx%d tokens; %s tokenizer %s params)",
+        "wrote %s (%s: transformer %s params, tokenizer %s params)",
         out,
+        family_title(family),
         f"{_count(pipe.transformer):,}",
-        c.image_size,
-        c.grid_size,
-        c.grid_size,
-        pipe.tokenizer.kind,
         f"{_count(pipe.vae):,}",
     )
     return 0
@@ -158,14 +141,9 @@ def describe(
 
 
 def _folder_family(path: Path) -> str:
-    """The family ``model_index.json`` names; anything else goes to VAR's loader, which reports it as before."""
-    from nextscale.errors import CheckpointError
-    from nextscale.models.native import model_family
+    from nextscale.pipelines.registry import family_of_folder
 
-    try:
-        return model_family(path)
-    except CheckpointError:
-        return "var"
+    return family_of_folder(path)
 
 
 def _describe_raster(path: Path, n_head: int | None, image_size: int | None) -> dict[str, Any]:
@@ -208,8 +186,7 @@ def _info_target(text: str) -> Path:
     path = Path(text)
     if path.exists():
         return path
-    from nextscale.models.native import resolve_model_dir
-    from nextscale.pipelines.var import bundled_model_dir
+    from nextscale.models.native import bundled_model_dir, resolve_model_dir
 
     if text and "/" not in text and bundled_model_dir(text).is_dir():
         return bundled_model_dir(text)
@@ -221,13 +198,13 @@ def _info_target(text: str) -> Path:
 def run_info(args: argparse.Namespace) -> int:
     path = _info_target(args.path)
     family = _folder_family(path) if path.is_dir() else checkpoint_family(path)
-    refuse_options(args, family, MODEL_OPTIONS, args.path)
+    refuse_options(args, family, model_options(), args.path)
     info = describe(path, args.patch_nums, args.n_head, args.image_size)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['path']} ({info['format']} format)")
-    print(f"  family: {FAMILY_NAMES[info['family']]}")
+    print(f"  family: {family_names()[info['family']]}")
     for kind in ("transformer", "vae"):
         if kind not in info:
             continue

@@ -69,7 +69,7 @@ def run_sample(args: argparse.Namespace) -> int:
     check_writable(Path(args.out), f"--out {args.out}")  # the folder, and <out>.npz beside it
     info = dist.init(torch.device(args.device))
     try:
-        pipe = load_pipeline(args)
+        pipe = load_pipeline(args, ("var",))  # the sample-set job runs VAR sampling settings
         classes = (
             tuple(range(pipe.num_classes))
             if args.classes == "all"
@@ -94,7 +94,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from nextscale.eval.evaluate import evaluate, load_feature_net, load_image_set
     from nextscale.fileio import atomic_file, check_file_target
-    from nextscale.pipelines.var import bundled_model_dir
+    from nextscale.models.native import bundled_model_dir
 
     if args.json:
         check_file_target(args.json, f"--json {args.json}")

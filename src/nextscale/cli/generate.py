@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextscale.cli.args import BATCH, CFG, COUNT, SEED, TEMPERATURE, TOP_K, TOP_P, Float, Int
-from nextscale.cli.common import ALL_FAMILIES, add_model_args, load_pipeline, refuse_options, resolve_model
+from nextscale.cli.common import add_model_args, load_pipeline, refuse_options, resolve_model
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import check_writable
 from nextscale.images import auto_grid_cols
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_output(args.output, args.separate, args.grid_cols, total)
     resolved = resolve_model(args)
     refuse_options(args, resolved[0], FAMILY_OPTIONS)
-    pipe = load_pipeline(args, ALL_FAMILIES, resolved)
+    pipe = load_pipeline(args, resolved=resolved)
     plan.check_grid_pixels(total, pipe.image_size)
     ids = pipe.labels(classes, 1).tolist()  # one label per --class: image i is of class ids[i // num]
     batch = args.batch_size or pipe.suggested_batch_size()

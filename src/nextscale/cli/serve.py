@@ -11,14 +11,14 @@ import argparse
 import logging
 import socket
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.cli.args import MEGABYTES, PORT, SECONDS, Int
-from nextscale.cli.common import ALL_FAMILIES, add_model_args, load_pipeline, resolve_model
+from nextscale.cli.common import add_model_args, load_pipeline, refuse_options, resolve_model
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import SchedulerConfig
-from nextscale.errors import InvalidInputError
 from nextscale.serve.config import ServerConfig
 
 log = logging.getLogger("nextscale")
@@ -125,37 +125,29 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
 
 
+# Options of one family only: the server's default plan of quality=auto.
+FAMILY_OPTIONS = {"var": ("--accel",), "raster": ("--speculative",)}
+
+
 def _checked(args: argparse.Namespace, engine_cfg: EngineConfig, sock: socket.socket, allocator: str) -> int:
     resolved = resolve_model(args)
-    official = "llamagen" if resolved[0] == "raster" else "var"
     name = args.name or (
-        args.model.rstrip("/").split("/")[-1] if args.model else official if args.checkpoint else "demo-fmnist"
+        args.model.rstrip("/").split("/")[-1]
+        if args.model
+        else Path(args.checkpoint).stem
+        if args.checkpoint
+        else "demo-fmnist"
     )
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
-    model = args.model or args.checkpoint or "demo-fmnist"
-    if resolved[0] == "raster" and args.accel:
-        raise InvalidInputError(
-            f"--accel is an option of VAR models; {model} is a raster (LlamaGen) model: use --speculative"
-        )
-    if resolved[0] != "raster" and args.speculative is not None:
-        raise InvalidInputError(f"--speculative is an option of raster (LlamaGen) models; {model} is a VAR model")
+    refuse_options(args, resolved[0], FAMILY_OPTIONS)
     from nextscale.serve import server
     from nextscale.serve.api import create_app
-    from nextscale.serve.config import quality_plans, speculative_plans
+    from nextscale.serve.config import quality_plans
 
-    pipe = load_pipeline(args, ALL_FAMILIES, resolved)
-    if resolved[0] == "raster":
-        plans = speculative_plans(pipe, args.speculative)
-        engine = Engine(pipe.transformer, pipe.tokenizer, engine_cfg)
-        app = create_app(
-            engine, cfg, plans=plans, class_names=pipe.class_names, sampling_defaults=pipe.sampling_defaults
-        )
-    else:
-        plans = quality_plans(pipe, args.accel)
-        served = pipe.transformer_for(args.accel)  # int8 in --accel: every request runs on the int8 weights
-        if served is not pipe.transformer:
-            log.info("serving a transformed model for every quality level (%s)", args.accel)
-        app = create_app(Engine(served, pipe.vae, engine_cfg, refiner=pipe.refiner), cfg, plans=plans)
+    pipe = load_pipeline(args, resolved=resolved)
+    default = args.accel if args.accel is not None else args.speculative  # the family's own flag (checked above)
+    plans = quality_plans(pipe, default)
+    app = create_app(Engine(pipe.engine_family(default), engine_cfg), cfg, plans=plans)
     host, port = sock.getsockname()[:2]
     log.info(
         "serving %s on http://%s:%d (playground at /, API at /v1/images/generations; allocator %s)",

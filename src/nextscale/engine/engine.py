@@ -1,6 +1,6 @@
 """The continuous-batching engine: requests join at any iteration, each iteration fuses whatever is in flight.
 
-    engine = Engine(var, vae, EngineConfig())
+    engine = Engine(VARFamily(var, vae), EngineConfig())    # or a pipeline's engine_family()
     rid = engine.add_request(torch.tensor([3, 3]), SamplingParams(seed=0), previews=True)
     while engine.has_unfinished():
         for event in engine.step(): ...          # one ScaleEvent per request advanced this iteration
@@ -21,37 +21,19 @@ benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from nextscale.engine.kv_cache import CompactKV, KVPool, compact_rows
-from nextscale.engine.raster.runner import (
-    RasterRunner,
-    TokenDecoder,
-    check_tokenizer,
-    decode_steps,
-    raster_pool,
-    raster_row_bytes,
-    row_preview,
-)
-from nextscale.engine.raster.sampler import RasterParams
-from nextscale.engine.raster.speculative import SpeculativePlan
-from nextscale.engine.raster.state import RasterGeneration, SpeculativeGeneration, raster_units
+from nextscale.engine.family import Family, RequestState
 from nextscale.engine.sampling import cfg_rows
-from nextscale.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from nextscale.engine.var.params import SamplingParams
-from nextscale.engine.var.plan import RequestPlan
-from nextscale.engine.var.runner import ModelRunner
-from nextscale.engine.var.state import Generation
+from nextscale.engine.scheduler import Scheduler, SchedulerConfig
 from nextscale.errors import ConfigError, InvalidInputError
-from nextscale.models.llamagen import LlamaGen
-from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
-from nextscale.models.var import VAR, check_refiner
+from nextscale.models.tokenizers import to_unit_range_
 
 
 @dataclass(frozen=True)
@@ -132,62 +114,24 @@ class _Decode:
 @dataclass
 class _Request:
     labels_B: torch.Tensor
-    params: SamplingParams | RasterParams
+    params: Any  # the family's params (SeededParams: seed, rng, generators)
     previews: bool
     first_image_index: int
     arrival: float
-    plan: RequestPlan | SpeculativePlan | None  # a raster request: None (exact) or its speculative decoding
-    state: Generation | RasterGeneration | SpeculativeGeneration | None = None
+    plan: Any  # the family's plan (None: exact), as its admission validated it
+    state: RequestState | None = None
 
 
 class Engine:
-    def __init__(
-        self,
-        model: VAR | LlamaGen,
-        tokenizer: VQVAE | TokenDecoder,
-        cfg: EngineConfig | None = None,
-        refiner: VAR | None = None,
-    ):
-        """``model`` picks the family: a ``VAR`` with its multi-scale ``VQVAE``, or a ``LlamaGen`` GPT with a raster
-        tokenizer (``LlamaGenPipeline.tokenizer``).
-
-        ``refiner`` (VAR): CoDe's small model for the late scales of requests whose plan hands off to it; its KV pool
-        mirrors the transformer's rows (a request holds the same rows in both), so one allocator serves both."""
+    def __init__(self, family: Family, cfg: EngineConfig | None = None):
+        """``family``: the model family's engine side around a loaded model (``VARFamily(var, vae, refiner)``,
+        ``RasterFamily(gpt, tokenizer)``; a pipeline's ``engine_family()``). The engine sizes the KV pool from
+        ``cfg.kv_cache_mb`` and the family's row bytes, and never looks inside the family."""
         self.cfg = cfg or EngineConfig()
-        self.raster: RasterRunner | None = None  # the raster family's runner; None for VAR
-        self.refiner: VAR | None = None
-        self.refiner_pool: KVPool | None = None
-        if isinstance(model, LlamaGen):
-            if refiner is not None:
-                raise InvalidInputError("a refiner is a VAR model's (collaborative decoding); raster models have none")
-            if isinstance(tokenizer, VQVAE):
-                raise InvalidInputError(
-                    "a raster model needs a raster tokenizer: nextscale.pipelines.raster.make_tokenizer(vae, gpt.cfg)"
-                )
-            check_tokenizer(model, tokenizer)
-            self.gpt, self.tokenizer = model.eval(), tokenizer
-            self.device = model.output.weight.device
-            max_rows = self._kv_rows(raster_row_bytes(model))
-            self.pool = raster_pool(model, max_rows)
-            self.raster = RasterRunner(model)
-        else:
-            if not isinstance(tokenizer, VQVAE):
-                raise InvalidInputError(
-                    f"a VAR model decodes with its multi-scale VQVAE, got {type(tokenizer).__name__}"
-                )
-            var = model
-            self.var, self.vae = var.eval(), tokenizer.eval()
-            self.refiner = None if refiner is None else check_refiner(var, refiner).eval()
-            self.device = var.head.weight.device
-            row_bytes = sum(
-                2 * m.cfg.depth * m.cfg.seq_len * m.cfg.embed_dim * m.head.weight.element_size()
-                for m in (var, refiner)
-                if m is not None
-            )
-            max_rows = self._kv_rows(row_bytes)
-            self.pool = KVPool.for_model(var, max_rows)
-            self.refiner_pool = None if refiner is None else KVPool.for_model(refiner, max_rows)
-            self.runner = ModelRunner(var)
+        self.family = family
+        self.device = family.device
+        max_rows = self._kv_rows(family.kv_row_bytes())
+        family.allocate(max_rows)
         self.scheduler = Scheduler(replace(self.cfg.scheduler, max_rows=max_rows))
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -195,6 +139,11 @@ class Engine:
         self._decodes: deque[_Decode] = deque()  # oldest first
         self._decoding: dict[str, _Decode] = {}  # request id -> its decode, until delivered or aborted
         self._decode_s_per_image: float | None = None  # measured on the last completed decode
+
+    @property
+    def pool(self) -> Any:
+        """The family's main KV pool (accounting, tests)."""
+        return self.family.pool
 
     def _kv_rows(self, row_bytes: int) -> int:
         """The KV-pool rows ``kv_cache_mb`` holds; the largest request must fit."""
@@ -211,80 +160,27 @@ class Engine:
     def add_request(
         self,
         labels_B: torch.Tensor,
-        params: SamplingParams | RasterParams,
+        params: Any,
         request_id: str | None = None,
         previews: bool = False,
         first_image_index: int = 0,
-        plan: RequestPlan | SpeculativePlan | None = None,
+        plan: Any = None,
     ) -> str:
-        """Queue a request: ``SamplingParams`` for a VAR model, ``RasterParams`` for a raster one. ``plan`` says how
-        it runs (exact if None): a VAR ``RequestPlan`` from ``nextscale.accel``, or a raster ``SpeculativePlan``."""
+        """Queue a request in the family's params (``SamplingParams`` for VAR, ``RasterParams`` for a raster model)
+        and, optionally, its plan (VAR: a ``RequestPlan`` from ``nextscale.accel``; raster: a ``SpeculativePlan``);
+        the family validates both."""
         if params.seed is None:
             raise InvalidInputError("engine requests need an explicit seed")
         n = labels_B.numel()
         if not 1 <= n <= self.cfg.max_images_per_request:
             raise InvalidInputError(f"a request has 1..{self.cfg.max_images_per_request} images, got {n}")
-        if self.raster is not None:
-            units = self._raster_units(labels_B, params, plan)
-        else:
-            if isinstance(plan, SpeculativePlan):
-                raise InvalidInputError("speculative decoding is for raster models; a VAR request takes a RequestPlan")
-            plan, units = self._var_units(labels_B, params, plan)
+        plan, units = self.family.admit(labels_B, params, plan)
         rid = request_id or f"req-{next(self._ids)}"
-        self.scheduler.add(rid, *units)
+        self.scheduler.add(rid, units.rows, units.tokens, units.unit_rows)
         self.requests[rid] = _Request(
             labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
         )
         return rid
-
-    def _raster_units(
-        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | SpeculativePlan | None
-    ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-        if not isinstance(params, RasterParams):
-            raise InvalidInputError(f"a raster model samples with RasterParams, got {type(params).__name__}")
-        if plan is not None and not isinstance(plan, SpeculativePlan):
-            raise InvalidInputError(
-                f"a raster request runs exact or with a SpeculativePlan, got {type(plan).__name__} (a VAR plan)"
-            )
-        if labels_B.ndim != 1:
-            raise InvalidInputError(f"labels must be a 1-D tensor, got shape {tuple(labels_B.shape)}")
-        self.gpt.check_labels(labels_B)
-        return raster_units(params, labels_B.numel(), self.gpt.cfg.seq_len, plan.window if plan else 1)
-
-    def _var_units(
-        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, plan: RequestPlan | None
-    ) -> tuple[RequestPlan, tuple[int, tuple[int, ...], tuple[int, ...]]]:
-        if not isinstance(params, SamplingParams):
-            raise InvalidInputError(f"a VAR model samples with SamplingParams, got {type(params).__name__}")
-        n = labels_B.numel()
-        params.check_vocab(self.var.V)
-        self.var.check_labels(labels_B)
-        plan = plan or RequestPlan.exact(self.var.scales.num_scales)
-        if len(plan.steps) != self.var.scales.num_scales:
-            raise InvalidInputError(f"plan has {len(plan.steps)} steps for {self.var.scales.num_scales} scales")
-        if plan.uses_refiner and self.refiner is None:
-            raise InvalidInputError("the plan hands scales to a refiner (code), but this engine was built without one")
-        # One scheduler unit per scale a transformer runs; its cost is rows x the tokens its plan computes (a
-        # hand-off scale recomputes every earlier scale on the new model: CoDe's prefix pass).
-        run = plan.run_scales
-        ends = self.var.scales.begin_ends
-        tokens = tuple(
-            ends[si][1]
-            if k and plan.steps[run[k - 1]].model != plan.steps[si].model
-            else math.ceil((ends[si][1] - ends[si][0]) * plan.steps[si].tokens_fraction)
-            for k, si in enumerate(run)
-        )
-        # A compressed cache (scalekv, hack) packs its short per-layer caches into fewer pool rows.
-        return plan, (self._pool_rows(plan, n), tokens, tuple(plan.rows(si, n) for si in run))
-
-    def _pool_rows(self, plan: RequestPlan, num_images: int) -> int:
-        rows = plan.kv_rows(num_images)
-        if not plan.compresses_kv:
-            return rows
-        return compact_rows(rows, self._kv_caps(plan), self.var.scales.seq_len)
-
-    def _kv_caps(self, plan: RequestPlan) -> tuple[int, ...]:
-        return plan.kv_capacity(self.var.scales.token_counts(), self.var.depth)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its cache is released immediately."""
@@ -334,7 +230,7 @@ class Engine:
         for rid in out.admitted:
             self._start(rid)
         self.last_iteration_tokens = out.tokens
-        events, job = self._raster_iteration(out) if self.raster is not None else self._var_iteration(out)
+        events, job = self._iteration(out)
         if job is not None:
             self._decodes.append(job)
             self._decoding.update((ev.request_id, job) for ev in job.events)
@@ -354,100 +250,43 @@ class Engine:
             )
         return events
 
-    def _var_iteration(self, out: SchedulerOutput) -> tuple[list[ScaleEvent], _Decode | None]:
-        """Advance the scheduled VAR requests one scale each; an event per request, the finished ones' decode."""
-        units = [self.requests[rid].state for rid in out.units]
-        results = self.runner.execute([u for u in units if isinstance(u, Generation)])
-        finished = set(self.scheduler.update(out))
+    def _iteration(self, out: Any) -> tuple[list[ScaleEvent], _Decode | None]:
+        """Advance the scheduled requests one step each; an event per request that completed a progress step (a
+        scale, a row of a token grid), and the finished ones' decode."""
+        states = [self._state(rid) for rid in out.units]
+        results = self.family.execute(states)
+        finished = set(self.scheduler.update(out, {rid: r.advanced for rid, r in zip(out.units, results)}))
         events, done = [], []
-        for rid, res in zip(out.units, results):
-            req = self.requests[rid]
-            ev = ScaleEvent(rid, res.si, res.num_scales, finished=rid in finished)
-            if ev.finished:
-                assert req.state is not None
-                ev.tokens = req.state.tokens
-                req.state.release()
-                del self.requests[rid]
-                done.append((ev, res.f_hat_BChw))
-            else:
-                if req.previews:
-                    ev.preview = self.decode(res.f_hat_BChw)
-                events.append(ev)
-        if not done:
-            return events, None
-        f_hat = torch.cat([f for _, f in done]) if len(done) > 1 else done[0][1]
-        return events, _Decode([ev for ev, _ in done], [f.shape[0] for _, f in done], self.vae.fhat_to_img_steps(f_hat))
-
-    def _raster_iteration(self, out: SchedulerOutput) -> tuple[list[ScaleEvent], _Decode | None]:
-        """Advance the scheduled raster requests one step each (a token, or a speculative pass that fixes one or
-        more). Events come when a row of the token grid completes (a preview per token would be hundreds of decoder
-        passes and SSE writes per image; a pass that completes several rows gives one event), then at the end."""
-        assert self.raster is not None
-        states = [self._raster_state(rid) for rid in out.units]
-        before = [(st.t, st.rows_done) for st in states]
-        self.raster.execute(states)
-        advanced = {rid: st.t - t0 for rid, st, (t0, _) in zip(out.units, states, before)}
-        finished = set(self.scheduler.update(out, advanced))
-        events, done = [], []
-        for rid, st, (_, rows0) in zip(out.units, states, before):
+        for rid, st, res in zip(out.units, states, results):
             if rid in finished:
-                ev = ScaleEvent(rid, st.grid - 1, st.grid, finished=True, tokens=st.tokens)
+                assert res.latent is not None
+                ev = ScaleEvent(rid, res.num_steps - 1, res.num_steps, finished=True, tokens=st.tokens)
                 st.release()
                 del self.requests[rid]
-                done.append((ev, st.tokens_BL))
-            elif st.rows_done > rows0:
-                ev = ScaleEvent(rid, st.rows_done - 1, st.grid)
+                done.append((ev, res.latent))
+            elif res.step is not None:
+                ev = ScaleEvent(rid, res.step, res.num_steps)
                 if self.requests[rid].previews:
-                    ev.preview = row_preview(self.tokenizer, st.tokens_BL, st.rows_done)
+                    ev.preview = self.family.preview(st, res)
                 events.append(ev)
         if not done:
             return events, None
-        tokens_BL = torch.cat([t for _, t in done]) if len(done) > 1 else done[0][1]
-        return events, _Decode(
-            [ev for ev, _ in done], [t.shape[0] for _, t in done], decode_steps(self.tokenizer, tokens_BL)
-        )
+        latent = torch.cat([x for _, x in done]) if len(done) > 1 else done[0][1]
+        return events, _Decode([ev for ev, _ in done], [x.shape[0] for _, x in done], self.family.decode_steps(latent))
 
-    def _raster_state(self, rid: str) -> RasterGeneration | SpeculativeGeneration:
+    def _state(self, rid: str) -> RequestState:
         state = self.requests[rid].state
-        assert isinstance(state, (RasterGeneration, SpeculativeGeneration))
+        assert state is not None, "scheduled before it started"
         return state
 
     def _start(self, rid: str) -> None:
         req = self.requests[rid]
-        B = req.labels_B.numel()
-        gens = req.params.generators(B, self.device, start=req.first_image_index)
+        gens = req.params.generators(req.labels_B.numel(), self.device, start=req.first_image_index)
         seq = self.scheduler.running[rid]
-        start = seq.slot
-        slot = self.pool.slot(start, seq.rows)
-        if self.raster is not None:
-            assert isinstance(req.params, RasterParams)
-            if isinstance(req.plan, SpeculativePlan):
-                req.state = SpeculativeGeneration(self.gpt, req.labels_B, req.params, req.plan, gens, slot)
-            else:
-                req.state = RasterGeneration(self.gpt, req.labels_B, req.params, gens, slot)
-            return
-        assert isinstance(req.params, SamplingParams) and isinstance(req.plan, RequestPlan)
-        rows = req.plan.kv_rows(B)
-        kv = CompactKV(slot, rows, self._kv_caps(req.plan)) if req.plan.compresses_kv else slot
-        refiner_pool = self.refiner_pool
-        req.state = Generation(
-            self.var,
-            self.vae.quantize,
-            req.labels_B,
-            req.params,
-            gens,
-            kv=kv,
-            lvl_pos_1LC=self.runner.lvl_pos,
-            plan=req.plan,
-            refiner=self.refiner,
-            refiner_kv=lambda _model, rows: refiner_pool.slot(start, rows),  # type: ignore[union-attr]
-        )
-
-    def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode_images(f_hat_BChw)
+        req.state = self.family.start(req.labels_B, req.params, req.plan, gens, seq.slot, seq.rows)
 
     # ---- offline use -----------------------------------------------------------------------------------------
-    def generate(self, requests: Sequence[tuple[torch.Tensor, SamplingParams | RasterParams]]) -> list[ScaleEvent]:
+    def generate(self, requests: Sequence[tuple[torch.Tensor, Any]]) -> list[ScaleEvent]:
         """Run a list of requests to completion; returns their final events in input order."""
         ids = [self.add_request(labels, params) for labels, params in requests]
         done: dict[str, ScaleEvent] = {}
@@ -455,9 +294,7 @@ class Engine:
             done.update({e.request_id: e for e in self.step() if e.finished})
         return [done[i] for i in ids]
 
-    def stream(
-        self, labels_B: torch.Tensor, params: SamplingParams | RasterParams, previews: bool = True
-    ) -> Iterator[ScaleEvent]:
+    def stream(self, labels_B: torch.Tensor, params: Any, previews: bool = True) -> Iterator[ScaleEvent]:
         """One request's per-scale events, driving the engine (single-threaded use)."""
         rid = self.add_request(labels_B, params, previews=previews)
         while self.is_pending(rid):

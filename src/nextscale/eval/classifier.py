@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
-from nextscale.eval.metrics import ArrayLike, uint8_nhwc_to_float01
+from nextscale.eval.metrics import ArrayLike, float_nchw, uint8_nhwc_to_float01
 from nextscale.fileio import atomic_folder
 
 CONFIG = "config.json"
@@ -83,12 +83,7 @@ class SmallClassifier(nn.Module):
         if isinstance(images, np.ndarray) or images.dtype == torch.uint8:
             x = uint8_nhwc_to_float01(images).mul_(2).sub_(1)
         else:
-            x = images.float()
-            if x.ndim != 4 or x.shape[1] not in (1, 3):
-                raise InvalidInputError(
-                    f"float images must be NCHW with 1 or 3 channels in [-1, 1], got shape "
-                    f"{tuple(x.shape)} (pass uint8 images as NHWC)"
-                )
+            x = float_nchw(images, "[-1, 1]")
         s = self.config.image_size
         if x.shape[-2:] != (s, s):
             raise InvalidInputError(f"this classifier takes {s}x{s} images, got {tuple(x.shape[-2:])}")

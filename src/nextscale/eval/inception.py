@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.errors import CheckpointError, InvalidInputError
-from nextscale.eval.metrics import ArrayLike, uint8_nhwc_to_float01
+from nextscale.eval.metrics import ArrayLike, float_nchw, uint8_nhwc_to_float01
 from nextscale.models.weights import read_state_dict
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -213,12 +213,7 @@ def preprocess(images: ArrayLike) -> torch.Tensor:
     if isinstance(images, np.ndarray) or images.dtype == torch.uint8:
         x = uint8_nhwc_to_float01(images)
     else:
-        x = images.float()
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise InvalidInputError(
-                f"float images must be NCHW with 1 or 3 channels in [0, 1], got shape "
-                f"{tuple(x.shape)} (pass uint8 images as NHWC)"
-            )
+        x = float_nchw(images, "[0, 1]")
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)

@@ -46,6 +46,18 @@ def uint8_nhwc_to_float01(images: ArrayLike) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def float_nchw(images: torch.Tensor, value_range: str) -> torch.Tensor:
+    """float [N, C, H, W] with C = 1 or 3 -> float32; ``value_range`` (e.g. ``"[0, 1]"``) is what the caller
+    expects the values in, for the message (not checked)."""
+    x = images.float()
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise InvalidInputError(
+            f"float images must be NCHW with 1 or 3 channels in {value_range}, got shape "
+            f"{tuple(x.shape)} (pass uint8 images as NHWC)"
+        )
+    return x
+
+
 def _as_float64_2d(x: ArrayLike, name: str) -> np.ndarray:
     arr = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
     if arr.ndim != 2:

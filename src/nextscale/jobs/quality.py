@@ -3,21 +3,23 @@
 For each setting: N samples per class (per-image seeds), the share the network classifies as the requested
 class, and the Fréchet distance to N real test images per class — reported with the real-train vs real-test
 distance at the same count, because Fréchet distances are biased by sample count and only comparable at
-equal counts.
+equal counts. Any family's pipeline samples (``jobs.SamplingPipeline``), each setting given as one of its params
+objects (``pipe.sampling_params(...)``); the report names settings by the pipeline's call keywords (``cfg``, ...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.params import SeededParams
 from nextscale.eval.evaluate import evaluate
 from nextscale.eval.metrics import FeatureNet
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipelines.var import VARPipeline
+from nextscale.jobs import SamplingPipeline
 
 
 def balanced_subset(
@@ -31,36 +33,32 @@ def balanced_subset(
 
 @torch.inference_mode()
 def sample_per_class(
-    pipe: VARPipeline, per_class: int, params: SamplingParams, batch_size: int = 250
+    pipe: SamplingPipeline, per_class: int, params: SeededParams, batch_size: int = 250
 ) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` images of every class (image g seeded by (seed, g)) as uint8 NHWC, and their labels; sampled
+    ``batch_size`` at a time (the images do not depend on it)."""
     labels = np.repeat(np.arange(pipe.num_classes), per_class)
+    settings = pipe.call_kwargs(params)
     out = []
     for i in range(0, len(labels), batch_size):
         chunk = labels[i : i + batch_size]
-        res = pipe(
-            chunk.tolist(),
-            cfg=params.cfg,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
-            more_smooth=params.more_smooth,
-            output_type="pt",
-            image_indices=range(i, i + len(chunk)),
-        )
+        res = pipe(chunk.tolist(), **settings, output_type="pt", image_indices=range(i, i + len(chunk)))
         out.append(to_uint8_nhwc(res.images))
     return np.concatenate(out), labels
 
 
 def conditional_quality(
-    pipe: VARPipeline,
+    pipe: SamplingPipeline,
     net: FeatureNet,
     real_train: tuple[np.ndarray, np.ndarray],
     real_test: tuple[np.ndarray, np.ndarray],
-    settings: list[SamplingParams],
+    settings: Sequence[SeededParams],
     per_class: int,
     net_name: str = "classifier",
+    batch_size: int = 250,
 ) -> dict[str, Any]:
-    """Accuracy and Fréchet distance of ``per_class`` samples per class for each sampling setting."""
+    """Accuracy and Fréchet distance of ``per_class`` samples per class for each sampling setting; each setting's
+    row also names it (``cfg``, ``top_k``, ``top_p``, ``seed``: the pipeline's call keywords)."""
     nc = pipe.num_classes
     real = evaluate(real_train[0], real_test[0], net, real_train[1], net_name, num_classes=nc)
     fd_key = f"FD-{net_name}"
@@ -71,16 +69,21 @@ def conditional_quality(
         "settings": [],
     }
     for params in settings:
-        samples, labels = sample_per_class(pipe, per_class, params)
+        samples, labels = sample_per_class(pipe, per_class, params, batch_size)
         r = evaluate(samples, real_test[0], net, labels, net_name, num_classes=nc)
-        r.update(
-            {
-                "cfg": params.cfg,
-                "top_k": params.top_k,
-                "top_p": params.top_p,
-                "seed": params.seed,
-                "fd_ratio": r[fd_key] / real[fd_key],
-            }
-        )
+        kw = pipe.call_kwargs(params)
+        r.update({k: kw[k] for k in ("cfg", "top_k", "top_p", "seed")})
+        r["fd_ratio"] = r[fd_key] / real[fd_key]
         report["settings"].append(r)
     return report
+
+
+def choose_defaults(
+    settings: Sequence[Mapping[str, Any]], accuracy_target: float
+) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """The sampling defaults a ``conditional_quality`` sweep recommends: the setting with the lowest Fréchet
+    distance among those at ``accuracy_target`` class accuracy or more, else the most accurate one. Returns its
+    ``cfg``, ``top_k`` and ``top_p`` (a model folder's ``sampling_defaults``) and its row of the report."""
+    accurate = [s for s in settings if s["class_accuracy"] >= accuracy_target]
+    best = min(accurate, key=lambda s: s["fd_ratio"]) if accurate else max(settings, key=lambda s: s["class_accuracy"])
+    return {"cfg": best["cfg"], "top_k": best["top_k"], "top_p": best["top_p"]}, best

@@ -18,16 +18,16 @@ import numpy as np
 from PIL import Image
 
 from nextscale import __version__
-from nextscale.engine.var.params import SamplingParams
+from nextscale.engine.params import SeededParams
 from nextscale.eval.metrics import save_npz_samples
-from nextscale.pipelines.var import VARPipeline
+from nextscale.jobs import SamplingPipeline
 
 
 @dataclass(frozen=True)
 class SampleSetSpec:
     classes: tuple[int, ...]
     per_class: int
-    params: SamplingParams
+    params: SeededParams  # the pipeline's own params object (``pipe.sampling_params(...)``)
     batch_size: int = 16
 
     def labels(self) -> list[int]:
@@ -39,7 +39,7 @@ def image_path(folder: Path, g: int) -> Path:
 
 
 def generate_set(
-    pipe: VARPipeline,
+    pipe: SamplingPipeline,
     folder: str | Path,
     spec: SampleSetSpec,
     rank: int = 0,
@@ -56,18 +56,10 @@ def generate_set(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"samples (rank {rank})", unit="img")
-    p = spec.params
+    settings = pipe.call_kwargs(spec.params)
     for i in range(0, len(todo), spec.batch_size):
         chunk = todo[i : i + spec.batch_size]
-        out = pipe(
-            [labels[g] for g in chunk],
-            cfg=p.cfg,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            seed=p.seed,
-            more_smooth=p.more_smooth,
-            image_indices=chunk,
-        )
+        out = pipe([labels[g] for g in chunk], **settings, image_indices=chunk)
         for g, img in zip(chunk, out.images):
             _save_png(img, image_path(folder, g))
         if bar is not None:

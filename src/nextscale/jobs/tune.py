@@ -7,13 +7,17 @@ each plan removes; deterministic, where wall time on a shared machine is not; ``
 compare). ``balanced`` becomes the fastest candidate within the budget, ``fast`` the fastest within the looser one
 (exact where none is); both are written into ``model_index.json`` (``accel_presets``), where presets and the server's
 quality levels pick them up.
+
+For raster models the counterpart is a speculative-decoding sweep (``speculative_sweep``): exact and each candidate
+spec with the same seeds, forward passes per image against class accuracy and Fréchet distance; the candidate with
+the fewest passes within an accuracy margin of exact becomes the model's ``fast`` preset (``fastest_speculative``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,13 @@ import numpy as np
 import torch
 
 from nextscale.eval.classifier import SmallClassifier, load_classifier
+from nextscale.eval.evaluate import evaluate
+from nextscale.eval.metrics import FeatureNet
 from nextscale.fileio import atomic_file
 from nextscale.images import to_uint8_nhwc
-from nextscale.pipelines.var import VARPipeline, bundled_model_dir
+from nextscale.models.native import bundled_model_dir
+from nextscale.pipelines.raster import LlamaGenPipeline
+from nextscale.pipelines.var import VARPipeline
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +153,56 @@ def write_presets(folder: Path, presets: dict[str, list[str] | None], report: di
     index["accel_presets"] = {k: v or [] for k, v in presets.items()}
     index["accel_tuning"] = {k: report[k] for k in ("metric", "per_class", "exact", "budget")}
     atomic_file(path, lambda f: f.write((json.dumps(index, indent=2) + "\n").encode()))
+
+
+# ---- raster models: speculative presets ------------------------------------------------------------------------------
+@torch.inference_mode()
+def speculative_sweep(
+    pipe: LlamaGenPipeline,
+    net: FeatureNet,
+    defaults: Mapping[str, Any],
+    real: tuple[np.ndarray, np.ndarray],
+    per_class: int,
+    specs: Sequence[str],
+    seed: int = 0,
+    batch_size: int = 100,
+) -> list[dict[str, Any]]:
+    """Exact, then each speculative spec, with the same seeds and the sampling ``defaults`` (``cfg``, ``top_k``,
+    ``top_p``): forward passes per image, class accuracy and Fréchet distance to ``real`` in ``net``'s space."""
+    nc = pipe.num_classes
+    labels = np.repeat(np.arange(nc), per_class)
+    rows = []
+    for spec in ("exact", *specs):
+        images, passes = [], 0.0
+        for i in range(0, len(labels), batch_size):
+            chunk = labels[i : i + batch_size].tolist()
+            out = pipe(
+                chunk,
+                cfg=defaults["cfg"],
+                top_k=defaults["top_k"],
+                top_p=defaults["top_p"],
+                seed=seed,
+                output_type="pt",
+                image_indices=range(i, i + len(chunk)),
+                speculative=None if spec == "exact" else spec,
+            )
+            images.append(out.images)
+            passes += float(out.stats["forward_passes"]) * len(chunk)
+        r = evaluate(to_uint8_nhwc(torch.cat(images)), real[0], net, labels, "classifier", num_classes=nc)
+        row = {
+            "spec": spec,
+            "forward_passes": passes / len(labels),
+            "class_accuracy": r["class_accuracy"],
+            "FD-classifier": r["FD-classifier"],
+        }
+        rows.append(row)
+        log.info("speculative %s: %.1f passes, accuracy %.3f", spec, row["forward_passes"], row["class_accuracy"])
+    return rows
+
+
+def fastest_speculative(rows: Sequence[Mapping[str, Any]], margin: float) -> str | None:
+    """The spec with the fewest passes among those within ``margin`` class accuracy of exact (``rows[0]``, as
+    ``speculative_sweep`` orders them); None when none is."""
+    floor = rows[0]["class_accuracy"] - margin
+    ok = [r for r in rows[1:] if r["class_accuracy"] >= floor]
+    return min(ok, key=lambda r: r["forward_passes"])["spec"] if ok else None

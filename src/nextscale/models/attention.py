@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from nextscale.errors import InvalidInputError
+
 
 class Layout(Protocol):
     def modulate(self, h: torch.Tensor, scale_RC: torch.Tensor, shift_RC: torch.Tensor) -> torch.Tensor:
@@ -102,4 +104,14 @@ class CachedPrefill(DenseRows):
         bias = self.bias.to(q.dtype)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k_RHLc, v_RHLc, attn_mask=bias, scale=scale).transpose(
             1, 2
+        )
+
+
+def check_class_labels(label_R: torch.Tensor, num_classes: int) -> None:
+    """Class-conditional models (VAR, LlamaGen c2i) embed labels 0..num_classes, the last one the null class of
+    classifier-free guidance; anything else is one-line bad input, not an index error deep in an embedding."""
+    bad = (label_R < 0) | (label_R > num_classes)
+    if bool(bad.any()):
+        raise InvalidInputError(
+            f"class labels must be in [0, {num_classes}] ({num_classes} = null class), got {label_R[bad].tolist()}"
         )

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextscale.errors import ConfigError, InvalidInputError
-from nextscale.models.attention import KVStore
+from nextscale.errors import ConfigError
+from nextscale.models.attention import KVStore, check_class_labels
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -159,6 +159,16 @@ def apply_rope(x_RlHc: torch.Tensor, cs_lc2: torch.Tensor) -> torch.Tensor:
     return out.flatten(3).type_as(x_RlHc)
 
 
+def rotate_pairs(x_RHlc: torch.Tensor, cs_Rlc2: torch.Tensor) -> torch.Tensor:
+    """Turn the interleaved pairs of q or k [R, H, l, c] by each row's own (cos, sin) [R, l, c/2, 2], in float32:
+    ``apply_rope`` with a table per row (callers that place the rows of one call at different positions)."""
+    R, H, l, c = x_RHlc.shape
+    xs = x_RHlc.float().reshape(R, H, l, c // 2, 2)
+    cos, sin = cs_Rlc2[:, None, :, :, 0], cs_Rlc2[:, None, :, :, 1]
+    out = torch.stack((xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin), dim=-1)
+    return out.flatten(3).type_as(x_RHlc)
+
+
 # ---- how a call's tokens attend -------------------------------------------------------------------------------
 class RasterLayout(Protocol):
     """Which positions a ``forward_tokens`` call covers and which keys each query sees.
@@ -173,9 +183,12 @@ class RasterLayout(Protocol):
         ...
 
 
-def _sdpa(
+def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
 ) -> torch.Tensor:
+    """The model's attention over q [R, H, l, c] and k/v [R, Hkv, T, c]: GQA expansion, then scaled dot-product
+    attention with its default scale. Layouts that store keys their own way call it too, to attend as the model
+    does."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # GQA: key/value head j serves query heads j*groups .. (the official repeat_interleave)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -189,7 +202,7 @@ class FullCausal:
     start = 0
 
     def attend(self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> torch.Tensor:
-        return _sdpa(q_RHlc, k_RHlc, v_RHlc, causal=True)
+        return sdpa(q_RHlc, k_RHlc, v_RHlc, causal=True)
 
 
 class CachedCausal:
@@ -212,13 +225,13 @@ class CachedCausal:
         if self.start + l != T:
             raise RuntimeError(f"the KV cache held {T - l} positions in layer {layer}, expected {self.start}")
         if l == 1:
-            return _sdpa(q_RHlc, k_RHTc, v_RHTc)
+            return sdpa(q_RHlc, k_RHTc, v_RHTc)
         if self.start == 0:
-            return _sdpa(q_RHlc, k_RHTc, v_RHTc, causal=True)
+            return sdpa(q_RHlc, k_RHTc, v_RHTc, causal=True)
         if self._mask is None:
             key_pos = torch.arange(T, device=q_RHlc.device)
             self._mask = key_pos[None, :] <= (self.start + torch.arange(l, device=q_RHlc.device))[:, None]
-        return _sdpa(q_RHlc, k_RHTc, v_RHTc, mask=self._mask)
+        return sdpa(q_RHlc, k_RHTc, v_RHTc, mask=self._mask)
 
 
 # ---- modules (names as in the official state dict) -----------------------------------------------------------
@@ -311,12 +324,7 @@ class LlamaGen(nn.Module):
 
     # ---- embeddings ---------------------------------------------------------------------------------------
     def check_labels(self, label_R: torch.Tensor) -> None:
-        bad = (label_R < 0) | (label_R > self.num_classes)
-        if bool(bad.any()):
-            raise InvalidInputError(
-                f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                f"got {label_R[bad].tolist()}"
-            )
+        check_class_labels(label_R, self.num_classes)
 
     def embed_classes(self, label_R: torch.Tensor) -> torch.Tensor:
         """The class token of each row, [R, 1, C] (input at position 0)."""
@@ -340,6 +348,13 @@ class LlamaGen(nn.Module):
             table = rope_table_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base).to(device)
             self._rope[device] = table
         return table[start : start + length]
+
+    def kv_row_bytes(self) -> int:
+        """Bytes of one row of a full KV cache (one guidance branch of one image): keys and values of every layer
+        and every position (the class token and L - 1 fed-back tokens: L), key/value heads only, in the model's
+        dtype."""
+        cfg = self.cfg
+        return 2 * cfg.n_layer * cfg.seq_len * cfg.kv_heads * cfg.head_dim * self.output.weight.element_size()
 
     # ---- transformer --------------------------------------------------------------------------------------
     def forward_tokens(self, x_RlC: torch.Tensor, layout: RasterLayout) -> torch.Tensor:

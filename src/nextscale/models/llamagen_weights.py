@@ -27,7 +27,8 @@ import torch
 from nextscale.errors import CheckpointError, ConfigError
 from nextscale.models.llamagen import GPT_SHAPES, LlamaGen, LlamaGenConfig
 from nextscale.models.tokenizers.vq import USAGE_BUFFER_SIZE, VQConfig, VQModel
-from nextscale.models.weights import load_into, load_torch_file
+from nextscale.models.torch_files import key_indices, load_torch_file, missing_keys_error
+from nextscale.models.weights import load_into
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ def read_llamagen_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return unwrap_weights(obj, str(path))
 
 
+# Keys only a LlamaGen GPT (c2i or t2i) or a LlamaGen VQ tokenizer file holds.
+LLAMAGEN_KEYS = ("tok_embeddings.weight", "encoder.conv_blocks.0.res.0.conv1.weight")
+
+
+def is_llamagen_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k in sd for k in LLAMAGEN_KEYS)
+
+
 def unwrap_weights(obj: Any, source: str) -> dict[str, torch.Tensor]:
     """``obj["model"]`` / ``["module"]`` / ``["state_dict"]`` (first present) or ``obj`` itself; tensors only."""
     if isinstance(obj, Mapping):
@@ -95,16 +104,7 @@ def _require(sd: Mapping[str, torch.Tensor], keys: tuple[str, ...], kind: str, s
         )
     if "word_embed.weight" in sd or "quantize.quant_resi.qresi_ls.0.weight" in sd:
         raise CheckpointError(f"{source}: this is a VAR checkpoint, not a LlamaGen {kind}")
-    sample = ", ".join(list(sd)[:4])
-    raise CheckpointError(
-        f"{source}: does not look like a LlamaGen {kind} checkpoint: missing {', '.join(missing[:4])} "
-        f"(it has {len(sd)} tensors, e.g. {sample})"
-    )
-
-
-def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
+    raise missing_keys_error(sd, missing, f"LlamaGen {kind}", source)
 
 
 # ---- GPT -----------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def infer_llamagen_config(
     """The GPT's config from its tensor shapes; ``n_head`` and ``image_size`` as documented in the module."""
     _require(sd, _GPT_KEYS, "GPT", source)
     vocab, dim = sd["tok_embeddings.weight"].shape
-    n_layer = len(_indices(sd, r"layers\.(\d+)\."))
+    n_layer = len(key_indices(sd, r"layers\.(\d+)\."))
     heads = default_n_head(dim) if n_head is None else int(n_head)
     if heads < 1 or dim % heads:
         raise CheckpointError(f"{source}: width {dim} is not divisible by n_head={heads}; pass the right n_head")
@@ -189,8 +189,8 @@ def infer_vq_config(
     """The tokenizer's config from its shapes. ``codebook_l2_norm`` is in no shape (True in every release)."""
     _require(sd, _VQ_KEYS, "VQ", source)
     ch, in_ch = sd["encoder.conv_in.weight"].shape[:2]
-    enc_levels = _indices(sd, r"encoder\.conv_blocks\.(\d+)\.")
-    dec_levels = _indices(sd, r"decoder\.conv_blocks\.(\d+)\.")
+    enc_levels = key_indices(sd, r"encoder\.conv_blocks\.(\d+)\.")
+    dec_levels = key_indices(sd, r"decoder\.conv_blocks\.(\d+)\.")
     if not enc_levels or not dec_levels:
         raise CheckpointError(f"{source}: no encoder/decoder conv_blocks in a LlamaGen VQ checkpoint")
     try:
@@ -199,7 +199,7 @@ def infer_vq_config(
         dec_mult = tuple(sd[f"decoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in dec_levels)[::-1]
     except KeyError as e:
         raise CheckpointError(f"{source}: missing {e.args[0]}") from e
-    n_res = len(_indices(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\."))
+    n_res = len(key_indices(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\."))
     N, D = sd["quantize.embedding.weight"].shape
     used = sd.get("quantize.codebook_used")
     if used is not None and used.shape != (USAGE_BUFFER_SIZE,):

@@ -19,7 +19,9 @@ official LlamaGen VQ, ``VQConfig``) or ``VQVAE`` (nextscale's own VQ-VAE with a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,9 @@ from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
 from nextscale.models.llamagen_weights import build_llamagen_gpt, build_llamagen_vq, check_llamagen_pair
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.tokenizers.vq import VQConfig, VQModel
+from nextscale.models.torch_files import error_detail
 from nextscale.models.var import VAR
-from nextscale.models.weights import build_vae, build_var, check_pair, error_detail
+from nextscale.models.weights import build_vae, build_var, check_pair
 
 INDEX = "model_index.json"
 WEIGHTS = "model.safetensors"
@@ -64,9 +67,13 @@ def _state_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     return out
 
 
-def _write_component(folder: Path, name: str, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+def _write_component(
+    folder: Path, name: str, model: torch.nn.Module, dtype: torch.dtype | None = None, config: Any = None
+) -> None:
+    """``model`` as ``folder/name/``: its config (``config``: another one to write, e.g. with class names) and its
+    weights (floating-point ones in ``dtype`` when given)."""
     (folder / name).mkdir()
-    cfg = {"_class_name": type(model).__name__, **model.cfg.to_dict()}  # type: ignore[operator]
+    cfg = {"_class_name": type(model).__name__, **(config or model.cfg).to_dict()}  # type: ignore[union-attr]
     (folder / name / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(_state_for_saving(model, dtype), str(folder / name / WEIGHTS), metadata={"format": "pt"})
 
@@ -85,6 +92,7 @@ def save_native(
     components: dict[str, VAR] | None = None,
     files: dict[str, str] | None = None,
     overwrite: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write ``var`` and ``vae`` as a native model folder at ``path`` (an earlier model folder there is replaced
     atomically; anything else is refused unless ``overwrite``, which moves it aside: ``fileio.atomic_folder``).
@@ -92,8 +100,10 @@ def save_native(
     ``transformer_dtype`` stores the transformer's weights in e.g. float16 to halve the folder (they load
     back into whatever dtype the pipeline uses); the VQ-VAE is always stored as it is. ``components`` adds
     further transformers on the same tokenizer (``{"refiner": small_var}``), stored like the transformer.
-    ``files``: text files written beside ``model_index.json`` (e.g. the KV-cache calibration).
+    ``files``: text files written beside ``model_index.json`` (e.g. the KV-cache calibration). ``class_names``: the
+    names to store in the transformer's ``config.json`` (``VARConfig.class_names``), default the transformer's own.
     """
+    var_cfg = var.cfg if class_names is None else dataclasses.replace(var.cfg, class_names=tuple(class_names))
     extra = dict(components or {})
     unknown = set(extra) - (set(_COMPONENTS) - {"transformer", "vae"})
     if unknown:
@@ -110,7 +120,7 @@ def save_native(
                 **(extra_index or {}),
             },
         )
-        _write_component(tmp, "transformer", var, transformer_dtype)
+        _write_component(tmp, "transformer", var, transformer_dtype, var_cfg)
         _write_component(tmp, "vae", vae)
         for name, model in extra.items():
             _write_component(tmp, name, model, transformer_dtype)
@@ -303,6 +313,26 @@ def _load_raster_component(
     if isinstance(cfg, VQConfig):
         return build_llamagen_vq(cfg, sd, source)
     return build_vae(cfg, sd, source)
+
+
+def bundled_model_dir(name: str = "demo-fmnist") -> Path:
+    """A model shipped inside the package (``src/nextscale/assets/NAME``): ``demo-fmnist`` (the default model),
+    ``demo-fmnist-raster``, ``testbed-fmnist`` (the acceleration testbed: VAR's 10 scales, with a refiner)."""
+    return Path(__file__).resolve().parents[1] / "assets" / name
+
+
+def find_model_dir(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Where a model is: a bundled model's name (``bundled_model_dir``) unless a path of that name exists, else a
+    local folder or a Hugging Face hub repo id (``resolve_model_dir``)."""
+    bundled = bundled_model_dir(str(name_or_path))
+    if not Path(name_or_path).exists() and bundled.is_dir():
+        return bundled
+    return resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
 
 
 def resolve_model_dir(

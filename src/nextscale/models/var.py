@@ -22,7 +22,7 @@ from torch import nn
 
 from nextscale.config import VARConfig
 from nextscale.errors import CheckpointError
-from nextscale.models.attention import FullSequence, Layout
+from nextscale.models.attention import FullSequence, Layout, check_class_labels
 from nextscale.models.layers import AdaLNBeforeHead, AdaLNSelfAttn
 from nextscale.models.scales import ScaleSchedule
 
@@ -116,12 +116,7 @@ class VAR(nn.Module):
 
     # ---- conditioning ---------------------------------------------------------------------------------------
     def check_labels(self, label_R: torch.Tensor) -> None:
-        bad = (label_R < 0) | (label_R > self.num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                f"got {label_R[bad].tolist()}"
-            )
+        check_class_labels(label_R, self.num_classes)
 
     def condition(self, label_R: torch.Tensor) -> Conditioning:
         cond_RD = self.class_emb(label_R)
@@ -200,6 +195,12 @@ class VAR(nn.Module):
         """The block-causal mask of the first ``num_tokens`` positions, [1, 1, T, T]."""
         bias: torch.Tensor = self.attn_bias_for_masking
         return bias[:, :, :num_tokens, :num_tokens]
+
+    def kv_row_bytes(self) -> int:
+        """Bytes of one row of a full KV cache (one guidance branch of one image): keys and values of every layer
+        and every position of the token pyramid, in the model's dtype."""
+        cfg = self.cfg
+        return 2 * cfg.depth * cfg.seq_len * cfg.embed_dim * self.head.weight.element_size()
 
     def derived_buffer_names(self) -> tuple[str, ...]:
         """Buffers recomputed from the config (not stored in native checkpoints)."""

@@ -10,13 +10,8 @@ no unexpected keys. Persistent buffers that are derivable from the config (``lvl
 from __future__ import annotations
 
 import logging
-import pickle
-import re
-import warnings
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +20,7 @@ from nextscale.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAECon
 from nextscale.errors import CheckpointError, ConfigError
 from nextscale.models.scales import ScaleSchedule
 from nextscale.models.tokenizers.msvq import VQVAE
+from nextscale.models.torch_files import key_indices, load_torch_file, missing_keys_error
 from nextscale.models.var import VAR
 
 log = logging.getLogger(__name__)
@@ -49,9 +45,6 @@ _VAE_KEYS = (
 )
 # Mixing ratio of the Phi convs: a constructor argument, not stored in the files (0.5 in every release).
 OFFICIAL_PHI_RATIO = 0.5
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-# How a legacy (non-zip) torch.save file starts: pickle protocol 2, then the long int 0x1950a86a20f9469cfc6c.
-_LEGACY_TORCH_SAVE = pickle.PROTO + b"\x02" + pickle.LONG1 + b"\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -69,85 +62,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_torch_file(path: Path, pickled_hint: str) -> Any:
-    """``safe_torch_load`` a user's file (memory-mapped where the format allows), every failure a one-line
-    ``CheckpointError``; ``pickled_hint`` says what to do when it holds pickled objects the safe loader refuses."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        try:
-            return safe_torch_load(path, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return safe_torch_load(path)  # legacy (non-zip) format
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as e:
-        if hint := _not_torch_save(path):  # garbage, not a refused pickle
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_what_it_is(path) or hint})") from e
-        raise CheckpointError(
-            f"{path}: holds pickled Python objects that safe loading (weights_only=True) refuses; {pickled_hint}. "
-            f"Detail: {error_detail(e)}"
-        ) from e
-    except Exception as e:  # the unpickler meets garbage with any error (KeyError 101 for a text file, ...)
-        if hint := _not_torch_save(path):
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_what_it_is(path) or hint})") from e
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error_detail(e)}"
-        ) from e
-
-
-def safe_torch_load(path: Path, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` of a file a user handed us.
-
-    An empty file is named as such (torch reports it as a message-less ``EOFError``). The weights-only
-    unpickler's warnings (e.g. about a ``pickle.dump`` file's protocol) are silenced here, and only here: the
-    one-line error the caller raises says what is wrong, a two-line warning before it only adds noise.
-    """
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
-def error_detail(e: BaseException) -> str:
-    """One line of why a load failed: the first sentence of torch's reason when it states one (the rest is
-    advice on allow-listing classes), else the message's first non-empty line, else the exception's type
-    (messages can be empty, and torch's carry terminal escape codes)."""
-    text = _ANSI_ESCAPE.sub("", str(e))
-    _, found, reason = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in (reason if found else text).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    return lines[0].split(". ")[0].rstrip(".") + "." if found else lines[0]
-
-
-def _not_torch_save(path: Path) -> str | None:
-    """Why a file that does not unpickle is no torch.save output at all; None if it looks like one."""
-    if zipfile.is_zipfile(path):
-        return None
-    with path.open("rb") as f:
-        head = f.read(len(_LEGACY_TORCH_SAVE))
-    if head == _LEGACY_TORCH_SAVE:  # torch.save's legacy format: a protocol-2 pickle of its magic number first
-        return None
-    if head[:1] == pickle.PROTO:  # a pickle, but not one torch.save wrote
-        return "a pickle.dump file, not torch.save output?"
-    return "truncated or corrupt?"
-
-
-def _what_it_is(path: Path) -> str | None:
-    """A guess at what a file that is no checkpoint holds, for the error message."""
-    with path.open("rb") as f:
-        head = f.read(512)
-    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF")):
-        return "it is an image"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return "it is a text file"
+def is_var_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    """A VAR transformer's or a multi-scale VQ-VAE's tensors (complete or not: the loader names what is missing).
+    A LlamaGen VQ tokenizer shares the VQ-VAE's outer names; its encoder is ``conv_blocks``, not ``down``."""
+    if any(k.startswith("encoder.conv_blocks.") for k in sd):
+        return False
+    return any(k in sd for k in (*_VAR_KEYS, *_VAE_KEYS))
 
 
 def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], kind: str, source: str) -> None:
@@ -158,16 +78,7 @@ def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], kind: str, sou
         raise CheckpointError(f"{source}: this is a VQ-VAE checkpoint, not a VAR transformer (pass it as the VAE)")
     if kind == "VQ-VAE" and all(k in sd for k in _VAR_KEYS):
         raise CheckpointError(f"{source}: this is a VAR transformer checkpoint, not a VQ-VAE (pass it as the VAR)")
-    sample = ", ".join(list(sd)[:4])
-    raise CheckpointError(
-        f"{source}: does not look like a {kind} checkpoint: missing {', '.join(missing[:4])} "
-        f"(it has {len(sd)} tensors, e.g. {sample})"
-    )
-
-
-def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
+    raise missing_keys_error(sd, missing, kind, source)
 
 
 def infer_var_config(
@@ -175,7 +86,7 @@ def infer_var_config(
 ) -> VARConfig:
     _require(sd, _VAR_KEYS, "VAR", source)
     C, Cvae = sd["word_embed.weight"].shape
-    depth = len(_indices(sd, r"blocks\.(\d+)\."))
+    depth = len(key_indices(sd, r"blocks\.(\d+)\."))
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in sd
     heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else max(1, C // 64)
     L, S = sd["pos_1LC"].shape[1], sd["lvl_embed.weight"].shape[0]
@@ -224,16 +135,16 @@ def infer_vae_config(
     _require(sd, _VAE_KEYS, "VQ-VAE", source)
     ch, in_ch = sd["encoder.conv_in.weight"].shape[:2]
     vocab, z = sd["quantize.embedding.weight"].shape
-    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    levels = key_indices(sd, r"encoder\.down\.(\d+)\.")
     if not levels:
         what = "a LlamaGen VQ tokenizer" if any(k.startswith("encoder.conv_blocks.") for k in sd) else "another model"
         raise CheckpointError(
             f"{source}: not a VAR VQ-VAE (no encoder.down.N blocks; it looks like {what}): pass VAR's vae_*.pth"
         )
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
-    n_res = len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."))
-    shared_k = _indices(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.weight")
-    own_k = _indices(sd, r"quantize\.quant_resi\.(\d+)\.weight")
+    n_res = len(key_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."))
+    shared_k = key_indices(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.weight")
+    own_k = key_indices(sd, r"quantize\.quant_resi\.(\d+)\.weight")
     share, counts, ratio = 4, 0, OFFICIAL_PHI_RATIO
     if shared_k:
         share = len(shared_k)

@@ -12,27 +12,22 @@ only on (seed, i, its label, the settings), never on its batch. One call = one b
 (``uncond + (cond - uncond) * cfg``, unguided at ``cfg <= 1``), defaults cfg 4.0, top-k 2000, top-p 1.0 (off),
 temperature 1.0, no cfg_interval.
 
-The tokenizer is anything that implements ``RasterTokenizer``: the official LlamaGen ``VQModel``
-(``LlamaGenVQTokenizer``) or nextscale's own VQ-VAE with a single scale (``MSVQTokenizer``: a plain VQ-VAE, as
-the trainer makes them). ``make_tokenizer`` wraps either module after checking it against the GPT.
+The tokenizer is anything that implements ``models.tokenizers.raster.RasterTokenizer`` (the official LlamaGen
+``VQModel`` or nextscale's own single-scale VQ-VAE, wrapped by ``make_tokenizer``).
 """
 
 from __future__ import annotations
 
-import logging
-import secrets
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
-from torch import nn
 
+from nextscale.engine.params import RngMode
+from nextscale.engine.raster.params import RasterParams
 from nextscale.engine.raster.sampler import (
-    RasterParams,
     RasterResult,
     RasterStep,
     StepCallback,
@@ -40,159 +35,24 @@ from nextscale.engine.raster.sampler import (
     sample_raster,
 )
 from nextscale.engine.raster.speculative import SpeculativePlan, sample_speculative
-from nextscale.engine.var.params import RngMode
 from nextscale.errors import CheckpointError, InvalidInputError
-from nextscale.hardware import auto_dtype
-from nextscale.images import to_pil
-from nextscale.labels import resolve_labels
 from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
 from nextscale.models.llamagen_weights import load_llamagen_gpt, load_llamagen_vq
-from nextscale.models.native import check_raster_pair, load_raster_native, resolve_model_dir, save_raster_native
-from nextscale.models.tokenizers.msvq import VQVAE, to_unit_range_
+from nextscale.models.native import load_raster_native, save_raster_native
+from nextscale.models.tokenizers import to_unit_range_
+from nextscale.models.tokenizers.msvq import VQVAE
+from nextscale.models.tokenizers.raster import LlamaGenVQTokenizer, MSVQTokenizer, RasterTokenizer, make_tokenizer
 from nextscale.models.tokenizers.vq import VQModel
-from nextscale.pipelines.var import bundled_model_dir
+from nextscale.pipelines.base import ClassLabels, OutputType, Pipeline
 
 if TYPE_CHECKING:
     from nextscale.accel import Resolved
+    from nextscale.engine.family import QualityPlan
+    from nextscale.engine.raster.family import RasterFamily
 
-log = logging.getLogger(__name__)
-OutputType = Literal["pil", "np", "pt", "latent"]
-ClassLabels = int | str | Sequence[int | str] | torch.Tensor
 # sample_c2i.py's defaults; a model folder may store its own (model_index.json "sampling_defaults").
 DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 4.0, "cfg_interval": -1.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
 RowCallback = Callable[[int, Any], None]
-
-
-# ---- tokenizers ------------------------------------------------------------------------------------------------
-class RasterTokenizer(ABC):
-    """What a raster pipeline needs of its tokenizer: token grid <-> images, in raster (row, column) order.
-
-    ``kind`` is the module's class name as stored in a model folder (``vae/config.json``). Images are float
-    [B, C, H, W] in [-1, 1]; code maps float32 [B, D, grid, grid]. The module stays float32 whatever the GPT's
-    dtype (``sample_c2i.py`` keeps its VQ in float32 too)."""
-
-    kind: str
-    module: nn.Module
-    vocab_size: int
-    grid: int
-    downsample: int
-    channels: int
-
-    @property
-    def image_size(self) -> int:
-        return self.grid * self.downsample
-
-    @abstractmethod
-    def embed(self, idx_BL: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, grid²] -> code map [B, D, grid, grid] (float32)."""
-
-    @abstractmethod
-    def mean_code(self) -> torch.Tensor:
-        """The mean code vector [D]: a neutral fill for positions not sampled yet (row previews)."""
-
-    @abstractmethod
-    def codebook(self) -> torch.Tensor:
-        """The code vectors [V, D] as the quantizer looks them up (latent proximity for LANTERN / GSD)."""
-
-    @abstractmethod
-    def decode_codes(self, codes_BDgg: torch.Tensor) -> torch.Tensor:
-        """Code map -> images [B, C, H, W], float32, clamped to [-1, 1]."""
-
-    @abstractmethod
-    def encode(self, images_BChw: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> tokens [B, grid²] (e.g. to extract training codes)."""
-
-    def decode_tokens(self, idx_BL: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, grid²] -> images [B, C, H, W] in [-1, 1]."""
-        if idx_BL.ndim != 2 or idx_BL.shape[1] != self.grid**2:
-            raise InvalidInputError(
-                f"expected tokens [B, {self.grid**2}] ({self.grid}x{self.grid} grid), got {tuple(idx_BL.shape)}"
-            )
-        return self.decode_codes(self.embed(idx_BL))
-
-
-class LlamaGenVQTokenizer(RasterTokenizer):
-    """The official LlamaGen ``VQModel`` (l2-normalised codebook). It is fully convolutional: the grid comes from
-    the GPT it serves."""
-
-    kind = "VQModel"
-
-    def __init__(self, vq: VQModel, grid: int):
-        self.vq = self.module = vq
-        self.grid, self.vocab_size = grid, vq.cfg.codebook_size
-        self.downsample, self.channels = vq.cfg.downsample, vq.cfg.out_channels
-
-    def embed(self, idx_BL: torch.Tensor) -> torch.Tensor:
-        return self.vq.quantize.lookup(idx_BL, self.grid, self.grid).float()
-
-    def mean_code(self) -> torch.Tensor:
-        return self.vq.quantize.codebook().float().mean(0)
-
-    def codebook(self) -> torch.Tensor:
-        return self.vq.quantize.codebook().float()
-
-    def decode_codes(self, codes_BDgg: torch.Tensor) -> torch.Tensor:
-        w = self.vq.post_quant_conv.weight
-        return self.vq.decode_latent(codes_BDgg.to(w.dtype)).float().clamp_(-1, 1)
-
-    def encode(self, images_BChw: torch.Tensor) -> torch.Tensor:
-        return self.vq.encode(images_BChw.to(self.vq.quant_conv.weight.dtype))
-
-
-class MSVQTokenizer(RasterTokenizer):
-    """nextscale's ``VQVAE`` with one scale, ``patch_nums=(grid,)``: a plain VQ-VAE. Its single Phi conv is part of
-    the decoder path (code map -> Phi -> decoder), exactly as ``VQVAE.idx_to_img`` with one token map."""
-
-    kind = "VQVAE"
-
-    def __init__(self, vae: VQVAE):
-        c = vae.cfg
-        if len(c.patch_nums) != 1:
-            raise CheckpointError(
-                f"a multi-scale VQ-VAE (patch_nums {c.patch_nums}) cannot tokenize for a raster model; it "
-                f"needs a single scale, e.g. patch_nums=({c.latent_size},)"
-            )
-        self.vae = self.module = vae
-        self.vocab_size, self.grid, self.downsample, self.channels = (
-            c.vocab_size,
-            c.latent_size,
-            c.downsample,
-            c.in_channels,
-        )
-
-    def embed(self, idx_BL: torch.Tensor) -> torch.Tensor:
-        return self.vae.quantize.embed_map(idx_BL).float()
-
-    def mean_code(self) -> torch.Tensor:
-        return self.vae.quantize.embedding.weight.float().mean(0)
-
-    def codebook(self) -> torch.Tensor:
-        return self.vae.quantize.embedding.weight.float()
-
-    def decode_codes(self, codes_BDgg: torch.Tensor) -> torch.Tensor:
-        return self.vae.fhat_to_img(self.vae.quantize.embed_to_fhat([codes_BDgg])[-1])
-
-    def encode(self, images_BChw: torch.Tensor) -> torch.Tensor:
-        return self.vae.img_to_idx(images_BChw.to(self.vae.quant_conv.weight.dtype))[0]
-
-
-def make_tokenizer(module: nn.Module | RasterTokenizer, gpt_cfg: LlamaGenConfig, source: str = "") -> RasterTokenizer:
-    """Wrap a tokenizer module (``VQModel`` or single-scale ``VQVAE``) for a GPT, or check a ready
-    ``RasterTokenizer``: codebook size, grid and downsampling must match the GPT (one-line ``CheckpointError``)."""
-    if not isinstance(module, RasterTokenizer):
-        check_raster_pair(gpt_cfg, module, source)  # VQModel or single-scale VQVAE, else a one-line error
-        if isinstance(module, VQModel):
-            return LlamaGenVQTokenizer(module, gpt_cfg.grid_size)
-        assert isinstance(module, VQVAE)
-        return MSVQTokenizer(module)
-    have = (module.vocab_size, module.grid, module.downsample)
-    want = (gpt_cfg.vocab_size, gpt_cfg.grid_size, gpt_cfg.downsample)
-    if have != want:
-        raise CheckpointError(
-            f"{source + ': ' if source else ''}the tokenizer (codebook, grid, downsample) is {have}, the GPT "
-            f"needs {want}"
-        )
-    return module
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
@@ -233,24 +93,33 @@ class _RowPreviews:
     def preview(self, rows: int) -> Any:
         if self.output_type == "latent":
             return self.tokens_BL[:, : rows * self.grid].clone()
-        tok = self.pipe.tokenizer
-        codes = tok.embed(self.tokens_BL)
-        codes[:, :, rows:, :] = tok.mean_code().to(codes.device)[None, :, None, None]
-        return _format(to_unit_range_(tok.decode_codes(codes)), self.output_type)
-
-
-def _format(images_BChw: torch.Tensor, output_type: OutputType) -> Any:
-    """Images in [0, 1] -> the requested output type."""
-    if output_type == "pt":
-        return images_BChw
-    if output_type == "np":
-        return images_BChw.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
-    return to_pil(images_BChw)
+        images = to_unit_range_(self.pipe.tokenizer.decode_rows(self.tokens_BL, rows))
+        return self.pipe._format_images(images, self.output_type)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
-class LlamaGenPipeline:
+class LlamaGenPipeline(Pipeline):
+    # The family's registration facts (``pipelines.registry``; see ``VARPipeline``).
     family = "raster"
+    family_title = "raster (LlamaGen)"
+    official_options = ("image_size", "n_head")
+    official_files = "c2i_*.pt + vq_ds16_c2i.pt"
+    default_sampling = DEFAULT_SAMPLING
+    transformer: LlamaGen
+
+    @classmethod
+    def claims_file(cls, path: str | Path) -> bool:
+        """Whether ``path`` is a readable LlamaGen GPT or VQ tokenizer file (by its tensors)."""
+        import warnings
+
+        from nextscale.models.llamagen_weights import is_llamagen_state_dict, read_llamagen_state_dict
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return is_llamagen_state_dict(read_llamagen_state_dict(path))
+        except (CheckpointError, OSError):
+            return False
 
     def __init__(
         self,
@@ -265,12 +134,7 @@ class LlamaGenPipeline:
         self.transformer = transformer.eval().requires_grad_(False)
         self.tokenizer = make_tokenizer(vae, transformer.cfg)
         self.vae = self.tokenizer.module.eval().requires_grad_(False)
-        unknown = set(sampling_defaults or {}) - set(DEFAULT_SAMPLING)
-        if unknown:
-            raise InvalidInputError(f"unknown sampling_defaults {sorted(unknown)}; allowed: {sorted(DEFAULT_SAMPLING)}")
-        # The model's recommended settings (stored in model_index.json), used when a call leaves them unset.
-        self.sampling_defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
-        self.sampling_params(seed=0)  # a bad stored value fails here, not at the first call
+        self._init_settings(sampling_defaults, class_names or ())
         # Speculative presets tuned for this model ("balanced", "fast" -> a spec; model_index.json), which take
         # precedence over nextscale.accel.speculative.PRESETS. Checked here, not at the first call.
         self.speculative_presets = dict(speculative_presets or {})
@@ -278,9 +142,6 @@ class LlamaGenPipeline:
             if not isinstance(spec, str) or ":" in name:
                 raise InvalidInputError(f"speculative preset {name!r} must map a plain name to a spec string")
             self.speculative_config(spec)
-        self.class_names: tuple[str, ...] = ()
-        if class_names:
-            self.set_class_names(class_names)
         self.to(device, dtype)
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -315,11 +176,7 @@ class LlamaGenPipeline:
     ) -> LlamaGenPipeline:
         """A native raster model folder, a bundled model's name (``demo-fmnist-raster``) or a Hugging Face hub repo
         id (downloaded once into the HF cache)."""
-        bundled = bundled_model_dir(str(name_or_path))
-        if not Path(name_or_path).exists() and bundled.is_dir():
-            folder = bundled
-        else:
-            folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
+        folder = cls._model_folder(name_or_path, revision, local_files_only, cache_dir)
         gpt, vae, index = load_raster_native(folder)
         names = index.get("class_names")
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
@@ -343,8 +200,7 @@ class LlamaGenPipeline:
 
         An earlier model folder at ``path`` is replaced atomically; a file or a folder with other files in it is
         refused, or with ``overwrite=True`` moved aside to ``<name>.old`` (kept, never deleted)."""
-        custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
-        extra: dict[str, Any] = {"sampling_defaults": custom} if custom else {}
+        extra = self._saved_settings()
         if self.class_names:
             extra["class_names"] = list(self.class_names)
         if self.speculative_presets:
@@ -354,40 +210,18 @@ class LlamaGenPipeline:
             raise InvalidInputError(f"cannot save a {type(vae).__name__} tokenizer; allowed: VQModel, VQVAE")
         return save_raster_native(path, self.transformer, vae, extra or None, transformer_dtype, overwrite)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> LlamaGenPipeline:
-        """Move to ``device``; ``dtype`` applies to the GPT (the tokenizer stays float32, as in ``sample_c2i.py``).
-        ``dtype="auto"``: bf16 where it is native, float32 elsewhere (``hardware.auto_dtype``)."""
+    def _place(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """``dtype`` applies to the GPT; the tokenizer stays float32, as in ``sample_c2i.py``."""
         if device is not None:
-            self.device = torch.device(device)
-            if self.device.type == "cuda" and not torch.cuda.is_available():
-                log.warning("CUDA requested but not available in this torch build or machine; using the CPU")
-                self.device = torch.device("cpu")
-            self.transformer.to(self.device)
-            self.vae.to(self.device)
-        if dtype == "auto":
-            dtype = auto_dtype(self.device)
+            self.transformer.to(device)
+            self.vae.to(device)
         if dtype is not None:
-            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise InvalidInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-            self.dtype = dtype
             self.transformer.to(dtype=dtype)
-        return self
-
-    def set_class_names(self, names: Sequence[str]) -> None:
-        """Name the classes (e.g. ImageNet's for an official checkpoint); checked against ``num_classes``."""
-        names = tuple(str(n) for n in names)
-        if len(names) != self.num_classes:
-            raise InvalidInputError(f"{len(names)} class names given for a model of {self.num_classes} classes")
-        self.class_names = names
 
     # ---- properties -------------------------------------------------------------------------------------------
     @property
     def config(self) -> LlamaGenConfig:
         return self.transformer.cfg
-
-    @property
-    def num_classes(self) -> int:
-        return self.transformer.cfg.num_classes
 
     @property
     def image_size(self) -> int:
@@ -401,18 +235,6 @@ class LlamaGenPipeline:
     def seq_len(self) -> int:
         return self.transformer.cfg.seq_len
 
-    def suggested_batch_size(self, kv_budget_mb: float = 1024.0, cap: int = 64) -> int:
-        """Images to sample at once: as many as keep one batch's KV cache (both guidance rows, every layer, every
-        position) within ``kv_budget_mb``, at most ``cap``."""
-        c = self.transformer.cfg
-        per_image = (
-            2 * 2 * c.n_layer * c.seq_len * c.kv_heads * c.head_dim * self.transformer.output.weight.element_size()
-        )
-        return max(1, min(cap, int(kv_budget_mb * 2**20 // per_image)))
-
-    def labels(self, class_labels: ClassLabels, num_images_per_label: int = 1) -> torch.Tensor:
-        return resolve_labels(class_labels, self.num_classes, self.class_names, num_images_per_label).to(self.device)
-
     def sampling_params(
         self,
         cfg: float | None = None,
@@ -424,16 +246,8 @@ class LlamaGenPipeline:
         rng: RngMode = "per_image",
     ) -> RasterParams:
         """Settings for a call: the given values, else the model's recommended ones; a random seed if none."""
-        d = self.sampling_defaults
-        return RasterParams(
-            cfg_scale=d["cfg"] if cfg is None else cfg,
-            cfg_interval=d["cfg_interval"] if cfg_interval is None else cfg_interval,
-            temperature=d["temperature"] if temperature is None else temperature,
-            top_k=d["top_k"] if top_k is None else top_k,
-            top_p=d["top_p"] if top_p is None else top_p,
-            seed=secrets.randbits(63) if seed is None else seed,
-            rng=rng,
-        )
+        d = self._settings(cfg=cfg, cfg_interval=cfg_interval, top_k=top_k, top_p=top_p, temperature=temperature)
+        return RasterParams.from_settings(d, self._seed(seed), rng)
 
     def speculative_config(self, speculative: Any) -> Any:
         """Parse a speculative-decoding spec (a string such as those of ``nextscale.accel.speculative``, a preset
@@ -441,14 +255,8 @@ class LlamaGenPipeline:
         ``.window`` and ``.rule(model)``."""
         if isinstance(speculative, str) and speculative.strip().lower() in self.speculative_presets:
             speculative = self.speculative_presets[speculative.strip().lower()]
-        try:
-            from nextscale.accel.speculative import parse_speculative
-        except ModuleNotFoundError as e:
-            if e.name != "nextscale.accel.speculative":
-                raise
-            raise InvalidInputError(
-                "speculative decoding is not available in this nextscale build (nextscale.accel.speculative is missing)"
-            ) from e
+        from nextscale.accel.speculative import parse_speculative
+
         return parse_speculative(speculative)
 
     def describe_accel(self, speculative: Any) -> Resolved:
@@ -459,7 +267,7 @@ class LlamaGenPipeline:
             from nextscale.accel.base import DEFAULT, Resolved
 
             return Resolved("exact", (), DEFAULT)
-        self.speculative_config(speculative)  # its one-line errors (a missing module included)
+        self.speculative_config(speculative)  # its one-line errors
         from nextscale.accel.speculative import describe
 
         return describe(speculative, self.speculative_presets)
@@ -471,6 +279,28 @@ class LlamaGenPipeline:
 
     def _plan(self, spec: Any) -> SpeculativePlan:
         return SpeculativePlan(spec.rule(self.transformer, self.tokenizer.codebook()), spec.window)
+
+    # ---- serving ------------------------------------------------------------------------------------------------
+    def engine_family(self, speculative: Any = None) -> RasterFamily:
+        """This model as the serving engine runs it (every request's plan is its own: ``speculative`` changes no
+        weights, so it is accepted for the same call as ``VARPipeline.engine_family`` and only checked)."""
+        from nextscale.engine.raster.family import RasterFamily
+
+        self.describe_accel(speculative)
+        return RasterFamily(self.transformer, self.tokenizer, self.class_names, self.sampling_defaults)
+
+    def quality_plans(self, levels: Mapping[str, Any]) -> dict[str, QualityPlan]:
+        """The speculative plan of each level (``{"auto": serve --speculative, "high": "exact", ...}``; None or
+        "exact" decode token by token) and the spec that rebuilds it, defaults left out ("sjd", "gsd:dist=6")."""
+        from nextscale.engine.family import QualityPlan
+
+        out = {}
+        for q, name in levels.items():
+            if name in (None, "exact"):
+                out[q] = QualityPlan(None)
+            else:
+                out[q] = QualityPlan(self.speculative_plan(name), (self.speculative_config(name).spec(),))
+        return out
 
     # ---- sampling -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -511,14 +341,8 @@ class LlamaGenPipeline:
         labels_B = self.labels(class_labels, num_images_per_label)
         params = self.sampling_params(cfg, cfg_interval, top_k, top_p, temperature, seed, rng)
         B = labels_B.shape[0]
-        if image_indices is None:
-            indices = list(range(first_image_index, first_image_index + B))
-        else:
-            indices = [int(g) for g in image_indices]
-            if len(indices) != B:
-                raise InvalidInputError(f"image_indices has {len(indices)} entries for {B} images")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        indices = self._image_indices(B, first_image_index, image_indices)
+        self._check_output_type(output_type)
         if sampler not in ("fast", "reference"):
             raise InvalidInputError(f"sampler must be 'fast' or 'reference', got {sampler!r}")
         if isinstance(callback_every, bool) or not isinstance(callback_every, int) or callback_every < 1:
@@ -535,7 +359,7 @@ class LlamaGenPipeline:
         on_step: StepCallback | None = None if rows is None else rows.on_step
         res = self._sample(labels_B, params, gens, on_step, sampler, spec)
         tokens = res.tokens_BL
-        images = None if output_type == "latent" else _format(self.decode_images(tokens), output_type)
+        images = None if output_type == "latent" else self._format_images(self.decode_images(tokens), output_type)
         stats = dict(res.stats)
         if spec is not None:
             stats["speculative"] = spec.spec() if hasattr(spec, "spec") else str(speculative)
@@ -568,7 +392,7 @@ class LlamaGenPipeline:
         """Tokens [B, L] -> images in ``output_type`` (``"latent"`` is not a decoding: use the tokens)."""
         if output_type == "latent":
             raise InvalidInputError("decode_tokens returns images: output_type must be 'pil', 'np' or 'pt'")
-        return _format(self.decode_images(tokens_BL.to(self.device)), output_type)
+        return self._format_images(self.decode_images(tokens_BL.to(self.device)), output_type)
 
     def decode_images(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         """Tokens -> images [B, C, H, W] in [0, 1] (float32)."""

@@ -11,46 +11,37 @@ the batch it is in (``rng="per_image"``, the default).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 
 from nextscale.editing import keep_maps
-from nextscale.engine.sampling import cfg_rows
-from nextscale.engine.var.params import ForcedTokens, RngMode, SamplingParams
+from nextscale.engine.params import RngMode
+from nextscale.engine.var.params import ForcedTokens, SamplingParams
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.engine.var.reference import reference_sample
 from nextscale.engine.var.sampler import sample_tokens_batch
 from nextscale.engine.var.state import ScaleResult
-from nextscale.errors import CheckpointError, InvalidInputError
-from nextscale.hardware import auto_dtype
-from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor, to_pil
-from nextscale.labels import resolve_labels
+from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
+from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor
 from nextscale.models.native import load_component, load_native, resolve_model_dir, save_native
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR, check_refiner
 from nextscale.models.weights import load_official_pair
+from nextscale.pipelines.base import ClassLabels, OutputType, Pipeline
 
 if TYPE_CHECKING:
-    from nextscale.accel import Accel, AccelArg, PlanContext, Resolved
+    from nextscale.accel import AccelArg, Prepared, Resolved
+    from nextscale.engine.family import QualityPlan
+    from nextscale.engine.var.family import VARFamily
 
 log = logging.getLogger(__name__)
-OutputType = Literal["pil", "np", "pt", "latent"]
 DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False}
-ClassLabels = int | str | Sequence[int | str] | torch.Tensor
-
-
-BUNDLED_MODELS = ("demo-fmnist", "testbed-fmnist", "demo-fmnist-raster")
-
-
 KV_ROLES_FILE = "kv_budgets.json"  # a model folder's KV-cache calibration (nextscale calibrate-kv)
 
 
@@ -64,12 +55,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
-
-
-def bundled_model_dir(name: str = "demo-fmnist") -> Path:
-    """A model shipped inside the package: ``demo-fmnist`` (the default model) or ``testbed-fmnist`` (the
-    acceleration testbed: VAR's 10-scale schedule, with a refiner)."""
-    return Path(__file__).parent / "assets" / name
 
 
 @dataclass
@@ -103,7 +88,26 @@ class ScalePreview:
         return self._pipe._format(self._pipe.decode_latent(self.f_hat), self.f_hat, output_type)
 
 
-class VARPipeline:
+class VARPipeline(Pipeline):
+    # The family's registration facts (``pipelines.registry``): its name in model_index.json and messages, the
+    # from_official options a checkpoint file cannot tell, and the official files it reads.
+    family = "var"
+    family_title = "VAR (next-scale)"
+    official_options = ("patch_nums",)
+    official_files = "var_d*.pth + vae_ch160v4096z32.pth"
+    default_sampling = DEFAULT_SAMPLING
+    transformer: VAR
+
+    @classmethod
+    def claims_file(cls, path: str | Path) -> bool:
+        """Whether ``path`` is a readable VAR transformer or multi-scale VQ-VAE checkpoint (by its tensors)."""
+        from nextscale.models.weights import is_var_state_dict, read_state_dict
+
+        try:
+            return is_var_state_dict(read_state_dict(Path(path)))
+        except (CheckpointError, OSError):
+            return False
+
     def __init__(
         self,
         transformer: VAR,
@@ -115,7 +119,10 @@ class VARPipeline:
         refiner: VAR | None = None,
         accel_presets: dict[str, list[str]] | None = None,
         kv_roles: dict[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
     ):
+        """``class_names``: default the transformer's own (``VARConfig.class_names``, as a model folder stores
+        them)."""
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         # CoDe's small model for the late scales (``accel="code"``), and presets tuned for this model.
@@ -125,11 +132,7 @@ class VARPipeline:
         self._refiners: dict[str, VAR] = {}  # refiners named in specs (code:refiner=...), loaded once
         self._variants: dict[tuple[str, ...], VAR] = {}  # transformed copies of the transformer (int8), made once
         self.channels_last_decoder = channels_last_decoder
-        unknown = set(sampling_defaults or {}) - set(DEFAULT_SAMPLING)
-        if unknown:
-            raise InvalidInputError(f"unknown sampling_defaults {sorted(unknown)}; allowed: {sorted(DEFAULT_SAMPLING)}")
-        # The model's recommended settings (stored in model_index.json), used when a call leaves them unset.
-        self.sampling_defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
+        self._init_settings(sampling_defaults, transformer.cfg.class_names if class_names is None else class_names)
         self.to(device, dtype)
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -162,13 +165,7 @@ class VARPipeline:
     ) -> VARPipeline:
         """A native model folder or Hugging Face hub repo id (downloaded once into the HF cache); with no
         argument, the bundled demo model."""
-        bundled = bundled_model_dir(str(name_or_path or "demo-fmnist"))
-        if name_or_path is None or (not Path(name_or_path).exists() and bundled.is_dir()):
-            folder = bundled
-            if not (folder / "model_index.json").is_file():
-                raise CheckpointError(f"no bundled model found at {folder}; pass a model folder or hub id")
-        else:
-            folder = resolve_model_dir(name_or_path, revision, local_files_only, cache_dir)
+        folder = cls._model_folder(name_or_path or "demo-fmnist", revision, local_files_only, cache_dir)
         var, vae, index = load_native(folder)
         refiner = load_component(folder, "refiner") if "refiner" in index else None
         assert refiner is None or isinstance(refiner, VAR)
@@ -186,15 +183,22 @@ class VARPipeline:
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a native model folder at ``path``, atomically. An earlier model folder there (one with
         ``model_index.json``) is replaced; a file or a folder with other files in it is refused, or with
-        ``overwrite=True`` moved aside to ``<name>.old`` (kept, never deleted)."""
-        custom = {k: v for k, v in self.sampling_defaults.items() if DEFAULT_SAMPLING.get(k) != v}
-        extra: dict[str, Any] = {"sampling_defaults": custom} if custom else {}
+        ``overwrite=True`` moved aside to ``<name>.old`` (kept, never deleted). The class names go into the
+        transformer's ``config.json``, where VAR folders have always kept them."""
+        extra = self._saved_settings()
         if self.accel_presets:
             extra["accel_presets"] = self.accel_presets
         refiner = {"refiner": self.refiner} if self.refiner is not None else None
         files = {KV_ROLES_FILE: json.dumps(self.kv_roles, indent=1) + "\n"} if self.kv_roles else None
         return save_native(
-            path, self.transformer, self.vae, extra or None, components=refiner, files=files, overwrite=overwrite
+            path,
+            self.transformer,
+            self.vae,
+            extra or None,
+            components=refiner,
+            files=files,
+            overwrite=overwrite,
+            class_names=self.class_names,
         )
 
     def sampling_params(
@@ -207,34 +211,17 @@ class VARPipeline:
         rng: RngMode = "per_image",
     ) -> SamplingParams:
         """Settings for a call: the given values, else the model's recommended ones; a random seed if none."""
-        d = self.sampling_defaults
-        return SamplingParams(
-            cfg=d["cfg"] if cfg is None else cfg,
-            top_k=d["top_k"] if top_k is None else top_k,
-            top_p=d["top_p"] if top_p is None else top_p,
-            more_smooth=d["more_smooth"] if more_smooth is None else more_smooth,
-            seed=secrets.randbits(63) if seed is None else seed,
-            rng=rng,
-        )
+        settings = self._settings(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+        return SamplingParams(**settings, seed=self._seed(seed), rng=rng)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> VARPipeline:
-        """Move to ``device``; ``dtype`` applies to the transformer and the VQ-VAE convs (the quantiser, i.e.
-        codebook search and latent accumulation, always stays float32). ``dtype="auto"``: bf16 where it is native
-        (GPUs, CPUs with AVX512-BF16 or AMX), float32 elsewhere (``hardware.auto_dtype``)."""
+    def _place(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """The transformers (the refiners included) take ``dtype``, and so do the VQ-VAE's convs; its quantiser
+        (codebook search and latent accumulation) always stays float32."""
         if device is not None:
-            self.device = torch.device(device)
-            if self.device.type == "cuda" and not torch.cuda.is_available():
-                log.warning("CUDA requested but not available in this torch build or machine; using the CPU")
-                self.device = torch.device("cpu")
             for m in self._transformers():
-                m.to(self.device)
-            self.vae.to(self.device)
-        if dtype == "auto":
-            dtype = auto_dtype(self.device)
+                m.to(device)
+            self.vae.to(device)
         if dtype is not None:
-            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise InvalidInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-            self.dtype = dtype
             for m in self._transformers():
                 m.to(dtype=dtype)
             for m in (self.vae.encoder, self.vae.decoder, self.vae.quant_conv, self.vae.post_quant_conv):
@@ -244,24 +231,11 @@ class VARPipeline:
             # oneDNN convolutions are ~1.3x faster in NHWC on CPU; tokens are unaffected (decoder only).
             self.vae.decoder.to(memory_format=torch.channels_last)
             self.vae.post_quant_conv.to(memory_format=torch.channels_last)
-        return self
 
     def _transformers(self) -> list[VAR]:
         return [self.transformer, *([] if self.refiner is None else [self.refiner]), *self._refiners.values()]
 
-    def set_class_names(self, names: Sequence[str]) -> None:
-        """Name the classes (e.g. for an official ImageNet checkpoint); checked against ``num_classes``."""
-        self.transformer.cfg = dataclasses.replace(self.transformer.cfg, class_names=tuple(names))
-
     # ---- properties -------------------------------------------------------------------------------------------
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.transformer.cfg.class_names
-
-    @property
-    def num_classes(self) -> int:
-        return self.transformer.num_classes
-
     @property
     def image_size(self) -> int:
         return self.vae.cfg.image_size
@@ -269,17 +243,6 @@ class VARPipeline:
     @property
     def patch_nums(self) -> tuple[int, ...]:
         return self.transformer.cfg.patch_nums
-
-    def suggested_batch_size(self, kv_budget_mb: float = 1024.0, cap: int = 64) -> int:
-        """Images to sample at once: as many as keep the KV caches of one batch within ``kv_budget_mb`` (the
-        dominant per-image memory of a batch: both guidance rows, every layer, the whole token pyramid), at most
-        ``cap`` (past that, CPU throughput no longer grows with the batch)."""
-        c = self.transformer.cfg
-        per_image = cfg_rows(1) * 2 * c.depth * c.seq_len * c.embed_dim * self.transformer.head.weight.element_size()
-        return max(1, min(cap, int(kv_budget_mb * 2**20 // per_image)))
-
-    def labels(self, class_labels: ClassLabels, num_images_per_label: int = 1) -> torch.Tensor:
-        return resolve_labels(class_labels, self.num_classes, self.class_names, num_images_per_label).to(self.device)
 
     # ---- sampling -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -314,81 +277,97 @@ class VARPipeline:
         """
         labels_B = self.labels(class_labels, num_images_per_label)
         params = self.sampling_params(cfg, top_k, top_p, more_smooth, seed, rng)
-        if image_indices is None:
-            indices = list(range(first_image_index, first_image_index + labels_B.shape[0]))
-        else:
-            indices = [int(g) for g in image_indices]
-            if len(indices) != labels_B.shape[0]:
-                raise InvalidInputError(f"image_indices has {len(indices)} entries for {labels_B.shape[0]} images")
-        plan, refiner, transformer = self._plan(accel)
+        indices = self._image_indices(labels_B.shape[0], first_image_index, image_indices)
+        plan, refiner, transformer = self._prepare(accel)
         if sampler == "reference" and plan is not None:
             raise InvalidInputError("sampler='reference' is the exact oracle loop; acceleration needs sampler='fast'")
         out = self._generate(
             labels_B,
             params,
-            None,
-            output_type,
-            callback_on_scale,
-            sampler,
-            progress,
-            indices,
-            plan,
-            refiner,
-            transformer,
+            output_type=output_type,
+            callback=callback_on_scale,
+            sampler=sampler,
+            progress=progress,
+            indices=indices,
+            plan=plan,
+            refiner=refiner,
+            transformer=transformer,
         )
         out.stats["resolved"] = self.describe_accel(accel).as_dict()
         return out
 
     def plan(self, accel: AccelArg) -> RequestPlan | None:
         """The per-scale plan of ``accel`` for this model (None: exact), checked before any sampling."""
-        return self._plan(accel)[0]
+        return self._prepare(accel).plan
 
     def describe_accel(self, accel: AccelArg) -> Resolved:
         """What ``accel`` runs on this model: ``str()`` gives ``"fast -> cfg-cutoff, ... (model's tuned preset)"``,
         ``.specs`` the plug-ins' spec strings in application order (``nextscale.accel.describe``)."""
-        from nextscale.accel import describe
+        from nextscale.accel import describe_setting
 
-        return describe(accel, self._plan_context(self.refiner), self.accel_presets)
+        return describe_setting(accel, self)
 
     def transformer_for(self, accel: AccelArg) -> VAR:
         """The transformer ``accel`` runs on: the model itself, or its transformed copy (e.g. int8 weights)."""
-        return self._plan(accel)[2]
+        return self._prepare(accel).transformer
 
-    def _plan(self, accel: AccelArg) -> tuple[RequestPlan | None, VAR | None, VAR]:
-        """The plan, the refiner it hands off to, and the transformer it runs on (a transformed copy for methods
-        such as int8, made once per method and kept)."""
-        from nextscale.accel import build_plan, resolve
-        from nextscale.accel.base import transform_key, transform_model
+    # ---- serving ------------------------------------------------------------------------------------------------
+    def engine_family(self, accel: AccelArg = None) -> VARFamily:
+        """This model as the serving engine runs it; ``accel``: the server's default, whose model-changing methods
+        (int8) every request then runs on."""
+        from nextscale.engine.var.family import VARFamily
 
-        methods = resolve(accel, self._plan_context(self.refiner), self.accel_presets)
-        if not methods:
-            return None, None, self.transformer
-        refiner = self._refiner_for(methods)
-        plan = build_plan(methods, self._plan_context(refiner))
-        key = transform_key(methods)
-        if key and key not in self._variants:
-            self._variants[key] = transform_model(methods, self.transformer)
-        transformer = self._variants[key] if key else self.transformer
-        return plan, refiner if plan.uses_refiner else None, transformer
+        served = self.transformer_for(accel)
+        if served is not self.transformer:
+            log.info("serving a transformed model for every quality level (%s)", accel)
+        return VARFamily(served, self.vae, refiner=self.refiner, class_names=self.class_names)
 
-    def _plan_context(self, refiner: VAR | None) -> PlanContext:
-        from nextscale.accel import PlanContext
+    def quality_plans(self, levels: Mapping[str, AccelArg]) -> dict[str, QualityPlan]:
+        """The plan of each level (``{"auto": serve --accel, "high": "exact", ...}``) and what it runs. One engine
+        runs one transformer: a level whose method changes the model (int8) must be the server's ``auto`` too."""
+        from nextscale.accel import parse_spec
+        from nextscale.engine.family import QualityPlan
 
-        var = self.transformer
-        depth = None if refiner is None else refiner.depth
-        return PlanContext(self.patch_nums, var.depth, depth, var.num_heads, self.kv_roles)
+        served = self.transformer_for(levels.get("auto"))
+        for q, name in levels.items():
+            if self.transformer_for(name) not in (served, self.transformer):
+                raise ConfigError(
+                    f"quality {q!r} ({name}) runs a transformed model (e.g. int8) that the server does not; "
+                    f"add that method to serve --accel"
+                )
+        auto = self.plan(levels.get("auto"))
+        # Every level runs on the served model, so a server-wide transformation is part of what each level does.
+        server_wide = [n for n in (auto.names if auto else ()) if parse_spec(n).transforms_model]
+        out = {}
+        for q, name in levels.items():
+            plan = self.plan(name)
+            names = plan.names if plan else ()
+            out[q] = QualityPlan(plan, (*(n for n in server_wide if n not in names), *names))
+        return out
 
-    def _refiner_for(self, methods: Sequence[Accel]) -> VAR | None:
-        """The refiner a method names (``code:refiner=DIR_OR_HUB_ID``, loaded once), else the model's own."""
-        named = [m.refiner for m in methods if getattr(m, "refiner", "")]
-        if not named:
-            return self.refiner
-        if named[0] not in self._refiners:
-            folder = resolve_model_dir(named[0])
+    def _prepare(self, accel: AccelArg) -> Prepared:
+        """The plan of ``accel``, the refiner it hands off to, and the transformer it runs on (``accel.prepare``)."""
+        from nextscale.accel import prepare
+
+        return prepare(accel, self)
+
+    # ---- what nextscale.accel.prepare asks of this model (an ``AccelModel``) -------------------------------------
+    def load_refiner(self, name: str) -> VAR:
+        """The refiner a spec names (``code:refiner=DIR_OR_HUB_ID``), loaded once onto this pipeline's device and
+        dtype (and moved with it)."""
+        if name not in self._refiners:
+            folder = resolve_model_dir(name)
             refiner = load_component(folder, "refiner" if (folder / "refiner").is_dir() else "transformer")
             assert isinstance(refiner, VAR)
-            self._refiners[named[0]] = check_refiner(self.transformer, refiner).to(self.device, self.dtype).eval()
-        return self._refiners[named[0]]
+            self._refiners[name] = check_refiner(self.transformer, refiner).to(self.device, self.dtype).eval()
+        return self._refiners[name]
+
+    def transformed(self, key: tuple[str, ...], make: Callable[[VAR], VAR]) -> VAR:
+        """The transformer as the methods ``key`` change it (e.g. int8 weights): ``make(transformer)``, made once per
+        device and dtype."""
+        if key not in self._variants:
+            self._variants[key] = make(self.transformer)
+        return self._variants[key]
 
     @torch.inference_mode()
     def edit(
@@ -420,31 +399,28 @@ class VARPipeline:
             idx=[i.expand(num_images, -1) for i in idx_list],
             keep=[k.to(self.device) for k in keep_maps(keep_hw, self.patch_nums, num_images)],
         )
-        params = SamplingParams(
-            cfg=cfg,
-            top_k=top_k,
-            top_p=top_p,
-            more_smooth=more_smooth,
-            seed=secrets.randbits(63) if seed is None else seed,
-        )
-        return self._generate(labels_B, params, forced, output_type, callback_on_scale, "fast", False)
+        params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, seed=self._seed(seed))
+        return self._generate(labels_B, params, forced=forced, output_type=output_type, callback=callback_on_scale)
 
     def _generate(
         self,
         labels_B: torch.Tensor,
         params: SamplingParams,
-        forced: ForcedTokens | None,
-        output_type: OutputType,
-        callback: Callable[[ScalePreview], None] | None,
-        sampler: str,
-        progress: bool,
+        *,
+        forced: ForcedTokens | None = None,
+        output_type: OutputType = "pil",
+        callback: Callable[[ScalePreview], None] | None = None,
+        sampler: str = "fast",
+        progress: bool = False,
         indices: Sequence[int] | None = None,
         plan: RequestPlan | None = None,
         refiner: VAR | None = None,
         transformer: VAR | None = None,
     ) -> VAROutput:
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InvalidInputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        """One batch through the fast sampler (``plan``, ``refiner`` and ``transformer`` as ``accel.prepare`` gives
+        them) or the reference loop; ``forced``: known tokens (``edit``); ``indices``: each image's index in its job
+        (default 0 .. B-1)."""
+        self._check_output_type(output_type)
         params.check_vocab(self.transformer.V)
         gens = params.generators(labels_B.shape[0], self.device, indices=indices)
         bar = _progress_bar(len(self.patch_nums)) if progress else None
@@ -499,13 +475,10 @@ class VARPipeline:
         return self.vae.decode_images(f_hat_BChw)
 
     def _format(self, images: torch.Tensor | None, f_hat: torch.Tensor, output_type: OutputType) -> Any:
+        """Images in [0, 1] as ``output_type`` asks; the latent itself for ``"latent"``."""
         if output_type == "latent" or images is None:
             return f_hat
-        if output_type == "pt":
-            return images
-        if output_type == "np":
-            return images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
-        return to_pil(images)
+        return self._format_images(images, output_type)
 
 
 def _progress_bar(total: int) -> Any:

@@ -1,8 +1,9 @@
 """The HTTP edge: an OpenAI-shaped image API with streamed coarse-to-fine previews, health, metrics, playground.
 
-Both model families serve through the same API (``serve.family``): a VAR model streams a preview per scale, a
-raster (LlamaGen) model one per completed row of its token grid (the rows decoded so far); ``scale`` and
-``num_scales`` in the events count those steps.
+Every model family serves through the same API; what the server knows of the model comes from the engine's family
+(``engine.family.ServingFacts``). A VAR model streams a preview per scale, a raster (LlamaGen) model one per
+completed row of its token grid (the rows decoded so far); ``scale`` and ``num_scales`` in the events count those
+steps.
 
 Errors follow one shape, ``{"error": {"message", "type", "param", "code"}}``: 422 for invalid bodies — including
 bodies that do not parse (not UTF-8, not JSON, too deeply nested, a number too long) — naming the field and what is
@@ -36,14 +37,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from nextscale.engine.engine import Engine, ScaleEvent
-from nextscale.engine.raster.speculative import SpeculativePlan
-from nextscale.engine.var.plan import RequestPlan
+from nextscale.engine.family import bad_field
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_pil
 from nextscale.labels import resolve_label
 from nextscale.serve.async_engine import AsyncEngine, Handle, QueueFull, ShuttingDown
 from nextscale.serve.config import QUALITIES, QualityPlan, ServerConfig
-from nextscale.serve.family import Params, bad_field, served_model
 from nextscale.serve.metrics import CompletionRate, ServerMetrics
 from nextscale.serve.protocol import ImageGenerationRequest
 
@@ -228,21 +227,18 @@ class _Server:
         engine: Engine,
         cfg: ServerConfig,
         warmup: bool,
-        plans: Mapping[str, QualityPlan | RequestPlan | SpeculativePlan | None],
-        class_names: Sequence[str] | None = None,
-        sampling_defaults: Mapping[str, Any] | None = None,
+        plans: Mapping[str, Any],
     ):
         self.cfg, self.warmup = cfg, warmup
-        self.model = served_model(engine, class_names, sampling_defaults)
-        want = RequestPlan if self.model.family == "var" else SpeculativePlan
+        self.model = engine.family.serving_facts()
         for q, given in plans.items():
             if q not in QUALITIES:
                 raise InvalidInputError(f"unknown quality level {q!r}; allowed: {', '.join(QUALITIES)}")
             plan = given.plan if isinstance(given, QualityPlan) else given
-            if plan is not None and not isinstance(plan, want):
-                raise InvalidInputError(
-                    f"quality {q!r}: a {self.model.family} model takes {want.__name__}s, got {type(plan).__name__}"
-                )
+            try:  # the family's own admission check, as a request would meet it: a plan of another family fails
+                engine.family.admit(torch.tensor([0], device=engine.device), self.model.warmup_params(), plan)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"quality {q!r}: {e}") from None
         # quality level -> plan and what it runs (a missing level is the exact plan)
         self.plans = {q: QualityPlan.of(plans.get(q)) for q in QUALITIES}
         self.metrics = ServerMetrics()
@@ -346,7 +342,7 @@ class _Server:
             )
         return await self._complete(handle, request, tag, params, resolved)
 
-    def _validate(self, body: ImageGenerationRequest) -> tuple[int, Params]:
+    def _validate(self, body: ImageGenerationRequest) -> tuple[int, Any]:
         size, m = self.size, self.model
         if body.n > self.max_images:
             raise bad_field("n", f"n={body.n} is too large: allowed 1..{self.max_images}")
@@ -361,10 +357,10 @@ class _Server:
         except InvalidInputError as e:
             raise bad_field("class_label" if body.class_label is not None else "prompt", str(e)) from None
         seed = secrets.randbits(63) if body.seed is None else body.seed
-        return label, m.params(body, seed)
+        return label, m.params(body.model_fields_set, body.model_dump(), seed)
 
     async def _complete(
-        self, handle: Handle, request: Request, tag: str, params: Params, resolved: dict[str, Any]
+        self, handle: Handle, request: Request, tag: str, params: Any, resolved: dict[str, Any]
     ) -> Response:
         async def wait_final() -> ScaleEvent:
             while not (ev := await next_event(handle)).finished:
@@ -405,7 +401,7 @@ class _Server:
         )
 
     async def _sse(
-        self, handle: Handle, request: Request, previews: set[int], tag: str, params: Params, resolved: dict[str, Any]
+        self, handle: Handle, request: Request, previews: set[int], tag: str, params: Any, resolved: dict[str, Any]
     ) -> AsyncIterator[bytes]:
         """The request's events, one write per scale; stops, quietly, once the client is gone.
 
@@ -437,7 +433,7 @@ class _Server:
                     log.debug("%s: client disconnected mid-stream; request cancelled", handle.request_id)
 
     async def _scale_events(
-        self, ev: ScaleEvent, partial_index: int | None, tag: str, params: Params, resolved: dict[str, Any]
+        self, ev: ScaleEvent, partial_index: int | None, tag: str, params: Any, resolved: dict[str, Any]
     ) -> bytes:
         """One scale's SSE events: its partial images (when ``partial_index`` numbers them), the final ones (with
         what the request's quality resolved to)."""
@@ -470,19 +466,13 @@ class _Server:
 
 
 def create_app(
-    engine: Engine,
-    cfg: ServerConfig | None = None,
-    warmup: bool = True,
-    plans: Mapping[str, QualityPlan | RequestPlan | SpeculativePlan | None] | None = None,
-    class_names: Sequence[str] | None = None,
-    sampling_defaults: Mapping[str, Any] | None = None,
+    engine: Engine, cfg: ServerConfig | None = None, warmup: bool = True, plans: Mapping[str, Any] | None = None
 ) -> FastAPI:
-    """The app; ``plans`` maps a request's ``quality`` ("auto", "high", "medium", "low") to its acceleration plan
-    and what it runs (``serve.config.quality_plans`` for VAR, ``speculative_plans`` for a raster model; a bare plan
-    is described by what it carries); without it every request is exact. ``class_names`` and
-    ``sampling_defaults``: a raster model's, from its pipeline (``LlamaGenPipeline.class_names`` and
-    ``.sampling_defaults``); a VAR model carries its names in its config."""
-    server = _Server(engine, cfg or ServerConfig(), warmup, plans or {}, class_names, sampling_defaults)
+    """The app; ``plans`` maps a request's ``quality`` ("auto", "high", "medium", "low") to its plan and what it
+    runs (``serve.config.quality_plans(pipe, default)``; a bare plan is described by what it carries); without it
+    every request is exact. What the server knows of the model (class names, sampling defaults, its facts) comes
+    from the engine's family (``engine.family.serving_facts()``)."""
+    server = _Server(engine, cfg or ServerConfig(), warmup, plans or {})
     app = FastAPI(title="nextscale", version="0.1.0", lifespan=server.lifespan)
     app.state.bridge, app.state.metrics = server.bridge, server.metrics
     app.exception_handler(RequestValidationError)(invalid_body)

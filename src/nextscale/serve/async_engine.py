@@ -23,10 +23,6 @@ from typing import Any
 import torch
 
 from nextscale.engine.engine import Engine, ScaleEvent
-from nextscale.engine.raster.sampler import RasterParams
-from nextscale.engine.raster.speculative import SpeculativePlan
-from nextscale.engine.var.params import SamplingParams
-from nextscale.engine.var.plan import RequestPlan
 from nextscale.serve.metrics import CompletionRate, ServerMetrics
 
 log = logging.getLogger("nextscale.serve")
@@ -119,9 +115,9 @@ class AsyncEngine:
     def submit(
         self,
         labels_B: torch.Tensor,
-        params: SamplingParams | RasterParams,
+        params: Any,
         previews: bool,
-        plan: RequestPlan | SpeculativePlan | None = None,
+        plan: Any = None,
     ) -> Handle:
         if not self.accepting:
             raise ShuttingDown()

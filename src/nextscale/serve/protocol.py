@@ -1,6 +1,6 @@
 """HTTP request/response schemas (pydantic lives only here, at the edge).
 
-OpenAI-shaped ``POST /v1/images/generations`` with the sampling fields as extensions (``serve.family`` says what
+OpenAI-shaped ``POST /v1/images/generations`` with the sampling fields as extensions (``ServingFacts`` says what
 they mean for a raster model, where a field left out takes the model's recommended value). ``prompt`` carries a
 class name (or index); ``class_label`` is the explicit alternative. Unknown fields are rejected so a typo
 (``top-k``, ``guidance``) is a 422 naming it rather than a silently ignored setting.

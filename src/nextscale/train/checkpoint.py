@@ -24,7 +24,7 @@ import torch
 
 from nextscale.errors import CheckpointError
 from nextscale.fileio import atomic_file
-from nextscale.models.weights import error_detail, safe_torch_load
+from nextscale.models.torch_files import error_detail, safe_torch_load
 from nextscale.train.config import LoopConfig
 
 log = logging.getLogger("nextscale.train")

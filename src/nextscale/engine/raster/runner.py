@@ -19,52 +19,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from nextscale.engine.kv_cache import KVPool, KVSlot
-from nextscale.engine.raster.speculative import rotate_pairs
 from nextscale.engine.raster.state import RasterGeneration, SpeculativeGeneration
 from nextscale.errors import InvalidInputError
-from nextscale.models.llamagen import LlamaGen, _sdpa
-from nextscale.models.tokenizers.msvq import to_unit_range_
+from nextscale.models.llamagen import LlamaGen, rotate_pairs, sdpa
+from nextscale.models.tokenizers import to_unit_range_
+from nextscale.models.tokenizers.raster import RasterTokenizer
 
 # Image token (0, 0): all its RoPE angles are 0, so the model's shared rotation leaves q and k exactly as they are.
 IDENTITY_POSITION = 1
 
 
-class TokenDecoder(Protocol):
-    """What the engine needs of a raster tokenizer (``pipelines.raster.RasterTokenizer`` is one): tokens [B, grid²]
-    to code maps [B, D, grid, grid] and images in [-1, 1]."""
-
-    vocab_size: int
-    grid: int
-
-    def embed(self, idx_BL: torch.Tensor) -> torch.Tensor: ...
-
-    def mean_code(self) -> torch.Tensor: ...
-
-    def decode_codes(self, codes_BDgg: torch.Tensor) -> torch.Tensor: ...
-
-    def decode_tokens(self, idx_BL: torch.Tensor) -> torch.Tensor: ...
-
-
-def check_tokenizer(model: LlamaGen, tokenizer: TokenDecoder) -> None:
+def check_tokenizer(model: LlamaGen, tokenizer: RasterTokenizer) -> None:
     have, want = (tokenizer.vocab_size, tokenizer.grid), (model.vocab_size, model.cfg.grid_size)
     if have != want:
         raise InvalidInputError(f"the tokenizer (codebook, grid) is {have}, the GPT needs {want}")
 
 
-def row_preview(tokenizer: TokenDecoder, tokens_BL: torch.Tensor, rows: int) -> torch.Tensor:
+def row_preview(tokenizer: RasterTokenizer, tokens_BL: torch.Tensor, rows: int) -> torch.Tensor:
     """Images [B, C, H, W] in [0, 1] of the first ``rows`` rows of the token grid, every later position filled with
     the tokenizer's mean code vector (a flat, neutral region), as ``LlamaGenPipeline``'s row previews."""
-    codes_BDgg = tokenizer.embed(tokens_BL)
-    codes_BDgg[:, :, rows:, :] = tokenizer.mean_code().to(codes_BDgg.device)[None, :, None, None]
-    return to_unit_range_(tokenizer.decode_codes(codes_BDgg))
+    return to_unit_range_(tokenizer.decode_rows(tokens_BL, rows))
 
 
-def decode_steps(tokenizer: TokenDecoder, tokens_BL: torch.Tensor) -> Iterator[torch.Tensor]:
+def decode_steps(tokenizer: RasterTokenizer, tokens_BL: torch.Tensor) -> Iterator[torch.Tensor]:
     """The final decode as the engine's decode jobs run it (pieces, the last one the images in [-1, 1]): one piece,
     since a raster tokenizer decodes in one call. A generator, so that nothing runs before the job does."""
     yield tokenizer.decode_tokens(tokens_BL)
@@ -74,12 +55,6 @@ def raster_pool(model: LlamaGen, rows: int) -> KVPool:
     """KV storage for ``rows`` rows of full length (the class token + L - 1 fed-back tokens = L positions)."""
     cfg, w = model.cfg, model.output.weight
     return KVPool(cfg.n_layer, rows, cfg.kv_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
-
-
-def raster_row_bytes(model: LlamaGen) -> int:
-    """Bytes of one row of ``raster_pool``: keys and values of every layer and position."""
-    cfg = model.cfg
-    return 2 * cfg.n_layer * cfg.seq_len * cfg.kv_heads * cfg.head_dim * model.output.weight.element_size()
 
 
 @dataclass(frozen=True)
@@ -113,7 +88,7 @@ class TokenStep:
         for sp in self.spans:
             rows = slice(sp.r0, sp.r1)
             k_all, v_all = sp.slots[0].pool.write_run(layer, list(sp.slots), k_RHlc[rows], v_RHlc[rows])
-            out[rows] = _sdpa(q_RHlc[rows], k_all, v_all)  # the model's own call: same scale, same GQA expansion
+            out[rows] = sdpa(q_RHlc[rows], k_all, v_all)  # the model's own call: same scale, same GQA expansion
         return out
 
 

@@ -13,8 +13,7 @@ Two loops over the same model and the same pure sampling functions:
   torch). In float32 it produces the reference's tokens exactly (tested), in both RNG modes.
 
 Every step calls ``model.forward_tokens(x_RlC, CachedCausal(kv, start))``, which accepts ``l >= 1`` new tokens
-per row with a causal mask among them: a speculative loop verifies a window of k guessed tokens with the same
-call and rewinds the cache past rejected ones (``rewind_kv``).
+per row with a causal mask among them (a window of known tokens, or a prefill, in one call).
 
 Conventions that differ from VAR's (``engine/sampling.py``) and are therefore written here: guidance is
 ``uncond + (cond - uncond) * cfg_scale`` (official op order; VAR mixes ``(1+t)*cond - t*uncond`` with a ramp),
@@ -25,92 +24,19 @@ guidance, conditional rows first), ``L`` image tokens, ``V`` codebook size.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from nextscale.config import MAX_CFG
-from nextscale.engine.kv_cache import ConcatKVCache, KVCache, KVPool, KVSlot
-from nextscale.engine.sampling import (
-    CFG_BRANCHES,
-    Generators,
-    cfg_labels,
-    mask_top_k_,
-    request_generators,
-    sample_tokens,
-)
-from nextscale.engine.var.params import RngMode
+from nextscale.engine.kv_cache import ConcatKVCache, KVCache, KVPool
+from nextscale.engine.raster.params import RasterParams
+from nextscale.engine.sampling import CFG_BRANCHES, Generators, cfg_labels, mask_top_k_, sample_tokens
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import CachedCausal, LlamaGen
 
 # The official sampler never divides by less (``logits / max(temperature, 1e-5)``).
 MIN_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True)
-class RasterParams:
-    """How LlamaGen draws tokens, in the official ``generate()`` / ``sample_c2i.py`` conventions.
-
-    ``cfg_scale > 1`` guides every image with a null-class row: ``uncond + (cond - uncond) * cfg_scale``; at
-    ``cfg_scale <= 1`` there is no null row at all (plain conditional logits). ``cfg_interval > -1`` stops guidance
-    after that many decode steps: token t >= 1 is guided iff ``t - 1 <= cfg_interval`` (token 0 always is).
-    Logits are divided by ``max(temperature, 1e-5)``, then top-k (0 = off) and top-p (1.0 = off) filter them.
-    ``rng`` as in VAR: ``"per_image"`` gives image i its own generator from (seed, i), so it does not depend on the
-    batch; ``"official"`` is one generator for the batch — with ``seed`` it reproduces ``torch.manual_seed(seed)``
-    followed by the official ``generate()`` on the CPU.
-    """
-
-    cfg_scale: float = 4.0
-    cfg_interval: float = -1
-    temperature: float = 1.0
-    top_k: int = 2000
-    top_p: float = 1.0
-    seed: int | None = None
-    rng: RngMode = "per_image"
-
-    def __post_init__(self) -> None:
-        for name in ("cfg_scale", "cfg_interval", "temperature", "top_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
-        if not 0 <= self.cfg_scale <= MAX_CFG:
-            raise InvalidInputError(
-                f"cfg_scale must be in [0, {MAX_CFG:g}] (<= 1 means unguided), got {self.cfg_scale}"
-            )
-        if self.temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise InvalidInputError(f"top_p must be in [0, 1] (1 = off), got {self.top_p!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
-        ):
-            raise InvalidInputError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
-        if self.rng not in ("per_image", "official"):
-            raise InvalidInputError(f"rng must be 'per_image' or 'official', got {self.rng!r}")
-
-    @property
-    def guided(self) -> bool:
-        """Whether there are null-class rows at all (official: only when ``cfg_scale > 1.0``)."""
-        return self.cfg_scale > 1.0
-
-    def guided_at(self, t: int) -> bool:
-        """Whether token ``t`` is drawn from guided logits (official ``decode_n_tokens``: step i = t - 1 is
-        unguided from ``i > cfg_interval`` on, when ``cfg_interval > -1``; the prefill's token 0 always is)."""
-        if not self.guided:
-            return False
-        return t == 0 or self.cfg_interval <= -1 or t - 1 <= self.cfg_interval
-
-    def generators(
-        self, count: int, device: torch.device | str = "cpu", start: int = 0, indices: Sequence[int] | None = None
-    ) -> Generators:
-        """This request's random streams: images ``start .. start+count-1`` (or ``indices``) of ``seed``."""
-        if self.seed is None:
-            raise InvalidInputError("sampling needs a seed (RasterParams(seed=...))")
-        return request_generators(self.seed, self.rng, count, device, start, indices)
 
 
 @dataclass
@@ -195,13 +121,6 @@ def draw_exponential_(q_BV: torch.Tensor, generators: Generators) -> torch.Tenso
     return q_BV
 
 
-def rewind_kv(kv: KVSlot, length: int) -> None:
-    """Forget every position from ``length`` on in all layers (e.g. rejected speculative tokens)."""
-    if not 0 <= length <= min(kv.lengths):
-        raise ValueError(f"cannot rewind a cache holding {kv.lengths[-1]} positions to {length}")
-    kv.lengths = [length] * len(kv.lengths)
-
-
 def raster_kv_cache(model: LlamaGen, rows: int, max_len: int | None = None) -> KVCache:
     """A preallocated cache for ``rows`` rows: key/value heads of the model (GQA-sized), ``max_len`` positions
     (default: class token + L - 1 fed-back tokens = L; the last token is never fed back)."""
@@ -210,7 +129,8 @@ def raster_kv_cache(model: LlamaGen, rows: int, max_len: int | None = None) -> K
     return KVCache(pool)
 
 
-def _check_request(model: LlamaGen, labels_B: torch.Tensor) -> None:
+def check_request(model: LlamaGen, labels_B: torch.Tensor) -> None:
+    """The labels of a request: a non-empty 1-D tensor of the model's classes (or its null class)."""
     if labels_B.ndim != 1 or labels_B.numel() == 0:
         raise InvalidInputError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels_B.shape)}")
     model.check_labels(labels_B)
@@ -230,7 +150,7 @@ def reference_sample_raster(
     on_step: StepCallback | None = None,
 ) -> RasterResult:
     """The official ``generate()``: one token per step, LlamaGen CFG incl. ``cfg_interval``, official sampling."""
-    _check_request(model, labels_B)
+    check_request(model, labels_B)
     B, L, device = labels_B.shape[0], model.cfg.seq_len, labels_B.device
     gens = _generators(params, B, device, generators)
     guided = params.guided
@@ -267,7 +187,7 @@ def sample_raster(
     on_step: StepCallback | None = None,
 ) -> RasterResult:
     """Sample ``labels_B`` as the reference does, batched: tokens [B, L] and stats."""
-    _check_request(model, labels_B)
+    check_request(model, labels_B)
     B, L, V, device = labels_B.shape[0], model.cfg.seq_len, model.vocab_size, labels_B.device
     gens = _generators(params, B, device, generators)
     rows_R = cfg_labels(labels_B, model.cfg.null_class) if params.guided else labels_B

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 
 from nextscale.engine.kv_cache import KVSlot
-from nextscale.engine.raster.sampler import RasterParams, cfg_guide, draw_exponential_, filter_logits_
-from nextscale.engine.raster.speculative import RowKV, RowWindows, SpeculativeDecoder, SpeculativePlan
+from nextscale.engine.raster.params import RasterParams
+from nextscale.engine.raster.row_kv import RowKV, RowWindows
+from nextscale.engine.raster.sampler import cfg_guide, draw_exponential_, filter_logits_
+from nextscale.engine.raster.speculative import SpeculativeDecoder, SpeculativePlan
 from nextscale.engine.sampling import Generators, cfg_labels
 from nextscale.models.llamagen import LlamaGen
 

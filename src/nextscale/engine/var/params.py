@@ -1,23 +1,19 @@
-"""Typed objects that cross the engine's boundaries: sampling parameters and forced (known) tokens."""
+"""What a VAR request carries into the engine: its sampling parameters and forced (known) tokens."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from nextscale.config import MAX_CFG
-from nextscale.engine.sampling import Generators, request_generators
+from nextscale.engine.params import SeededParams
 from nextscale.errors import InvalidInputError
-
-RngMode = Literal["per_image", "official"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(SeededParams):
     """How tokens are drawn at every scale.
 
     ``cfg`` uses VAR's convention: guided logits ``(1+t)*cond - t*uncond`` with ``t = cfg*si/(S-1)``, so
@@ -32,8 +28,6 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 0.0
     more_smooth: bool = False
-    seed: int | None = None
-    rng: RngMode = "per_image"
 
     def __post_init__(self) -> None:
         if (
@@ -47,20 +41,7 @@ class SamplingParams:
             raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in [0, 1] (0 = off), got {self.top_p!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
-        ):
-            raise InvalidInputError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
-        if self.rng not in ("per_image", "official"):
-            raise InvalidInputError(f"rng must be 'per_image' or 'official', got {self.rng!r}")
-
-    def generators(
-        self, count: int, device: torch.device | str = "cpu", start: int = 0, indices: Sequence[int] | None = None
-    ) -> Generators:
-        """This request's random streams: images ``start .. start+count-1`` (or ``indices``) of ``seed``."""
-        if self.seed is None:
-            raise InvalidInputError("sampling needs a seed (SamplingParams(seed=...))")
-        return request_generators(self.seed, self.rng, count, device, start, indices)
+        super().__post_init__()
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.top_k > vocab_size:

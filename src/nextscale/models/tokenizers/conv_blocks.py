@@ -79,6 +79,16 @@ def _attn_list(channels: int, n: int, enabled: bool, groups: int) -> nn.ModuleLi
     return nn.ModuleList([AttnBlock(channels, groups) for _ in range(n)] if enabled else [])
 
 
+def _mid_block(channels: int, dropout: float, groups: int, attention: bool) -> nn.Module:
+    """The middle of the encoder and of the decoder: ``block_1``, ``attn_1`` (identity without attention),
+    ``block_2``."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout, groups)
+    mid.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, dropout, groups)
+    return mid
+
+
 class Encoder(nn.Module):
     """image [B, in_ch, H, W] -> features [B, z, H/2^(n-1), W/2^(n-1)] with n = len(ch_mult)."""
 
@@ -114,10 +124,7 @@ class Encoder(nn.Module):
             if not last:
                 down.downsample = Downsample2x(block_in)
             self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, groups)
-        self.mid.attn_1 = AttnBlock(block_in, groups) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, groups)
+        self.mid = _mid_block(block_in, dropout, groups, using_mid_sa)
         self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -154,10 +161,7 @@ class Decoder(nn.Module):
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, groups)
-        self.mid.attn_1 = AttnBlock(block_in, groups) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, groups)
+        self.mid = _mid_block(block_in, dropout, groups, using_mid_sa)
         ups: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
             block_out = ch * ch_mult[i_level]

@@ -20,6 +20,7 @@ from torch import nn
 
 from nextscale.config import VQVAEConfig
 from nextscale.models.scales import phi_index_table
+from nextscale.models.tokenizers import to_unit_range_
 from nextscale.models.tokenizers.conv_blocks import Decoder, Encoder
 
 
@@ -301,8 +302,3 @@ class VQVAE(nn.Module):
         f = self.encode(img_BChw)
         f_hat, vq_loss, idx_list = self.quantize(f)
         return self.decode_unclamped(f_hat), vq_loss, idx_list, f.detach()
-
-
-def to_unit_range_(img_BChw: torch.Tensor) -> torch.Tensor:
-    """The decoder's [-1, 1] output -> [0, 1], in place (the one place this convention is written down)."""
-    return img_BChw.add_(1).mul_(0.5)

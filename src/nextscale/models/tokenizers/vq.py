@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextscale.config import check_ch_mult
 from nextscale.errors import ConfigError
 from nextscale.models.tokenizers.conv_blocks import Downsample2x, Upsample2x, group_norm
 
@@ -61,14 +62,7 @@ class VQConfig:
                 f"{self.codebook_embed_dim}, {self.z_channels}"
             )
         for name, mult in (("ch_mult", self.ch_mult), ("decoder_ch_mult", dec)):
-            if not mult or any(m < 1 for m in mult):
-                raise ConfigError(f"{name} must be a non-empty tuple of positive ints, got {mult}")
-            for width in {self.ch * m for m in mult}:
-                if width % self.norm_groups:
-                    raise ConfigError(
-                        f"every VQ width must be a multiple of {self.norm_groups} (GroupNorm groups); "
-                        f"ch={self.ch} with {name}={mult} gives {width}"
-                    )
+            check_ch_mult("VQ", self.ch, name, mult, self.norm_groups)
         if len(dec) != len(self.ch_mult):
             raise ConfigError(f"encoder and decoder must have as many levels: {self.ch_mult} vs {dec}")
         if self.num_res_blocks < 1:

@@ -1,3 +1,6 @@
+"""``VARPipeline`` on tiny random models: output types, class names, seeds, batch independence, previews, saved
+folders, bf16, grey models and editing (keep maps, masks)."""
+
 import numpy as np
 import pytest
 import torch

@@ -117,3 +117,47 @@ def test_no_module_imports_a_layer_above_or_beside_it(path: Path):
         f"{path.relative_to(SRC)} is in layer {own!r}, which may import only "
         f"{sorted(allowed)}; it imports " + "; ".join(bad)
     )
+
+
+# ---- the family seam -------------------------------------------------------------------------------------------------
+# The family-agnostic machinery talks to a model family only through ``engine.family`` (and the pipeline registry):
+# adding a family is a folder per layer plus a registration, with no edit to these modules.
+FAMILY_AGNOSTIC = [
+    PACKAGE / "engine" / "engine.py",
+    PACKAGE / "engine" / "scheduler.py",
+    PACKAGE / "engine" / "family.py",
+    *sorted((PACKAGE / "serve").glob("*.py")),
+    PACKAGE / "cli" / "common.py",  # the CLI's model dispatch
+    PACKAGE / "cli" / "serve.py",
+    PACKAGE / "pipelines" / "registry.py",
+]
+# What belongs to one family: its engine folder, its pipeline, its models and official-file readers, and the
+# acceleration plug-ins (whose plans are one family's).
+FAMILY_SPECIFIC = (
+    "nextscale.engine.var",
+    "nextscale.engine.raster",
+    "nextscale.pipelines.var",
+    "nextscale.pipelines.raster",
+    "nextscale.models.var",
+    "nextscale.models.llamagen",
+    "nextscale.models.llamagen_weights",
+    "nextscale.models.weights",
+    "nextscale.models.tokenizers.msvq",
+    "nextscale.models.tokenizers.vq",
+    "nextscale.models.tokenizers.raster",
+    "nextscale.accel",
+)
+
+
+def test_the_seam_modules_exist():
+    assert all(p.is_file() for p in FAMILY_AGNOSTIC), [str(p) for p in FAMILY_AGNOSTIC if not p.is_file()]
+
+
+@pytest.mark.parametrize("path", FAMILY_AGNOSTIC, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_family_agnostic_modules_import_no_family(path: Path):
+    bad = [
+        f"line {line}: {m}"
+        for line, m in _imports(path)
+        if any(m == f or m.startswith(f + ".") for f in FAMILY_SPECIFIC)
+    ]
+    assert not bad, f"{path.relative_to(SRC)} is family-agnostic but imports " + "; ".join(bad)

@@ -29,35 +29,20 @@ from nextscale.accel.speculative import (
     nearest_codes,
     parse_speculative,
 )
+from nextscale.engine.raster.row_kv import RowKV, RowWindows
 from nextscale.engine.raster.sampler import RasterParams, RasterStep, cfg_guide, filter_logits_, sample_raster
-from nextscale.engine.raster.speculative import RowKV, RowWindows, fresh_guesses, sample_speculative
+from nextscale.engine.raster.speculative import fresh_guesses, sample_speculative
 from nextscale.errors import InvalidInputError
-from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
+from nextscale.models.llamagen import LlamaGen
+
+from .conftest import tiny_llamagen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(seed: int = 0, **kw) -> LlamaGen:
-    """dim 32, 2 layers, 512 codes, 6x6 grid unless overridden; non-degenerate random weights."""
-    base = dict(dim=32, n_layer=2, n_head=2, vocab_size=512, num_classes=10, image_size=96, downsample=16)
-    base.update(kw)
-    model = LlamaGen(LlamaGenConfig(**base))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.startswith(("cls_embedding", "tok_embeddings")):
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                std = (9 if name == "output.weight" else 1) / p.shape[1]
-                p.copy_(std**0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model() -> LlamaGen:
-    return tiny_model(0)
+    return tiny_llamagen(0)
 
 
 LABELS = torch.tensor([3, 7, 1])
@@ -73,7 +58,7 @@ def small() -> LlamaGen:
     """8 codes, 2x2 grid. Token embeddings share one direction with a little per-code spread, so the model depends
     only weakly on earlier tokens: Jacobi guesses are often kept (about 1.8 tokens per pass of the 2 possible) and
     both the keep and the refuse paths are exercised."""
-    m = tiny_model(6, dim=16, n_head=2, vocab_size=V8, image_size=32, ffn_hidden=32)
+    m = tiny_llamagen(6, dim=16, n_head=2, vocab_size=V8, image_size=32, ffn_hidden=32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         m.tok_embeddings.weight.copy_(torch.randn(1, 16, generator=g) + 0.2 * torch.randn(V8, 16, generator=g))
@@ -218,7 +203,7 @@ def test_gsd_default_distance_is_the_codebooks_own_neighbourhood():
     line = torch.tensor([[0.0], [1.0], [3.0], [7.0]])  # 2nd-nearest distances²: 9, 4, 9, 36 -> median 9
     assert group_radius(line, 1) == 1.0 and group_radius(line, 2) == 9.0
     assert group_radius(10 * line, 2) == pytest.approx(900.0), "scales with the table"
-    model = tiny_model()
+    model = tiny_llamagen()
     emb = model.tok_embeddings.weight
     rule = GSD(size=3).rule(model)
     assert isinstance(rule, GroupRule) and rule.dist == pytest.approx(group_radius(emb, 6))
@@ -241,7 +226,7 @@ def test_repeat_guesses_copy_the_left_neighbour_in_the_grid():
 def test_rows_at_different_positions_equal_teacher_forcing(kw):
     """Rows keep different numbers of tokens; what a row refused is garbage in its cache, which later calls must
     never see. Every row's logits equal the one-pass causal logits at its own positions."""
-    m = tiny_model(1, **kw)
+    m = tiny_llamagen(1, **kw)
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, m.vocab_size, (3, 36), generator=g)
     table = m.rope(0, m.cfg.num_positions, torch.device("cpu"))
@@ -271,7 +256,7 @@ def test_rows_at_different_positions_equal_teacher_forcing(kw):
 def test_windows_running_off_the_grid_store_nothing_past_it():
     """A cache of exactly L positions (the serving engine's pool rows): rows whose window runs past the grid write
     only the positions inside it, and every valid position still equals the one-pass causal logits."""
-    m = tiny_model(1)
+    m = tiny_llamagen(1)
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, m.vocab_size, (3, 36), generator=g)
     table = m.rope(0, m.cfg.num_positions, torch.device("cpu"))
@@ -318,7 +303,7 @@ def test_greedy_target_gives_the_plain_greedy_tokens(model, cfg_interval):
 def test_guesses_get_accepted_where_the_model_allows_it():
     """A 16x16 grid (256 tokens) whose predictions do not depend on earlier tokens (zero token embeddings): after a
     pass, the Jacobi guesses are drawn from the exact targets and kept, so passes << 256."""
-    m = tiny_model(0, image_size=256)
+    m = tiny_llamagen(0, image_size=256)
     with torch.no_grad():
         m.tok_embeddings.weight.zero_()
     params = RasterParams(cfg_scale=2.0, top_k=50, seed=1)

@@ -1,0 +1,118 @@
+"""A KV cache where every row has its own length, and the attention layout that places each row at its own position.
+
+Speculative decoding (``engine.raster.speculative``) batches images that have accepted different numbers of
+guesses, so after the first pass every image sits at its own position. Each row keeps its own KV length (``RowKV``)
+and one call covers positions ``n_r .. n_r + l - 1`` of every row ``r``, with a per-row causal mask over absolute
+positions (``RowWindows``). The model applies RoPE for ONE start (``layout.start``) to all rows, so the layout
+re-rotates q and k by the angle between each row's true position and the shared one before attending (2-D RoPE
+turns each pair by an angle; turns add; ``models.llamagen.rotate_pairs``). Everything a row sees — its RoPE turn,
+its mask — depends on that row only; batch-mates change nothing but float rounding in the attention sums. A
+model-side per-row position (``RasterLayout`` naming positions per row) would make the re-rotation unnecessary.
+
+Shapes: ``R`` rows, ``H``/``Hkv`` query/key heads, ``l`` positions in this call, ``T`` cached positions attended
+over, ``c`` head dim, ``P`` RoPE positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nextscale.engine.kv_cache import KVSlot
+from nextscale.models.llamagen import LlamaGen, rotate_pairs, sdpa
+
+
+class RowKV:
+    """Keys/values [R, Hkv, T, c] per layer where each row has its own length (images accept different numbers of
+    guesses). Nothing is rewound: a row's entries past its fixed length are overwritten by its next call and masked
+    until then. Zero-initialised so that never-written slots are finite (a masked NaN would still poison ``0 * v``).
+
+    Positions at or past ``max_len`` are not stored: only a row whose window runs off the grid computes them, as
+    padding that no valid position ever attends to. ``max_len = L`` therefore suffices, which lets the serving engine
+    hand a request the rows of its ordinary KV pool (``on_slot``)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
+        self.max_len = k[0].shape[2]
+
+    @classmethod
+    def allocate(cls, model: LlamaGen, rows: int, max_len: int) -> RowKV:
+        cfg, w = model.cfg, model.output.weight
+        shape = (rows, cfg.kv_heads, max_len, cfg.head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)],
+            [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)],
+        )
+
+    @classmethod
+    def on_slot(cls, slot: KVSlot) -> RowKV:
+        """Views of a pool slot's rows (zeroed here: a pool is allocated uninitialised)."""
+        rows = slice(slot.start, slot.start + slot.rows)
+        k, v = [t[rows] for t in slot.pool.k], [t[rows] for t in slot.pool.v]
+        for t in (*k, *v):
+            t.zero_()
+        return cls(k, v)
+
+    def write(
+        self, layer: int, pos_R: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store row r's new keys/values at positions ``pos_R[r] ..`` (those < ``max_len``); return every row's
+        first T positions."""
+        R, H, l, c = k_RHlc.shape
+        pos_Rl = pos_R[:, None] + torch.arange(l, device=pos_R.device)
+        if int(pos_Rl.max()) < self.max_len:
+            idx = pos_Rl.view(R, 1, l, 1).expand(R, H, l, c)
+            self.k[layer].scatter_(2, idx, k_RHlc)
+            self.v[layer].scatter_(2, idx, v_RHlc)
+        else:
+            r, j = (pos_Rl < self.max_len).nonzero(as_tuple=True)
+            self.k[layer][r, :, pos_Rl[r, j]] = k_RHlc[r, :, j]
+            self.v[layer][r, :, pos_Rl[r, j]] = v_RHlc[r, :, j]
+        return self.k[layer][:, :, :T], self.v[layer][:, :, :T]
+
+    def keep(self, rows_R: torch.Tensor) -> None:
+        """Keep only these rows, in this order: moved to the front of the storage (which a pool slot still owns)."""
+        n = len(rows_R)
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                t[:n] = t.index_select(0, rows_R)
+                kv[i] = t[:n]
+
+
+class RowWindows:
+    """A ``RasterLayout`` where row r covers positions ``pos_R[r] .. pos_R[r] + l - 1`` of its own sequence.
+
+    The model turns q and k by the RoPE angles of ``start .. start + l - 1`` for every row; ``attend`` turns them
+    on by (true angle - shared angle). ``start`` is 0 while every row is at 0 (the class-token call, no turn) and 1
+    otherwise — a fixed anchor, so that a row's numbers do not depend on its batch-mates' positions. Position 0 is
+    never a shared position afterwards: its table entry is cos = sin = 0 (not invertible)."""
+
+    ANCHOR = 1
+
+    def __init__(self, kv: RowKV, pos_R: torch.Tensor, l: int, table_Pc2: torch.Tensor):
+        device, P = pos_R.device, table_Pc2.shape[0]
+        self.kv, self.pos_R = kv, pos_R
+        first = bool((pos_R == 0).all())
+        if not first and bool((pos_R == 0).any()):
+            raise RuntimeError("rows at position 0 must be called alone (their class token has no RoPE turn)")
+        self.start = 0 if first else self.ANCHOR
+        j = torch.arange(l, device=device)
+        q_pos_Rl = pos_R[:, None] + j
+        self.T = min(int(pos_R.max()) + l, kv.max_len)
+        key_pos = torch.arange(self.T, device=device)
+        self.mask_R1lT = (key_pos <= q_pos_Rl[:, :, None]).unsqueeze(1)
+        self.delta_Rlc2: torch.Tensor | None = None
+        if not first:
+            # Positions past the grid only hold padding (never kept); clamp them into the table.
+            true_Rlc2 = table_Pc2[q_pos_Rl.clamp(max=P - 1)]
+            shared_lc2 = table_Pc2[self.start + j][None]
+            ct, st, cs, ss = true_Rlc2[..., 0], true_Rlc2[..., 1], shared_lc2[..., 0], shared_lc2[..., 1]
+            delta = torch.stack((ct * cs + st * ss, st * cs - ct * ss), dim=-1)  # angle(true) - angle(shared)
+            at_anchor = (pos_R == self.start)[:, None, None, None]
+            identity = torch.tensor([1.0, 0.0], device=device).expand_as(delta)
+            self.delta_Rlc2 = torch.where(at_anchor, identity, delta)
+
+    def attend(self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> torch.Tensor:
+        if self.delta_Rlc2 is not None:
+            q_RHlc, k_RHlc = rotate_pairs(q_RHlc, self.delta_Rlc2), rotate_pairs(k_RHlc, self.delta_Rlc2)
+        k_RHTc, v_RHTc = self.kv.write(layer, self.pos_R, k_RHlc, v_RHlc, self.T)
+        return sdpa(q_RHlc, k_RHTc, v_RHTc, mask=self.mask_R1lT)  # the model's own call: GQA expansion, scale
