@@ -5,9 +5,7 @@ metrics, ``nextscale serve --model <raster folder>``."""
 from __future__ import annotations
 
 import json
-import threading
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,17 +13,13 @@ from fastapi.testclient import TestClient
 
 from nextscale.cli.main import main
 from nextscale.engine.engine import EngineConfig
-from nextscale.engine.raster import family as raster_family
-from nextscale.engine.raster.runner import row_preview
-from nextscale.engine.raster.sampler import RasterParams
-from nextscale.engine.scheduler import SchedulerConfig
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.images import to_uint8_nhwc
 from nextscale.serve.config import quality_plans
 
 from .conftest import RASTER_GRID, tiny_raster_pipe
-from .helpers import decode, live, raster_app, wait_until
+from .helpers import decode, live, raster_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,67 +131,6 @@ def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe)
 def test_a_raster_server_refuses_var_plans(pipe):
     with pytest.raises(InvalidInputError, match=r"quality 'low': a raster request runs exact or with a Specul"):
         raster_app(pipe, plans={"low": RequestPlan.exact(4)})
-
-
-def test_flood_beyond_the_queue_gets_429_while_accepted_requests_complete(pipe):
-    one_at_a_time = EngineConfig(scheduler=SchedulerConfig(max_running=1), max_images_per_request=4)
-    app = raster_app(pipe, max_queue=2, engine_cfg=one_at_a_time)
-    results: list[httpx.Response] = []
-    with TestClient(app) as c:
-
-        def fire(i: int) -> None:
-            results.append(c.post("/v1/images/generations", json={"prompt": "class-2", "n": 4, "seed": i}))
-
-        threads = [threading.Thread(target=fire, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        codes = sorted(r.status_code for r in results)
-        assert codes.count(429) >= 1 and codes.count(200) >= 2 and set(codes) <= {200, 429}
-        rejected = next(r for r in results if r.status_code == 429)
-        assert int(rejected.headers["Retry-After"]) >= 1 and rejected.json()["error"]["type"] == "overloaded"
-        assert all(len(r.json()["data"]) == 4 for r in results if r.status_code == 200)
-        assert 'nextscale_requests_total{status="rejected"}' in c.get("/metrics").text
-
-
-def test_disconnecting_client_frees_its_capacity(pipe, monkeypatch):
-    app = raster_app(pipe)
-    bridge = app.state.bridge
-    calls: list[int] = []
-
-    def second_row_waits_for_the_hang_up(tokenizer, tokens_BL, rows):  # else the request may finish first
-        calls.append(rows)
-        if len(calls) == 2:
-            wait_until(lambda: not bridge._handles, what="the hang-up to drop the request")
-        return row_preview(tokenizer, tokens_BL, rows)
-
-    monkeypatch.setattr(raster_family, "row_preview", second_row_waits_for_the_hang_up)
-    with live(app) as url:
-        body = {"prompt": "class-3", "n": 4, "seed": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=30) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    break  # got the first row's preview, now hang up
-        wait_until(lambda: not bridge._handles and not bridge.engine.requests, what="the request to be dropped")
-        assert calls[0] == 1
-        assert bridge.engine.scheduler.rows_in_use == 0 and not bridge.engine.pool.slots
-        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "class-3", "seed": 1}, timeout=30)
-        assert r.status_code == 200
-        assert 'nextscale_requests_total{status="cancelled"} 1.0' in httpx.get(f"{url}/metrics").text
-
-
-def test_shutdown_drains_in_flight_work(pipe):
-    app = raster_app(pipe)
-    with TestClient(app) as c:
-        bridge = app.state.bridge
-        handle = bridge.submit(torch.tensor([1, 2]), RasterParams(seed=3), previews=False)
-        assert c.get("/ready").status_code == 200
-    events = []
-    while not handle.events.empty():
-        events.append(handle.events.get_nowait())
-    assert events and events[-1].finished and events[-1].images.shape[0] == 2
-    assert not bridge.accepting
 
 
 def test_an_openai_client_gets_images(pipe):
