@@ -23,11 +23,10 @@ the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it
   Embeddings: the LlamaGen model's ``tok_embeddings.weight`` (GSD uses the model's input embedding rows too) or a
   ``codebook`` given to ``rule``. Lossy by design. Differences: the official code falls back to SJD's ratio when the
   rank window runs off the vocabulary; here the window is clipped. The official ``dist=0.5`` is in the units of
-  Lumina-mGPT's embeddings: on the raster demo's codebook (512 x 16) most codes have no neighbour that close (median
-  nearest-neighbour distance² 1.3), so the group was the guess alone and GSD drew SJD's tokens exactly. The default
-  here is scale-free instead: ``group_radius`` (the median distance² from a code to its ``2·size``-th nearest code,
-  3.6 on the demo), so the distance test has about as many codes to choose from as the rank window. A number
-  given as ``dist`` is used as it is (the demo's tuned ``fast`` preset is ``gsd:dist=6``).
+  Lumina-mGPT's embeddings: on another codebook most codes may have no neighbour that close, and GSD then draws
+  SJD's tokens exactly (it did on the raster demo: benchmarks/RESULTS.md). The default here is scale-free instead:
+  ``group_radius`` (the median distance² from a code to its ``2·size``-th nearest code), so the distance test has
+  about as many codes to choose from as the rank window. A number given as ``dist`` is used as it is.
 * ``lantern`` — Jang et al., "LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative Decoding"
   (ICLR 2025), relaxed acceptance as its code (jadohu/LANTERN) computes it: walk x's ``k`` nearest codes in latent
   space (nearest first) and absorb the longest prefix whose summed target probability is <= ``delta`` (the total
@@ -43,9 +42,9 @@ the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it
 
 Caution for both lossy rules, as in their official code: a guess the target's top-k / top-p removed (p(x) = 0) can
 still be kept — GSD through its group's mass, LANTERN with probability up to ``delta`` through its neighbours' mass.
-The official drafters rarely propose such codes; SJD's random first guesses often do. On a tiny random 16x16 model
-with top-k 50 of 512 codes, ``lantern:delta=0.1`` fixed 2.1 tokens per pass against SJD's 1.05, largely by keeping
-such codes (each position stays within ``delta`` of the target in total variation for one-hot guesses).
+The official drafters rarely propose such codes; SJD's random first guesses often do, so with a tight top-k the
+lossy rules gain passes largely by keeping them (each position stays within ``delta`` of the target in total
+variation for one-hot guesses).
 
 What is verified here: SJD's lossless property (enumerated joint distribution, chi-square), batch independence of
 every rule, and each rule's formula on hand-made distributions. Not verified: any paper's speed-up or FID (no
