@@ -114,11 +114,22 @@ def checkpoint_family(path: str | Path) -> str:
     return family_of_file(path)
 
 
-def model_options() -> dict[str, tuple[str, ...]]:
-    """Each family's ``from_official`` options as flags (what its checkpoint files cannot tell)."""
+def family_flags(attribute: str) -> dict[str, tuple[str, ...]]:
+    """Each family's flags named by its pipeline class's ``attribute``: keyword names (``official_options``, the
+    ``from_official`` options its checkpoint files cannot tell; ``sampling_options``, its own ``__call__`` keywords)
+    or one name (``accel_option``), as ``--flags``."""
     from nextscale.pipelines.registry import families, pipeline_class
 
-    return {f: tuple("--" + o.replace("_", "-") for o in pipeline_class(f).official_options) for f in families()}
+    def flags(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
+        names = (names,) if isinstance(names, str) else names or ()
+        return tuple("--" + n.replace("_", "-") for n in names)
+
+    return {f: flags(getattr(pipeline_class(f), attribute)) for f in families()}
+
+
+def model_options() -> dict[str, tuple[str, ...]]:
+    """Each family's ``from_official`` options as flags (what its checkpoint files cannot tell)."""
+    return family_flags("official_options")
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, Path | None]:

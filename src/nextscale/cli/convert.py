@@ -1,7 +1,7 @@
 """``nextscale convert`` (official files -> native folder) and ``nextscale info`` (what a file or folder holds).
 
-Both families: VAR (``var_d*.pth`` + ``vae_*.pth``) and raster (LlamaGen ``c2i_*.pt`` + ``vq_ds16_c2i.pt``), told
-apart by the checkpoint's keys (files) or by ``model_index.json`` (folders).
+Every registered family: the family is told by the checkpoint's keys (files) or by ``model_index.json`` (folders);
+its pipeline class reads the files (``from_official``) and describes them (``describe_model``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def run_convert(args: argparse.Namespace) -> int:
     folder_target(args.output, (MODEL_INDEX,), args.force, "--force")
     family = checkpoint_family(args.var)
     refuse_options(args, family, model_options(), args.var)
+    from nextscale.pipelines.base import count_params
     from nextscale.pipelines.registry import family_title, pipeline_class
 
     cls = pipeline_class(family)
@@ -78,107 +79,28 @@ def run_convert(args: argparse.Namespace) -> int:
         "wrote %s (%s: transformer %s params, tokenizer %s params)",
         out,
         family_title(family),
-        f"{_count(pipe.transformer):,}",
-        f"{_count(pipe.vae):,}",
+        f"{count_params(pipe.transformer):,}",
+        f"{count_params(pipe.vae):,}",
     )
     return 0
 
 
-def _count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe(
-    path: str | Path,
-    patch_nums: tuple[int, ...] | None = None,
-    n_head: int | None = None,
-    image_size: int | None = None,
-) -> dict[str, Any]:
-    """Family, configuration and parameter counts of an official checkpoint file or a native model folder."""
-    import torch
-
-    from nextscale.config import VARConfig, VQVAEConfig
-    from nextscale.errors import CheckpointError
-    from nextscale.models.native import load_native
-    from nextscale.models.tokenizers.msvq import VQVAE
-    from nextscale.models.var import VAR
-    from nextscale.models.weights import infer_vae_config, infer_var_config, read_state_dict
+def describe(path: str | Path, **options: Any) -> dict[str, Any]:
+    """Family, configuration and parameter counts of an official checkpoint file or a native model folder (the
+    family's ``describe_model``); ``options``: the ``from_official`` options a file cannot tell (``patch_nums``,
+    ``n_head``, ...), those of another family ignored."""
+    from nextscale.pipelines.registry import pipeline_class
 
     path = Path(path)
     family = _folder_family(path) if path.is_dir() else checkpoint_family(path)
-    if family == "raster":
-        return _describe_raster(path, n_head, image_size)
-    if path.is_dir():
-        var, vae, _index = load_native(path)
-        return {
-            "format": "native",
-            "family": "var",
-            "path": str(path),
-            "transformer": {"params": _count(var), "config": var.cfg.to_dict()},
-            "vae": {"params": _count(vae), "config": vae.cfg.to_dict()},
-        }
-    sd = read_state_dict(path)
-    cfg: VARConfig | VQVAEConfig
-    try:
-        cfg = infer_var_config(sd, patch_nums, str(path))
-        kind = "transformer"
-    except CheckpointError as var_err:
-        try:
-            cfg = infer_vae_config(sd, patch_nums, str(path))
-            kind = "vae"
-        except CheckpointError:
-            raise var_err from None
-    # Counted on a meta-device model, not over the file's tensors (which include buffers): the same number
-    # `info` shows for the folder `convert` makes of this file.
-    with torch.device("meta"):
-        params = _count(VAR(cfg) if isinstance(cfg, VARConfig) else VQVAE(cfg))
-    return {
-        "format": "official",
-        "family": "var",
-        "path": str(path),
-        kind: {"params": params, "tensors": len(sd), "config": cfg.to_dict()},
-    }
+    cls = pipeline_class(family)
+    return dict(cls.describe_model(path, **{o: options[o] for o in cls.official_options if o in options}))
 
 
 def _folder_family(path: Path) -> str:
     from nextscale.pipelines.registry import family_of_folder
 
     return family_of_folder(path)
-
-
-def _describe_raster(path: Path, n_head: int | None, image_size: int | None) -> dict[str, Any]:
-    import torch
-
-    from nextscale.models.llamagen import LlamaGen
-    from nextscale.models.llamagen_weights import (
-        image_size_from_name,
-        infer_llamagen_config,
-        infer_vq_config,
-        read_llamagen_state_dict,
-    )
-    from nextscale.models.native import load_raster_native
-    from nextscale.models.tokenizers.vq import VQModel
-
-    if path.is_dir():
-        gpt, vae, index = load_raster_native(path)
-        info: dict[str, Any] = {
-            "format": "native",
-            "family": "raster",
-            "path": str(path),
-            "transformer": {"params": _count(gpt), "config": gpt.cfg.to_dict()},
-            "vae": {"params": _count(vae), "kind": type(vae).__name__, "config": vae.cfg.to_dict()},
-        }
-        return {**info, **{k: index[k] for k in ("sampling_defaults", "class_names") if k in index}}
-    sd = read_llamagen_state_dict(path)
-    part: dict[str, Any]
-    with torch.device("meta"):  # counted on a meta-device model: the same number as for the converted folder
-        if "tok_embeddings.weight" in sd:
-            cfg = infer_llamagen_config(sd, n_head, image_size or image_size_from_name(path), str(path))
-            kind, part = "transformer", {"params": _count(LlamaGen(cfg)), "config": cfg.to_dict()}
-        else:
-            vq_cfg = infer_vq_config(sd, source=str(path))
-            kind, part = "vae", {"params": _count(VQModel(vq_cfg)), "kind": "VQModel", "config": vq_cfg.to_dict()}
-    return {"format": "official", "family": "raster", "path": str(path), kind: {**part, "tensors": len(sd)}}
 
 
 def _info_target(text: str) -> Path:
@@ -199,7 +121,7 @@ def run_info(args: argparse.Namespace) -> int:
     path = _info_target(args.path)
     family = _folder_family(path) if path.is_dir() else checkpoint_family(path)
     refuse_options(args, family, model_options(), args.path)
-    info = describe(path, args.patch_nums, args.n_head, args.image_size)
+    info = describe(path, **{k: v for k, v in vars(args).items() if v is not None and k != "path"})
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

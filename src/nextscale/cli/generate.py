@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextscale.cli.args import BATCH, CFG, COUNT, SEED, TEMPERATURE, TOP_K, TOP_P, Float, Int
-from nextscale.cli.common import add_model_args, load_pipeline, refuse_options, resolve_model
+from nextscale.cli.common import add_model_args, family_flags, load_pipeline, refuse_options, resolve_model
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import check_writable
 from nextscale.images import auto_grid_cols
@@ -226,16 +226,12 @@ def _output_kind(output: str, separate: bool, grid_cols: int | None, total: int)
     return OutputPlan(folder=None, grid=target, grid_cols=grid_cols or auto_grid_cols(total))
 
 
-# Sampling options of one family only (the model options are checked in ``load_pipeline``).
-FAMILY_OPTIONS = {"var": ("--accel", "--more-smooth"), "raster": ("--cfg-interval", "--temperature", "--speculative")}
-
-
 def run(args: argparse.Namespace) -> int:
     classes = args.classes or [0]
     total = args.num * len(classes)  # sized from the arguments: nothing is built, loaded or created before the checks
     plan = plan_output(args.output, args.separate, args.grid_cols, total)
     resolved = resolve_model(args)
-    refuse_options(args, resolved[0], FAMILY_OPTIONS)
+    refuse_options(args, resolved[0], family_flags("sampling_options"))  # model options: load_pipeline
     pipe = load_pipeline(args, resolved=resolved)
     plan.check_grid_pixels(total, pipe.image_size)
     ids = pipe.labels(classes, 1).tolist()  # one label per --class: image i is of class ids[i // num]
@@ -246,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             f"batch: pass --batch-size {total} (or use --rng per_image)"
         )
     tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in ids]
-    settings = sampling_settings(args, pipe, resolved[0])
+    settings = sampling_settings(args, pipe, min(batch, total))
     todo = _todo(plan, args, total, tags)
     t0 = time.perf_counter()
     grid_images = _sample(pipe, plan, todo, ids, tags, args, batch, settings)
@@ -324,9 +320,9 @@ def _job(args: argparse.Namespace, total: int, sampled: int) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def sampling_settings(args: argparse.Namespace, pipe, family: str) -> dict:
-    """The pipeline call's keyword arguments for this family, checked (acceleration plan, speculative spec, sampling
-    values) before any sampling."""
+def sampling_settings(args: argparse.Namespace, pipe, batch: int) -> dict:
+    """The pipeline call's keyword arguments: the shared ones and the family's own (``sampling_options``), checked
+    (acceleration plan, speculative spec, sampling values) before any sampling."""
     settings = {
         "cfg": args.cfg,
         "top_k": args.top_k,
@@ -334,29 +330,17 @@ def sampling_settings(args: argparse.Namespace, pipe, family: str) -> dict:
         "seed": args.seed,
         "rng": args.rng,
         "sampler": args.sampler,
+        **{name: getattr(args, name) for name in pipe.sampling_options},
     }
-    if family == "raster":
-        settings.update(cfg_interval=args.cfg_interval, temperature=args.temperature, speculative=args.speculative)
-        pipe.sampling_params(args.cfg, args.cfg_interval, args.top_k, args.top_p, args.temperature, args.seed)
-        if args.speculative is not None:
-            window = pipe.speculative_config(args.speculative).window
-            log.info("--speculative %s", pipe.describe_accel(args.speculative))
-            batch = min(args.batch_size or pipe.suggested_batch_size(), len(args.classes or [0]) * args.num)
-            if batch > 1 and pipe.device.type == "cpu":
-                # A pass verifies `window` guesses of every image: at batch > 1 a CPU is compute-bound and the fewer
-                # passes no longer pay (benchmarks/RESULTS.md, "Speculative decoding ... batch size").
-                log.info(
-                    "--speculative at batch %d on a CPU: each pass verifies %d guesses per image, so past batch 1 it "
-                    "is slower than exact (bundled raster demo: 1.6x faster at batch 1, 0.84x at 4, 0.52x at 40); "
-                    "it pays for one image's latency (--batch-size 1), not for throughput",
-                    batch,
-                    window,
-                )
-        return settings
-    pipe.plan(args.accel)  # an unknown or impossible combination fails here, before any sampling
-    if args.accel is not None:  # what a preset or spec runs: the model's tuned preset, the built-in one, as given
-        log.info("--accel %s", pipe.describe_accel(args.accel))
-    return {**settings, "accel": args.accel, "more_smooth": args.more_smooth}
+    settings = pipe.checked_settings(settings, batch)
+    accel = settings.get(pipe.accel_option) if pipe.accel_option else None
+    if accel is not None:  # what a preset or spec runs: the model's tuned preset, the built-in one, as given
+        log.info("%s %s", _flag(pipe.accel_option), pipe.describe_accel(accel))
+    return settings
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def label_tag(label: int, names: tuple[str, ...], num_classes: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from nextscale.allocator import CHOICES, use_tcmalloc
 from nextscale.cli.args import MEGABYTES, PORT, SECONDS, Int
-from nextscale.cli.common import add_model_args, load_pipeline, refuse_options, resolve_model
+from nextscale.cli.common import add_model_args, family_flags, load_pipeline, refuse_options, resolve_model
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.scheduler import SchedulerConfig
 from nextscale.serve.config import ServerConfig
@@ -125,10 +125,6 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
 
 
-# Options of one family only: the server's default plan of quality=auto.
-FAMILY_OPTIONS = {"var": ("--accel",), "raster": ("--speculative",)}
-
-
 def _checked(args: argparse.Namespace, engine_cfg: EngineConfig, sock: socket.socket, allocator: str) -> int:
     resolved = resolve_model(args)
     name = args.name or (
@@ -139,13 +135,13 @@ def _checked(args: argparse.Namespace, engine_cfg: EngineConfig, sock: socket.so
         else "demo-fmnist"
     )
     cfg = ServerConfig(model_name=name, **given(args, ServerConfig))
-    refuse_options(args, resolved[0], FAMILY_OPTIONS)
+    refuse_options(args, resolved[0], family_flags("accel_option"))  # the default plan of quality=auto
     from nextscale.serve import server
     from nextscale.serve.api import create_app
     from nextscale.serve.config import quality_plans
 
     pipe = load_pipeline(args, resolved=resolved)
-    default = args.accel if args.accel is not None else args.speculative  # the family's own flag (checked above)
+    default = getattr(args, pipe.accel_option) if pipe.accel_option else None  # the family's own flag (checked)
     plans = quality_plans(pipe, default)
     app = create_app(Engine(pipe.engine_family(default), engine_cfg), cfg, plans=plans)
     host, port = sock.getsockname()[:2]

@@ -35,6 +35,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 P = TypeVar("P", bound="Pipeline")
 
 
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 class Pipeline:
     """The shared machinery. A family sets ``family`` and ``default_sampling`` (its generic sampling settings,
     which a model folder's ``sampling_defaults`` override), and implements ``sampling_params`` / ``call_kwargs``
@@ -48,6 +52,11 @@ class Pipeline:
     official_options: ClassVar[tuple[str, ...]]
     official_files: ClassVar[str]
     default_sampling: ClassVar[Mapping[str, Any]]
+    # The family's own keywords of ``__call__`` that ``nextscale generate`` passes through (its flags, e.g.
+    # ``speculative`` -> ``--speculative``); another family's are refused in one line.
+    sampling_options: ClassVar[tuple[str, ...]] = ()
+    # Which of them is the acceleration setting, whose meaning ``describe_accel`` tells (presets resolved).
+    accel_option: ClassVar[str | None] = None
 
     transformer: nn.Module
     device: torch.device
@@ -79,6 +88,12 @@ class Pipeline:
         """The keywords of a call that samples with ``params`` (``pipe(labels, **pipe.call_kwargs(params))``):
         the inverse of ``sampling_params``."""
         return params.as_settings()
+
+    def checked_settings(self, settings: dict[str, Any], batch: int) -> dict[str, Any]:
+        """``settings`` (a call's keywords, the family's ``sampling_options`` included) checked before any sampling,
+        so that a bad value or an impossible combination fails before the work. ``batch``: how many images each call
+        will sample (a setting that does not pay at that size is logged)."""
+        return settings
 
     def _settings(self, **given: Any) -> dict[str, Any]:
         """``given`` with every None replaced by the model's recommended value."""

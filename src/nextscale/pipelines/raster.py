@@ -18,6 +18,7 @@ The tokenizer is anything that implements ``models.tokenizers.raster.RasterToken
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from nextscale.models.tokenizers import to_unit_range_
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.tokenizers.raster import LlamaGenVQTokenizer, MSVQTokenizer, RasterTokenizer, make_tokenizer
 from nextscale.models.tokenizers.vq import VQModel
-from nextscale.pipelines.base import ClassLabels, OutputType, Pipeline
+from nextscale.pipelines.base import ClassLabels, OutputType, Pipeline, count_params
 
 if TYPE_CHECKING:
     from nextscale.accel import Resolved
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 # sample_c2i.py's defaults; a model folder may store its own (model_index.json "sampling_defaults").
 DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 4.0, "cfg_interval": -1.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
 RowCallback = Callable[[int, Any], None]
+
+log = logging.getLogger(__name__)
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
@@ -104,6 +107,8 @@ class LlamaGenPipeline(Pipeline):
     family_title = "raster (LlamaGen)"
     official_options = ("image_size", "n_head")
     official_files = "c2i_*.pt + vq_ds16_c2i.pt"
+    sampling_options = ("cfg_interval", "temperature", "speculative")
+    accel_option = "speculative"
     default_sampling = DEFAULT_SAMPLING
     transformer: LlamaGen
 
@@ -248,6 +253,57 @@ class LlamaGenPipeline(Pipeline):
         """Settings for a call: the given values, else the model's recommended ones; a random seed if none."""
         d = self._settings(cfg=cfg, cfg_interval=cfg_interval, top_k=top_k, top_p=top_p, temperature=temperature)
         return RasterParams.from_settings(d, self._seed(seed), rng)
+
+    @classmethod
+    def describe_model(cls, path: Path, n_head: int | None = None, image_size: int | None = None) -> dict[str, Any]:
+        """What ``nextscale info`` shows of a raster model folder or official file: format, family, each part's
+        parameter count and configuration (and a folder's stored defaults and class names)."""
+        from nextscale.models.llamagen_weights import (
+            image_size_from_name,
+            infer_llamagen_config,
+            infer_vq_config,
+            read_llamagen_state_dict,
+        )
+
+        if path.is_dir():
+            gpt, vae, index = load_raster_native(path)
+            info: dict[str, Any] = {
+                "format": "native",
+                "family": cls.family,
+                "path": str(path),
+                "transformer": {"params": count_params(gpt), "config": gpt.cfg.to_dict()},
+                "vae": {"params": count_params(vae), "kind": type(vae).__name__, "config": vae.cfg.to_dict()},
+            }
+            return {**info, **{k: index[k] for k in ("sampling_defaults", "class_names") if k in index}}
+        sd = read_llamagen_state_dict(path)
+        part: dict[str, Any]
+        with torch.device("meta"):  # counted on a meta-device model: the same number as for the converted folder
+            if "tok_embeddings.weight" in sd:
+                cfg = infer_llamagen_config(sd, n_head, image_size or image_size_from_name(path), str(path))
+                kind, part = "transformer", {"params": count_params(LlamaGen(cfg)), "config": cfg.to_dict()}
+            else:
+                vq_cfg = infer_vq_config(sd, source=str(path))
+                params = count_params(VQModel(vq_cfg))
+                kind, part = "vae", {"params": params, "kind": "VQModel", "config": vq_cfg.to_dict()}
+        return {"format": "official", "family": cls.family, "path": str(path), kind: {**part, "tensors": len(sd)}}
+
+    def checked_settings(self, settings: dict[str, Any], batch: int) -> dict[str, Any]:
+        s = settings
+        self.sampling_params(s.get("cfg"), s.get("cfg_interval"), s.get("top_k"), s.get("top_p"), s.get("temperature"))
+        speculative = s.get("speculative")
+        if speculative is not None:
+            window = self.speculative_config(speculative).window
+            if batch > 1 and self.device.type == "cpu":
+                # A pass verifies `window` guesses of every image: at batch > 1 a CPU is compute-bound and the fewer
+                # passes no longer pay (benchmarks/RESULTS.md, "Speculative decoding ... batch size").
+                log.info(
+                    "speculative decoding at batch %d on a CPU: each pass verifies %d guesses per image, so past "
+                    "batch 1 it is slower than exact (bundled raster demo: 1.6x faster at batch 1, 0.84x at 4, 0.52x "
+                    "at 40); it pays for one image's latency (batch size 1), not for throughput",
+                    batch,
+                    window,
+                )
+        return settings
 
     def speculative_config(self, speculative: Any) -> Any:
         """Parse a speculative-decoding spec (a string such as those of ``nextscale.accel.speculative``, a preset

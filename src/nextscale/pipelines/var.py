@@ -33,7 +33,7 @@ from nextscale.models.native import load_component, load_native, resolve_model_d
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR, check_refiner
 from nextscale.models.weights import load_official_pair
-from nextscale.pipelines.base import ClassLabels, OutputType, Pipeline
+from nextscale.pipelines.base import ClassLabels, OutputType, Pipeline, count_params
 
 if TYPE_CHECKING:
     from nextscale.accel import AccelArg, Prepared, Resolved
@@ -95,6 +95,8 @@ class VARPipeline(Pipeline):
     family_title = "VAR (next-scale)"
     official_options = ("patch_nums",)
     official_files = "var_d*.pth + vae_ch160v4096z32.pth"
+    sampling_options = ("accel", "more_smooth")
+    accel_option = "accel"
     default_sampling = DEFAULT_SAMPLING
     transformer: VAR
 
@@ -295,6 +297,51 @@ class VARPipeline(Pipeline):
         )
         out.stats["resolved"] = self.describe_accel(accel).as_dict()
         return out
+
+    @classmethod
+    def describe_model(cls, path: Path, patch_nums: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """What ``nextscale info`` shows of a VAR model folder or official file: format, family, each part's
+        parameter count and configuration."""
+        from nextscale.config import VARConfig, VQVAEConfig
+        from nextscale.models.weights import infer_vae_config, infer_var_config, read_state_dict
+
+        if path.is_dir():
+            var, vae, _index = load_native(path)
+            return {
+                "format": "native",
+                "family": cls.family,
+                "path": str(path),
+                "transformer": {"params": count_params(var), "config": var.cfg.to_dict()},
+                "vae": {"params": count_params(vae), "config": vae.cfg.to_dict()},
+            }
+        sd = read_state_dict(path)
+        cfg: VARConfig | VQVAEConfig
+        try:
+            cfg = infer_var_config(sd, patch_nums, str(path))
+            kind = "transformer"
+        except CheckpointError as var_err:
+            try:
+                cfg = infer_vae_config(sd, patch_nums, str(path))
+                kind = "vae"
+            except CheckpointError:
+                raise var_err from None
+        # Counted on a meta-device model, not over the file's tensors (which include buffers): the same number
+        # `info` shows for the folder `convert` makes of this file.
+        with torch.device("meta"):
+            params = count_params(VAR(cfg) if isinstance(cfg, VARConfig) else VQVAE(cfg))
+        return {
+            "format": "official",
+            "family": cls.family,
+            "path": str(path),
+            kind: {"params": params, "tensors": len(sd), "config": cfg.to_dict()},
+        }
+
+    def checked_settings(self, settings: dict[str, Any], batch: int) -> dict[str, Any]:
+        s = settings
+        self.sampling_params(s.get("cfg"), s.get("top_k"), s.get("top_p"), s.get("more_smooth"), s.get("seed"))
+        accel = s.get("accel")
+        self.plan(accel)  # an unknown or impossible combination fails here, before any sampling
+        return settings
 
     def plan(self, accel: AccelArg) -> RequestPlan | None:
         """The per-scale plan of ``accel`` for this model (None: exact), checked before any sampling."""
