@@ -37,7 +37,7 @@ from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
 from nextscale.jobs.quality import balanced_subset, choose_defaults, conditional_quality
 from nextscale.jobs.tune import CANDIDATES, Budget, tune, write_presets
-from nextscale.models.native import save_native
+from nextscale.models.native_var import save_native
 from nextscale.pipelines.var import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.runner import run_training

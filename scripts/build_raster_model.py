@@ -60,7 +60,9 @@ from nextscale.fileio import atomic_file
 from nextscale.images import to_uint8_nhwc
 from nextscale.jobs.quality import balanced_subset, choose_defaults, conditional_quality
 from nextscale.jobs.tune import fastest_speculative, speculative_sweep
-from nextscale.models.native import bundled_model_dir, load_tokenizer, save_raster_native
+from nextscale.models.native import bundled_model_dir
+from nextscale.models.native_raster import save_raster_native
+from nextscale.models.native_var import load_tokenizer
 from nextscale.pipelines.raster import LlamaGenPipeline
 from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig
 from nextscale.train.dist import DistInfo

@@ -36,7 +36,8 @@ from nextscale.data import load_dataset
 from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier
 from nextscale.jobs.quality import balanced_subset, conditional_quality
-from nextscale.models.native import bundled_model_dir, load_native, save_native
+from nextscale.models.native import bundled_model_dir
+from nextscale.models.native_var import load_native, save_native
 from nextscale.pipelines.var import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.runner import run_training

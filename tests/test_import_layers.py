@@ -129,7 +129,11 @@ FAMILY_AGNOSTIC = [
     *sorted((PACKAGE / "serve").glob("*.py")),
     PACKAGE / "cli" / "common.py",  # the CLI's model dispatch
     PACKAGE / "cli" / "serve.py",
+    PACKAGE / "cli" / "generate.py",  # a family's own flags come from its pipeline class (sampling_options)
+    PACKAGE / "cli" / "convert.py",  # convert and info: from_official and describe_model of the family's class
     PACKAGE / "pipelines" / "registry.py",
+    PACKAGE / "pipelines" / "base.py",
+    PACKAGE / "models" / "native.py",  # the folder format; each family's components are in native_<family>.py
 ]
 # What belongs to one family: its engine folder, its pipeline, its models and official-file readers, and the
 # acceleration plug-ins (whose plans are one family's).
@@ -142,6 +146,8 @@ FAMILY_SPECIFIC = (
     "nextscale.models.llamagen",
     "nextscale.models.llamagen_weights",
     "nextscale.models.weights",
+    "nextscale.models.native_var",
+    "nextscale.models.native_raster",
     "nextscale.models.tokenizers.msvq",
     "nextscale.models.tokenizers.vq",
     "nextscale.models.tokenizers.raster",

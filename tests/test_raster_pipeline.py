@@ -20,10 +20,11 @@ from nextscale import LlamaGenPipeline
 from nextscale.accel.base import Resolved
 from nextscale.engine.raster.sampler import RasterResult, sample_raster
 from nextscale.errors import CheckpointError, InvalidInputError
-from nextscale.models.native import load_raster_native, model_family
+from nextscale.models.native_raster import load_raster_native
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.pipelines import raster as raster_pipeline
 from nextscale.pipelines.raster import MSVQTokenizer, make_tokenizer
+from nextscale.pipelines.registry import family_of_folder
 from nextscale.pipelines.var import VARPipeline
 
 from .conftest import (
@@ -119,7 +120,7 @@ def test_save_and_load_round_trip_gives_identical_tokens(pipe, tmp_path):
     assert index["sampling_defaults"] == {"top_k": 100} and index["class_names"][:2] == ["class 0", "class 1"]
     cfg = json.loads((folder / "transformer" / "config.json").read_text())
     assert (cfg["_class_name"], cfg["n_head"], cfg["image_size"]) == ("LlamaGen", 2, 256)  # nothing to re-infer
-    assert model_family(folder) == "raster"
+    assert family_of_folder(folder) == "raster"
 
     back = LlamaGenPipeline.from_pretrained(folder)
     assert back.sampling_defaults["top_k"] == 100 and back.class_names == tuple(names)
@@ -182,7 +183,7 @@ def test_wrong_or_missing_components_are_named(pipe, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "vae": ["nextscale", "VAE"]}))
     assert "component 'vae' is ['nextscale', 'VAE']" in one_line(load_raster_native, folder)
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "Other"}))
-    assert "a model folder holds one of LlamaGenPipeline, VARPipeline" in one_line(model_family, folder)
+    assert "a model folder holds one of LlamaGenPipeline, VARPipeline" in one_line(family_of_folder, folder)
 
 
 # ---- nextscale's own VQ-VAE as the tokenizer ------------------------------------------------------------------

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextscale.engine.kv_cache import ConcatKVCache
+from nextscale.engine.kv_cache import ConcatKVCache, KVCache
 from nextscale.engine.raster.sampler import (
     RasterParams,
     RasterStep,
     cfg_guide,
     filter_logits_,
     mask_top_p_raster_,
-    raster_kv_cache,
     reference_sample_raster,
     sample_raster,
 )
@@ -64,7 +63,7 @@ def test_cached_windows_equal_teacher_forcing(request, which):
     with torch.no_grad():
         full = m(idx, LABELS)
         assert full.shape == (3, 37, m.vocab_size) and full.dtype == torch.float32
-        for kv in (raster_kv_cache(m, 3, max_len=37), ConcatKVCache(m.n_layer)):
+        for kv in (KVCache.for_model(m, 3, max_len=37), ConcatKVCache(m.n_layer)):
             parts = [m.forward_tokens(m.embed_classes(LABELS), CachedCausal(kv, 0))]
             pos = 1
             for l in (1, 3, 7, 11, 14):
@@ -74,7 +73,7 @@ def test_cached_windows_equal_teacher_forcing(request, which):
 
 
 def test_gqa_cache_holds_only_the_kv_heads(gqa_model):
-    kv = raster_kv_cache(gqa_model, rows=2)
+    kv = KVCache.for_model(gqa_model, rows=2)
     assert kv.pool.k[0].shape == (2, 2, 36, 16)  # [rows, n_kv_head, L, head_dim]
 
 

@@ -643,7 +643,7 @@ def test_the_token_cache_key_follows_the_images_and_the_tokenizer(tmp_path, toke
     import shutil
 
     from nextscale.data import TensorImageDataset, load_dataset
-    from nextscale.models.native import load_tokenizer
+    from nextscale.models.native_var import load_tokenizer
     from nextscale.train.tokens import cache_path
 
     vae = load_tokenizer(tokenizer)
@@ -668,7 +668,7 @@ def test_the_token_cache_key_follows_the_images_and_the_tokenizer(tmp_path, toke
 
 def test_a_damaged_cache_file_is_tokenized_again(own_cache, tokenizer, data_dir, caplog):
     from nextscale.data import load_dataset
-    from nextscale.models.native import load_tokenizer
+    from nextscale.models.native_var import load_tokenizer
     from nextscale.train.dist import DistInfo
     from nextscale.train.tokens import cache_path, cached_tokens
 

@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from nextscale.config import VQVAEConfig
 from nextscale.errors import ConfigError
-from nextscale.models.native import load_tokenizer, model_family, save_tokenizer
+from nextscale.models.native_var import load_tokenizer, save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.pipelines.raster import LlamaGenPipeline
+from nextscale.pipelines.registry import family_of_folder
 from nextscale.train import dist
 from nextscale.train.config import LlamaGenTrainConfig, VAETrainConfig, VARTrainConfig
 from nextscale.train.metrics_log import read_metrics
@@ -88,7 +89,7 @@ def test_training_lowers_the_loss_and_exports_a_raster_model(tmp_path, tokenizer
     assert {"loss", "acc", "loss_null", "class_gain"} <= set(val[-1]) and val[-1]["loss"] < math.log(VOCAB)
 
     folder = Path(result["export"])
-    assert model_family(folder) == "raster"
+    assert family_of_folder(folder) == "raster"
     pipe = LlamaGenPipeline.from_pretrained(folder)
     c = pipe.config
     assert (c.n_layer, c.dim, c.n_head, c.vocab_size, c.grid_size, c.num_classes) == (2, 32, 2, VOCAB, 8, 3)

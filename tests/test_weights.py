@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from nextscale.config import VARConfig
 from nextscale.errors import CheckpointError
-from nextscale.models.native import load_native, save_native
+from nextscale.models.native_var import load_native, save_native
 from nextscale.models.weights import (
     infer_vae_config,
     infer_var_config,

@@ -17,14 +17,21 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from nextscale.models.attention import KVGeometry
+
 if TYPE_CHECKING:
     from nextscale.engine.var.plan import StepPlan
-    from nextscale.models.var import VAR
+
+
+class KVModel(Protocol):
+    """A model whose KV cache the caller owns: it says what one row holds (``models.attention.KVGeometry``)."""
+
+    def kv_geometry(self) -> KVGeometry: ...
 
 
 class ConcatKVCache:
@@ -73,9 +80,10 @@ class KVPool:
         self.slots: dict[int, KVSlot] = {}
 
     @classmethod
-    def for_model(cls, model: VAR, rows: int) -> KVPool:
-        cfg, w = model.cfg, model.head.weight
-        return cls(cfg.depth, rows, cfg.num_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
+    def for_model(cls, model: KVModel, rows: int, max_len: int | None = None) -> KVPool:
+        """A pool of ``rows`` rows of the model's full length (or ``max_len`` positions)."""
+        g = model.kv_geometry()
+        return cls(g.layers, rows, g.heads, g.head_dim, max_len or g.max_len, g.dtype, g.device)
 
     def slot(self, start: int, rows: int) -> KVSlot:
         assert start >= 0 and start + rows <= self.rows, f"rows {start}..{start + rows} outside the pool"
@@ -168,9 +176,8 @@ class KVCache(KVSlot):
         pool.slots[0] = self
 
     @classmethod
-    def for_model(cls, model: VAR, rows: int, max_len: int | None = None) -> KVCache:
-        cfg, w = model.cfg, model.head.weight
-        return cls(KVPool(cfg.depth, rows, cfg.num_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device))
+    def for_model(cls, model: KVModel, rows: int, max_len: int | None = None) -> KVCache:
+        return cls(KVPool.for_model(model, rows, max_len))
 
     def free(self) -> None:
         super().free()
@@ -257,9 +264,9 @@ class CompactKV:
         self.si, self.pn = 0, 1
 
     @classmethod
-    def own(cls, model: VAR, rows: int, caps: Sequence[int]) -> CompactKV:
+    def own(cls, model: KVModel, rows: int, caps: Sequence[int]) -> CompactKV:
         """A compressed cache with a private pool (the pipeline's sampler)."""
-        seq_len = model.cfg.seq_len
+        seq_len = model.kv_geometry().max_len
         return cls(KVCache.for_model(model, compact_rows(rows, caps, seq_len)), rows, caps)
 
     @property

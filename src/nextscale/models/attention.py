@@ -12,12 +12,31 @@ Shapes: ``R`` rows (images x CFG branches), ``l`` tokens per row in this call, `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from nextscale.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What one row of a model's full KV cache holds (one guidance branch of one image): keys and values of
+    ``layers`` layers, ``heads`` key/value heads of ``head_dim``, ``max_len`` positions, in ``dtype`` on ``device``.
+    Each model defines it once (``kv_geometry()``); caches, pools and batch sizing read it from there."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    max_len: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def row_bytes(self) -> int:
+        return 2 * self.layers * self.heads * self.head_dim * self.max_len * self.dtype.itemsize
 
 
 class Layout(Protocol):

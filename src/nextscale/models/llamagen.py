@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.errors import ConfigError
-from nextscale.models.attention import KVStore, check_class_labels
+from nextscale.models.attention import KVGeometry, KVStore, check_class_labels
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -349,12 +349,14 @@ class LlamaGen(nn.Module):
             self._rope[device] = table
         return table[start : start + length]
 
+    def kv_geometry(self) -> KVGeometry:
+        """One row of a full KV cache: every layer, every position (the class token and L - 1 fed-back tokens: L),
+        key/value heads only (GQA-sized), in the model's dtype."""
+        cfg, w = self.cfg, self.output.weight
+        return KVGeometry(cfg.n_layer, cfg.kv_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
+
     def kv_row_bytes(self) -> int:
-        """Bytes of one row of a full KV cache (one guidance branch of one image): keys and values of every layer
-        and every position (the class token and L - 1 fed-back tokens: L), key/value heads only, in the model's
-        dtype."""
-        cfg = self.cfg
-        return 2 * cfg.n_layer * cfg.seq_len * cfg.kv_heads * cfg.head_dim * self.output.weight.element_size()
+        return self.kv_geometry().row_bytes
 
     # ---- transformer --------------------------------------------------------------------------------------
     def forward_tokens(self, x_RlC: torch.Tensor, layout: RasterLayout) -> torch.Tensor:

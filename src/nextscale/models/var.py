@@ -22,7 +22,7 @@ from torch import nn
 
 from nextscale.config import VARConfig
 from nextscale.errors import CheckpointError
-from nextscale.models.attention import FullSequence, Layout, check_class_labels
+from nextscale.models.attention import FullSequence, KVGeometry, Layout, check_class_labels
 from nextscale.models.layers import AdaLNBeforeHead, AdaLNSelfAttn
 from nextscale.models.scales import ScaleSchedule
 
@@ -196,11 +196,13 @@ class VAR(nn.Module):
         bias: torch.Tensor = self.attn_bias_for_masking
         return bias[:, :, :num_tokens, :num_tokens]
 
+    def kv_geometry(self) -> KVGeometry:
+        """One row of a full KV cache: every layer, every position of the token pyramid, in the model's dtype."""
+        cfg, w = self.cfg, self.head.weight
+        return KVGeometry(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
+
     def kv_row_bytes(self) -> int:
-        """Bytes of one row of a full KV cache (one guidance branch of one image): keys and values of every layer
-        and every position of the token pyramid, in the model's dtype."""
-        cfg = self.cfg
-        return 2 * cfg.depth * cfg.seq_len * cfg.embed_dim * self.head.weight.element_size()
+        return self.kv_geometry().row_bytes
 
     def derived_buffer_names(self) -> tuple[str, ...]:
         """Buffers recomputed from the config (not stored in native checkpoints)."""

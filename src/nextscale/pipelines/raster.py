@@ -39,7 +39,7 @@ from nextscale.engine.raster.speculative import SpeculativePlan, sample_speculat
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.models.llamagen import LlamaGen, LlamaGenConfig
 from nextscale.models.llamagen_weights import load_llamagen_gpt, load_llamagen_vq
-from nextscale.models.native import load_raster_native, save_raster_native
+from nextscale.models.native_raster import load_raster_native, save_raster_native
 from nextscale.models.tokenizers import to_unit_range_
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.tokenizers.raster import LlamaGenVQTokenizer, MSVQTokenizer, RasterTokenizer, make_tokenizer

@@ -57,7 +57,12 @@ def family_of_file(path: str | Path) -> str:
 
 
 def family_of_folder(path: str | Path) -> str:
-    """The family a native model folder holds, from its ``model_index.json``."""
-    from nextscale.models.native import model_family
+    """The family a native model folder holds: the one whose pipeline class its ``model_index.json`` names."""
+    from nextscale.models.native import INDEX, index_class_name
 
-    return model_family(path)
+    name = index_class_name(path)
+    for family, spec in REGISTRY.items():
+        if spec.partition(":")[2] == name:
+            return family
+    known = ", ".join(sorted(spec.partition(":")[2] for spec in REGISTRY.values()))
+    raise CheckpointError(f"{Path(path) / INDEX}: _class_name is {name!r}; a model folder holds one of {known}")

@@ -29,7 +29,8 @@ from nextscale.engine.var.sampler import sample_tokens_batch
 from nextscale.engine.var.state import ScaleResult
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor
-from nextscale.models.native import load_component, load_native, resolve_model_dir, save_native
+from nextscale.models.native import resolve_model_dir
+from nextscale.models.native_var import load_component, load_native, save_native
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.var import VAR, check_refiner
 from nextscale.models.weights import load_official_pair

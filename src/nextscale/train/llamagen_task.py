@@ -29,7 +29,8 @@ from torch import nn
 
 from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.models.llamagen import LlamaGen
-from nextscale.models.native import load_tokenizer, save_raster_native
+from nextscale.models.native_raster import save_raster_native
+from nextscale.models.native_var import load_tokenizer
 from nextscale.train import dist
 from nextscale.train.config import LlamaGenTrainConfig
 from nextscale.train.tokens import TokenSet, cached_tokens, conditioned_batches

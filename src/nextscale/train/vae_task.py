@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.data import ShardedBatchSampler, load_dataset
-from nextscale.models.native import save_tokenizer
+from nextscale.models.native_var import save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.train import dist
 from nextscale.train.config import VAETrainConfig

@@ -21,7 +21,7 @@ from torch import nn
 from nextscale.config import VARConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.errors import CheckpointError
-from nextscale.models.native import load_native, load_tokenizer, save_native
+from nextscale.models.native_var import load_native, load_tokenizer, save_native
 from nextscale.models.var import VAR
 from nextscale.models.weights import load_official_var
 from nextscale.train import dist

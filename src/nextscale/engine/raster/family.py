@@ -17,7 +17,6 @@ from nextscale.engine.raster.runner import (
     RasterRunner,
     check_tokenizer,
     decode_steps,
-    raster_pool,
     row_preview,
 )
 from nextscale.engine.raster.speculative import SpeculativePlan
@@ -73,7 +72,7 @@ class RasterFamily:
         return self.gpt.kv_row_bytes()
 
     def allocate(self, max_rows: int) -> None:
-        self._pool = raster_pool(self.gpt, max_rows)
+        self._pool = KVPool.for_model(self.gpt, max_rows)
 
     @property
     def pool(self) -> KVPool:

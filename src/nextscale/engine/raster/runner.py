@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nextscale.engine.kv_cache import KVPool, KVSlot
+from nextscale.engine.kv_cache import KVSlot
 from nextscale.engine.raster.state import RasterGeneration, SpeculativeGeneration
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen, rotate_pairs, sdpa
@@ -49,12 +49,6 @@ def decode_steps(tokenizer: RasterTokenizer, tokens_BL: torch.Tensor) -> Iterato
     """The final decode as the engine's decode jobs run it (pieces, the last one the images in [-1, 1]): one piece,
     since a raster tokenizer decodes in one call. A generator, so that nothing runs before the job does."""
     yield tokenizer.decode_tokens(tokens_BL)
-
-
-def raster_pool(model: LlamaGen, rows: int) -> KVPool:
-    """KV storage for ``rows`` rows of full length (the class token + L - 1 fed-back tokens = L positions)."""
-    cfg, w = model.cfg, model.output.weight
-    return KVPool(cfg.n_layer, rows, cfg.kv_heads, cfg.head_dim, cfg.seq_len, w.dtype, w.device)
 
 
 @dataclass(frozen=True)

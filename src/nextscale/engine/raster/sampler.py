@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nextscale.engine.kv_cache import ConcatKVCache, KVCache, KVPool
+from nextscale.engine.kv_cache import ConcatKVCache, KVCache
 from nextscale.engine.raster.params import RasterParams
 from nextscale.engine.sampling import CFG_BRANCHES, Generators, cfg_labels, mask_top_k_, sample_tokens
 from nextscale.errors import InvalidInputError
@@ -121,14 +121,6 @@ def draw_exponential_(q_BV: torch.Tensor, generators: Generators) -> torch.Tenso
     return q_BV
 
 
-def raster_kv_cache(model: LlamaGen, rows: int, max_len: int | None = None) -> KVCache:
-    """A preallocated cache for ``rows`` rows: key/value heads of the model (GQA-sized), ``max_len`` positions
-    (default: class token + L - 1 fed-back tokens = L; the last token is never fed back)."""
-    cfg, w = model.cfg, model.output.weight
-    pool = KVPool(cfg.n_layer, rows, cfg.kv_heads, cfg.head_dim, max_len or cfg.seq_len, w.dtype, w.device)
-    return KVCache(pool)
-
-
 def check_request(model: LlamaGen, labels_B: torch.Tensor) -> None:
     """The labels of a request: a non-empty 1-D tensor of the model's classes (or its null class)."""
     if labels_B.ndim != 1 or labels_B.numel() == 0:
@@ -192,7 +184,7 @@ def sample_raster(
     gens = _generators(params, B, device, generators)
     rows_R = cfg_labels(labels_B, model.cfg.null_class) if params.guided else labels_B
     R = rows_R.shape[0]
-    kv = raster_kv_cache(model, R)
+    kv = KVCache.for_model(model, R)
     tokens_BL = torch.empty(B, L, dtype=torch.long, device=device)
     q_BV = torch.empty(B, V, dtype=torch.float32, device=device)
     x_RlC = model.embed_classes(rows_R)

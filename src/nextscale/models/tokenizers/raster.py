@@ -14,7 +14,7 @@ from torch import nn
 
 from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.models.llamagen import LlamaGenConfig
-from nextscale.models.native import check_raster_pair
+from nextscale.models.native_raster import check_raster_pair
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.models.tokenizers.vq import VQModel
 
