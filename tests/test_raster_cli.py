@@ -100,8 +100,8 @@ def test_speculative_at_a_batch_on_a_cpu_says_it_is_slower(converted, capsys, tm
     code, _, err = run([*argv, "-o", tmp_path / "s.png"], capsys)
     assert code == 0, err
     assert (
-        "speculative decoding at batch 2 on a CPU: each pass verifies 16 guesses per image, so past batch 1 it is slower "
-        "than exact (bundled raster demo: 1.6x faster at batch 1" in err
+        "speculative decoding at batch 2 on a CPU: each pass verifies 16 guesses per image, so past batch 1 it is "
+        "slower than exact (bundled raster demo: 1.6x faster at batch 1" in err
     )
     code, _, err = run([*argv, "--batch-size", "1", "-o", tmp_path / "t.png"], capsys)
     assert code == 0 and "slower than exact" not in err
