@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nextscale.cli.args import Device, ExistingFile, Float, Int
+from nextscale.cli.args import Device, ExistingFile, Float, Int, Pattern
 from nextscale.cli.common import parse_patch_nums
 from nextscale.cli.main import build_parser, main
 
@@ -30,7 +30,7 @@ BASE = {
     "tune-accel": ["tune-accel", "--model", "m"],
     "calibrate-kv": ["calibrate-kv", "--model", "m"],
 }
-VALIDATED = (Int, Float, Device, ExistingFile)
+VALIDATED = (Int, Float, Device, ExistingFile, Pattern)
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -58,6 +58,8 @@ def bad_values(kind) -> list[str]:
         return ["missing.pth", "folder"]
     if kind is parse_patch_nums:
         return ["", "1,x", "0,1", "3,-2"]
+    if isinstance(kind, Pattern):
+        return ["", "wide", "0x0", "1024x", "16:", "x:9"]
     return []
 
 

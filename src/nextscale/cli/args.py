@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -96,6 +97,23 @@ class Device:
             _fail(text, "a device such as cpu, cuda, cuda:1 or mps")
 
 
+@dataclass(frozen=True)
+class Pattern:
+    """Text matching ``regex`` (whole), e.g. an image size ``1024x576``; ``example`` names the form in the error."""
+
+    regex: str
+    example: str
+
+    @property
+    def __name__(self) -> str:
+        return "text"
+
+    def __call__(self, text: str) -> str:
+        if not re.fullmatch(self.regex, text.strip()):
+            _fail(text, self.example)
+        return text.strip()
+
+
 class ExistingFile:
     """A path to an existing regular file (checkpoints, class-name lists): named when missing or a folder."""
 
@@ -114,6 +132,8 @@ class ExistingFile:
 SEED = Int(0, 2**63 - 1)  # the per-image generators are seeded from 63-bit values (engine.sampling.derive_seed)
 COUNT = Int(1, 10_000_000)  # images per class / samples: beyond this a run takes years on any machine
 BATCH = Int(1, 65_536)
+IMAGE_SIZE = Pattern(r"[1-9]\d{0,4}[xX][1-9]\d{0,4}", "a size WIDTHxHEIGHT such as 1024x576")
+ASPECT = Pattern(r"[1-9]\d{0,3}(\.\d+)?:[1-9]\d{0,3}(\.\d+)?", "an aspect ratio W:H such as 16:9")
 TOP_K = Int(0, 10_000_000)  # 0 = off; clamped to the vocabulary
 TOP_P = Float(0.0, 1.0)
 TEMPERATURE = Float(0.0, 100.0)

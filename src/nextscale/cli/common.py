@@ -51,6 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="VAR: scale schedule, when it cannot be inferred from the checkpoint",
     )
     add_llamagen_file_args(g)
+    add_infinity_file_args(g)
     g.add_argument("--class-names", type=FILE, metavar="FILE", help="text file with one class name per line")
     g.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument(
@@ -59,6 +60,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=sorted(DTYPES),
         help="weights dtype; auto = bf16 where it is native (GPUs, CPUs with AVX512-BF16/AMX), else float32 "
         "(default: float32, bit-faithful to the official code)",
+    )
+
+
+def add_infinity_file_args(g: Any) -> None:
+    """What official Infinity files do not include: the T5 text encoder (an argument group or parser)."""
+    g.add_argument(
+        "--text-encoder",
+        metavar="DIR_OR_HUB_ID",
+        help="Infinity: the T5 encoder folder or hub id for official files (default: google/flan-t5-xl)",
     )
 
 

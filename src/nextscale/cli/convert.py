@@ -14,6 +14,7 @@ from typing import Any
 
 from nextscale.cli.args import FILE
 from nextscale.cli.common import (
+    add_infinity_file_args,
     add_llamagen_file_args,
     checkpoint_family,
     family_names,
@@ -51,12 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...", help="VAR: scale schedule")
     p.add_argument("--class-names", type=FILE, metavar="FILE", help="text file with one class name per line")
     add_llamagen_file_args(p)
+    add_infinity_file_args(p)
     p.set_defaults(func=run_convert)
 
     q = sub.add_parser("info", help="show the family, configuration and parameter counts of a checkpoint or folder")
     q.add_argument("path", metavar="FILE_DIR_OR_NAME", help="a checkpoint, a model folder, a bundled model or a hub id")
     q.add_argument("--patch-nums", type=parse_patch_nums, metavar="1,2,3,...", help="VAR: scale schedule")
     add_llamagen_file_args(q)
+    add_infinity_file_args(q)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=run_info)
 
@@ -136,6 +139,8 @@ def run_info(args: argparse.Namespace) -> int:
             if k == "class_names" and v:
                 v = _names(v)
             print(f"    {k}: {v}")
+    if info.get("text_encoder"):
+        print(f"  text_encoder: {info['text_encoder']}")
     if info.get("sampling_defaults"):
         print(f"  sampling_defaults: {info['sampling_defaults']}")
     if info.get("class_names"):

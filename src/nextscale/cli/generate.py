@@ -1,4 +1,4 @@
-"""``nextscale generate``: class labels -> images (a grid, or one file per image), any number of them.
+"""``nextscale generate``: class labels or prompts -> images (a grid, or one file per image), any number of them.
 
 Images are sampled in chunks of ``--batch-size`` and each chunk's files are written (atomically) as soon as it is
 done, so memory stays flat however large ``--num`` is; a folder output resumes by skipping the files that exist
@@ -8,9 +8,10 @@ the total, so a run with a larger ``--num`` keeps what a smaller one wrote; file
 padded to the total's digits (``0007_bag.png``), count as done too. The job's size (``--num`` per class times the
 classes), the output format and the target folder's writability are checked before the model is loaded.
 
-Works with either model family: a VAR model, or a raster (LlamaGen) one, where ``--cfg`` is LlamaGen's cfg_scale and
-``--cfg-interval``, ``--temperature`` and ``--speculative`` apply; an option of the other family is refused in one
-line, before the model is loaded.
+Works with every model family: class-conditional ones (VAR; raster/LlamaGen, where ``--cfg`` is LlamaGen's cfg_scale)
+take ``--class``, text-to-image ones (Infinity) ``--prompt`` (the file name then carries the prompt's first words).
+A family's own options (its pipeline's ``sampling_options``) are refused for another family in one line, before the
+model is loaded.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nextscale.cli.args import BATCH, CFG, COUNT, SEED, TEMPERATURE, TOP_K, TOP_P, Float, Int
-from nextscale.cli.common import add_model_args, family_flags, load_pipeline, refuse_options, resolve_model
+from nextscale.cli.args import ASPECT, BATCH, CFG, COUNT, IMAGE_SIZE, SEED, TEMPERATURE, TOP_K, TOP_P, Float, Int
+from nextscale.cli.common import add_model_args, family_flags, load_pipeline, refuse_options, resolve_model, where
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import check_writable
 from nextscale.images import auto_grid_cols
@@ -54,6 +55,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     s = p.add_argument_group("sampling")
+    s.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        metavar="TEXT",
+        default=None,
+        help="text-to-image models: the prompt; repeat for several (--num images each)",
+    )
     s.add_argument(
         "--class",
         dest="classes",
@@ -100,7 +109,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="images sampled at once (default: chosen from the model's KV-cache size)",
     )
-    s.add_argument("--sampler", choices=("fast", "reference"), default="fast", help=argparse.SUPPRESS)
+    s.add_argument("--sampler", choices=("fast", "reference"), default=None, help=argparse.SUPPRESS)
     s.add_argument(
         "--accel",
         action="append",
@@ -108,6 +117,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="acceleration: a preset (exact, balanced, fast) or a plug-in spec such as cfg-cutoff, "
         "fastvar:keep=0.4, skip-scales:last=1, code:draft=8; repeat to combine (lossy: see README)",
+    )
+    t = p.add_argument_group("text-to-image (Infinity) models only")
+    t.add_argument("--negative-prompt", metavar="TEXT", default=None, help="replaces the null text of guidance")
+    t.add_argument(
+        "--tau", type=Float(1e-3, 100.0), default=None, help="temperature of the bit logits (default: the model's, 0.5)"
+    )
+    sizes = t.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--size",
+        type=IMAGE_SIZE,
+        metavar="WIDTHxHEIGHT",
+        default=None,
+        help="image size, e.g. 1024x576: the nearest of the model's aspect templates (default: square)",
+    )
+    sizes.add_argument(
+        "--aspect", dest="size", type=ASPECT, metavar="W:H", help="aspect ratio instead of a size, e.g. 16:9"
+    )
+    t.add_argument(
+        "--pn",
+        choices=("0.06M", "0.25M", "0.60M", "1M"),
+        default=None,
+        help="pixel budget: 0.06M = 256x256 ... 1M = 1024x1024 (default: the model's)",
     )
     r = p.add_argument_group("raster (LlamaGen) models only")
     r.add_argument(
@@ -227,25 +258,24 @@ def _output_kind(output: str, separate: bool, grid_cols: int | None, total: int)
 
 
 def run(args: argparse.Namespace) -> int:
-    classes = args.classes or [0]
-    total = args.num * len(classes)  # sized from the arguments: nothing is built, loaded or created before the checks
+    asked = args.prompts or args.classes or [0]
+    total = args.num * len(asked)  # sized from the arguments: nothing is built, loaded or created before the checks
     plan = plan_output(args.output, args.separate, args.grid_cols, total)
     resolved = resolve_model(args)
     refuse_options(args, resolved[0], family_flags("sampling_options"))  # model options: load_pipeline
     pipe = load_pipeline(args, resolved=resolved)
     plan.check_grid_pixels(total, pipe.image_size)
-    ids = pipe.labels(classes, 1).tolist()  # one label per --class: image i is of class ids[i // num]
+    conditions, tags = _conditions(args, pipe)  # image i is of conditions[i // num]
     batch = args.batch_size or pipe.suggested_batch_size()
     if args.rng == "official" and total > batch:
         raise InvalidInputError(
             f"--rng official draws all {total} images from one stream, so they must be one "
             f"batch: pass --batch-size {total} (or use --rng per_image)"
         )
-    tags = [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in ids]
     settings = sampling_settings(args, pipe, min(batch, total))
     todo = _todo(plan, args, total, tags)
     t0 = time.perf_counter()
-    grid_images = _sample(pipe, plan, todo, ids, tags, args, batch, settings)
+    grid_images = _sample(pipe, plan, todo, conditions, tags, args, batch, settings)
     dt = time.perf_counter() - t0
     if plan.grid is not None:
         from nextscale.images import make_grid
@@ -287,7 +317,7 @@ def _sample(
     pipe,
     plan: OutputPlan,
     todo: Sequence[int],
-    ids: list[int],
+    conditions: list,
     tags: list[str],
     args: argparse.Namespace,
     batch: int,
@@ -299,7 +329,7 @@ def _sample(
     with _Progress(len(todo), sys.stderr.isatty() and not args.quiet) as progress:
         for c in range(0, len(todo), batch):
             chunk = list(todo[c : c + batch])
-            out = pipe([ids[i // args.num] for i in chunk], image_indices=chunk, **settings)
+            out = pipe([conditions[i // args.num] for i in chunk], image_indices=chunk, **settings)
             if plan.folder is None:
                 grid_images.extend(out.images)
             else:
@@ -312,9 +342,10 @@ def _sample(
 def _job(args: argparse.Namespace, total: int, sampled: int) -> str:
     """What the job was, when the count alone would mislead: --num is per class, and a resume skips files."""
     parts = []
-    n_classes = len(args.classes or [0])
-    if n_classes > 1:
-        parts.append(f"{args.num} per class x {n_classes} classes")
+    what = "prompt" if args.prompts else "class"
+    n = len(args.prompts or args.classes or [0])
+    if n > 1:
+        parts.append(f"{args.num} per {what} x {n} {what}{'es' if what == 'class' else 's'}")
     if sampled < total:
         parts.append(f"{total - sampled} of {total} already there")
     return f" ({'; '.join(parts)})" if parts else ""
@@ -329,8 +360,8 @@ def sampling_settings(args: argparse.Namespace, pipe, batch: int) -> dict:
         "top_p": args.top_p,
         "seed": args.seed,
         "rng": args.rng,
-        "sampler": args.sampler,
-        **{name: getattr(args, name) for name in pipe.sampling_options},
+        # the family's own options that were given (the others keep the pipeline's defaults)
+        **{name: getattr(args, name) for name in pipe.sampling_options if getattr(args, name) is not None},
     }
     settings = pipe.checked_settings(settings, batch)
     accel = settings.get(pipe.accel_option) if pipe.accel_option else None
@@ -341,6 +372,28 @@ def sampling_settings(args: argparse.Namespace, pipe, batch: int) -> dict:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _conditions(args: argparse.Namespace, pipe) -> tuple[list, list[str]]:
+    """What each --class or --prompt asks for, and its tag in file names: class ids (a class-conditional model)
+    or prompts (a text-to-image model, ``pipe.num_classes == 0``)."""
+    if pipe.num_classes == 0:
+        if args.classes:
+            raise InvalidInputError(f"--class is for class-conditional models; {where(args)} takes --prompt TEXT")
+        if not args.prompts:
+            raise InvalidInputError(f"{where(args)} is a text-to-image model: pass --prompt TEXT")
+        return list(args.prompts), [prompt_tag(p) for p in args.prompts]
+    if args.prompts:
+        raise InvalidInputError(f"--prompt is for text-to-image models; {where(args)} takes --class")
+    ids = pipe.labels(args.classes or [0], 1).tolist()  # one label per --class
+    return ids, [label_tag(lab, pipe.class_names, pipe.num_classes) for lab in ids]
+
+
+def prompt_tag(prompt: str, limit: int = 40) -> str:
+    """A prompt's first words as a file-name part: "a red bag, left" -> "a-red-bag-left"."""
+    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    tag = "-".join(words)[:limit].strip("-")
+    return tag or "prompt"
 
 
 def label_tag(label: int, names: tuple[str, ...], num_classes: int) -> str:

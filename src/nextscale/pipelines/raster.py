@@ -107,14 +107,14 @@ class LlamaGenPipeline(Pipeline):
     family_title = "raster (LlamaGen)"
     official_options = ("image_size", "n_head")
     official_files = "c2i_*.pt + vq_ds16_c2i.pt"
-    sampling_options = ("cfg_interval", "temperature", "speculative")
+    sampling_options = ("cfg_interval", "temperature", "speculative", "sampler")
     accel_option = "speculative"
     default_sampling = DEFAULT_SAMPLING
     transformer: LlamaGen
 
     @classmethod
-    def claims_file(cls, path: str | Path) -> bool:
-        """Whether ``path`` is a readable LlamaGen GPT or VQ tokenizer file (by its tensors)."""
+    def claims_file(cls, path: str | Path) -> int:
+        """2 for a readable LlamaGen GPT or VQ tokenizer file (by names only its files have), else 0."""
         import warnings
 
         from nextscale.models.llamagen_weights import is_llamagen_state_dict, read_llamagen_state_dict
@@ -122,9 +122,9 @@ class LlamaGenPipeline(Pipeline):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return is_llamagen_state_dict(read_llamagen_state_dict(path))
+                return 2 if is_llamagen_state_dict(read_llamagen_state_dict(path)) else 0
         except (CheckpointError, OSError):
-            return False
+            return 0
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 The family-agnostic callers (the CLI's dispatch, jobs) ask this registry, never a family's module: which families
 exist, a family's pipeline class, and which family an official file or a model folder holds. Adding a family is a
 folder per layer (models/, engine/<family>/, pipelines/<family>.py) and a line here; its pipeline class says the
-rest (``family``, ``family_title``, ``official_options``, ``claims_file``).
+rest (``family``, ``family_title``, ``official_options``, ``claims_file``: 0 not its file, 1 has the names of its
+files, 2 has names only its files have).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nextscale.errors import CheckpointError
 REGISTRY: dict[str, str] = {
     "var": "nextscale.pipelines.var:VARPipeline",
     "raster": "nextscale.pipelines.raster:LlamaGenPipeline",
+    "infinity": "nextscale.pipelines.infinity:InfinityPipeline",
 }
 
 
@@ -42,9 +44,12 @@ def family_of_file(path: str | Path) -> str:
 
     A file no family claims is read once more to say why: unreadable files get the loader's own one-line error
     (empty, truncated, a pickle, text), readable ones a list of what is known."""
-    for family in REGISTRY:
-        if pipeline_class(family).claims_file(path):
-            return family
+    # Families share tensor names (word_embed, head, encoder.conv_in, ...): each says how sure it is (2: names only
+    # its files have, 1: names it shares), and the surest wins (the first in REGISTRY order on a tie).
+    claims = {family: int(pipeline_class(family).claims_file(path)) for family in REGISTRY}
+    best = max(claims, key=lambda f: claims[f])
+    if claims[best] > 0:
+        return best
     from nextscale.models.torch_files import load_torch_file
 
     obj = load_torch_file(

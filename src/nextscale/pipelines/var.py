@@ -43,7 +43,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False}
-KV_ROLES_FILE = "kv_budgets.json"  # a model folder's KV-cache calibration (nextscale calibrate-kv)
+KV_ROLES_FILE = "kv_budgets.json"
+# Tensors only VAR's files hold (other families share word_embed, head, encoder.conv_in, ...).
+VAR_ONLY_KEYS = (
+    "class_emb.weight",
+    "pos_1LC",
+    "quant_conv.weight",
+    "post_quant_conv.weight",
+)  # a model folder's KV-cache calibration (nextscale calibrate-kv)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -96,20 +103,25 @@ class VARPipeline(Pipeline):
     family_title = "VAR (next-scale)"
     official_options = ("patch_nums",)
     official_files = "var_d*.pth + vae_ch160v4096z32.pth"
-    sampling_options = ("accel", "more_smooth")
+    sampling_options = ("accel", "more_smooth", "sampler")
     accel_option = "accel"
     default_sampling = DEFAULT_SAMPLING
     transformer: VAR
 
     @classmethod
-    def claims_file(cls, path: str | Path) -> bool:
-        """Whether ``path`` is a readable VAR transformer or multi-scale VQ-VAE checkpoint (by its tensors)."""
+    def claims_file(cls, path: str | Path) -> int:
+        """2 for a VAR transformer or multi-scale VQ-VAE checkpoint with names no other family's files have (the
+        class embedding, the absolute positions, the VQ projections), 1 for one that only shares names (a partial
+        file: the loader then names what is missing), else 0."""
         from nextscale.models.weights import is_var_state_dict, read_state_dict
 
         try:
-            return is_var_state_dict(read_state_dict(Path(path)))
+            sd = read_state_dict(Path(path))
         except (CheckpointError, OSError):
-            return False
+            return 0
+        if not is_var_state_dict(sd):
+            return 0
+        return 2 if any(k in sd for k in VAR_ONLY_KEYS) else 1
 
     def __init__(
         self,

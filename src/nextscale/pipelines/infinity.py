@@ -1,0 +1,483 @@
+"""``InfinityPipeline``: prompts in, images out, with the official Infinity models (FoundationVision, text-to-image
+next-scale prediction over a bitwise BSQ tokenizer; Han et al., "Infinity: Scaling Bitwise AutoRegressive Modeling
+for High-Resolution Image Synthesis", CVPR 2025).
+
+Loads the released files unchanged (``from_official``) or a native folder (``from_pretrained``); prompts go through
+the T5 encoder once per call; each image draws from its own generator (``rng="per_image"``) or the batch from one
+(``rng="official"``, the official stream); images come back RGB (the official code returns BGR for cv2).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nextscale.engine.infinity.params import InfinityParams
+from nextscale.engine.infinity.reference import ScaleStep, reference_sample
+from nextscale.engine.params import RngMode
+from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
+from nextscale.models.infinity import Infinity, InfinityConfig
+from nextscale.models.infinity_scales import PN_SCALES, InfinitySchedule, schedule
+from nextscale.models.native_infinity import load_infinity_native, save_infinity_native, text_encoder_parts
+from nextscale.models.text_encoder import DEFAULT_T5, TextEncoder, TextFeatures
+from nextscale.models.tokenizers.bsq import BSQVAE
+from nextscale.pipelines.base import OutputType, Pipeline, count_params
+
+log = logging.getLogger(__name__)
+
+# The official scripts' settings (tools/run_infinity.py gen_one_img; README: cfg 3, tau 0.5) and the 2B's 1M pixels.
+DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97, "pn": "1M"}
+Size = tuple[int, int] | str
+
+
+@dataclass
+class InfinityOutput:
+    """``images``: PIL list, float [B, H, W, C] array in [0, 1] (``np``), [B, C, H, W] tensor (``pt``) or the summed
+    codes [B, d, H_lat, W_lat] (``latent``). ``bits``: one tensor [B, h, w, d] (0/1) per sampled scale.
+    ``stats["schedule"]``: the template and pixel budget that ran, the image size, and the size asked for."""
+
+    images: Any
+    bits: list[torch.Tensor]
+    prompts: list[str]
+    seed: int
+    params: InfinityParams
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InfinityScalePreview:
+    """Passed to ``callback_on_scale`` after every scale: that scale's bits and the running latent."""
+
+    scale_index: int
+    num_scales: int
+    bits: torch.Tensor
+    summed_codes: torch.Tensor | None
+    _pipe: InfinityPipeline = field(repr=False)
+
+    def to_images(self, output_type: OutputType = "pil") -> Any:
+        """Decode the latent so far (one tokenizer decoder pass): a coarse-to-fine preview."""
+        if self.summed_codes is None:
+            raise InvalidInputError("this scale's preview has no latent to decode")
+        return self._pipe._format(self._pipe.decode_latent(self.summed_codes), output_type)
+
+
+def parse_size(size: Size | None) -> tuple[float, tuple[int, int] | None]:
+    """``size`` -> (height / width, the pixel size asked for or None). ``(h, w)`` in pixels; ``"1024x576"`` is
+    width x height (OpenAI's convention); ``"16:9"`` an aspect ratio, width:height. None: square."""
+    if size is None:
+        return 1.0, None
+    if isinstance(size, str):
+        text = size.strip().lower()
+        m = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)", text)
+        if m:
+            w, h = int(m.group(1)), int(m.group(2))
+            return _ratio(h, w, size), (h, w)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)", text)
+        if m:
+            w_f, h_f = float(m.group(1)), float(m.group(2))
+            if w_f <= 0 or h_f <= 0:
+                raise InvalidInputError(f"aspect ratio {size!r} must be positive, e.g. '16:9'")
+            return h_f / w_f, None
+        raise InvalidInputError(
+            f"size must be (height, width) pixels, 'WIDTHxHEIGHT' like '1024x576' or an aspect ratio like '16:9', "
+            f"got {size!r}"
+        )
+    if (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        return _ratio(size[0], size[1], size), (int(size[0]), int(size[1]))
+    raise InvalidInputError(f"size must be (height, width) in pixels, 'WIDTHxHEIGHT' or 'W:H', got {size!r}")
+
+
+def pn_from_name(path: str | Path) -> str | None:
+    """The pixel budget a release's file name states (``infinity_125M_256x256.pth``), if any."""
+    m = re.search(r"_(\d+)x(\d+)", Path(path).name)
+    if not m:
+        return None
+    side = int(m.group(1))
+    return {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}.get(side)
+
+
+def _ratio(h: int, w: int, given: Any) -> float:
+    if not (1 <= h <= 16384 and 1 <= w <= 16384):
+        raise InvalidInputError(f"size {given!r}: height and width must be 1..16384 pixels")
+    return h / w
+
+
+class InfinityPipeline(Pipeline):
+    family = "infinity"
+    family_title = "text-to-image next-scale (Infinity)"
+    official_options = ("text_encoder",)
+    official_files = "infinity_*.pth (or a shard folder) + infinity_vae_*.pth"
+    sampling_options = ("negative_prompt", "tau", "size", "pn")
+    default_sampling = DEFAULT_SAMPLING
+    transformer: Infinity
+
+    @classmethod
+    def claims_file(cls, path: str | Path) -> int:
+        """2 for an Infinity transformer (file or shard folder: the learned null text and the text pool) or a BSQ-VAE
+        file (its configuration reads from the shapes), else 0."""
+        from nextscale.models.infinity_weights import (
+            infer_bsq_config,
+            looks_like_infinity,
+            read_bsq_state_dict,
+            read_infinity_state_dict,
+        )
+
+        try:
+            if looks_like_infinity(read_infinity_state_dict(path)):
+                return 2
+        except (CheckpointError, OSError):
+            pass
+        try:
+            infer_bsq_config(read_bsq_state_dict(path), str(path))
+            return 2
+        except (CheckpointError, ConfigError, OSError, KeyError, ValueError):
+            return 0
+
+    def __init__(
+        self,
+        transformer: Infinity,
+        vae: BSQVAE,
+        text_encoder: TextEncoder,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        sampling_defaults: dict[str, Any] | None = None,
+        text_encoder_source: str | None = None,
+    ):
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        if text_encoder.channels != transformer.cfg.text_channels:
+            raise CheckpointError(
+                f"the text encoder gives {text_encoder.channels} channels; the transformer reads "
+                f"{transformer.cfg.text_channels}"
+            )
+        # Where the text encoder came from when it is not stored with the model (a hub id): what save_pretrained
+        # writes instead of 11 GB of T5 weights.
+        self.text_encoder_source = text_encoder_source
+        self._init_settings(sampling_defaults, ())
+        self.to(device, dtype)
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def from_official(
+        cls,
+        transformer_path: str | Path,
+        vae_path: str | Path,
+        text_encoder: str | Path | TextEncoder = DEFAULT_T5,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        pn: str | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> InfinityPipeline:
+        """The released files as they are: ``infinity_2b_reg.pth`` (or the 8B's shard folder, or the 125M file)
+        with ``infinity_vae_d32reg.pth`` (or ``infinity_vae_d56_f8_14_patchify.pth``); ``text_encoder`` a T5
+        folder or hub id (default ``google/flan-t5-xl``) or a loaded ``TextEncoder``. ``pn``: the pixel budget to
+        sample at by default: the file name's ``_256x256`` / ``_512x512`` (the 125M and 8B-512 releases) gives
+        "0.06M" / "0.25M", else "1M" (the 2B is trained for it)."""
+        from nextscale.models.infinity_weights import load_official_infinity_pair
+
+        if class_names:
+            raise InvalidInputError("an Infinity model takes prompts, not class names")
+        transformer, vae = load_official_infinity_pair(transformer_path, vae_path)
+        source = None if isinstance(text_encoder, TextEncoder) else str(text_encoder)
+        encoder = text_encoder if isinstance(text_encoder, TextEncoder) else TextEncoder.from_pretrained(source or "")
+        pn = pn or pn_from_name(transformer_path)
+        defaults = None if pn is None else {"pn": pn}
+        return cls(transformer, vae, encoder, device, dtype, defaults, text_encoder_source=source)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        cache_dir: str | Path | None = None,
+    ) -> InfinityPipeline:
+        """A native Infinity folder, a bundled model's name or a Hugging Face hub repo id. A text encoder named by
+        hub id in ``model_index.json`` loads from the HF cache (downloaded once)."""
+        folder = cls._model_folder(name_or_path, revision, local_files_only, cache_dir)
+        transformer, vae, source, index = load_infinity_native(folder)
+        encoder_path, tokenizer_path = text_encoder_parts(folder, source)
+        encoder = TextEncoder.from_pretrained(encoder_path, tokenizer=tokenizer_path)
+        stored = encoder_path != source or Path(source).parent == folder
+        return cls(
+            transformer,
+            vae,
+            encoder,
+            device,
+            dtype,
+            sampling_defaults=index.get("sampling_defaults"),
+            text_encoder_source=None if stored else source,
+        )
+
+    def save_pretrained(
+        self, path: str | Path, transformer_dtype: torch.dtype | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write a native folder that ``from_pretrained`` loads with no arguments: the transformer, the tokenizer,
+        and the text encoder — stored, unless it came from a hub id, which is then named instead."""
+        text: TextEncoder | str = self.text_encoder_source or self.text_encoder
+        if isinstance(text, str) and Path(text).is_dir():
+            text = self.text_encoder  # a local folder is not portable: store it
+        extra = self._saved_settings()
+        return save_infinity_native(path, self.transformer, self.vae, text, extra or None, transformer_dtype, overwrite)
+
+    def _place(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """``dtype`` applies to the transformer; the tokenizer and the text encoder stay float32 (the official
+        inference runs T5 apart and the BSQ decoder in float32)."""
+        if device is not None:
+            self.transformer.to(device)
+            self.vae.to(device)
+            self.text_encoder.encoder.to(device)
+        if dtype is not None:
+            self.transformer.to(dtype=dtype)
+
+    # ---- properties and settings ----------------------------------------------------------------------------
+    @property
+    def config(self) -> InfinityConfig:
+        return self.transformer.cfg
+
+    @property
+    def num_classes(self) -> int:
+        return 0  # prompts, not classes
+
+    @property
+    def image_size(self) -> int:
+        """The side of the default (square) image in pixels."""
+        return schedule(1.0, self.sampling_defaults["pn"]).image_size[0]
+
+    def schedule(self, size: Size | None = None, pn: str | None = None) -> tuple[InfinitySchedule, dict[str, Any]]:
+        """The scale schedule for ``size`` (nearest aspect template) at ``pn`` (default: the model's), and what to
+        report about the choice."""
+        h_div_w, asked = parse_size(size)
+        pn = self.sampling_defaults["pn"] if pn is None else pn
+        if pn not in PN_SCALES:
+            raise InvalidInputError(f"pn must be one of {', '.join(PN_SCALES)}, got {pn!r}")
+        sched = schedule(h_div_w, pn)
+        h, w = sched.image_size
+        info: dict[str, Any] = {"template": sched.template, "pn": pn, "scales": sched.num_scales, "size": [h, w]}
+        if size is not None:
+            info["requested"] = size if isinstance(size, str) else list(size)
+            if asked is not None and asked != (h, w):
+                log.info("size %s: the nearest template gives %dx%d (h x w) pixels at pn %s", size, h, w, pn)
+        return sched, info
+
+    def sizes(self, pn: str | None = None) -> list[str]:
+        """Every image size this model samples at ``pn`` (default: the model's), as 'WIDTHxHEIGHT'."""
+        from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES
+
+        pn = self.sampling_defaults["pn"] if pn is None else pn
+        return [f"{s.image_size[1]}x{s.image_size[0]}" for s in (schedule(t, pn) for t in H_DIV_W_TEMPLATES)]
+
+    def sampling_params(
+        self,
+        cfg: float | Sequence[float] | None = None,
+        tau: float | Sequence[float] | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        rng: RngMode = "per_image",
+        cfg_insertion_layer: int = 0,
+    ) -> InfinityParams:
+        """Settings for a call: the given values, else the model's recommended ones; a random seed if none."""
+        d = self._settings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return InfinityParams(**d, seed=self._seed(seed), rng=rng, cfg_insertion_layer=cfg_insertion_layer)
+
+    def call_kwargs(self, params: InfinityParams) -> dict[str, Any]:  # type: ignore[override]
+        kw = params.as_settings()
+        kw.pop("trunk_scale", None)
+        return kw
+
+    def suggested_batch_size(self, kv_budget_mb: float = 1024.0, cap: int = 64) -> int:
+        """Images at once whose self-attention KV caches (both guidance rows, the default schedule) fit in
+        ``kv_budget_mb``, at most ``cap``."""
+        seq_len = schedule(1.0, self.sampling_defaults["pn"]).seq_len
+        per_image = 2 * self.transformer.kv_row_bytes(seq_len)
+        return max(1, min(cap, int(kv_budget_mb * 2**20 // per_image)))
+
+    def checked_settings(self, settings: dict[str, Any], batch: int) -> dict[str, Any]:
+        s = settings
+        params = self.sampling_params(s.get("cfg"), s.get("tau"), s.get("top_k"), s.get("top_p"), s.get("seed"))
+        sched, _ = self.schedule(s.get("size"), s.get("pn"))
+        self._check_params(params, sched)
+        return settings
+
+    def _check_params(self, params: InfinityParams, sched: InfinitySchedule) -> None:
+        for name in ("cfg", "tau"):
+            v = getattr(params, name)
+            if isinstance(v, tuple) and len(v) != sched.num_scales:
+                raise InvalidInputError(
+                    f"{name} has {len(v)} values but the schedule has {sched.num_scales} scales: give one number or "
+                    f"{sched.num_scales} values"
+                )
+        k = params.cfg_insertion_layer
+        if k and self.transformer.depth + k <= 0:
+            raise InvalidInputError(
+                f"cfg_insertion_layer={k} is outside a model of {self.transformer.depth} blocks: 0 or -1 .. "
+                f"-{self.transformer.depth - 1}"
+            )
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        cfg: float | Sequence[float] | None = None,
+        tau: float | Sequence[float] | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        size: Size | None = None,
+        pn: str | None = None,
+        seed: int | None = None,
+        rng: RngMode = "per_image",
+        output_type: OutputType = "pil",
+        callback_on_scale: Callable[[InfinityScalePreview], None] | None = None,
+        num_images_per_prompt: int = 1,
+        cfg_insertion_layer: int = 0,
+        first_image_index: int = 0,
+        image_indices: Sequence[int] | None = None,
+        sampler: Literal["reference"] = "reference",
+    ) -> InfinityOutput:
+        """Generate ``num_images_per_prompt`` images per prompt.
+
+        ``cfg``: Infinity's guidance (``cfg*cond + (1-cfg)*uncond``; 1 = unguided) and ``tau`` the temperature,
+        each a number or one value per scale; ``top_k`` matters only as 1 (greedy bits), ``top_p`` (0.97) fixes a
+        bit whose other value is at most 3% likely. ``negative_prompt``: replaces the learned null text of the
+        unguided branch (one for all prompts, or one each). ``size``: (height, width) pixels, 'WIDTHxHEIGHT' or
+        'W:H' -> the nearest aspect template, at ``pn`` pixels ("0.06M", "0.25M", "0.60M", "1M"; default the
+        model's); ``stats["schedule"]`` says what ran. ``cfg_insertion_layer=-k`` guides the hidden states after
+        block depth-k instead of the logits. With ``rng="per_image"`` image i draws from a generator seeded by
+        (seed, first_image_index + i); ``"official"`` draws the batch from one generator as the official code.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise InvalidInputError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise InvalidInputError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        if not prompts:
+            raise InvalidInputError("need at least one prompt, got an empty list")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = self._negatives(negative_prompt, len(prompts), num_images_per_prompt)
+        params = self.sampling_params(cfg, tau, top_k, top_p, seed, rng, cfg_insertion_layer)
+        sched, sched_info = self.schedule(size, pn)
+        self._check_params(params, sched)
+        self._check_output_type(output_type)
+        if sampler != "reference":
+            raise InvalidInputError(f"sampler must be 'reference', got {sampler!r}")
+        B = len(prompts)
+        indices = self._image_indices(B, first_image_index, image_indices)
+        # One encoder pass for the prompts and the negative prompts together (the features of a prompt do not
+        # depend on its batch: the official code pads every prompt to 512 tokens).
+        unique = list(dict.fromkeys(prompts + (negatives or [])))
+        feats = self.text_encoder.encode(unique)
+        rows = {p: i for i, p in enumerate(unique)}
+        feats = TextFeatures(feats.kv_compact.to(self.device), feats.lens)
+        text = feats.select([rows[p] for p in prompts])
+        negative = None if negatives is None else feats.select([rows[p] for p in negatives])
+        gens = params.generators(B, self.device, indices=indices)
+        on_scale = None
+        if callback_on_scale is not None:
+
+            def on_scale(step: ScaleStep) -> None:
+                callback_on_scale(
+                    InfinityScalePreview(step.si, sched.num_scales, step.bits_Bhwd, step.summed_codes, self)
+                )
+
+        res = reference_sample(self.transformer, self.vae, text, sched, params, gens, negative, on_scale)
+        if output_type == "latent":
+            images: Any = res.summed_codes.squeeze(-3)
+        else:
+            images = self._format_images(res.image.float().add(1).mul_(0.5).clamp_(0, 1), output_type)
+        stats = {"schedule": sched_info, "text_tokens": list(text.lens)}
+        return InfinityOutput(images, res.bits, prompts, params.seed or 0, params, stats)
+
+    @staticmethod
+    def _negatives(negative: str | Sequence[str] | None, count: int, per_prompt: int) -> list[str] | None:
+        if negative is None:
+            return None
+        items = [negative] if isinstance(negative, str) else list(negative)
+        if len(items) == 1:
+            return items * count
+        if len(items) * per_prompt == count:
+            return [p for p in items for _ in range(per_prompt)]
+        raise InvalidInputError(
+            f"negative_prompt must be one string or one per prompt ({count // per_prompt}), got {len(items)}"
+        )
+
+    # ---- tokenizer helpers ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_latent(self, summed_codes: torch.Tensor) -> torch.Tensor:
+        """Summed codes [B, d, 1, H, W] or [B, d, H, W] -> images [B, 3, H*16, W*16] in [0, 1] (float32)."""
+        z = summed_codes.squeeze(-3) if summed_codes.ndim == 5 else summed_codes
+        return self.vae.decode(z.to(self.device).float()).add(1).mul_(0.5).clamp_(0, 1)
+
+    def _format(self, images_BChw: torch.Tensor, output_type: OutputType) -> Any:
+        self._check_output_type(output_type)
+        if output_type == "latent":
+            raise InvalidInputError("a preview is an image: output_type must be 'pil', 'np' or 'pt'")
+        return self._format_images(images_BChw, output_type)
+
+    @classmethod
+    def describe_model(cls, path: Path, text_encoder: str | None = None) -> dict[str, Any]:
+        """What ``nextscale info`` shows of an Infinity folder or official file: format, family, each part's
+        parameter count and configuration (the released model type when the shape is one)."""
+        from nextscale.models.infinity_weights import (
+            infer_bsq_config,
+            infer_infinity_config,
+            looks_like_infinity,
+            read_bsq_state_dict,
+            read_infinity_state_dict,
+        )
+
+        def part(model: torch.nn.Module, cfg: Any, **extra: Any) -> dict[str, Any]:
+            from nextscale.config import _to_dict
+
+            return {"params": count_params(model), "config": _to_dict(cfg), **extra}
+
+        if path.is_dir() and (path / "model_index.json").is_file():
+            transformer, vae, source, index = load_infinity_native(path)
+            info = {
+                "format": "native",
+                "family": cls.family,
+                "path": str(path),
+                "transformer": part(transformer, transformer.cfg, model_type=transformer.cfg.release_name()),
+                "vae": part(vae, vae.cfg),
+                "text_encoder": source,
+            }
+            return {**info, **{k: index[k] for k in ("sampling_defaults",) if k in index}}
+        sd = read_infinity_state_dict(path)
+        with torch.device("meta"):  # counted on a meta-device model: the same number as for the converted folder
+            if looks_like_infinity(sd):
+                cfg = infer_infinity_config(sd, str(path))
+                kind, body = "transformer", part(Infinity(cfg), cfg, model_type=cfg.release_name())
+            else:
+                bsq_sd = read_bsq_state_dict(path)
+                vae_cfg = infer_bsq_config(bsq_sd, str(path))
+                kind, body = "vae", part(BSQVAE(vae_cfg), vae_cfg)
+        return {"format": "official", "family": cls.family, "path": str(path), kind: {**body, "tensors": len(sd)}}
+
+    def engine_family(self, accel: Any = None) -> Any:
+        raise InvalidInputError("serving Infinity models is not available yet; use the pipeline or generate")
+
+    def quality_plans(self, levels: Mapping[str, Any]) -> dict[str, Any]:
+        raise InvalidInputError("serving Infinity models is not available yet; use the pipeline or generate")
+
+    def __repr__(self) -> str:
+        c = self.transformer.cfg
+        return (
+            f"InfinityPipeline(depth={c.depth}, width={c.embed_dim}, heads={c.num_heads}, bits={c.bits}, "
+            f"text={c.text_channels}, pn={self.sampling_defaults['pn']}, device={self.device}, dtype={self.dtype})"
+        )
