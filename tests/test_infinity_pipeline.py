@@ -53,13 +53,15 @@ RUNS = {
 }
 
 
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
 @pytest.mark.parametrize("run", sorted(RUNS))
-def test_the_official_runs_through_the_pipeline(pipe, run):
+def test_the_official_runs_through_the_pipeline(pipe, run, sampler):
     """Bits of every scale equal the official code's for the same prompts, settings and seed (rng="official" is its
-    stream; run b samples with the official defaults, so every draw counts)."""
+    stream; run b samples with the official defaults, so every draw counts), in the fast loop (the engine's
+    per-scale step over a preallocated cache) as in the reference loop."""
     prompts, kwargs = RUNS[run]
     ref = np.load(FX / f"sample_{run}.npz")
-    out = pipe(prompts, seed=0, rng="official", pn="0.06M", output_type="pt", **kwargs)
+    out = pipe(prompts, seed=0, rng="official", pn="0.06M", output_type="pt", sampler=sampler, **kwargs)
     assert np.array_equal(_flat_bits(out.bits), ref["bits"])
     assert out.stats["schedule"] == {"template": 1.0, "pn": "0.06M", "scales": 7, "size": [256, 256]}
     if "image_u8_bgr" in ref:  # the official uint8 image is BGR; ours RGB, from (x + 1) / 2 * 255 truncated
@@ -117,6 +119,7 @@ def test_sizes_pick_the_nearest_template(pipe):
         ({"prompt": "x", "num_images_per_prompt": 0}, "num_images_per_prompt must be an int >= 1"),
         ({"prompt": "x", "cfg_insertion_layer": -2}, "cfg_insertion_layer=-2 is outside a model of 2 blocks"),
         ({"prompt": "x", "output_type": "bmp"}, "output_type must be"),
+        ({"prompt": "x", "sampler": "slow"}, "sampler must be 'fast' or 'reference'"),
     ],
 )
 def test_bad_input_is_one_line(pipe, kwargs, message):

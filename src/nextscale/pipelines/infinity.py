@@ -20,6 +20,8 @@ import torch
 
 from nextscale.engine.infinity.params import InfinityParams
 from nextscale.engine.infinity.reference import ScaleStep, reference_sample
+from nextscale.engine.infinity.state import InfinityGeneration, check_request, request_rows
+from nextscale.engine.kv_cache import KVCache, KVPool
 from nextscale.engine.params import RngMode
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
 from nextscale.models.infinity import Infinity, InfinityConfig
@@ -117,7 +119,7 @@ class InfinityPipeline(Pipeline):
     family_title = "text-to-image next-scale (Infinity)"
     official_options = ("text_encoder",)
     official_files = "infinity_*.pth (or a shard folder) + infinity_vae_*.pth"
-    sampling_options = ("negative_prompt", "tau", "size", "pn")
+    sampling_options = ("negative_prompt", "tau", "size", "pn", "sampler")
     default_sampling = DEFAULT_SAMPLING
     transformer: Infinity
 
@@ -315,19 +317,7 @@ class InfinityPipeline(Pipeline):
         return settings
 
     def _check_params(self, params: InfinityParams, sched: InfinitySchedule) -> None:
-        for name in ("cfg", "tau"):
-            v = getattr(params, name)
-            if isinstance(v, tuple) and len(v) != sched.num_scales:
-                raise InvalidInputError(
-                    f"{name} has {len(v)} values but the schedule has {sched.num_scales} scales: give one number or "
-                    f"{sched.num_scales} values"
-                )
-        k = params.cfg_insertion_layer
-        if k and self.transformer.depth + k <= 0:
-            raise InvalidInputError(
-                f"cfg_insertion_layer={k} is outside a model of {self.transformer.depth} blocks: 0 or -1 .. "
-                f"-{self.transformer.depth - 1}"
-            )
+        check_request(self.transformer, self.vae, sched, params)
 
     # ---- sampling -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -349,7 +339,7 @@ class InfinityPipeline(Pipeline):
         cfg_insertion_layer: int = 0,
         first_image_index: int = 0,
         image_indices: Sequence[int] | None = None,
-        sampler: Literal["reference"] = "reference",
+        sampler: Literal["fast", "reference"] = "fast",
     ) -> InfinityOutput:
         """Generate ``num_images_per_prompt`` images per prompt.
 
@@ -375,8 +365,8 @@ class InfinityPipeline(Pipeline):
         sched, sched_info = self.schedule(size, pn)
         self._check_params(params, sched)
         self._check_output_type(output_type)
-        if sampler != "reference":
-            raise InvalidInputError(f"sampler must be 'reference', got {sampler!r}")
+        if sampler not in ("fast", "reference"):
+            raise InvalidInputError(f"sampler must be 'fast' or 'reference' (the oracle loop), got {sampler!r}")
         B = len(prompts)
         indices = self._image_indices(B, first_image_index, image_indices)
         # One encoder pass for the prompts and the negative prompts together (the features of a prompt do not
@@ -388,21 +378,50 @@ class InfinityPipeline(Pipeline):
         text = feats.select([rows[p] for p in prompts])
         negative = None if negatives is None else feats.select([rows[p] for p in negatives])
         gens = params.generators(B, self.device, indices=indices)
-        on_scale = None
-        if callback_on_scale is not None:
+        if sampler == "reference":
+            on_scale = None
+            if callback_on_scale is not None:
 
-            def on_scale(step: ScaleStep) -> None:
-                callback_on_scale(
-                    InfinityScalePreview(step.si, sched.num_scales, step.bits_Bhwd, step.summed_codes, self)
-                )
+                def on_scale(step: ScaleStep) -> None:
+                    preview = InfinityScalePreview(step.si, sched.num_scales, step.bits_Bhwd, step.summed_codes, self)
+                    callback_on_scale(preview)
 
-        res = reference_sample(self.transformer, self.vae, text, sched, params, gens, negative, on_scale)
-        if output_type == "latent":
-            images: Any = res.summed_codes.squeeze(-3)
+            res = reference_sample(self.transformer, self.vae, text, sched, params, gens, negative, on_scale)
+            bits, summed = res.bits, res.summed_codes
         else:
-            images = self._format_images(res.image.float().add(1).mul_(0.5).clamp_(0, 1), output_type)
+            bits, summed = self._sample(text, negative, sched, params, gens, callback_on_scale)
+        if output_type == "latent":
+            images: Any = summed.squeeze(-3)
+        else:
+            images = self._format_images(self.decode_latent(summed), output_type)
         stats = {"schedule": sched_info, "text_tokens": list(text.lens)}
-        return InfinityOutput(images, res.bits, prompts, params.seed or 0, params, stats)
+        return InfinityOutput(images, bits, prompts, params.seed or 0, params, stats)
+
+    def _sample(
+        self,
+        text: TextFeatures,
+        negative: TextFeatures | None,
+        sched: InfinitySchedule,
+        params: InfinityParams,
+        gens: Any,
+        callback_on_scale: Callable[[InfinityScalePreview], None] | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The fast loop: the engine's per-scale step over a preallocated KV cache of this batch."""
+        m = self.transformer
+        rows = request_rows(params, sched, text.rows)
+        w = m.head.weight
+        kv = KVCache(KVPool(m.depth, rows, m.cfg.num_heads, m.cfg.head_dim, sched.seq_len, w.dtype, w.device))
+        gen = InfinityGeneration(m, self.vae, text, sched, params, gens, kv, negative, release=kv.free)
+        try:
+            while not gen.done:
+                out = gen.step()
+                if callback_on_scale is not None:
+                    summed = out.summed_codes.clone()
+                    callback_on_scale(InfinityScalePreview(out.si, gen.num_scales, out.bits_Bhwd, summed, self))
+            assert gen.summed is not None
+            return gen.bits, gen.summed
+        finally:
+            gen.release()
 
     @staticmethod
     def _negatives(negative: str | Sequence[str] | None, count: int, per_prompt: int) -> list[str] | None:
