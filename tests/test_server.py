@@ -127,7 +127,7 @@ def test_partial_images_selects_previews():
         ({"prompt": "coat", "size": "512x512"}, "size", "this model makes 8x8 images"),
         ({"prompt": "coat", "response_format": "url"}, "response_format", "b64_json"),
         ({"prompt": "coat", "guidance": 3}, "guidance", "unknown field 'guidance'; allowed fields: prompt"),
-        ({}, None, "give the class as `prompt`"),
+        ({}, None, "give `prompt` (the text, or a class name) or `class_label`"),
         ({"prompt": "coat", "seed": "abc"}, "seed", "valid integer"),
         # a union field: pydantic's loc says class_label.int / class_label.str; the client named class_label
         ({"class_label": 1.5}, "class_label", "class_label should be a valid integer or a valid string, got 1.5"),

@@ -113,7 +113,7 @@ class _Decode:
 
 @dataclass
 class _Request:
-    labels_B: torch.Tensor
+    condition: Any  # what the family generates from: class labels [B], a text-to-image family's prompts, ...
     params: Any  # the family's params (SeededParams: seed, rng, generators)
     previews: bool
     first_image_index: int
@@ -159,27 +159,28 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(
         self,
-        labels_B: torch.Tensor,
+        condition: Any,
         params: Any,
         request_id: str | None = None,
         previews: bool = False,
         first_image_index: int = 0,
         plan: Any = None,
     ) -> str:
-        """Queue a request in the family's params (``SamplingParams`` for VAR, ``RasterParams`` for a raster model)
-        and, optionally, its plan (VAR: a ``RequestPlan`` from ``nextscale.accel``; raster: a ``SpeculativePlan``);
-        the family validates both."""
+        """Queue a request: its condition (class labels [B] for a class-conditional family, an
+        ``InfinityCondition`` for a text-to-image one: one image per entry, ``len(condition)``), the family's params
+        (``SamplingParams`` for VAR, ``RasterParams`` for a raster model, ...) and, optionally, its plan (VAR: a
+        ``RequestPlan`` from ``nextscale.accel``; raster: a ``SpeculativePlan``); the family validates all three."""
         if params.seed is None:
             raise InvalidInputError("engine requests need an explicit seed")
-        n = labels_B.numel()
+        n = len(condition)
         if not 1 <= n <= self.cfg.max_images_per_request:
             raise InvalidInputError(f"a request has 1..{self.cfg.max_images_per_request} images, got {n}")
-        plan, units = self.family.admit(labels_B, params, plan)
+        plan, units = self.family.admit(condition, params, plan)
         rid = request_id or f"req-{next(self._ids)}"
         self.scheduler.add(rid, units.rows, units.tokens, units.unit_rows)
-        self.requests[rid] = _Request(
-            labels_B.to(self.device), params, previews, first_image_index, time.perf_counter(), plan
-        )
+        if isinstance(condition, torch.Tensor):
+            condition = condition.to(self.device)
+        self.requests[rid] = _Request(condition, params, previews, first_image_index, time.perf_counter(), plan)
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -230,8 +231,8 @@ class Engine:
         for rid in out.admitted:
             self._start(rid)
         self.last_iteration_tokens = out.tokens
-        events, job = self._iteration(out)
-        if job is not None:
+        events, jobs = self._iteration(out)
+        for job in jobs:
             self._decodes.append(job)
             self._decoding.update((ev.request_id, job) for ev in job.events)
         iteration_s = time.perf_counter() - t_start
@@ -250,7 +251,7 @@ class Engine:
             )
         return events
 
-    def _iteration(self, out: Any) -> tuple[list[ScaleEvent], _Decode | None]:
+    def _iteration(self, out: Any) -> tuple[list[ScaleEvent], list[_Decode]]:
         """Advance the scheduled requests one step each; an event per request that completed a progress step (a
         scale, a row of a token grid), and the finished ones' decode."""
         states = [self._state(rid) for rid in out.units]
@@ -269,10 +270,18 @@ class Engine:
                 if self.requests[rid].previews:
                     ev.preview = self.family.preview(st, res)
                 events.append(ev)
-        if not done:
-            return events, None
-        latent = torch.cat([x for _, x in done]) if len(done) > 1 else done[0][1]
-        return events, _Decode([ev for ev, _ in done], [x.shape[0] for _, x in done], self.family.decode_steps(latent))
+        # One decode batch per latent shape (requests of different image sizes finish together in a text-to-image
+        # family), oldest first.
+        by_shape: dict[tuple[int, ...], list[tuple[ScaleEvent, torch.Tensor]]] = {}
+        for ev, x in done:
+            by_shape.setdefault(tuple(x.shape[1:]), []).append((ev, x))
+        jobs = []
+        for group in by_shape.values():
+            latent = torch.cat([x for _, x in group]) if len(group) > 1 else group[0][1]
+            jobs.append(
+                _Decode([ev for ev, _ in group], [x.shape[0] for _, x in group], self.family.decode_steps(latent))
+            )
+        return events, jobs
 
     def _state(self, rid: str) -> RequestState:
         state = self.requests[rid].state
@@ -281,21 +290,21 @@ class Engine:
 
     def _start(self, rid: str) -> None:
         req = self.requests[rid]
-        gens = req.params.generators(req.labels_B.numel(), self.device, start=req.first_image_index)
+        gens = req.params.generators(len(req.condition), self.device, start=req.first_image_index)
         seq = self.scheduler.running[rid]
-        req.state = self.family.start(req.labels_B, req.params, req.plan, gens, seq.slot, seq.rows)
+        req.state = self.family.start(req.condition, req.params, req.plan, gens, seq.slot, seq.rows)
 
     # ---- offline use -----------------------------------------------------------------------------------------
-    def generate(self, requests: Sequence[tuple[torch.Tensor, Any]]) -> list[ScaleEvent]:
-        """Run a list of requests to completion; returns their final events in input order."""
-        ids = [self.add_request(labels, params) for labels, params in requests]
+    def generate(self, requests: Sequence[tuple[Any, Any]]) -> list[ScaleEvent]:
+        """Run a list of (condition, params) requests to completion; returns their final events in input order."""
+        ids = [self.add_request(condition, params) for condition, params in requests]
         done: dict[str, ScaleEvent] = {}
         while self.has_unfinished():
             done.update({e.request_id: e for e in self.step() if e.finished})
         return [done[i] for i in ids]
 
-    def stream(self, labels_B: torch.Tensor, params: Any, previews: bool = True) -> Iterator[ScaleEvent]:
+    def stream(self, condition: Any, params: Any, previews: bool = True) -> Iterator[ScaleEvent]:
         """One request's per-scale events, driving the engine (single-threaded use)."""
-        rid = self.add_request(labels_B, params, previews=previews)
+        rid = self.add_request(condition, params, previews=previews)
         while self.is_pending(rid):
             yield from (e for e in self.step() if e.request_id == rid)

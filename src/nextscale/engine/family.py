@@ -5,7 +5,8 @@ built by the family's own module (``engine/var/family.py``, ``engine/raster/fami
 handed to ``Engine``. A family answers five questions:
 
 - KV geometry: the bytes of one KV-pool row (the engine turns its memory budget into rows) and its pool(s);
-- admission: how a request's labels, params and plan become scheduler units (rows held, tokens per unit);
+- admission: how a request's condition (class labels, prompts), params and plan become scheduler units (rows held,
+  tokens per unit);
 - start: how an admitted request becomes a ``RequestState`` over its rows of the pool;
 - execution: how a list of scheduled states runs as one fused forward, reported as one ``StepResult`` each;
 - pixels: previews of a request in progress and the (resumable) final decode of finished ones.
@@ -81,13 +82,12 @@ class Family(Protocol):
         """The main KV pool (``KVPool``), for accounting and tests."""
         ...
 
-    def admit(self, labels_B: torch.Tensor, params: Any, plan: Any) -> tuple[Any, Units]:
-        """Validate a request (one-line errors) and say what the scheduler schedules: (its plan, its units)."""
+    def admit(self, condition: Any, params: Any, plan: Any) -> tuple[Any, Units]:
+        """Validate a request (one-line errors) and say what the scheduler schedules: (its plan, its units).
+        ``condition``: what the family generates from, one image per entry (``len``): class labels [B], prompts."""
         ...
 
-    def start(
-        self, labels_B: torch.Tensor, params: Any, plan: Any, generators: Any, start: int, rows: int
-    ) -> RequestState:
+    def start(self, condition: Any, params: Any, plan: Any, generators: Any, start: int, rows: int) -> RequestState:
         """The state of an admitted request over pool rows ``[start, start + rows)``."""
         ...
 
@@ -125,12 +125,21 @@ class ServingFacts:
     # (fields the body gave explicitly, every field's value, seed) -> params; raises InvalidInputError with ``param``
     make_params: Any = field(repr=False)
     warmup: Any = field(repr=False)  # () -> params of the one tiny generation before the server says it is ready
+    # (every field's value, n) -> (the request's condition, how responses name it), raising ``bad_field``; None for a
+    # class-conditional family, whose ``prompt``/``class_label`` and ``size`` the HTTP edge resolves to class labels
+    make_condition: Any = field(default=None, repr=False)
+    warmup_condition: Any = field(default=None, repr=False)  # () -> the warm-up's condition (None: class 0)
 
     def params(self, given: set[str], values: Mapping[str, Any], seed: int) -> Any:
         return self.make_params(given, values, seed)
 
     def warmup_params(self) -> Any:
         return self.warmup()
+
+    def warmup_request(self) -> tuple[Any, Any]:
+        """(condition, params) of the warm-up generation: one image."""
+        condition = torch.tensor([0]) if self.warmup_condition is None else self.warmup_condition()
+        return condition, self.warmup()
 
 
 @dataclass(frozen=True)

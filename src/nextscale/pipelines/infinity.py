@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -30,6 +30,10 @@ from nextscale.models.native_infinity import load_infinity_native, save_infinity
 from nextscale.models.text_encoder import DEFAULT_T5, TextEncoder, TextFeatures
 from nextscale.models.tokenizers.bsq import BSQVAE
 from nextscale.pipelines.base import OutputType, Pipeline, count_params
+
+if TYPE_CHECKING:
+    from nextscale.engine.family import QualityPlan
+    from nextscale.engine.infinity.family import InfinityFamily
 
 log = logging.getLogger(__name__)
 
@@ -488,11 +492,25 @@ class InfinityPipeline(Pipeline):
                 kind, body = "vae", part(BSQVAE(vae_cfg), vae_cfg)
         return {"format": "official", "family": cls.family, "path": str(path), kind: {**body, "tensors": len(sd)}}
 
-    def engine_family(self, accel: Any = None) -> Any:
-        raise InvalidInputError("serving Infinity models is not available yet; use the pipeline or generate")
+    def engine_family(self, accel: Any = None) -> InfinityFamily:
+        """This model as the serving engine runs it (``Engine(pipe.engine_family())``): requests of any template at
+        the model's pixel budget. Acceleration plans do not apply to Infinity yet: ``accel`` must be None or
+        "exact"."""
+        from nextscale.engine.infinity.family import InfinityFamily
 
-    def quality_plans(self, levels: Mapping[str, Any]) -> dict[str, Any]:
-        raise InvalidInputError("serving Infinity models is not available yet; use the pipeline or generate")
+        if accel not in (None, "exact", ["exact"], ("exact",)):
+            raise InvalidInputError(f"acceleration on Infinity models is not available yet; got {accel!r} (use exact)")
+        return InfinityFamily(self.transformer, self.vae, self.text_encoder, self.sampling_defaults)
+
+    def quality_plans(self, levels: Mapping[str, Any]) -> dict[str, QualityPlan]:
+        """Every quality level runs exact on Infinity until its acceleration plug-ins land (what each level runs is
+        reported as such: no methods)."""
+        from nextscale.engine.family import QualityPlan
+
+        for q, name in levels.items():
+            if q == "auto" and name not in (None, "exact", ["exact"], ("exact",)):
+                raise InvalidInputError(f"acceleration on Infinity models is not available yet; got {name!r}")
+        return {q: QualityPlan(None) for q in levels}
 
     def __repr__(self) -> str:
         c = self.transformer.cfg

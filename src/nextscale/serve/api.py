@@ -236,7 +236,7 @@ class _Server:
                 raise InvalidInputError(f"unknown quality level {q!r}; allowed: {', '.join(QUALITIES)}")
             plan = given.plan if isinstance(given, QualityPlan) else given
             try:  # the family's own admission check, as a request would meet it: a plan of another family fails
-                engine.family.admit(torch.tensor([0], device=engine.device), self.model.warmup_params(), plan)
+                engine.family.admit(*self.model.warmup_request(), plan)
             except InvalidInputError as e:
                 raise InvalidInputError(f"quality {q!r}: {e}") from None
         # quality level -> plan and what it runs (a missing level is the exact plan)
@@ -252,7 +252,7 @@ class _Server:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         self.bridge.start(asyncio.get_running_loop())
         if self.warmup:  # one tiny real generation before /ready says yes
-            h = self.bridge.submit(torch.tensor([0]), self.model.warmup_params(), previews=False)
+            h = self.bridge.submit(*self.model.warmup_request(), previews=False)
             while not (await next_event(h)).finished:
                 pass
             # its first step pays one-off costs (lazy initialisation, first allocations): no sample of the rate
@@ -310,16 +310,15 @@ class _Server:
         except BadBody as e:
             return e.response()
         try:
-            label, params = self._validate(body)
+            condition, tag, params = self._validate(body)
         except InvalidInputError as e:
             return error(422, str(e), "invalid_request_error", getattr(e, "param", None))
         if not self.is_ready:
             return error(503, "server is starting up", "unavailable")
         previews = preview_scales(self.model.steps, body.partial_images) if body.stream else set()
-        labels = torch.full((body.n,), label, dtype=torch.long)
         quality = self.plans[body.quality]
         try:
-            handle = self.bridge.submit(labels, params, previews=bool(previews), plan=quality.plan)
+            handle = self.bridge.submit(condition, params, previews=bool(previews), plan=quality.plan)
         except QueueFull as e:
             self.metrics.requests.labels(status="rejected").inc()
             return error(
@@ -331,8 +330,6 @@ class _Server:
         except ShuttingDown:
             return error(503, "server is shutting down", "unavailable")
         self.metrics.by_quality.labels(quality=body.quality).inc()
-        names = self.names
-        tag = names[label] if names and label < len(names) else str(label)
         resolved = {"quality": body.quality, "acceleration": list(quality.methods)}  # what the preset does
         if body.stream:
             return StreamingResponse(
@@ -342,22 +339,40 @@ class _Server:
             )
         return await self._complete(handle, request, tag, params, resolved)
 
-    def _validate(self, body: ImageGenerationRequest) -> tuple[int, Any]:
-        size, m = self.size, self.model
+    def _validate(self, body: ImageGenerationRequest) -> tuple[Any, str, Any]:
+        """The request's condition, its name in responses (``revised_prompt``) and its params; one-line errors
+        naming the field."""
+        m = self.model
         if body.n > self.max_images:
             raise bad_field("n", f"n={body.n} is too large: allowed 1..{self.max_images}")
-        if body.size is not None and body.size != f"{size}x{size}":
-            raise bad_field("size", f"size {body.size!r} is not supported: this model makes {size}x{size} images")
         if body.model is not None and body.model != self.cfg.model_name:
             raise bad_field("model", f"unknown model {body.model!r}; this server serves {self.cfg.model_name!r}")
         if body.top_k > m.vocab_size:
             raise bad_field("top_k", f"top_k={body.top_k} exceeds the codebook size {m.vocab_size} (0..{m.vocab_size})")
+        values = body.model_dump()
+        if m.make_condition is not None:
+            condition, tag = m.make_condition(values, body.n)
+        else:
+            condition, tag = self._class_condition(body)
+        seed = secrets.randbits(63) if body.seed is None else body.seed
+        return condition, tag, m.params(body.model_fields_set, values, seed)
+
+    def _class_condition(self, body: ImageGenerationRequest) -> tuple[torch.Tensor, str]:
+        """A class-conditional model's condition: ``prompt`` (a class name or index) or ``class_label``, at its one
+        image size."""
+        size, m = self.size, self.model
+        if body.size is not None and body.size != f"{size}x{size}":
+            raise bad_field("size", f"size {body.size!r} is not supported: this model makes {size}x{size} images")
+        for name in ("negative_prompt", "tau"):
+            if getattr(body, name) is not None:
+                raise bad_field(name, f"{name} is a text-to-image setting; this model is class-conditional")
         try:
             label = resolve_label(body.label, m.num_classes, self.names)
         except InvalidInputError as e:
             raise bad_field("class_label" if body.class_label is not None else "prompt", str(e)) from None
-        seed = secrets.randbits(63) if body.seed is None else body.seed
-        return label, m.params(body.model_fields_set, body.model_dump(), seed)
+        names = self.names
+        tag = names[label] if names and label < len(names) else str(label)
+        return torch.full((body.n,), label, dtype=torch.long), tag
 
     async def _complete(
         self, handle: Handle, request: Request, tag: str, params: Any, resolved: dict[str, Any]

@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from nextscale.engine.engine import Engine, ScaleEvent
 from nextscale.serve.metrics import CompletionRate, ServerMetrics
 
@@ -114,7 +112,7 @@ class AsyncEngine:
 
     def submit(
         self,
-        labels_B: torch.Tensor,
+        condition: Any,
         params: Any,
         previews: bool,
         plan: Any = None,
@@ -125,9 +123,9 @@ class AsyncEngine:
             if self.queued >= self.max_queue:
                 raise QueueFull(self.rate.retry_after(self.images_ahead()))
             self._ids += 1
-            handle = Handle(f"img-{self._ids}", labels_B.numel())
+            handle = Handle(f"img-{self._ids}", len(condition))
             self._handles[handle.request_id] = handle
-        self._commands.put(("add", (handle.request_id, labels_B, params, previews, plan)))
+        self._commands.put(("add", (handle.request_id, condition, params, previews, plan)))
         self._wake.set()
         self.metrics.set_queue(self.queued, self.running)
         return handle

@@ -1,8 +1,9 @@
 """HTTP request/response schemas (pydantic lives only here, at the edge).
 
 OpenAI-shaped ``POST /v1/images/generations`` with the sampling fields as extensions (``ServingFacts`` says what
-they mean for a raster model, where a field left out takes the model's recommended value). ``prompt`` carries a
-class name (or index); ``class_label`` is the explicit alternative. Unknown fields are rejected so a typo
+they mean for a raster or text-to-image model, where a field left out takes the model's recommended value).
+``prompt`` is the text of a text-to-image model; for a class-conditional one it carries a class name (or index), with
+``class_label`` as the explicit alternative. Unknown fields are rejected so a typo
 (``top-k``, ``guidance``) is a 422 naming it rather than a silently ignored setting.
 """
 
@@ -20,7 +21,8 @@ class ImageGenerationRequest(BaseModel):
     # checks would call NaN "not <= 100").
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str | None = Field(None, max_length=200, description="a class name (or index) of the model")
+    # T5 reads at most 512 tokens (the text encoder truncates with a warning); this bounds the body, not the tokens
+    prompt: str | None = Field(None, max_length=4000, description="the text, or a class name (or index) of the model")
     class_label: int | str | None = Field(None, description="class index or name; alternative to prompt")
     n: int = Field(1, ge=1, description="number of images")
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses a generator from (seed, i)")
@@ -28,6 +30,8 @@ class ImageGenerationRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="top-k filter, 0 = off")
     top_p: float = Field(0.0, ge=0.0, le=1.0, description="top-p filter, 0 = off")
     more_smooth: bool = False
+    negative_prompt: str | None = Field(None, max_length=4000, description="text-to-image: replaces the null text")
+    tau: float | None = Field(None, ge=1e-3, le=100.0, description="text-to-image: temperature of the bit logits")
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png"] = "png"
     stream: bool = False
@@ -42,7 +46,7 @@ class ImageGenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _one_class(self) -> ImageGenerationRequest:
         if self.prompt is None and self.class_label is None:
-            raise ValueError("give the class as `prompt` (a class name) or `class_label`")
+            raise ValueError("give `prompt` (the text, or a class name) or `class_label`")
         if self.prompt is not None and self.class_label is not None:
             raise ValueError("give either `prompt` or `class_label`, not both")
         return self

@@ -81,6 +81,10 @@ class RasterFamily:
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def admit(self, labels_B: torch.Tensor, params: Any, plan: Any) -> tuple[SpeculativePlan | None, Units]:
+        if not isinstance(labels_B, torch.Tensor):
+            raise InvalidInputError(
+                f"a raster model generates from class labels (a tensor), got {type(labels_B).__name__}"
+            )
         if not isinstance(params, RasterParams):
             raise InvalidInputError(f"a raster model samples with RasterParams, got {type(params).__name__}")
         if plan is not None and not isinstance(plan, SpeculativePlan):

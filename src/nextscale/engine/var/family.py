@@ -54,6 +54,10 @@ class VARFamily:
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def admit(self, labels_B: torch.Tensor, params: Any, plan: Any) -> tuple[RequestPlan, Units]:
+        if not isinstance(labels_B, torch.Tensor):
+            raise InvalidInputError(
+                f"a VAR model generates from class labels (a tensor), got {type(labels_B).__name__}"
+            )
         if not isinstance(params, SamplingParams):
             raise InvalidInputError(f"a VAR model samples with SamplingParams, got {type(params).__name__}")
         if plan is not None and not isinstance(plan, RequestPlan):
