@@ -80,6 +80,31 @@ def raster_app(pipe: LlamaGenPipeline, **kw) -> FastAPI:
     return create_app(engine, cfg, plans=plans)
 
 
+INFINITY_FIXTURES = Path(__file__).parent / "fixtures" / "infinity-official"
+
+
+def tiny_infinity_pipe():
+    """The official-format Infinity fixture model (2 blocks, 16 bits, a tiny T5) at its 256 px budget (7 scales)."""
+    from nextscale.pipelines.infinity import InfinityPipeline
+
+    fx = INFINITY_FIXTURES
+    pipe = InfinityPipeline.from_official(
+        fx / "infinity.pth", fx / "vae.pth", text_encoder=str(fx / "text_encoder"), pn="0.06M"
+    )
+    return pipe
+
+
+def infinity_app(pipe, **kw) -> FastAPI:
+    """The API over an Infinity pipeline's model (prompts, its templates); ``kw``: ``engine_cfg`` and ServerConfig
+    fields."""
+    from nextscale.engine.engine import Engine, EngineConfig
+    from nextscale.serve.api import ServerConfig, create_app
+    from nextscale.serve.config import quality_plans
+
+    engine = Engine(pipe.engine_family(), kw.pop("engine_cfg", EngineConfig(max_images_per_request=2)))
+    return create_app(engine, ServerConfig(model_name="tiny-t2i", **kw), plans=quality_plans(pipe, None))
+
+
 def decode(b64: str) -> np.ndarray:
     """A response's ``b64_json`` image as an array."""
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))

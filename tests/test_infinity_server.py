@@ -18,10 +18,8 @@ from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.infinity.family import InfinityCondition
 from nextscale.images import to_uint8_nhwc
 from nextscale.pipelines.infinity import InfinityPipeline
-from nextscale.serve.api import ServerConfig, create_app
-from nextscale.serve.config import quality_plans
 
-from .helpers import decode, live
+from .helpers import decode, infinity_app, live, tiny_infinity_pipe
 
 FX = Path(__file__).parent / "fixtures" / "infinity-official"
 PROMPTS = [p["prompt"] for p in json.loads((FX / "manifest.json").read_text())["prompts"].values()]
@@ -31,14 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe() -> InfinityPipeline:
-    p = InfinityPipeline.from_official(FX / "infinity.pth", FX / "vae.pth", text_encoder=str(FX / "text_encoder"))
-    p.sampling_defaults["pn"] = "0.06M"  # the tiny model's 256 px budget (7 scales)
-    return p
+    return tiny_infinity_pipe()
 
 
 def _app(pipe: InfinityPipeline, **kw):
-    engine = Engine(pipe.engine_family(), kw.pop("engine_cfg", EngineConfig(max_images_per_request=2)))
-    return create_app(engine, ServerConfig(model_name="tiny-t2i", **kw), plans=quality_plans(pipe, None))
+    return infinity_app(pipe, **kw)
 
 
 def _bits(bits: list[torch.Tensor]) -> torch.Tensor:

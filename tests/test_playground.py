@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from .conftest import RASTER_GRID, tiny_raster_pipe
-from .helpers import live, raster_app
+from .helpers import infinity_app, live, raster_app, tiny_infinity_pipe
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without these, Chromium tries to reach Google services and the sandbox needs privileges CI lacks.
@@ -109,3 +109,21 @@ def test_a_raster_model_is_shown_row_by_row(page):
         page.wait_for_function("document.querySelectorAll('#gallery figure.item').length === 1", timeout=60_000)
         assert page.locator("#previews figcaption").all_inner_texts() == [f"row {RASTER_GRID}/{RASTER_GRID}"]
         assert "scale" not in page.inner_text("#status")
+
+
+def test_a_text_to_image_model_gets_a_prompt_box(page):
+    """No class list: a prompt and a negative prompt; the model's own sampling defaults hold unless a control moves."""
+    with live(infinity_app(tiny_infinity_pipe())) as url:
+        page.goto(url + "/")
+        page.wait_for_function("!document.querySelector('#prompt-box').hidden")
+        assert page.locator("#class-box").is_hidden() and "text-to-image" in page.inner_text("#model")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+        assert "write a prompt first" in page.inner_text("#status")
+        page.fill("#prompt", "a red fox sitting in the snow")
+        page.fill("#negative", "blurry, dark")
+        page.fill("#count", "1")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery figure.item').length === 1", timeout=60_000)
+        assert page.locator("#previews figcaption").all_inner_texts() == ["scale 7/7"]
+        assert "a red fox sitting in the snow" in page.inner_text("#gallery")
