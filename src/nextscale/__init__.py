@@ -1,8 +1,9 @@
-"""nextscale: sample, serve, accelerate, train and evaluate VAR (next-scale prediction) image generators, and
-raster-order (LlamaGen) ones.
+"""nextscale: sample, serve, accelerate, train and evaluate VAR (next-scale prediction) image generators, raster-order
+(LlamaGen) ones, and text-to-image next-scale ones (Infinity).
 
 Public API: ``VARPipeline`` (load official or native weights, sample, edit, save), ``LlamaGenPipeline`` (the same
-for LlamaGen c2i models), ``SamplingParams``, ``VARConfig`` / ``VQVAEConfig``. Importing the package has no side
+for LlamaGen c2i models), ``InfinityPipeline`` (prompts in: Infinity), ``SamplingParams``, ``VARConfig`` /
+``VQVAEConfig``. Importing the package has no side
 effects beyond importing torch lazily.
 """
 
@@ -17,6 +18,8 @@ _LAZY = {
     "VAROutput": "nextscale.pipelines.var",
     "LlamaGenPipeline": "nextscale.pipelines.raster",
     "LlamaGenOutput": "nextscale.pipelines.raster",
+    "InfinityPipeline": "nextscale.pipelines.infinity",
+    "InfinityOutput": "nextscale.pipelines.infinity",
     "SamplingParams": "nextscale.engine.var.params",
     "VARConfig": "nextscale.config",
     "VQVAEConfig": "nextscale.config",
@@ -25,10 +28,13 @@ _LAZY = {
 if TYPE_CHECKING:
     from nextscale.config import VARConfig, VQVAEConfig
     from nextscale.engine.var.params import SamplingParams
+    from nextscale.pipelines.infinity import InfinityOutput, InfinityPipeline
     from nextscale.pipelines.raster import LlamaGenOutput, LlamaGenPipeline
     from nextscale.pipelines.var import VAROutput, VARPipeline
 
 __all__ = [
+    "InfinityOutput",
+    "InfinityPipeline",
     "LlamaGenOutput",
     "LlamaGenPipeline",
     "SamplingParams",
