@@ -186,8 +186,25 @@ def test_cli_convert_info_generate(tmp_path, capsys):
     assert sorted(p.name for p in out_dir.iterdir()) == ["000_a-red-fox-in-snow.png", "001_a-red-fox-in-snow.png"]
     code, _, err = _run(["generate", "--model", folder, "--class", "3", "-o", tmp_path / "x.png"], capsys)
     assert code == 2 and "--class is for class-conditional models" in err.strip().splitlines()[-1]
-    code, _, err = _run(["generate", "--model", folder, "--prompt", "x", "--accel", "fast"], capsys)
-    assert code == 2 and "--accel is an option of VAR (next-scale) models" in err.strip().splitlines()[-1]
+    code, _, err = _run(
+        [
+            "generate",
+            "--model",
+            folder,
+            "--prompt",
+            "x",
+            "--accel",
+            "fast",
+            "--pn",
+            "0.06M",
+            "-o",
+            tmp_path / "fast.png",
+        ],
+        capsys,
+    )
+    assert code == 0 and "--accel fast -> skip-scales:last=2, cfg-cutoff:last=3 (built-in preset" in err, err
+    code, _, err = _run(["generate", "--model", folder, "--prompt", "x", "--speculative", "sjd"], capsys)
+    assert code == 2 and "--speculative is an option of raster (LlamaGen) models" in err.strip().splitlines()[-1]
     code, _, err = _run(["generate", "--model", folder, "--prompt", "x", "--size", "wide"], capsys)
     assert code == 2 and "expected a size WIDTHxHEIGHT" in err.strip().splitlines()[-1]
 

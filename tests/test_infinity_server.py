@@ -78,7 +78,12 @@ def test_server_prompts_sizes_and_errors(pipe):
     with TestClient(_app(pipe)) as c:
         info = c.get("/v1/models").json()["data"][0]
         assert info["family"] == "infinity" and info["num_classes"] == 0 and info["num_scales"] == 7
-        assert info["qualities"] == {"auto": [], "high": [], "medium": [], "low": []}, "exact until plug-ins land"
+        assert info["qualities"] == {
+            "auto": [],
+            "high": [],
+            "medium": ["cfg-cutoff:last=3"],
+            "low": ["skip-scales:last=2", "cfg-cutoff:last=3"],
+        }, "the Infinity presets"
         body = {"prompt": PROMPTS[0], "seed": 3, "size": "352x176", "negative_prompt": PROMPTS[2]}
         r = c.post("/v1/images/generations", json=body)
         assert r.status_code == 200, r.text
@@ -132,5 +137,7 @@ def test_serve_takes_an_infinity_folder(pipe, serve_cli_env, tmp_path, capsys):
     with TestClient(app) as c:
         r = c.post("/v1/images/generations", json={"prompt": PROMPTS[0], "seed": 1})
         assert r.status_code == 200, r.text
-    assert main([*argv, "--accel", "fast"]) == 2
-    assert "--accel is an option of VAR (next-scale) models" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*argv, "--accel", "balanced"]) == 0, "Infinity's own --accel: quality=auto runs its preset"
+    assert serve_cli_env[-1][0].state.bridge.engine.family.name == "infinity"
+    assert main([*argv, "--speculative", "sjd"]) == 2
+    assert "--speculative is an option of raster" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -31,10 +31,21 @@ class PlanContext:
     refiner_depth: int | None = None  # None: the model has no refiner
     num_heads: int = 0
     kv_roles: Mapping[str, Any] | None = field(default=None, compare=False)  # the model folder's KV calibration
+    # Non-square token maps (Infinity's h x w schedules): (h, w) per scale; empty: square maps of side
+    # ``patch_nums[si]`` (VAR). With grids, ``patch_nums`` holds the heights.
+    grids: tuple[tuple[int, int], ...] = ()
+    family: str = "var"  # whose built-in presets apply (``PRESETS_BY_FAMILY``)
 
     @property
     def num_scales(self) -> int:
         return len(self.patch_nums)
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        """Tokens of every scale: h x w, or pn x pn for square maps."""
+        if self.grids:
+            return tuple(h * w for h, w in self.grids)
+        return tuple(pn * pn for pn in self.patch_nums)
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,19 @@ PRESETS: dict[str, list[str]] = {
     "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code:draft=-3"],
 }
 PRESETS_WITHOUT_REFINER: dict[str, list[str]] = {"fast": ["cfg-cutoff"]}
+# Text-to-image Infinity (no refiner, no block hooks yet), from the papers' Infinity-2B settings on the 13-scale 1024²
+# schedule: SkipVAR's unconditional-branch replacement starts as early as scale 10 of 13 (the last three scales
+# unguided) — balanced; FastVAR skips the two largest scales (48 and 64 of side; SkipVAR skips up to three) and
+# decodes the summed codes as they are — fast adds that. ScaleKV's 10 % budget is left out of the presets: its
+# floor is what the drafter layers keep, which depends on the depth and the calibration (on a 2-block model it is
+# half the cache); ask for ``scalekv:budget=0.1`` on a 32-block model.
+PRESETS_BY_FAMILY: dict[str, dict[str, list[str]]] = {
+    "infinity": {
+        "exact": [],
+        "balanced": ["cfg-cutoff:last=3"],
+        "fast": ["cfg-cutoff:last=3", "skip-scales:last=2"],
+    }
+}
 
 AccelSpec = str | Accel
 AccelArg = AccelSpec | Sequence[AccelSpec] | None
@@ -199,6 +223,8 @@ def _preset(name: str, ctx: PlanContext, presets: Mapping[str, Sequence[str]] | 
     """A preset's specs and where they come from (``Resolved.source``)."""
     if presets and name in presets:
         return list(presets[name]), TUNED
+    if ctx.family in PRESETS_BY_FAMILY:
+        return list(PRESETS_BY_FAMILY[ctx.family][name]), f"built-in preset for {ctx.family} models"
     if ctx.refiner_depth is None and name in PRESETS_WITHOUT_REFINER:
         return list(PRESETS_WITHOUT_REFINER[name]), "built-in preset for models without a refiner"
     return list(PRESETS[name]), BUILT_IN

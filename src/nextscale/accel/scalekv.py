@@ -204,7 +204,7 @@ def kv_keeps(
     """Per run scale, per layer, the positions a cache keeps after it: drafter layers everything, the others ``m``
     solved so that the cache's peak is ``budget`` x the full one; 0 at the last run scale (never read)."""
     run = [si for si, p in enumerate(steps) if not p.skip]
-    tokens = [pn * pn for pn in ctx.patch_nums]
+    tokens = ctx.token_counts
     cum, total = {}, 0
     for si in run:
         total += tokens[si]

@@ -179,10 +179,13 @@ def refuse_options(
     """One-line error for an option of another family: ``options`` maps a family to its own flags; ``subject``
     names the model in the message (default: ``where(args)``)."""
     names = family_names()
+    own = set(options.get(family, ()))
     for other, flags in options.items():
         if other == family:
             continue
         for flag in flags:
+            if flag in own:  # shared by name (--accel of VAR and Infinity): the model's own option
+                continue
             if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
                 allowed = ", ".join(options.get(family, ())) or "none"
                 raise InvalidInputError(

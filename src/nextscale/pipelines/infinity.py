@@ -20,18 +20,19 @@ import torch
 
 from nextscale.engine.infinity.params import InfinityParams
 from nextscale.engine.infinity.reference import ScaleStep, reference_sample
-from nextscale.engine.infinity.state import InfinityGeneration, check_request, request_rows
-from nextscale.engine.kv_cache import KVCache, KVPool
+from nextscale.engine.infinity.state import InfinityGeneration, SchedulePlans, check_request, own_cache, request_rows
 from nextscale.engine.params import RngMode
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
 from nextscale.models.infinity import Infinity, InfinityConfig
-from nextscale.models.infinity_scales import PN_SCALES, InfinitySchedule, schedule
+from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule
 from nextscale.models.native_infinity import load_infinity_native, save_infinity_native, text_encoder_parts
 from nextscale.models.text_encoder import DEFAULT_T5, TextEncoder, TextFeatures
 from nextscale.models.tokenizers.bsq import BSQVAE
 from nextscale.pipelines.base import OutputType, Pipeline, count_params
 
 if TYPE_CHECKING:
+    from nextscale.accel import Accel, AccelArg, PlanContext, Resolved
     from nextscale.engine.family import QualityPlan
     from nextscale.engine.infinity.family import InfinityFamily
 
@@ -71,6 +72,11 @@ class InfinityScalePreview:
         if self.summed_codes is None:
             raise InvalidInputError("this scale's preview has no latent to decode")
         return self._pipe._format(self._pipe.decode_latent(self.summed_codes), output_type)
+
+
+def _pool_len(pn: str) -> int:
+    """Positions per row of the engine's KV pool serving ``pn`` (the longest schedule of its templates)."""
+    return max(schedule(t, pn).seq_len for t in H_DIV_W_TEMPLATES)
 
 
 def parse_size(size: Size | None) -> tuple[float, tuple[int, int] | None]:
@@ -123,7 +129,8 @@ class InfinityPipeline(Pipeline):
     family_title = "text-to-image next-scale (Infinity)"
     official_options = ("text_encoder",)
     official_files = "infinity_*.pth (or a shard folder) + infinity_vae_*.pth"
-    sampling_options = ("negative_prompt", "tau", "size", "pn", "sampler")
+    sampling_options = ("accel", "negative_prompt", "tau", "size", "pn", "sampler")
+    accel_option = "accel"
     default_sampling = DEFAULT_SAMPLING
     transformer: Infinity
 
@@ -318,6 +325,7 @@ class InfinityPipeline(Pipeline):
         params = self.sampling_params(s.get("cfg"), s.get("tau"), s.get("top_k"), s.get("top_p"), s.get("seed"))
         sched, _ = self.schedule(s.get("size"), s.get("pn"))
         self._check_params(params, sched)
+        self.plan(s.get("accel"), sched)  # an unknown or impossible combination fails here, before any sampling
         return settings
 
     def _check_params(self, params: InfinityParams, sched: InfinitySchedule) -> None:
@@ -344,6 +352,7 @@ class InfinityPipeline(Pipeline):
         first_image_index: int = 0,
         image_indices: Sequence[int] | None = None,
         sampler: Literal["fast", "reference"] = "fast",
+        accel: AccelArg = None,
     ) -> InfinityOutput:
         """Generate ``num_images_per_prompt`` images per prompt.
 
@@ -355,6 +364,8 @@ class InfinityPipeline(Pipeline):
         model's); ``stats["schedule"]`` says what ran. ``cfg_insertion_layer=-k`` guides the hidden states after
         block depth-k instead of the logits. With ``rng="per_image"`` image i draws from a generator seeded by
         (seed, first_image_index + i); ``"official"`` draws the batch from one generator as the official code.
+        ``accel``: acceleration plug-ins, as VAR's (spec strings, plug-in objects or a preset: ``"exact"``,
+        ``"balanced"``, ``"fast"``): cfg-cutoff, skip-scales, scalekv, hack; ``stats`` reports what ran and its cost.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
@@ -371,6 +382,9 @@ class InfinityPipeline(Pipeline):
         self._check_output_type(output_type)
         if sampler not in ("fast", "reference"):
             raise InvalidInputError(f"sampler must be 'fast' or 'reference' (the oracle loop), got {sampler!r}")
+        plan = self.plan(accel, sched)
+        if sampler == "reference" and plan is not None:
+            raise InvalidInputError("sampler='reference' is the exact oracle loop; acceleration needs sampler='fast'")
         B = len(prompts)
         indices = self._image_indices(B, first_image_index, image_indices)
         # One encoder pass for the prompts and the negative prompts together (the features of a prompt do not
@@ -391,14 +405,17 @@ class InfinityPipeline(Pipeline):
                     callback_on_scale(preview)
 
             res = reference_sample(self.transformer, self.vae, text, sched, params, gens, negative, on_scale)
+            run_stats: dict[str, Any] = {}
             bits, summed = res.bits, res.summed_codes
         else:
-            bits, summed = self._sample(text, negative, sched, params, gens, callback_on_scale)
+            bits, summed, run_stats = self._sample(text, negative, sched, params, gens, callback_on_scale, plan)
         if output_type == "latent":
             images: Any = summed.squeeze(-3)
         else:
             images = self._format_images(self.decode_latent(summed), output_type)
-        stats = {"schedule": sched_info, "text_tokens": list(text.lens)}
+        stats = {"schedule": sched_info, "text_tokens": list(text.lens), **run_stats}
+        if accel is not None:
+            stats["resolved"] = self.describe_accel(accel, pn).as_dict()
         return InfinityOutput(images, bits, prompts, params.seed or 0, params, stats)
 
     def _sample(
@@ -409,13 +426,14 @@ class InfinityPipeline(Pipeline):
         params: InfinityParams,
         gens: Any,
         callback_on_scale: Callable[[InfinityScalePreview], None] | None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The fast loop: the engine's per-scale step over a preallocated KV cache of this batch."""
+        plan: RequestPlan | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, Any]]:
+        """The fast loop: the engine's per-scale step over a preallocated KV cache of this batch (compressed as the
+        plan says, packed as the engine packs it)."""
         m = self.transformer
-        rows = request_rows(params, sched, text.rows)
-        w = m.head.weight
-        kv = KVCache(KVPool(m.depth, rows, m.cfg.num_heads, m.cfg.head_dim, sched.seq_len, w.dtype, w.device))
-        gen = InfinityGeneration(m, self.vae, text, sched, params, gens, kv, negative, release=kv.free)
+        rows = request_rows(params, sched, text.rows, plan)
+        kv = own_cache(m, rows, sched, plan, _pool_len(sched.pn))
+        gen = InfinityGeneration(m, self.vae, text, sched, params, gens, kv, negative, release=kv.free, plan=plan)
         try:
             while not gen.done:
                 out = gen.step()
@@ -423,9 +441,67 @@ class InfinityPipeline(Pipeline):
                     summed = out.summed_codes.clone()
                     callback_on_scale(InfinityScalePreview(out.si, gen.num_scales, out.bits_Bhwd, summed, self))
             assert gen.summed is not None
-            return gen.bits, gen.summed
+            return gen.bits, gen.summed, gen.stats()
         finally:
             gen.release()
+
+    # ---- acceleration -----------------------------------------------------------------------------------------
+    def plan_context(self, sched: InfinitySchedule) -> PlanContext:
+        """What a method may know about this model on ``sched``: its scales' h x w grids, depth and heads."""
+        from nextscale.accel import PlanContext
+
+        m = self.transformer
+        heights = tuple(h for h, _ in sched.grids)
+        return PlanContext(heights, m.depth, None, m.cfg.num_heads, grids=sched.grids, family=self.family)
+
+    def _methods(self, accel: AccelArg, sched: InfinitySchedule) -> list[Accel]:
+        """The methods ``accel`` resolves to on ``sched`` (Infinity's built-in presets), those that run here only."""
+        from nextscale.accel import resolve
+
+        methods = resolve(accel, self.plan_context(sched))
+        for m in methods:
+            if m.name in ("code", "fastvar"):
+                why = "an Infinity model has no refiner" if m.name == "code" else "token pruning is VAR-only for now"
+                raise InvalidInputError(
+                    f"{m.name} does not run on Infinity models ({why}); use cfg-cutoff, skip-scales, scalekv or hack"
+                )
+            if m.transforms_model:
+                raise InvalidInputError(
+                    f"{m.name} does not run on Infinity models yet (its weight selection covers VAR's blocks only)"
+                )
+        return methods
+
+    def plan(self, accel: AccelArg, sched: InfinitySchedule | None = None) -> RequestPlan | None:
+        """The per-scale plan of ``accel`` on ``sched`` (default: the square schedule at the model's pixel budget;
+        None: exact), checked before any sampling."""
+        from nextscale.accel import build_plan
+
+        sched = sched or self.schedule()[0]
+        methods = self._methods(accel, sched)
+        return build_plan(methods, self.plan_context(sched)) if methods else None
+
+    def describe_accel(self, accel: AccelArg, pn: str | None = None) -> Resolved:
+        """What ``accel`` runs on this model: ``str()`` gives ``"fast -> cfg-cutoff:last=3, ... (built-in preset for
+        infinity models)"`` (``nextscale.accel.describe``)."""
+        from nextscale.accel import describe
+
+        sched = self.schedule(None, pn)[0]
+        self._methods(accel, sched)
+        return describe(accel, self.plan_context(sched))
+
+    def schedule_plans(self, accel: AccelArg) -> SchedulePlans | None:
+        """``accel`` as the engine takes it: a plan for every schedule a request may have (None: exact)."""
+        sched = self.schedule()[0]
+        methods = self._methods(accel, sched)
+        if not methods:
+            return None
+        from nextscale.accel import build_plan
+
+        def make(s: InfinitySchedule) -> RequestPlan:
+            return build_plan(methods, self.plan_context(s))
+
+        make(sched)  # an impossible setting fails now, not at the first request
+        return SchedulePlans(make, tuple(m.spec() for m in methods))
 
     @staticmethod
     def _negatives(negative: str | Sequence[str] | None, count: int, per_prompt: int) -> list[str] | None:
@@ -492,25 +568,25 @@ class InfinityPipeline(Pipeline):
                 kind, body = "vae", part(BSQVAE(vae_cfg), vae_cfg)
         return {"format": "official", "family": cls.family, "path": str(path), kind: {**body, "tensors": len(sd)}}
 
-    def engine_family(self, accel: Any = None) -> InfinityFamily:
+    def engine_family(self, accel: AccelArg = None) -> InfinityFamily:
         """This model as the serving engine runs it (``Engine(pipe.engine_family())``): requests of any template at
-        the model's pixel budget. Acceleration plans do not apply to Infinity yet: ``accel`` must be None or
-        "exact"."""
+        the model's pixel budget. ``accel``: the server's default (checked here; the plans themselves come with each
+        request: ``quality_plans``)."""
         from nextscale.engine.infinity.family import InfinityFamily
 
-        if accel not in (None, "exact", ["exact"], ("exact",)):
-            raise InvalidInputError(f"acceleration on Infinity models is not available yet; got {accel!r} (use exact)")
+        self.schedule_plans(accel)
         return InfinityFamily(self.transformer, self.vae, self.text_encoder, self.sampling_defaults)
 
-    def quality_plans(self, levels: Mapping[str, Any]) -> dict[str, QualityPlan]:
-        """Every quality level runs exact on Infinity until its acceleration plug-ins land (what each level runs is
-        reported as such: no methods)."""
+    def quality_plans(self, levels: Mapping[str, AccelArg]) -> dict[str, QualityPlan]:
+        """The plans of each level (``{"auto": serve --accel, "high": "exact", ...}``: one per schedule, as the
+        engine admits them) and what each runs."""
         from nextscale.engine.family import QualityPlan
 
+        out = {}
         for q, name in levels.items():
-            if q == "auto" and name not in (None, "exact", ["exact"], ("exact",)):
-                raise InvalidInputError(f"acceleration on Infinity models is not available yet; got {name!r}")
-        return {q: QualityPlan(None) for q in levels}
+            plans = self.schedule_plans(name)
+            out[q] = QualityPlan(plans, plans.names if plans else ())
+        return out
 
     def __repr__(self) -> str:
         c = self.transformer.cfg

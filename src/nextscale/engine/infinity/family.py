@@ -10,6 +10,11 @@ starts and live with the request, not in the pool: they are a few hundred tokens
 prompts). Each scheduled request runs its own transformer call this iteration: requests at different scales, sizes
 and text lengths share no shapes, and the official numbers depend on each request's packing (the cross-attention's
 bf16 rounding), so fusing calls would trade exactness for speed.
+
+A request's plan (``admit``'s ``plan``) is a ``RequestPlan`` of its schedule's scales, or a ``SchedulePlans`` (what the
+pipeline's ``quality_plans`` gives: one plan per schedule, since KV budgets follow the token counts); the scheduler's
+units are the scales the plan runs, each with the rows it runs (fewer after a cfg-cutoff), and a compressed cache
+(scalekv, hack) takes the pool rows its packed per-layer caches need.
 """
 
 from __future__ import annotations
@@ -22,8 +27,17 @@ import torch
 
 from nextscale.engine.family import RequestState, ServingFacts, StepResult, Units, bad_field
 from nextscale.engine.infinity.params import InfinityParams
-from nextscale.engine.infinity.state import InfinityGeneration, check_request, request_rows
-from nextscale.engine.kv_cache import KVPool
+from nextscale.engine.infinity.state import (
+    InfinityGeneration,
+    SchedulePlans,
+    check_plan,
+    check_request,
+    kv_capacities,
+    plan_units,
+    request_rows,
+)
+from nextscale.engine.kv_cache import CompactKV, KVPool, KVSlot, compact_rows
+from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.infinity import Infinity
 from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule
@@ -96,7 +110,7 @@ class InfinityFamily:
         return self._pool
 
     # ---- requests ----------------------------------------------------------------------------------------------
-    def admit(self, condition: Any, params: Any, plan: Any) -> tuple[None, Units]:
+    def admit(self, condition: Any, params: Any, plan: Any) -> tuple[RequestPlan | None, Units]:
         if not isinstance(condition, InfinityCondition):
             raise InvalidInputError(
                 f"an Infinity model generates from an InfinityCondition (prompts and a schedule), got "
@@ -104,17 +118,25 @@ class InfinityFamily:
             )
         if not isinstance(params, InfinityParams):
             raise InvalidInputError(f"an Infinity model samples with InfinityParams, got {type(params).__name__}")
-        if plan is not None:
+        if plan is not None and not isinstance(plan, (RequestPlan, SchedulePlans)):
             raise InvalidInputError(
-                f"Infinity requests run exact for now: no acceleration plan applies, got {type(plan).__name__}"
+                f"an Infinity request runs exact or with a RequestPlan (nextscale.accel), got {type(plan).__name__}"
             )
         sched = condition.schedule
         if sched.pn not in self.pns:
             raise InvalidInputError(f"pn {sched.pn!r} is not served here; allowed: {', '.join(self.pns)}")
         check_request(self.model, self.vae, sched, params)
-        stop = sched.num_scales if params.trunk_scale is None else min(sched.num_scales, params.trunk_scale)
-        rows = request_rows(params, sched, len(condition))
-        return None, Units(rows, sched.lengths[:stop])
+        if isinstance(plan, SchedulePlans):
+            plan = plan.for_schedule(sched)
+        check_plan(plan, sched)
+        n = len(condition)
+        rows = request_rows(params, sched, n, plan)
+        tokens, unit_rows = plan_units(plan, params, sched, n)
+        if plan is None or plan.is_exact:
+            return plan, Units(rows, tokens)
+        if plan.compresses_kv:  # the packed per-layer caches of a compressed request (scalekv, hack)
+            rows = compact_rows(rows, kv_capacities(plan, sched, self.model.depth), self.max_len)
+        return plan, Units(rows, tokens, unit_rows)
 
     def start(
         self, condition: Any, params: Any, plan: Any, generators: Any, start: int, rows: int
@@ -126,9 +148,13 @@ class InfinityFamily:
         B = len(prompts)
         text = feats.select(range(B))
         neg = None if negative is None else feats.select([B] * B)
+        sched = condition.schedule
         slot = self.pool.slot(start, rows)
+        kv: KVSlot | CompactKV = slot
+        if plan is not None and plan.compresses_kv:
+            kv = CompactKV(slot, request_rows(params, sched, B, plan), kv_capacities(plan, sched, self.model.depth))
         return InfinityGeneration(
-            self.model, self.vae, text, condition.schedule, params, generators, slot, neg, release=slot.free
+            self.model, self.vae, text, sched, params, generators, kv, neg, release=slot.free, plan=plan
         )
 
     # ---- one iteration -----------------------------------------------------------------------------------------
