@@ -214,3 +214,10 @@ def test_cli_refuses_infinity_options_for_other_families(capsys, tmp_path):
     assert code == 2 and "--tau is an option of text-to-image next-scale (Infinity) models" in err
     code, _, err = _run(["generate", "--prompt", "a bag", "-o", tmp_path / "x.png"], capsys)
     assert code == 2 and "--prompt is for text-to-image models" in err
+
+
+def test_float32_only_for_now(pipe):
+    """bf16 weights are not supported yet: refused in one line; "auto" picks float32."""
+    with pytest.raises(InvalidInputError, match="Infinity models run in float32 for now"):
+        pipe.to(dtype=torch.bfloat16)
+    assert pipe.to(dtype="auto").dtype == torch.float32
