@@ -14,20 +14,12 @@ quantize their input per token to int8 and run an int8 x int8 matmul (``torch._i
 AdaLN projections stay weight-only there, since they run once per request on the class embeddings, so
 quantizing their input would add error for no speed.
 
-Measured (VAR-d16 shape, random weights, batch 8 with guidance, token phase, eager; one thread of a 2-core AMD
-EPYC with AVX-512, AVX512-BF16 and VNNI, no AMX, timed by thread CPU time since the cores were shared): weights
-1184 MiB fp32, 592 MiB bf16, 303-315 MiB int8 (3.8-3.9x smaller than fp32, 1.95x smaller than bf16). Speed vs
-fp32: bf16 2.9x; int8 weight-only 0.97x with fp32 activations but 2.8x with bf16 ones (= bf16: converting the
-int8 weight is cheap next to the GEMM); dynamic 1.8x (fp32 activations) / 1.65x (bf16). An earlier two-thread
-run gave weight-only 0.92x, dynamic 1.08x, bf16 3.7x. So on CPU int8 is a MEMORY feature, not a speed one: on a
-bf16 model (``dtype="auto"`` where bf16 is native) ``int8`` halves the weights at bf16's speed. torch's own fused
-weight-only kernel (``aten._weight_int8pack_mm``), considered as a fallback, ran fp32 activations ~35x slower
-than an fp32 GEMM here, so there is none: without torchao the method says how to install it. On GPUs torchao's
-small-batch speedups come from ``torch.compile`` fusing the int8 -> float conversion into the matmul; eager, as
-here, torchao 0.18 converts the whole weight on every call (read from its code, not measured). Lossy: on a
-random test model the logits differ from the exact model's by 0.5 % (weight) / 0.6 % (dynamic) relative in
-fp32, ~0.9 % in bf16 — the size of bf16's own rounding; measure fidelity on your model. Needs torchao
-(``pip install 'nextscale[int8]'``); ``quantize_int8`` takes seconds for d16, so callers cache the copy.
+On a CPU int8 is a memory feature, not a speed one: weight-only int8 runs at the activation dtype's speed with half
+bf16's weight bytes (measurements: ``benchmarks/RESULTS.md``, "int8 weights"). torch's own fused weight-only kernel
+(``aten._weight_int8pack_mm``), considered as a fallback, was far slower than an fp32 GEMM here, so there is none:
+without torchao the method says how to install it. Lossy (logits ~0.5-0.9 % relative on a random model, the size of
+bf16's own rounding): measure fidelity on your model. Needs torchao (``pip install 'nextscale[int8]'``);
+``quantize_int8`` takes seconds for d16, so callers cache the copy.
 """
 
 from __future__ import annotations
