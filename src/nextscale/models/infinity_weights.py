@@ -23,7 +23,7 @@ from nextscale.errors import CheckpointError, ConfigError
 from nextscale.models.infinity import Infinity, InfinityConfig, official_uncond_rows
 from nextscale.models.tokenizers.bsq import BSQVAE, BSQVAEConfig
 from nextscale.models.torch_files import error_detail, key_indices, load_torch_file, missing_keys_error
-from nextscale.models.weights import load_into
+from nextscale.models.weights import load_into, plain_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,7 @@ def read_infinity_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     obj = load_torch_file(path, "only plain state dicts are accepted (a training checkpoint? export its weights first)")
     if isinstance(obj, Mapping) and isinstance(obj.get("vae"), Mapping):
         raise CheckpointError(f"{path}: this is a BSQ tokenizer checkpoint, not an Infinity transformer")
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and set(obj) == {wrapper}:
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: not a plain state dict; non-tensor entries: {bad[:5]}")
-    return dict(obj)
+    return plain_state_dict(obj, path)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict saved with ``torch.save``; refuse pickled objects."""
     path = Path(path)
     obj = load_torch_file(path, "only plain state dicts are accepted (a training checkpoint? export its weights first)")
+    return plain_state_dict(obj, path)
+
+
+def plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A loaded checkpoint object as a state dict (one ``state_dict``/``model``/``module`` wrapper level removed),
+    or a one-line ``CheckpointError`` naming ``path``."""
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and set(obj) == {wrapper}:
             obj = obj[wrapper]

@@ -45,8 +45,13 @@ def family_of_file(path: str | Path) -> str:
     A file no family claims is read once more to say why: unreadable files get the loader's own one-line error
     (empty, truncated, a pickle, text), readable ones a list of what is known."""
     # Families share tensor names (word_embed, head, encoder.conv_in, ...): each says how sure it is (2: names only
-    # its files have, 1: names it shares), and the surest wins (the first in REGISTRY order on a tie).
-    claims = {family: int(pipeline_class(family).claims_file(path)) for family in REGISTRY}
+    # its files have, 1: names it shares). The first certain family wins, without reading the file for the rest;
+    # else the first that shares names.
+    claims: dict[str, int] = {}
+    for family in REGISTRY:
+        claims[family] = int(pipeline_class(family).claims_file(path))
+        if claims[family] == 2:
+            return family
     best = max(claims, key=lambda f: claims[f])
     if claims[best] > 0:
         return best
