@@ -34,7 +34,14 @@ from nextscale.models.infinity_weights import (
 from nextscale.models.text_encoder import TextEncoder, TextFeatures
 
 ROOT = Path(os.environ.get("NEXTSCALE_INFINITY_FIXTURES") or Path(__file__).parent / "fixtures" / "infinity-official")
-TEXT_TOL, TOL = 1e-6, 1e-5
+# The committed fixtures were made at torch's AVX512 kernel level. At another level (ATEN_CPU_CAPABILITY=avx2 or
+# default, or a CPU without AVX-512) fp32 sums round differently. Measured there (2026-12-06, both levels, one
+# thread): T5 features 1.7e-6, the text path 2.3e-6, the official init rows of a short cfg_uncond 1.3e-7, and, since
+# the cross-attention rounds q/kv to bf16 (one fp32 ulp can move a value by a bf16 step), teacher-forcing logits
+# 1.8e-3 and per-scale sampling logits 1.7e-2 — with bits identical at every scale and the images within 6e-6.
+SAME_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX512"
+TEXT_TOL, TOL = (1e-6, 1e-5) if SAME_KERNELS else (5e-6, 1e-5)
+TF_LOGIT_TOL, LOGIT_TOL = (TOL, TOL) if SAME_KERNELS else (5e-3, 5e-2)
 # Prompts of each run (README "Runs" table); run e guides with the negative prompt.
 RUN_PROMPTS = {"a": ["p0", "p1"], "b": ["p0", "p1"], "c": ["p1"], "d": ["p0"], "e": ["p0"], "f": ["p1"], "g": ["p0"]}
 NEGATIVE_RUNS = {"e"}
@@ -137,7 +144,10 @@ def test_checkpoints_load_strictly_with_official_keys(fx):
     sched = fx.load("schedule.npz")
     if "cfg_uncond_loaded" in sched:  # short table: rows past the stored ones are the official init
         n = sched["cfg_uncond_loaded"].shape[0]
-        np.testing.assert_array_equal(fx.model.cfg_uncond[:n].detach().numpy(), sched["cfg_uncond_loaded"])
+        atol = 0 if SAME_KERNELS else 1e-6  # the official init's trunc_normal_ rows (see SAME_KERNELS)
+        np.testing.assert_allclose(
+            fx.model.cfg_uncond[:n].detach().numpy(), sched["cfg_uncond_loaded"], atol=atol, rtol=0
+        )
 
 
 def test_schedule_and_rope_rows_are_exact(fx):
@@ -212,7 +222,7 @@ def test_teacher_forcing_logits(fx):
     x_wo = torch.from_numpy(fx.load("vae_encode.npz")["x_BLC_wo_prefix"])
     with torch.no_grad():
         logits = fx.model(fx.features(["p0", "p1"]), x_wo, fx.schedule)
-    close(logits, fx.load("teacher_forcing.npz")["logits"], TOL)
+    close(logits, fx.load("teacher_forcing.npz")["logits"], TF_LOGIT_TOL)
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------------
@@ -248,7 +258,7 @@ def test_sampling_run(folder, run):
     for si, step in enumerate(steps):  # per scale, so a failure names the first scale that diverged
         b, e = fx.schedule.begin_ends[si]
         np.testing.assert_array_equal(bits[:, b:e].numpy(), ref["bits"][:, b:e], err_msg=f"scale {si}")
-        close(step.logits_BlV, ref["logits"][:, b:e], TOL)
+        close(step.logits_BlV, ref["logits"][:, b:e], LOGIT_TOL)
     assert bits.shape[1] == ref["bits"].shape[1]
     close(torch.cat([s.next_Bld for s in steps if s.next_Bld is not None], 1), ref["next_inputs"], TOL)
     close(out.summed_codes.squeeze(2), ref["summed_codes"], TOL)
