@@ -111,6 +111,16 @@ def schedule(h_div_w: float, pn: str = "1M") -> InfinitySchedule:
     return InfinitySchedule(template, pn, _TEMPLATE_GRIDS[template][: PN_SCALES[pn]])
 
 
+def template_sizes(pn: str) -> dict[str, InfinitySchedule]:
+    """'WIDTHxHEIGHT' (pixels, OpenAI's order) -> schedule, for every template at ``pn``, in template order."""
+    out = {}
+    for t in H_DIV_W_TEMPLATES:
+        s = schedule(t, pn)
+        h, w = s.image_size
+        out[f"{w}x{h}"] = s
+    return out
+
+
 def _check_head_dim(head_dim: int) -> None:
     if head_dim < 4 or head_dim % 4:
         raise ConfigError(f"RoPE-2D needs a head dim divisible by 4 (half for rows, half for columns), got {head_dim}")

@@ -25,7 +25,7 @@ from nextscale.engine.params import RngMode
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
 from nextscale.models.infinity import Infinity, InfinityConfig
-from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule
+from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule, template_sizes
 from nextscale.models.native_infinity import load_infinity_native, save_infinity_native, text_encoder_parts
 from nextscale.models.text_encoder import DEFAULT_T5, TextEncoder, TextFeatures
 from nextscale.models.tokenizers.bsq import BSQVAE
@@ -296,10 +296,7 @@ class InfinityPipeline(Pipeline):
 
     def sizes(self, pn: str | None = None) -> list[str]:
         """Every image size this model samples at ``pn`` (default: the model's), as 'WIDTHxHEIGHT'."""
-        from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES
-
-        pn = self.sampling_defaults["pn"] if pn is None else pn
-        return [f"{s.image_size[1]}x{s.image_size[0]}" for s in (schedule(t, pn) for t in H_DIV_W_TEMPLATES)]
+        return list(template_sizes(self.sampling_defaults["pn"] if pn is None else pn))
 
     def sampling_params(
         self,

@@ -40,7 +40,7 @@ from nextscale.engine.kv_cache import CompactKV, KVPool, KVSlot, compact_rows
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.infinity import Infinity
-from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule
+from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule, template_sizes
 from nextscale.models.text_encoder import TextEncoder
 from nextscale.models.tokenizers.bsq import BSQVAE
 
@@ -177,12 +177,7 @@ class InfinityFamily:
     # ---- serving -----------------------------------------------------------------------------------------------
     def sizes(self, pn: str) -> dict[str, InfinitySchedule]:
         """'WIDTHxHEIGHT' -> schedule, for every template at ``pn``."""
-        out = {}
-        for t in H_DIV_W_TEMPLATES:
-            s = schedule(t, pn)
-            h, w = s.image_size
-            out[f"{w}x{h}"] = s
-        return out
+        return template_sizes(pn)
 
     def serving_facts(self) -> ServingFacts:
         """A field the request leaves out takes the model's recommended value (``sampling_defaults``: cfg 3, tau 0.5,
