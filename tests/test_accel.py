@@ -84,7 +84,7 @@ def test_describe_says_what_a_setting_runs_and_where_it_came_from(pipe):
     assert built_in.source == "built-in preset"
     assert describe("fast", alone).source == "built-in preset for models without a refiner"
     given = describe(["cfg-cutoff:last=1", "fastvar:keep=0.4"], alone)
-    assert str(given) == "cfg-cutoff:last=1 + fastvar:keep=0.4 -> cfg-cutoff:last=1, fastvar (as given)"
+    assert str(given) == "cfg-cutoff:last=1 + fastvar:keep=0.4 -> cfg-cutoff:last=1, fastvar:keep=0.4 (as given)"
     mixed = describe(["balanced", FastVAR(keep=0.3)], alone, {"balanced": ["cfg-cutoff:last=1"]})
     assert mixed.specs == ("cfg-cutoff:last=1", "fastvar:keep=0.3")
     assert mixed.source == "balanced: model's tuned preset; the rest as given"

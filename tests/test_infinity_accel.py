@@ -1,7 +1,7 @@
 """Acceleration plug-ins on Infinity: the exact plan is the plain loop bit for bit (pipeline and engine); cfg-cutoff,
-skip-scales, scalekv, hack and the family's presets run in the pipeline and in the engine, which gives each request the
-pipeline's bits for its seed and plan under random arrivals; cfg-cutoff keeps exact's bits at the guided scales;
-scalekv/hack hold less KV memory; bad settings fail in one line."""
+skip-scales, fastvar, scalekv, hack and the family's presets run in the pipeline and in the engine, which gives
+each request the pipeline's bits for its seed and plan under random arrivals; cfg-cutoff keeps exact's bits at the
+guided scales; scalekv/hack hold less KV memory; int8 runs on a quantized copy; bad settings fail in one line."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from nextscale.accel.int8 import int8_available, is_int8, weight_bytes
 from nextscale.engine.engine import Engine, EngineConfig
 from nextscale.engine.infinity.family import InfinityCondition
 from nextscale.engine.var.plan import RequestPlan
-from nextscale.errors import InvalidInputError
+from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.pipelines.infinity import InfinityPipeline
 
 from .helpers import tiny_infinity_pipe
@@ -23,7 +24,18 @@ from .helpers import tiny_infinity_pipe
 FX = Path(__file__).parent / "fixtures" / "infinity-official"
 PROMPTS = [p["prompt"] for p in json.loads((FX / "manifest.json").read_text())["prompts"].values()]
 # The fixture has 2 blocks: ScaleKV's drafter (block 0) alone keeps about half the cache, so budgets are above it.
-METHODS = ["cfg-cutoff:last=2", "skip-scales:last=2", "scalekv:budget=0.6", "hack:budget=0.6", "balanced", "fast"]
+# FastVAR's default block range on 2 blocks is empty (it keeps ~10 % + 12 % of the depth full): both blocks prune here.
+FASTVAR = "fastvar:layers=0-2"
+METHODS = [
+    "cfg-cutoff:last=2",
+    "skip-scales:last=2",
+    FASTVAR,
+    "fastvar:layers=1-2,scales=-2/-1,skip=",
+    "scalekv:budget=0.6",
+    "hack:budget=0.6",
+    "balanced",
+    "fast",
+]
 COMBINED = ("cfg-cutoff:last=2", "hack:budget=0.6", "skip-scales:last=1")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,6 +143,25 @@ def test_skip_scales_decodes_the_summed_codes(pipe):
     assert out.stats["rows_x_tokens"][S - 2 :] == [0, 0]
 
 
+def test_fastvar_prunes_the_middle_blocks_and_skips_the_largest_scales(pipe):
+    """Infinity's FastVAR defaults (counted from the end: cache at -5, prune -4/-3, skip -2/-1): the scales before
+    the pruned ones are exact's; keeping every token is lossless, on square and non-square token maps alike."""
+    P = PROMPTS[:2]
+    for size in (None, (240, 320)):
+        exact = pipe(P, seed=6, size=size, output_type="pt")
+        S = len(exact.bits)
+        kept = pipe(P, seed=6, size=size, output_type="pt", accel="fastvar:keep=1,layers=0-2,skip=")
+        assert _same(kept.bits, exact.bits) and torch.equal(kept.images, exact.images), size
+        out = pipe(P, seed=6, size=size, output_type="pt", accel=FASTVAR)
+        assert len(out.bits) == S - 2 and _same(out.bits[: S - 4], exact.bits[: S - 4]), size
+        assert not _same(out.bits[S - 4 :], exact.bits[S - 4 : S - 2]), "pruned scales sample from changed logits"
+        rxt, ref = out.stats["rows_x_tokens"], exact.stats["rows_x_tokens"]
+        assert rxt[S - 4 : S - 2] == [0.6 * ref[S - 4], 0.5 * ref[S - 3]] and rxt[S - 2 :] == [0, 0]
+        assert out.stats["kv_bytes_peak"] < exact.stats["kv_bytes_peak"]
+        pruned_only = pipe(P, seed=6, size=size, output_type="pt", accel="fastvar:layers=0-2,skip=")
+        assert pruned_only.stats["kv_bytes_peak"] < exact.stats["kv_bytes_peak"], "pruned tokens add no keys"
+
+
 @pytest.mark.parametrize("spec", ["scalekv:budget=0.6", "hack:budget=0.6"])
 def test_kv_compression_holds_less(pipe, spec):
     exact = pipe(PROMPTS[:2], seed=3, output_type="pt")
@@ -158,13 +189,44 @@ def test_presets_and_quality_levels(pipe):
     assert "accel" in pipe.sampling_options and pipe.accel_option == "accel"
 
 
+@pytest.mark.skipif(not int8_available(), reason="int8 needs torchao (the dev extra installs it)")
+def test_int8_runs_on_a_quantized_copy_in_the_pipeline_and_the_engine(pipe):
+    """int8 quantizes the per-token and per-request linears of a copy (not the head, not the exact model); the
+    pipeline and an engine serving int8 give the same bits; every quality level then reports int8."""
+    q = pipe.transformer_for("int8")
+    assert q is not pipe.transformer and pipe.transformer_for("int8") is q, "one copy, made once"
+    tokens, once = pipe.transformer.linear_roles()
+    assert any(n.endswith("ca.mat_q") for n in tokens) and any(n.endswith("ca.mat_kv") for n in once)
+    mods, exact_mods = dict(q.named_modules()), dict(pipe.transformer.named_modules())
+    assert all(is_int8(mods[n].weight) and not is_int8(exact_mods[n].weight) for n in tokens + once)
+    linear_bytes = sum(exact_mods[n].weight.nbytes for n in tokens + once)  # float32: 4 bytes, int8 ~1 byte
+    assert not is_int8(mods["head"].weight)
+    assert weight_bytes(pipe.transformer) - weight_bytes(q) > 0.7 * linear_bytes
+    P = PROMPTS[:2]
+    exact = pipe(P, seed=8, output_type="pt")
+    out = pipe(P, seed=8, output_type="pt", accel="int8")
+    assert out.stats["accel"] == ["int8"] and out.images.shape == exact.images.shape
+    assert _same(pipe(P, seed=8, output_type="pt").bits, exact.bits), "the exact model is untouched"
+    engine = Engine(pipe.engine_family("int8"), EngineConfig(max_images_per_request=2, kv_cache_mb=64))
+    sched, params = pipe.schedule()[0], pipe.sampling_params(seed=8)
+    plans = pipe.quality_plans({"auto": "int8", "high": "exact", "low": "fast"})
+    assert [list(p.methods) for p in plans.values()] == [
+        ["int8"],
+        ["int8"],
+        ["int8", *pipe.describe_accel("fast").specs],
+    ]
+    (ev,) = _run(engine, [(InfinityCondition(tuple(P), sched), params, plans["auto"].plan)])
+    assert torch.equal(_bits(ev.tokens), _bits(out.bits))
+    with pytest.raises(ConfigError, match=r"quality 'low' .* runs a transformed model"):
+        pipe.quality_plans({"auto": None, "low": "int8"})
+
+
 def test_bad_settings_fail_in_one_line(pipe):
     sched = pipe.schedule()[0]
     assert "unknown acceleration method 'nope'" in _one_line(lambda: pipe(PROMPTS[0], accel="nope"))
     assert "cfg-cutoff: last=7" in _one_line(lambda: pipe(PROMPTS[0], accel="cfg-cutoff:last=7"))
-    assert "fastvar does not run on Infinity" in _one_line(lambda: pipe(PROMPTS[0], accel="fastvar"))
+    assert "fastvar: skip=(-1,) must leave" in _one_line(lambda: pipe.plan("fastvar:scales=-1,skip=-1"))
     assert "code does not run on Infinity" in _one_line(lambda: pipe.plan("code"))
-    assert "int8 does not run on Infinity" in _one_line(lambda: pipe.engine_family("int8"))
     assert "first scale cannot be skipped" in _one_line(lambda: pipe.plan("skip-scales:scales=0"))
     assert "scalekv: budget=0.1 is below" in _one_line(lambda: pipe.quality_plans({"auto": "scalekv:budget=0.1"}))
     assert "sampler='reference'" in _one_line(lambda: pipe(PROMPTS[0], accel="fast", sampler="reference"))

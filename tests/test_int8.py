@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 
 import nextscale.accel.int8 as int8_mod
 from nextscale.accel.base import PlanContext, build_plan, parse_spec, resolve
-from nextscale.accel.int8 import Int8, int8_available, int8_linear_names, is_int8, quantize_int8, weight_bytes
+from nextscale.accel.int8 import Int8, int8_available, is_int8, quantize_int8, weight_bytes
 from nextscale.errors import InvalidInputError
 from nextscale.models.var import VAR
 from nextscale.pipelines.var import VARPipeline
@@ -107,7 +107,7 @@ def test_missing_backend_names_the_install(monkeypatch, var):
 def test_copy_has_int8_linears_and_the_original_is_untouched(var, mode):
     before = {n: (p, p.detach().clone()) for n, p in var.named_parameters()}
     q = Int8(mode=mode).transform(var)
-    tokens, adaln = int8_linear_names(var)
+    tokens, adaln = var.linear_roles()
     assert len(tokens) == 4 * var.depth and len(adaln) == var.depth + 1  # + head_nm's AdaLN
     mods = dict(q.named_modules())
     for name in tokens + adaln:
@@ -134,7 +134,7 @@ def test_weight_bytes_count_int8_data_and_scales(var):
     # Every quantized weight: 4 bytes -> 1 byte per entry, plus per output row a float32 scale and an int8 zero
     # point (all zeros: the quantization is symmetric, but torchao stores them).
     mods = dict(var.named_modules())
-    lin = [mods[n].weight for names in int8_linear_names(var) for n in names]
+    lin = [mods[n].weight for names in var.linear_roles() for n in names]
     int8_lin = sum(w.numel() + w.shape[0] * 5 for w in lin)
     assert weight_bytes(q) == fp32 - sum(w.numel() * 4 for w in lin) + int8_lin
     ratio = fp32 / weight_bytes(q)

@@ -15,11 +15,14 @@ import itertools
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
 
 from nextscale.engine.var.plan import EXACT, RequestPlan, StepPlan
 from nextscale.errors import InvalidInputError
-from nextscale.models.var import VAR
+
+M = TypeVar("M", bound=nn.Module)  # a transformer of any family
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Accel:
     # callers keep one transformed copy per method and run the plan on it.
     transforms_model: ClassVar[bool] = False
 
-    def transform(self, model: VAR) -> VAR:
+    def transform(self, model: M) -> M:
         """A copy of ``model`` as this method runs it (never changes ``model`` itself)."""
         return model
 
@@ -275,7 +278,7 @@ def transform_key(methods: Sequence[Accel]) -> tuple[str, ...]:
     return tuple(m.spec() for m in methods if m.transforms_model)
 
 
-def transform_model(methods: Sequence[Accel], model: VAR) -> VAR:
+def transform_model(methods: Sequence[Accel], model: M) -> M:
     for m in methods:
         if m.transforms_model:
             model = m.transform(model)

@@ -1,12 +1,12 @@
-"""``int8``: int8 weights for the VAR transformer's linear layers, through torchao's maintained kernels.
+"""``int8``: int8 weights for a next-scale transformer's linear layers, through torchao's maintained kernels.
 
-``quantize_int8`` returns a quantized deep copy of a ``VAR`` (the exact model is left as it is, for exact
-requests): every ``nn.Linear`` of the blocks (attention ``mat_qkv``/``proj``, MLP ``fc1``/``fc2``, the AdaLN
-``ada_lin``) and the shared / head AdaLN projections get int8 weights with one float32 scale per output channel,
-via torchao's ``quantize_`` (``Int8WeightOnlyConfig`` / ``Int8DynamicActivationInt8WeightConfig``, torchao
-0.18, https://github.com/pytorch/ao). The output ``head`` and the tiny input ``word_embed`` stay in the model's
-dtype: the head's logits decide the sampled tokens (and are 1-2 % of the weights), and the engine sizes its KV
-cache from ``head.weight``'s dtype.
+``quantize_int8`` returns a quantized deep copy of a ``VAR`` or an ``Infinity`` (the exact model is left as it is,
+for exact requests): every linear layer the model lists in ``linear_roles()`` — VAR's block attention/MLP and AdaLN
+projections; Infinity's self- and cross-attention, MLP, text projections and AdaLN — gets int8 weights with one
+float32 scale per output channel, via torchao's ``quantize_`` (``Int8WeightOnlyConfig`` /
+``Int8DynamicActivationInt8WeightConfig``, torchao 0.18, https://github.com/pytorch/ao). The output ``head`` and the
+tiny input ``word_embed`` stay in the model's dtype: the head's logits decide the sampled tokens (and are 1-2 % of
+the weights), and the engine sizes its KV cache from ``head.weight``'s dtype.
 
 Modes: ``weight`` (default) — int8 weights, activations in the model's dtype (fp32 or bf16; torchao converts
 the int8 weight to the activation dtype inside each matmul); ``dynamic`` — the attention/MLP linears also
@@ -32,14 +32,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol, cast
 
 import torch
 from torch import nn
 
-from nextscale.accel.base import Accel, PlanContext, register
+from nextscale.accel.base import Accel, M, PlanContext, register
 from nextscale.engine.var.plan import StepPlan
 from nextscale.errors import InvalidInputError
-from nextscale.models.var import VAR
 
 MODES = ("weight", "dynamic")
 INSTALL_HINT = "pip install 'nextscale[int8]' (torchao)"
@@ -94,28 +94,20 @@ def _check_mode(mode: str) -> None:
 
 
 # ---- quantization ------------------------------------------------------------------------------------------------
-def int8_linear_names(model: VAR) -> tuple[list[str], list[str]]:
-    """(token linears, AdaLN linears) that ``quantize_int8`` quantizes, by module name. Not the ``head`` (the
-    logits decide the tokens) nor ``word_embed`` (32 inputs wide: nothing to save)."""
-    tokens, adaln = [], []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        if name.startswith("blocks.") and ".ada_lin." not in name:
-            tokens.append(name)
-        elif ".ada_lin." in name or name.startswith("shared_ada_lin."):
-            adaln.append(name)
-    return tokens, adaln
+class Quantizable(Protocol):
+    """A transformer whose linear layers int8 may quantize: (per-token, per-request) module names."""
+
+    def linear_roles(self) -> tuple[list[str], list[str]]: ...
 
 
-def quantize_int8(model: VAR, mode: str = "weight") -> VAR:
+def quantize_int8(model: M, mode: str = "weight") -> M:
     """A copy of ``model`` with int8 linear weights (see the module docstring); ``model`` is not changed.
 
     The weights being quantized are not copied first, so the peak memory is the original, plus the copy's other
     parameters, plus the int8 weights — not two full models."""
     _check_mode(mode)
     tq = _backend()
-    tokens, adaln = int8_linear_names(model)
+    tokens, adaln = cast(Quantizable, model).linear_roles()
     modules = dict(model.named_modules())
     # deepcopy would duplicate every weight only for quantize_ to drop the copies; sharing the ones it replaces
     # is safe because it reads them (new tensors out) and then swaps the copy's parameter for a new one.
@@ -191,6 +183,6 @@ class Int8(Accel):
         _backend()  # refuse the request while planning, before any model is touched
         return steps
 
-    def transform(self, model: VAR) -> VAR:
+    def transform(self, model: M) -> M:
         """The quantized copy of ``model`` (slow: quantizes every linear layer; cache it per ``spec()``)."""
         return quantize_int8(model, self.mode)

@@ -78,6 +78,11 @@ class DenseRows:
     def gate(self, y: torch.Tensor, gamma_RC: torch.Tensor) -> torch.Tensor:
         return y.mul_(gamma_RC.unsqueeze(1))
 
+    def kept(self, idx_Rk: torch.Tensor) -> DenseRows:
+        """This layout for the tokens ``idx_Rk`` [R, k] of each row (token pruning): the same object where the
+        layout holds nothing per position (VAR adds its position embeddings to the input)."""
+        return self
+
 
 class FullSequence(DenseRows):
     """Teacher forcing: every row holds the whole (prefix of the) token pyramid; block-causal mask."""

@@ -301,6 +301,13 @@ class CachedScale(DenseRows):
     ) -> torch.Tensor:
         return self.kv.attend(layer, q_RHlc, k_RHlc, v_RHlc, scale)
 
+    def kept(self, idx_Rk: torch.Tensor) -> CachedScale:
+        """The scale for the tokens ``idx_Rk`` [R, k] of each row (token pruning): their RoPE rows, per row
+        [2, R, k, c/2]; their keys alone go to the cache."""
+        rope = self.rope if self.rope.ndim == 4 else self.rope.unsqueeze(1).expand(-1, idx_Rk.shape[0], -1, -1)
+        idx = idx_Rk.view(1, *idx_Rk.shape, 1).expand(2, -1, -1, rope.shape[-1])
+        return CachedScale(self.kv, rope.gather(2, idx))
+
 
 class SelfAttention(nn.Module):
     """Cosine attention: q, k l2-normalised, q scaled per head by ``exp(min(scale_mul, ln 100))``, softmax scale 1,
@@ -559,6 +566,20 @@ class Infinity(nn.Module):
         return self.logits(x[:, :L], cond.cond_RD)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
+    def linear_roles(self) -> tuple[list[str], list[str]]:
+        """Linear layers by module name and by how often they run: (per token: self-attention, the cross-attention's
+        queries and output, the MLP; per request or scale: the text projections, the cross-attention's text
+        keys/values, the AdaLN projections). Neither holds the ``head`` (its logits decide the bits) nor
+        ``word_embed`` (``bits`` inputs wide). Weight quantization (``accel/int8.py``) reads this."""
+        tokens: list[str] = []
+        once: list[str] = []
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear) or name in ("head", "word_embed"):
+                continue
+            per_token = name.startswith("block_chunks.") and not name.endswith(".ca.mat_kv")
+            (tokens if per_token else once).append(name)
+        return tokens, once
+
     def kv_row_bytes(self, seq_len: int) -> int:
         """Bytes of one row of a full self-attention KV cache over ``seq_len`` tokens (a schedule's ``seq_len``):
         keys and values of every layer, in the model's dtype."""

@@ -204,6 +204,20 @@ class VAR(nn.Module):
     def kv_row_bytes(self) -> int:
         return self.kv_geometry().row_bytes
 
+    def linear_roles(self) -> tuple[list[str], list[str]]:
+        """Linear layers by module name and by how often they run: (per token: the blocks' attention and MLP; per
+        request: the AdaLN projections of the class embedding). Neither holds the ``head`` (its logits decide the
+        tokens) nor ``word_embed`` (32 inputs wide). Weight quantization (``accel/int8.py``) reads this."""
+        tokens, once = [], []
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if name.startswith("blocks.") and ".ada_lin." not in name:
+                tokens.append(name)
+            elif ".ada_lin." in name or name.startswith("shared_ada_lin."):
+                once.append(name)
+        return tokens, once
+
     def derived_buffer_names(self) -> tuple[str, ...]:
         """Buffers recomputed from the config (not stored in native checkpoints)."""
         return ("lvl_1L", "attn_bias_for_masking", *(f"blocks.{i}.attn.zero_k_bias" for i in range(self.depth)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from nextscale.engine.params import SeededParams
 from nextscale.engine.sampling import cfg_rows
-from nextscale.errors import InvalidInputError
+from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.hardware import auto_dtype
 from nextscale.images import to_pil
 from nextscale.labels import resolve_labels
@@ -178,6 +178,39 @@ class Pipeline:
     def _place(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
         """Move the family's modules to ``device`` and cast them to ``dtype`` (None: unchanged)."""
         raise NotImplementedError
+
+    # ---- transformed copies (acceleration methods that change the model: int8) ----------------------------------
+    # A family with such methods sets ``self._variants = {}`` and clears it in ``_place``; ``transformer_for(accel)``
+    # and ``describe_accel(accel)`` are its own (they resolve its presets).
+    _variants: dict[tuple[str, ...], nn.Module]
+
+    def transformed(self, key: tuple[str, ...], make: Callable[[Any], Any]) -> Any:
+        """The transformer as the methods ``key`` change it (e.g. int8 weights): ``make(transformer)``, made once per
+        device and dtype and kept."""
+        if key not in self._variants:
+            self._variants[key] = make(self.transformer)
+        return self._variants[key]
+
+    def transformer_for(self, accel: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def describe_accel(self, accel: Any) -> Any:
+        raise NotImplementedError
+
+    def server_wide_methods(self, levels: Mapping[str, Any]) -> tuple[str, ...]:
+        """The model-changing methods (int8) of the server's default level ``"auto"``, as spec strings: one engine runs
+        one transformer, so every level runs on it and reports them; a level whose method changes the model in
+        another way is refused."""
+        from nextscale.accel import parse_spec
+
+        served = self.transformer_for(levels.get("auto"))
+        for q, name in levels.items():
+            if self.transformer_for(name) not in (served, self.transformer):
+                raise ConfigError(
+                    f"quality {q!r} ({name}) runs a transformed model (e.g. int8) that the server does not; "
+                    f"add that method to serve --accel"
+                )
+        return tuple(n for n in self.describe_accel(levels.get("auto")).specs if parse_spec(n).transforms_model)
 
     # ---- folders ----------------------------------------------------------------------------------------------
     @staticmethod

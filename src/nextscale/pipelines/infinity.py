@@ -177,6 +177,7 @@ class InfinityPipeline(Pipeline):
         # Where the text encoder came from when it is not stored with the model (a hub id): what save_pretrained
         # writes instead of 11 GB of T5 weights.
         self.text_encoder_source = text_encoder_source
+        self._variants = {}  # transformed copies of the transformer (int8), made once
         self._init_settings(sampling_defaults, ())
         self.to(device, dtype)
 
@@ -263,6 +264,7 @@ class InfinityPipeline(Pipeline):
             self.transformer.to(device)
             self.vae.to(device)
             self.text_encoder.encoder.to(device)
+            self._variants.clear()  # transformed copies are remade where the model now is
 
     # ---- properties and settings ----------------------------------------------------------------------------
     @property
@@ -413,7 +415,10 @@ class InfinityPipeline(Pipeline):
             run_stats: dict[str, Any] = {}
             bits, summed = res.bits, res.summed_codes
         else:
-            bits, summed, run_stats = self._sample(text, negative, sched, params, gens, callback_on_scale, plan)
+            transformer = self.transformer_for(accel) if plan is not None else self.transformer
+            bits, summed, run_stats = self._sample(
+                transformer, text, negative, sched, params, gens, callback_on_scale, plan
+            )
         if output_type == "latent":
             images: Any = summed.squeeze(-3)
         else:
@@ -425,6 +430,7 @@ class InfinityPipeline(Pipeline):
 
     def _sample(
         self,
+        m: Infinity,
         text: TextFeatures,
         negative: TextFeatures | None,
         sched: InfinitySchedule,
@@ -434,8 +440,7 @@ class InfinityPipeline(Pipeline):
         plan: RequestPlan | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, Any]]:
         """The fast loop: the engine's per-scale step over a preallocated KV cache of this batch (compressed as the
-        plan says, packed as the engine packs it)."""
-        m = self.transformer
+        plan says, packed as the engine packs it), on the transformer ``m`` (the model or its int8 copy)."""
         rows = request_rows(params, sched, text.rows, plan)
         kv = own_cache(m, rows, sched, plan, _pool_len(sched.pn))
         gen = InfinityGeneration(m, self.vae, text, sched, params, gens, kv, negative, release=kv.free, plan=plan)
@@ -465,16 +470,20 @@ class InfinityPipeline(Pipeline):
 
         methods = resolve(accel, self.plan_context(sched))
         for m in methods:
-            if m.name in ("code", "fastvar"):
-                why = "an Infinity model has no refiner" if m.name == "code" else "token pruning is VAR-only for now"
+            if m.name == "code":
                 raise InvalidInputError(
-                    f"{m.name} does not run on Infinity models ({why}); use cfg-cutoff, skip-scales, scalekv or hack"
-                )
-            if m.transforms_model:
-                raise InvalidInputError(
-                    f"{m.name} does not run on Infinity models yet (its weight selection covers VAR's blocks only)"
+                    "code does not run on Infinity models (an Infinity model has no refiner); use cfg-cutoff, "
+                    "skip-scales, fastvar, scalekv or hack"
                 )
         return methods
+
+    def transformer_for(self, accel: AccelArg) -> Infinity:
+        """The transformer ``accel`` runs on: the model itself, or its transformed copy (int8 weights), made once."""
+        from nextscale.accel.base import transform_key, transform_model
+
+        methods = self._methods(accel, self.schedule()[0])
+        key = transform_key(methods)
+        return self.transformed(key, lambda m: transform_model(methods, m)) if key else self.transformer
 
     def plan(self, accel: AccelArg, sched: InfinitySchedule | None = None) -> RequestPlan | None:
         """The per-scale plan of ``accel`` on ``sched`` (default: the square schedule at the model's pixel budget;
@@ -580,17 +589,23 @@ class InfinityPipeline(Pipeline):
         from nextscale.engine.infinity.family import InfinityFamily
 
         self.schedule_plans(accel)
-        return InfinityFamily(self.transformer, self.vae, self.text_encoder, self.sampling_defaults)
+        served = self.transformer_for(accel)
+        if served is not self.transformer:
+            log.info("serving a transformed model for every quality level (%s)", accel)
+        return InfinityFamily(served, self.vae, self.text_encoder, self.sampling_defaults)
 
     def quality_plans(self, levels: Mapping[str, AccelArg]) -> dict[str, QualityPlan]:
         """The plans of each level (``{"auto": serve --accel, "high": "exact", ...}``: one per schedule, as the
-        engine admits them) and what each runs."""
+        engine admits them) and what each runs. One engine runs one transformer: a level whose method changes the
+        model (int8) must be the server's ``auto`` too."""
         from nextscale.engine.family import QualityPlan
 
+        server_wide = self.server_wide_methods(levels)
         out = {}
         for q, name in levels.items():
             plans = self.schedule_plans(name)
-            out[q] = QualityPlan(plans, plans.names if plans else ())
+            names = plans.names if plans else ()
+            out[q] = QualityPlan(plans, (*(n for n in server_wide if n not in names), *names))
         return out
 
     def __repr__(self) -> str:

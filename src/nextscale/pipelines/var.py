@@ -27,7 +27,7 @@ from nextscale.engine.var.plan import RequestPlan
 from nextscale.engine.var.reference import reference_sample
 from nextscale.engine.var.sampler import sample_tokens_batch
 from nextscale.engine.var.state import ScaleResult
-from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
+from nextscale.errors import CheckpointError, InvalidInputError
 from nextscale.images import ImageInput, image_to_tensor, mask_to_tensor
 from nextscale.models.native import resolve_model_dir
 from nextscale.models.native_var import load_component, load_native, save_native
@@ -145,7 +145,7 @@ class VARPipeline(Pipeline):
         self.accel_presets = dict(accel_presets or {})
         self.kv_roles = kv_roles  # KV-cache calibration (``nextscale calibrate-kv``) for scalekv / hack
         self._refiners: dict[str, VAR] = {}  # refiners named in specs (code:refiner=...), loaded once
-        self._variants: dict[tuple[str, ...], VAR] = {}  # transformed copies of the transformer (int8), made once
+        self._variants = {}  # transformed copies of the transformer (int8), made once
         self.channels_last_decoder = channels_last_decoder
         self._init_settings(sampling_defaults, transformer.cfg.class_names if class_names is None else class_names)
         self.to(device, dtype)
@@ -385,19 +385,9 @@ class VARPipeline(Pipeline):
     def quality_plans(self, levels: Mapping[str, AccelArg]) -> dict[str, QualityPlan]:
         """The plan of each level (``{"auto": serve --accel, "high": "exact", ...}``) and what it runs. One engine
         runs one transformer: a level whose method changes the model (int8) must be the server's ``auto`` too."""
-        from nextscale.accel import parse_spec
         from nextscale.engine.family import QualityPlan
 
-        served = self.transformer_for(levels.get("auto"))
-        for q, name in levels.items():
-            if self.transformer_for(name) not in (served, self.transformer):
-                raise ConfigError(
-                    f"quality {q!r} ({name}) runs a transformed model (e.g. int8) that the server does not; "
-                    f"add that method to serve --accel"
-                )
-        auto = self.plan(levels.get("auto"))
-        # Every level runs on the served model, so a server-wide transformation is part of what each level does.
-        server_wide = [n for n in (auto.names if auto else ()) if parse_spec(n).transforms_model]
+        server_wide = self.server_wide_methods(levels)
         out = {}
         for q, name in levels.items():
             plan = self.plan(name)
@@ -421,13 +411,6 @@ class VARPipeline(Pipeline):
             assert isinstance(refiner, VAR)
             self._refiners[name] = check_refiner(self.transformer, refiner).to(self.device, self.dtype).eval()
         return self._refiners[name]
-
-    def transformed(self, key: tuple[str, ...], make: Callable[[VAR], VAR]) -> VAR:
-        """The transformer as the methods ``key`` change it (e.g. int8 weights): ``make(transformer)``, made once per
-        device and dtype."""
-        if key not in self._variants:
-            self._variants[key] = make(self.transformer)
-        return self._variants[key]
 
     @torch.inference_mode()
     def edit(

@@ -11,14 +11,16 @@ official loop, bit for bit): an unguided scale (cfg-cutoff) runs the conditional
 cache's unconditional rows are no longer written or read); a skipped scale (skip-scales) samples nothing and the
 summed codes, always at the final grid, feed the next scale or are decoded as they are (the official ``trunk_scale``
 early stop, FastVAR's and SkipVAR's scale skipping); a compressing step (scalekv, hack) keeps the positions its
-selector picks in a ``CompactKV``. Block hooks (fastvar) and refiner hand-offs (code) are VAR-only for now: such a
-plan is refused. Per-request plans depend on the schedule (its token counts), so the engine takes a
-``SchedulePlans`` (one plan per schedule, made on demand) where a fixed ``RequestPlan`` would fit one size only.
+selector picks in a ``CompactKV``; a block hook (fastvar's token pruning) replaces blocks of a scale, with the RoPE
+rows of the tokens it keeps (``CachedScale.kept``) and a scratch dict that lives with the request. Refiner hand-offs
+(code) have no Infinity refiner: such a plan is refused. Per-request plans depend on the schedule (its token counts),
+so the engine takes a ``SchedulePlans`` (one plan per schedule, made on demand) where a fixed ``RequestPlan`` would fit
+one size only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,10 +28,17 @@ import torch
 from nextscale.engine.infinity.params import InfinityParams
 from nextscale.engine.kv_cache import CompactKV, KVCache, KVPool, compact_rows
 from nextscale.engine.sampling import Generators, sample_tokens
-from nextscale.engine.var.plan import MAIN, RequestPlan
+from nextscale.engine.var.plan import MAIN, HookContext, RequestPlan
 from nextscale.errors import InvalidInputError
-from nextscale.models.attention import KVAttend
-from nextscale.models.infinity import CachedScale, Conditioning, Infinity
+from nextscale.models.attention import DenseRows, KVAttend
+from nextscale.models.infinity import (
+    BlockFn,
+    CachedScale,
+    Conditioning,
+    CrossAttnBlock,
+    Infinity,
+    InfinityLayout,
+)
 from nextscale.models.infinity_scales import InfinitySchedule, scale_rope
 from nextscale.models.text_encoder import TextFeatures
 from nextscale.models.tokenizers.bsq import BSQVAE, bits_to_codes, latent_to_tokens, unpatchify_bits, upsample_codes
@@ -75,7 +84,7 @@ def request_rows(
 
 
 def check_plan(plan: RequestPlan | None, sched: InfinitySchedule) -> None:
-    """A plan an Infinity request can run: one step per scale of its schedule, no refiner, no block hooks."""
+    """A plan an Infinity request can run: one step per scale of its schedule, no refiner."""
     if plan is None:
         return
     if len(plan.steps) != sched.num_scales:
@@ -83,10 +92,6 @@ def check_plan(plan: RequestPlan | None, sched: InfinitySchedule) -> None:
     run = [plan.steps[si] for si in plan.run_scales]
     if any(p.model != MAIN for p in run):
         raise InvalidInputError("an Infinity model has no refiner: code does not apply")
-    if any(p.hook is not None for p in run):
-        raise InvalidInputError(
-            "block hooks (fastvar) do not run on Infinity yet; use cfg-cutoff, skip-scales, scalekv or hack"
-        )
 
 
 def plan_units(
@@ -173,7 +178,9 @@ class InfinityGeneration:
         self.summed: torch.Tensor | None = None
         self.bits: list[torch.Tensor] = []
         self.kv_bytes_peak = 0
-        self.rows_x_tokens = [0] * S  # query rows x tokens each scale ran (0: skipped or not reached)
+        # query rows x tokens each scale ran, times the share of the token work a block hook computes (0: skipped)
+        self.rows_x_tokens = [0.0] * S
+        self.scratch: dict = {}  # per-request memory of block hooks (FastVAR's cached block updates)
 
     @property
     def num_scales(self) -> int:
@@ -206,20 +213,20 @@ class InfinityGeneration:
             self.kv.step, self.kv.si, self.kv.pn = self.plan.steps[si], si, h if h == w else 0
         layout = CachedScale(self.kv, scale_rope(model.cfg.head_dim, self.sched, si).to(self.x.device))
         k = self.params.cfg_insertion_layer
-        x, cond = self.x, self._cond_rows
+        x, cond, block_fn = self.x, self._cond_rows, self._block_fn()
         if cfg != 1 and k < 0:
             mix_end = model.depth + k + 1
-            x = model.run_blocks(x, cond, layout, 0, mix_end)
+            x = model.run_blocks(x, cond, layout, 0, mix_end, block_fn)
             x = cfg * x[:B] + (1 - cfg) * x[B:]
-            x = model.run_blocks(torch.cat((x, x)), cond, layout, mix_end)
+            x = model.run_blocks(torch.cat((x, x)), cond, layout, mix_end, block_fn=block_fn)
         else:
-            x = model.run_blocks(x, cond, layout)
+            x = model.run_blocks(x, cond, layout, block_fn=block_fn)
         if cfg != 1 and k == 0:
             logits = model.logits(x, cond.cond_RD).mul(1 / tau)
             logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
         else:
             logits = model.logits(x[:B], cond.cond_RD[:B]).mul(1 / tau)
-        self.rows_x_tokens[si] = self.x.shape[0] * h * w
+        self.rows_x_tokens[si] = self.x.shape[0] * h * w * self.plan.steps[si].tokens_fraction
         self.kv_bytes_peak = max(self.kv_bytes_peak, int(getattr(self.kv, "nbytes_reserved", 0)))
         top_k = min(self.params.top_k, 2)  # two values per bit: the official sampler clamps top_k to V
         bits_Bhwd = sample_tokens(logits.reshape(B, -1, 2), top_k, self.params.top_p, self.generators)
@@ -242,6 +249,26 @@ class InfinityGeneration:
             self.summed = codes.clone() if self.summed is None else self.summed.add_(codes)
         self.si = nxt_si
         return ScaleOutput(si, bits_Bhwd, self.summed)
+
+    def _block_fn(self) -> BlockFn | None:
+        """This scale's block hook bound to the request (None: the blocks run as they are)."""
+        hook = self.plan.steps[self.si].hook
+        if hook is None:
+            return None
+        ctx = HookContext(self.si, self.sched.grids[self.si], self.scratch)
+
+        def block_fn(
+            i: int,
+            block: CrossAttnBlock,
+            x: torch.Tensor,
+            mod: torch.Tensor,
+            kv_rows: Sequence[torch.Tensor],
+            layout: InfinityLayout,
+        ) -> torch.Tensor:
+            assert isinstance(layout, DenseRows), "block hooks run on dense rows"
+            return hook(ctx, i, lambda x_, mod_, layout_: block(x_, mod_, kv_rows, layout_), x, mod, layout)
+
+        return block_fn
 
     def stats(self) -> dict:
         """What the request cost: query rows x tokens per scale, the KV cache's peak bytes, the plan's methods."""

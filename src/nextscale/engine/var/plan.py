@@ -20,24 +20,26 @@ from nextscale.engine.sampling import cfg_rows
 from nextscale.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from nextscale.models.attention import Layout
+    from nextscale.models.attention import DenseRows
 
 MAIN, REFINER = "transformer", "refiner"
 
 
 @dataclass
 class HookContext:
-    """What a block hook may know and keep about its request: the scale, its side, and a scratch dict that
-    lives as long as the request (e.g. block outputs cached at one scale and reused at a later one)."""
+    """What a block hook may know and keep about its request: the scale, its token map's (h, w), and a scratch dict
+    that lives as long as the request (e.g. block outputs cached at one scale and reused at a later one)."""
 
     si: int
-    pn: int
+    grid: tuple[int, int]
     scratch: dict[Any, Any]
     prefill: int = 0  # tokens before this scale's own in ``x`` (a refiner's prefix pass)
 
 
 class BlockHook(Protocol):
-    """Replaces ``x = block(x, mod, layout)`` for one block of one step (dense rows [R, l, C] only)."""
+    """Replaces ``x = block(x, mod, layout)`` for one block of one step (dense rows [R, l, C] only). A hook that runs
+    the block on a subset of each row's tokens passes ``layout.kept(idx_Rk)``: the layout of those positions (RoPE
+    rows in Infinity; VAR's positions are in ``x`` already)."""
 
     def __call__(
         self,
@@ -46,7 +48,7 @@ class BlockHook(Protocol):
         block: Callable[..., torch.Tensor],
         x: torch.Tensor,
         mod: torch.Tensor,
-        layout: Layout,
+        layout: DenseRows,
     ) -> torch.Tensor: ...
 
 

@@ -174,7 +174,7 @@ class Generation:
         if hook is None:
             return None
         pn = self.model.scales.patch_nums[self.si]
-        return functools.partial(hook, HookContext(self.si, pn, self.scratch, self.prefill))
+        return functools.partial(hook, HookContext(self.si, (pn, pn), self.scratch, self.prefill))
 
     # ---- one scale ----------------------------------------------------------------------------------------------
     def advance(self, logits_RlV: torch.Tensor) -> ScaleResult:
