@@ -2,6 +2,7 @@
 
     python benchmarks/bench_infinity.py                          # both shapes, 3 reps (~20 min on 2 CPU cores)
     python benchmarks/bench_infinity.py --shape 125m-1024 --reps 2
+    python benchmarks/bench_infinity.py --shape 125m-1024 --methods exact,fastvar,fast
     python benchmarks/bench_infinity.py --device cuda --dtype bf16
 
 Shapes (random weights; speed does not depend on them): ``125m-1024`` = ``infinity_layer12`` (depth 12, width 768,
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from nextscale.accel import PlanContext, build_plan, resolve
+from nextscale.accel.base import transform_model
 from nextscale.bench import Cell, gemm_peak_gflops, interleave, machine_info, markdown_table, write_json
 from nextscale.engine.infinity.params import InfinityParams
 from nextscale.engine.infinity.state import InfinityGeneration, own_cache, request_rows
@@ -41,11 +43,19 @@ METHODS = {
     "exact": [],
     "cfg-cutoff:last=3": ["cfg-cutoff:last=3"],
     "skip-scales:last=2": ["skip-scales:last=2"],
+    "fastvar": ["fastvar"],
+    "fastvar:skip= (pruning only)": ["fastvar:skip="],
     "scalekv:budget=0.1": ["scalekv:budget=0.1"],
     "hack": ["hack"],
+    "int8": ["int8"],
     "balanced": "balanced",
     "fast": "fast",
-    "fast + scalekv:budget=0.1": ["cfg-cutoff:last=3", "skip-scales:last=2", "scalekv:budget=0.1"],
+    "fast + scalekv:budget=0.1": ["fast", "scalekv:budget=0.1"],
+    # preset candidates
+    "cfg-cutoff:last=4": ["cfg-cutoff:last=4"],
+    "cfg-cutoff:last=3 + fastvar:skip=": ["cfg-cutoff:last=3", "fastvar:skip="],
+    "cfg-cutoff:last=3 + fastvar": ["cfg-cutoff:last=3", "fastvar"],
+    "cfg-cutoff:last=4 + fastvar:skip=": ["cfg-cutoff:last=4", "fastvar:skip="],
 }
 TEXT_TOKENS = 32
 
@@ -67,12 +77,13 @@ def build(shape: str, dtype: torch.dtype, device: str) -> tuple[Infinity, BSQVAE
     return model, vae, schedule(1.0, pn)
 
 
-def plan_for(model: Infinity, sched: Any, accel: Any) -> Any:
+def plan_for(model: Infinity, sched: Any, accel: Any) -> tuple[Any, Infinity]:
+    """The plan of ``accel`` (None: exact) and the model it runs on (an int8 copy for int8)."""
     ctx = PlanContext(
         tuple(h for h, _ in sched.grids), model.depth, None, model.cfg.num_heads, grids=sched.grids, family="infinity"
     )
     methods = resolve(accel, ctx)
-    return build_plan(methods, ctx) if methods else None
+    return (build_plan(methods, ctx) if methods else None), transform_model(methods, model)
 
 
 def run_once(model: Infinity, vae: BSQVAE, sched: Any, plan: Any, batch: int) -> dict[str, Any]:
@@ -93,21 +104,24 @@ def run_once(model: Infinity, vae: BSQVAE, sched: Any, plan: Any, batch: int) ->
         gen.release()
 
 
-def bench_shape(shape: str, dtype: torch.dtype, device: str, reps: int, batch: int) -> tuple[list[Cell], str]:
+def bench_shape(
+    shape: str, dtype: torch.dtype, device: str, reps: int, batch: int, names: list[str]
+) -> tuple[list[Cell], str]:
     model, vae, sched = build(shape, dtype, device)
-    plans = {name: plan_for(model, sched, accel) for name, accel in METHODS.items()}
-    cells = [Cell(name, {"shape": shape, "batch": batch}) for name in METHODS]
+    plans = {name: plan_for(model, sched, METHODS[name]) for name in names}
+    cells = [Cell(name, {"shape": shape, "batch": batch}) for name in names]
     stats: dict[str, Any] = {}
 
     def fn(name: str) -> Any:
         def go() -> None:
-            stats[name] = run_once(model, vae, sched, plans[name], batch)
+            plan, runs_on = plans[name]
+            stats[name] = run_once(runs_on, vae, sched, plan, batch)
             if device == "cuda":
                 torch.cuda.synchronize()
 
         return go
 
-    interleave(cells, [fn(n) for n in METHODS], reps)
+    interleave(cells, [fn(n) for n in names], reps)
     exact = cells[0]
     work0 = sum(stats["exact"]["rows_x_tokens"])
     kv0 = stats["exact"]["kv_bytes_peak"]
@@ -133,15 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32",), default="fp32", help="Infinity runs in float32 for now")
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, exact first; of: {', '.join(METHODS)}"
+    )
     ap.add_argument("--json", default="benchmarks/results/bench_infinity.json")
     args = ap.parse_args(argv)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    if not names or names[0] != "exact" or any(n not in METHODS for n in names):
+        ap.error(f"--methods: exact first, then any of: {', '.join(METHODS)}; got {args.methods!r}")
     dtype = torch.float32
     info = machine_info()
     peaks = {"bf16": gemm_peak_gflops(torch.bfloat16), "fp32": gemm_peak_gflops(torch.float32)}
     print(f"machine: {info}; GEMM peak GFLOP/s: bf16 {peaks['bf16']:.0f}, fp32 {peaks['fp32']:.0f}", flush=True)
     out: dict[str, Any] = {"machine": info, "gemm_peak_gflops": peaks, "dtype": str(dtype), "shapes": {}}
     for shape in SHAPES if args.shape == "all" else [args.shape]:
-        cells, text = bench_shape(shape, dtype, args.device, args.reps, args.batch)
+        cells, text = bench_shape(shape, dtype, args.device, args.reps, args.batch, names)
         print(text, flush=True)
         out["shapes"][shape] = {"table": text, "cells": [c.to_dict() for c in cells]}
     print(f"wrote {write_json(args.json, out)}")

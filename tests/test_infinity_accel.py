@@ -176,15 +176,15 @@ def test_kv_compression_holds_less(pipe, spec):
 
 
 def test_presets_and_quality_levels(pipe):
-    assert pipe.describe_accel("balanced").specs == ("cfg-cutoff:last=3",)
-    assert pipe.describe_accel("fast").specs == ("skip-scales:last=2", "cfg-cutoff:last=3")
+    assert pipe.describe_accel("balanced").specs == ("cfg-cutoff:last=3", "fastvar:skip=")
+    assert pipe.describe_accel("fast").specs == ("cfg-cutoff:last=3", "fastvar")
     assert "infinity" in pipe.describe_accel("fast").source
     levels = pipe.quality_plans({"auto": None, "high": "exact", "medium": "balanced", "low": "fast"})
     assert {q: list(p.methods) for q, p in levels.items()} == {
         "auto": [],
         "high": [],
-        "medium": ["cfg-cutoff:last=3"],
-        "low": ["skip-scales:last=2", "cfg-cutoff:last=3"],
+        "medium": ["cfg-cutoff:last=3", "fastvar:skip="],
+        "low": ["cfg-cutoff:last=3", "fastvar"],
     }
     assert "accel" in pipe.sampling_options and pipe.accel_option == "accel"
 

@@ -202,7 +202,7 @@ def test_cli_convert_info_generate(tmp_path, capsys):
         ],
         capsys,
     )
-    assert code == 0 and "--accel fast -> skip-scales:last=2, cfg-cutoff:last=3 (built-in preset" in err, err
+    assert code == 0 and "--accel fast -> cfg-cutoff:last=3, fastvar (built-in preset" in err, err
     code, _, err = _run(["generate", "--model", folder, "--prompt", "x", "--speculative", "sjd"], capsys)
     assert code == 2 and "--speculative is an option of raster (LlamaGen) models" in err.strip().splitlines()[-1]
     code, _, err = _run(["generate", "--model", folder, "--prompt", "x", "--size", "wide"], capsys)

@@ -81,8 +81,8 @@ def test_server_prompts_sizes_and_errors(pipe):
         assert info["qualities"] == {
             "auto": [],
             "high": [],
-            "medium": ["cfg-cutoff:last=3"],
-            "low": ["skip-scales:last=2", "cfg-cutoff:last=3"],
+            "medium": ["cfg-cutoff:last=3", "fastvar:skip="],
+            "low": ["cfg-cutoff:last=3", "fastvar"],
         }, "the Infinity presets"
         body = {"prompt": PROMPTS[0], "seed": 3, "size": "352x176", "negative_prompt": PROMPTS[2]}
         r = c.post("/v1/images/generations", json=body)

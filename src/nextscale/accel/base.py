@@ -173,17 +173,18 @@ PRESETS: dict[str, list[str]] = {
     "fast": ["cfg-cutoff", "fastvar:keep=0.25", "code:draft=-3"],
 }
 PRESETS_WITHOUT_REFINER: dict[str, list[str]] = {"fast": ["cfg-cutoff"]}
-# Text-to-image Infinity (no refiner, no block hooks yet), from the papers' Infinity-2B settings on the 13-scale 1024²
-# schedule: SkipVAR's unconditional-branch replacement starts as early as scale 10 of 13 (the last three scales
-# unguided) — balanced; FastVAR skips the two largest scales (48 and 64 of side; SkipVAR skips up to three) and
-# decodes the summed codes as they are — fast adds that. ScaleKV's 10 % budget is left out of the presets: its
-# floor is what the drafter layers keep, which depends on the depth and the calibration (on a 2-block model it is
-# half the cache); ask for ``scalekv:budget=0.1`` on a 32-block model.
+# Text-to-image Infinity (no refiner), from the papers' Infinity-2B settings on the 13-scale 1024² schedule: SkipVAR's
+# unconditional-branch replacement starts as early as scale 10 of 13 (the last three scales unguided), FastVAR's
+# release prunes sides 32 and 40 (keep 0.6 / 0.5; ``fastvar:skip=`` leaves its scale skipping out) — balanced is the
+# two; fast adds FastVAR's skipping of the two largest scales (48, 64: the summed codes decode as they are), i.e. the
+# whole of ``fastvar``. Measured at 1024 px (benchmarks/RESULTS.md): balanced 1.9x, fast 6.5x the exact token phase.
+# ScaleKV's 10 % budget is left out: its floor is what the drafter layers keep, which depends on the depth and the
+# calibration (on a 2-block model it is half the cache); ask for ``scalekv:budget=0.1`` on a 32-block model.
 PRESETS_BY_FAMILY: dict[str, dict[str, list[str]]] = {
     "infinity": {
         "exact": [],
-        "balanced": ["cfg-cutoff:last=3"],
-        "fast": ["cfg-cutoff:last=3", "skip-scales:last=2"],
+        "balanced": ["cfg-cutoff:last=3", "fastvar:skip="],
+        "fast": ["cfg-cutoff:last=3", "fastvar"],
     }
 }
 

@@ -181,7 +181,7 @@ class Pipeline:
 
     # ---- transformed copies (acceleration methods that change the model: int8) ----------------------------------
     # A family with such methods sets ``self._variants = {}`` and clears it in ``_place``; ``transformer_for(accel)``
-    # and ``describe_accel(accel)`` are its own (they resolve its presets).
+    # and ``transform_specs(accel)`` are its own (they resolve its presets).
     _variants: dict[tuple[str, ...], nn.Module]
 
     def transformed(self, key: tuple[str, ...], make: Callable[[Any], Any]) -> Any:
@@ -194,15 +194,14 @@ class Pipeline:
     def transformer_for(self, accel: Any) -> nn.Module:
         raise NotImplementedError
 
-    def describe_accel(self, accel: Any) -> Any:
+    def transform_specs(self, accel: Any) -> tuple[str, ...]:
+        """The spec strings of ``accel``'s methods that change the model (``accel.base.transform_key``)."""
         raise NotImplementedError
 
     def server_wide_methods(self, levels: Mapping[str, Any]) -> tuple[str, ...]:
         """The model-changing methods (int8) of the server's default level ``"auto"``, as spec strings: one engine runs
         one transformer, so every level runs on it and reports them; a level whose method changes the model in
         another way is refused."""
-        from nextscale.accel import parse_spec
-
         served = self.transformer_for(levels.get("auto"))
         for q, name in levels.items():
             if self.transformer_for(name) not in (served, self.transformer):
@@ -210,7 +209,7 @@ class Pipeline:
                     f"quality {q!r} ({name}) runs a transformed model (e.g. int8) that the server does not; "
                     f"add that method to serve --accel"
                 )
-        return tuple(n for n in self.describe_accel(levels.get("auto")).specs if parse_spec(n).transforms_model)
+        return self.transform_specs(levels.get("auto"))
 
     # ---- folders ----------------------------------------------------------------------------------------------
     @staticmethod

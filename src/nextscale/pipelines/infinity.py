@@ -485,6 +485,11 @@ class InfinityPipeline(Pipeline):
         key = transform_key(methods)
         return self.transformed(key, lambda m: transform_model(methods, m)) if key else self.transformer
 
+    def transform_specs(self, accel: AccelArg) -> tuple[str, ...]:
+        from nextscale.accel.base import transform_key
+
+        return transform_key(self._methods(accel, self.schedule()[0]))
+
     def plan(self, accel: AccelArg, sched: InfinitySchedule | None = None) -> RequestPlan | None:
         """The per-scale plan of ``accel`` on ``sched`` (default: the square schedule at the model's pixel budget;
         None: exact), checked before any sampling."""

@@ -371,6 +371,11 @@ class VARPipeline(Pipeline):
         """The transformer ``accel`` runs on: the model itself, or its transformed copy (e.g. int8 weights)."""
         return self._prepare(accel).transformer
 
+    def transform_specs(self, accel: AccelArg) -> tuple[str, ...]:
+        from nextscale.accel import parse_spec
+
+        return tuple(n for n in self.describe_accel(accel).specs if parse_spec(n).transforms_model)
+
     # ---- serving ------------------------------------------------------------------------------------------------
     def engine_family(self, accel: AccelArg = None) -> VARFamily:
         """This model as the serving engine runs it; ``accel``: the server's default, whose model-changing methods
