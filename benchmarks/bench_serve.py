@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py --model demo --repeats 3     # the bundled Fashion-MNIST model
     python benchmarks/bench_serve.py --model d16-128px --requests 12 --max-tokens 240 --first-scale-priority 1
+    python benchmarks/bench_serve.py --replicas 1,2 --requests 200     # over HTTP: Ray Serve replicas (the demo)
 
 All three modes run in this process on the same model and the same kernels (``engine.runner``), fed the same
 arrival schedule in real time by a driver thread: *sequential* serves one request at a time; *static*
@@ -13,12 +14,18 @@ coarse preview is one decode away in every mode). Loads are fractions of the mea
 Each load runs ``--repeats`` arrival schedules with every mode on each; the table reports medians over them and
 each mode's per-schedule ratio to the best static configuration (single runs of a Poisson schedule are noisy:
 p99 is set by the schedule's largest burst). Writes a markdown table, JSON and a PNG plot (p99 against load).
+
+``--replicas 1,2`` measures the other axis, over HTTP: ``nextscale serve --replicas R`` on the bundled demo (a local
+Ray cluster in this process; the machine's cores split between the replicas, torch threads to match) under the same
+Poisson schedules for every R, at fractions of the one-replica saturation rate (measured with a closed-loop burst):
+throughput and latency percentiles (arrival -> the JSON response with its image).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import queue
 import sys
@@ -301,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="as `nextscale serve --allocator`: every mode runs in this process, so all get the same one",
     )
+    p.add_argument("--replicas", default=None, help="over HTTP on Ray Serve: replica counts to compare, e.g. 1,2")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.replicas:
+        return replicas_main(args)
     allocator = use_tcmalloc(args.allocator)
     out = Path(args.out or f"benchmarks/results/bench_serve_{args.model}.json")
     var, vae, base = build(args.model)
@@ -421,6 +431,97 @@ def main(argv: list[str] | None = None) -> int:
         log_y=True,
     )
     print(f"wrote {out} and {png}", file=sys.stderr)
+    return 0
+
+
+# ---- the replicas axis (HTTP, Ray Serve) ----------------------------------------------------------------------------
+def replicas_main(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import socket
+
+    import httpx
+    import ray
+
+    from nextscale.cli.main import build_parser
+    from nextscale.cli.serve import build_app
+    from nextscale.serve import replicas
+
+    counts = [int(x) for x in args.replicas.split(",")]
+    cores = os.cpu_count() or 1
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    serve_args = build_parser().parse_args(["serve", "--max-queue", "1000000"])
+    rng = np.random.default_rng(0)
+
+    async def post(c: httpx.AsyncClient, label: int) -> float:
+        t = time.perf_counter()
+        r = await c.post("/v1/images/generations", json={"prompt": str(label), "seed": int(rng.integers(1 << 30))})
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    async def burst(n: int) -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            t = time.perf_counter()
+            await asyncio.gather(*(post(c, i % 10) for i in range(n)))
+            return n / (time.perf_counter() - t)
+
+    async def poisson(rate: float, n: int, seed: int) -> tuple[list[float], float]:
+        gaps = np.random.default_rng(seed).exponential(1 / rate, n)
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            t0, tasks = time.perf_counter(), []
+            for i, at in enumerate(np.cumsum(gaps)):
+                await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+                tasks.append(asyncio.ensure_future(post(c, i % 10)))
+            lat = await asyncio.gather(*tasks)
+            return list(lat), n / (time.perf_counter() - t0)
+
+    rows, runs, sat = [], [], None
+    for R in counts:
+        threads = max(1, cores // R)
+        settings = replicas.ReplicaSettings(
+            replicas=R, num_cpus=threads, torch_threads=threads, max_ongoing=1_000_000, drain_timeout=5
+        )
+        running = replicas.start(functools.partial(build_app, serve_args), settings, "127.0.0.1", port)
+        while httpx.get(url + "/ready", timeout=30).status_code != 200:
+            time.sleep(0.5)
+        asyncio.run(burst(16))  # warm-up: first calls through the proxy and the router
+        measured = asyncio.run(burst(max(32, args.requests // 4)))
+        sat = sat or measured  # loads are fractions of one replica's saturation, for every R
+        print(f"{R} replica(s): burst throughput {measured:.3g} images/s", file=sys.stderr)
+        for load in (float(x) for x in args.loads.split(",")):
+            for rep in range(args.repeats):
+                lat, thr = asyncio.run(poisson(load * sat, args.requests, seed=int(load * 1000) + 7919 * rep))
+                runs.append({"replicas": R, "load": load, "rep": rep, "throughput": thr, "latencies": lat})
+        from ray import serve
+
+        serve.delete(replicas.APP_NAME)
+        del running
+        rows.append((R, measured))
+    table = []
+    for R in counts:
+        for load in (float(x) for x in args.loads.split(",")):
+            sel = [r for r in runs if r["replicas"] == R and r["load"] == load]
+            lat = np.concatenate([r["latencies"] for r in sel])
+            table.append(
+                [
+                    R,
+                    f"{load:.1f}",
+                    f"{load * sat:.3g}",
+                    float(np.median([r["throughput"] for r in sel])),
+                    float(np.percentile(lat, 50)),
+                    float(np.percentile(lat, 99)),
+                ]
+            )
+    bursts = ", ".join(f"{R}: {m:.3g}" for R, m in rows)
+    print(f"demo over HTTP on Ray Serve; {cores} cores; burst images/s by replicas: {bursts}")
+    print(markdown_table(["replicas", "load", "req/s", "images/s", "p50 s", "p99 s"], table))
+    out = Path(args.out or "benchmarks/results/bench_serve_replicas.json")
+    write_json(out, {"benchmark": "bench_serve --replicas", "machine": machine_info(), "bursts": rows, "runs": runs})
+    ray.shutdown()
     return 0
 
 

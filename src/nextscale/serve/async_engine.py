@@ -72,6 +72,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="nextscale-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (false before ``start`` and after ``shutdown``, or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def drain(self, timeout: float) -> None:
         """Stop accepting; requests still unfinished ``timeout`` seconds from now are abandoned. A second call keeps
         the first deadline. Only sets attributes (no locks): a signal handler calls it, and the engine thread
