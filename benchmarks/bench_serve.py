@@ -483,7 +483,12 @@ def replicas_main(args: argparse.Namespace) -> int:
     for R in counts:
         threads = max(1, cores // R)
         settings = replicas.ReplicaSettings(
-            replicas=R, num_cpus=threads, torch_threads=threads, max_ongoing=1_000_000, drain_timeout=5
+            replicas=R,
+            num_cpus=threads,
+            torch_threads=threads,
+            max_ongoing=1_000_000,
+            max_queued=1_000_000,
+            drain_timeout=5,
         )
         running = replicas.start(functools.partial(build_app, serve_args), settings, "127.0.0.1", port)
         while httpx.get(url + "/ready", timeout=30).status_code != 200:

@@ -66,6 +66,8 @@ def _off_by(b64: str, images) -> int:
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster and the port its Serve proxy listens on (one proxy: the module's apps take turns)."""
+    for key, value in replicas.PATIENT_RAY.items():  # as `serve --replicas` starts one: patient on a busy machine
+        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield _free_port()
     serve.shutdown()
@@ -75,7 +77,10 @@ def cluster():
 def _start(port: int, files: list[str], *extra: str) -> tuple[str, replicas.Running]:
     args = _args(files, *extra)
     settings = replicas.ReplicaSettings(
-        replicas=2, max_ongoing=args.max_running + args.max_queue + 1 if args.max_running else 8, torch_threads=1
+        replicas=2,
+        max_ongoing=args.max_running + args.max_queue + 1 if args.max_running else 8,
+        max_queued=args.max_queue or 64,
+        torch_threads=1,
     )
     running = replicas.start(functools.partial(build_app, args), settings, "127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"

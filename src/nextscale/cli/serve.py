@@ -212,6 +212,7 @@ def _replicas(args: argparse.Namespace, engine_cfg: EngineConfig, sock: socket.s
         max_replicas=args.max_replicas,
         target_ongoing=args.target_ongoing,
         max_ongoing=engine_cfg.scheduler.max_running + cfg.max_queue + 1,
+        max_queued=cfg.max_queue,
         drain_timeout=cfg.drain_timeout,
     )
     resolve_model(args)  # a bad model name fails here, in one line, not in every replica

@@ -14,9 +14,9 @@ router picks the less loaded of two replicas), and adds what one process cannot 
   streamed request is retried like any other.
 - Backpressure. Each replica takes at most ``max_running + max_queue + 1`` requests at once
   (``max_ongoing_requests``), so its engine's own queue bound still holds and a request it cannot queue gets the
-  engine's 429 with its Retry-After estimate. When every replica is at that limit, Ray Serve's handle queue
-  (``max_queued_requests``, one per replica) fills and Ray raises ``BackPressureError``; the router answers that
-  with the same 429 and the latest Retry-After a replica gave (not Ray's 503).
+  engine's 429 with its Retry-After estimate. When every replica is at that limit, requests wait in Ray Serve's
+  handle queue (``max_queued_requests`` = ``--max-queue``); past that Ray raises ``BackPressureError`` and the
+  router answers the same 429 with the latest Retry-After a replica gave (not Ray's 503).
 - Metrics. ``/metrics`` is a merge: each replica's Prometheus text (``DeploymentHandle.broadcast``) with a
   ``replica`` label on every sample, plus the router's own counters (failovers, rejections). A scrape every few
   seconds is the infrequent control-plane call ``broadcast`` is meant for.
@@ -74,6 +74,7 @@ class ReplicaSettings:
     num_gpus: float = 0.0
     torch_threads: int = 1
     max_ongoing: int = 8  # requests one replica takes at once (running + queued + the one it answers 429)
+    max_queued: int = 64  # requests waiting in Ray Serve's handle queue while every replica is at max_ongoing
     drain_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -95,12 +96,15 @@ class ReplicaSettings:
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing,
-            # the handle's queue when every replica is full: one waiting request per replica, then BackPressureError
-            "max_queued_requests": max(1, self.max_replicas or self.replicas),
+            # the handle's queue while every replica is full, then BackPressureError (the router's 429). Requests also
+            # count here for the moment between arrival and assignment, so a burst larger than this bound can be
+            # refused while a replica has room: keep it at least the largest burst you expect (--max-queue).
+            "max_queued_requests": max(1, self.max_queued),
             # Ray waits for a replica's requests up to this long before calling its __del__ (which drains again)
             "graceful_shutdown_timeout_s": self.drain_timeout + 5,
             "graceful_shutdown_wait_loop_s": 0.5,
             "health_check_period_s": 2.0,
+            "health_check_timeout_s": 60.0,  # a replica busy loading a model or generating may answer late
             "max_constructor_retry_count": 2,  # a model that cannot load fails the same way in every replica
         }
         if self.autoscaling:
@@ -397,8 +401,17 @@ class Running:
         self.stopped.set()
 
 
+# Ray Serve gives its HTTP proxy 5 s to answer a readiness check and marks it dead after three misses: on a busy
+# machine (two cores loading models) that kills the proxy before it serves. A local cluster started here is more
+# patient (the processes inherit these; a joined cluster keeps its own settings, and an explicit value wins).
+PATIENT_RAY = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 def _init(ray: Any, address: str | None) -> None:
     """Join the cluster at ``address``, or start a local one ("local": never one that happens to run here)."""
+    if not address:
+        for key, value in PATIENT_RAY.items():
+            os.environ.setdefault(key, value)
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
 
 
