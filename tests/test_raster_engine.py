@@ -203,7 +203,13 @@ def test_each_family_refuses_the_others_requests(pipe):
 
 
 # ---- speculative requests (SJD, GSD, LANTERN) ----------------------------------------------------------------------
-SPECS = ["sjd:window=4", "sjd:window=3,init=repeat", "gsd:window=4,dist=60,pdiff=0.2", "lantern:window=5,k=20"]
+SPECS = [
+    "sjd:window=4",
+    "sjd:window=3,init=repeat",
+    "mcsjd:window=4",
+    "gsd:window=4,dist=60,pdiff=0.2",
+    "lantern:window=5,k=20",
+]
 
 
 @pytest.mark.parametrize("seed", range(2))

@@ -18,6 +18,7 @@ import torch
 
 from nextscale.accel.speculative import (
     GSD,
+    MCSJD,
     SJD,
     ExactRule,
     GroupRule,
@@ -31,7 +32,7 @@ from nextscale.accel.speculative import (
 )
 from nextscale.engine.raster.row_kv import RowKV, RowWindows
 from nextscale.engine.raster.sampler import RasterParams, RasterStep, cfg_guide, filter_logits_, sample_raster
-from nextscale.engine.raster.speculative import fresh_guesses, sample_speculative
+from nextscale.engine.raster.speculative import fresh_guesses, sample_inverse_cdf, sample_speculative
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen
 
@@ -115,10 +116,23 @@ class ResidualIsTarget(ExactRule):
         return p_MV
 
 
+def broken_coupling(p_NlV, q_NlV, draft_Nl, coin_Nl, u_Nl):
+    """MC-SJD done wrong: a guess is never redrawn, though it is then tested as if drawn from its new target p (which
+    the loop records as its q). It does not follow p: the test must see it."""
+    return draft_Nl
+
+
 @pytest.mark.parametrize(
     "rule, window, min_accepted",
-    [(ExactRule(), 4, 1.7), (ExactRule("repeat"), 3, 1.7), (ExactRule(), 1, 1.0), (RefuseAll(), 4, 1.0)],
-    ids=["sjd-window4", "sjd-window3-repeat", "window1", "refuse-all"],
+    [
+        (ExactRule(), 4, 1.7),
+        (ExactRule("repeat"), 3, 1.7),
+        (ExactRule(coupled=True), 4, 1.7),
+        (ExactRule("repeat", coupled=True), 3, 1.7),
+        (ExactRule(), 1, 1.0),
+        (RefuseAll(), 4, 1.0),
+    ],
+    ids=["sjd-window4", "sjd-window3-repeat", "mcsjd-window4", "mcsjd-window3-repeat", "window1", "refuse-all"],
 )
 def test_lossless_rules_sample_the_exact_joint_distribution(small, exact_joint, rule, window, min_accepted):
     res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, rule, window)
@@ -134,6 +148,34 @@ def test_the_distribution_test_detects_a_biased_rule(small, exact_joint):
     res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, ResidualIsTarget(), 4)
     _, _, p_value, _ = chi_square(res.tokens_BL, exact_joint)
     assert p_value < 1e-20
+
+
+def test_the_distribution_test_detects_a_broken_coupling(small, exact_joint, monkeypatch):
+    from nextscale.engine.raster import speculative
+
+    monkeypatch.setattr(speculative, "coupled_redraw", broken_coupling)
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, ExactRule(coupled=True), 4)
+    _, _, p_value, _ = chi_square(res.tokens_BL, exact_joint)
+    assert p_value < 1e-6
+
+
+def test_coupled_redraw_keeps_the_old_guess_as_often_as_the_target_allows():
+    """The maximal coupling: where p = q the guess never changes; in general it stays with probability
+    Σ min(p, q) and the new guess follows p (the output distribution over many coins, computed exactly here)."""
+    from nextscale.engine.raster.speculative import coupled_redraw
+
+    V, M = 6, 20000
+    g = torch.Generator().manual_seed(0)
+    p, q = (2 * torch.randn(1, 1, V, generator=g)).softmax(-1), (2 * torch.randn(1, 1, V, generator=g)).softmax(-1)
+    old = sample_inverse_cdf(q.view(1, V).expand(M, V), torch.rand(M, dtype=torch.float64, generator=g)).view(M, 1)
+    coin, u = torch.rand(M, 1, dtype=torch.float64, generator=g), torch.rand(M, 1, dtype=torch.float64, generator=g)
+    same = coupled_redraw(q.expand(M, 1, V), q.expand(M, 1, V), old, coin, u)
+    assert torch.equal(same, old), "an unchanged target keeps every guess"
+    new = coupled_redraw(p.expand(M, 1, V), q.expand(M, 1, V), old, coin, u)
+    stay = float((new == old).double().mean())
+    assert abs(stay - float(torch.minimum(p, q).sum())) < 0.015  # the coupling's stay probability, Σ min(p, q)
+    freq = torch.bincount(new.view(-1), minlength=V).double() / M
+    assert (freq - p.view(-1).double()).abs().max() < 0.015, "the new guess follows p"
 
 
 # ---- the rules' formulas -------------------------------------------------------------------------------------------
@@ -349,7 +391,9 @@ def test_parse_specs_and_round_trip():
     assert parse_speculative("gsd:size=3,dist=2,init=repeat") == GSD(size=3, dist=2.0, init="repeat")
     cfg = GSD(window=4, pdiff=0.3)
     assert parse_speculative(cfg) is cfg
-    for c in (SJD(), SJD(window=3, init="repeat"), GSD(size=2), Lantern(delta=0.2, k=7, window=5)):
+    assert parse_speculative("mcsjd") == MCSJD() and MCSJD().coupled and MCSJD.lossless
+    assert parse_speculative("sjd:coupled=1").rule(None) == MCSJD().rule(None) == ExactRule(coupled=True)
+    for c in (SJD(), SJD(window=3, init="repeat"), GSD(size=2), Lantern(delta=0.2, k=7, window=5), MCSJD(window=4)):
         assert parse_speculative(c.spec()) == c
     assert Lantern(k=7).spec() == "lantern:k=7" and not Lantern.lossless and not GSD.lossless
 
@@ -357,8 +401,8 @@ def test_parse_specs_and_round_trip():
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("medusa", "unknown speculative method 'medusa'; available: gsd, lantern, sjd"),
-        ("sjd:windw=4", "bad option 'windw=4'; options are key=value with key in: window, init"),
+        ("medusa", "unknown speculative method 'medusa'; available: gsd, lantern, mcsjd, sjd"),
+        ("sjd:windw=4", "bad option 'windw=4'; options are key=value with key in: window, init, coupled"),
         ("sjd:window", "bad option 'window'"),
         ("lantern:k=many", "option k='many' is not a valid int"),
         ("lantern:delta=x", "option delta='x' is not a valid float"),

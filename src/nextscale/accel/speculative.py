@@ -3,6 +3,7 @@ one loop in ``nextscale.engine.raster.speculative``.
 
     parse_speculative("sjd")                              # window 16, random first guesses
     parse_speculative("sjd:window=8,init=repeat")         # guesses copied from the left neighbour
+    parse_speculative("mcsjd")                            # lossless: coupled redraws (= "sjd:coupled=1")
     parse_speculative("gsd:size=7,pdiff=0.15,dist=0.5")   # lossy: group acceptance
     parse_speculative("lantern:delta=0.1,k=1000")         # lossy: relaxed acceptance over latent neighbours
     parse_speculative("fast")                             # a preset (PRESETS; a model folder may tune its own)
@@ -16,6 +17,11 @@ the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it
   Jacobi Decoding" (ICLR 2025): keep guess x with probability ``min(1, p(x)/q(x))``, at a refusal draw from
   ``norm(max(0, p - q))``. Lossless: the kept tokens follow the guided, filtered target exactly (tested against
   the enumerated joint distribution of a tiny model).
+* ``mcsjd`` — MC-SJD (arXiv 2510.24211, GSD's authors): SJD whose Jacobi update redraws each guess after a refusal by
+  maximal coupling with its previous guess (keep it with ``min(1, p(d)/q(d))``, else draw from ``norm(max(0, p-q))``)
+  instead of independently from p. The guess still follows p, so the test stays lossless (tested as SJD's is), and
+  it changes only where the target moved: guesses settle and get kept. ``coupled=1`` turns the same redraw on for
+  any method (``gsd:coupled=1``).
 * ``gsd`` — So et al., "Grouped Speculative Decoding for Autoregressive Image Generation" (ICCV 2025), as its code
   (junhyukso/GSD) does it: the candidate group is the ``2·size`` codes around x's rank in the target (ranks
   ``r-size .. r+size-1`` ascending, x included), kept where ``|p(y) - p(x)| < pdiff`` and the squared distance of
@@ -55,7 +61,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -82,9 +88,11 @@ def _ratio(num_M: torch.Tensor, den_M: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ExactRule:
-    """SJD's test — the standard speculative-sampling one. Lossless for any guess drawn independently of its coin."""
+    """SJD's test — the standard speculative-sampling one. Lossless for any guess drawn independently of its coin.
+    ``coupled``: redraw guesses by maximal coupling with the previous ones (MC-SJD; any rule may)."""
 
     draft_init: str = "random"
+    coupled: bool = field(default=False, kw_only=True)
     lossless: ClassVar[bool] = True
 
     def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
@@ -192,6 +200,7 @@ class SpeculativeConfig:
     lossless: ClassVar[bool] = False
     window: int = 16
     init: str = "random"
+    coupled: bool = False  # MC-SJD's coupled redraws (``mcsjd`` is ``sjd`` with this on)
 
     def __post_init__(self) -> None:
         w = self.window
@@ -251,7 +260,18 @@ class SJD(SpeculativeConfig):
     lossless: ClassVar[bool] = True
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
-        return ExactRule(draft_init=self.init)
+        return ExactRule(draft_init=self.init, coupled=self.coupled)
+
+
+@register
+@dataclass(frozen=True)
+class MCSJD(SJD):
+    """SJD with coupled redraws (MC-SJD, arXiv 2510.24211): after a refusal, each later guess is redrawn from its new
+    target by maximal coupling with its previous guess, so guesses settle instead of being redrawn at random.
+    Lossless, as SJD."""
+
+    name: ClassVar[str] = "mcsjd"
+    coupled: bool = True
 
 
 def group_radius(points_VD: torch.Tensor, k: int, sample: int = 512) -> float:
@@ -287,7 +307,7 @@ class GSD(SpeculativeConfig):
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         emb = _embeddings(model, codebook_VD).detach().to(model.output.weight.device)
         dist = group_radius(emb, 2 * self.size) if self.dist is None else float(self.dist)
-        return GroupRule(self.init, emb, self.size, float(self.pdiff), dist)
+        return GroupRule(self.init, emb, self.size, float(self.pdiff), dist, coupled=self.coupled)
 
 
 @register
@@ -306,7 +326,7 @@ class Lantern(SpeculativeConfig):
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         table = latent_neighbours(model, _embeddings(model, codebook_VD), self.k)
-        return RelaxedRule(self.init, table.to(model.output.weight.device), float(self.delta))
+        return RelaxedRule(self.init, table.to(model.output.weight.device), float(self.delta), coupled=self.coupled)
 
 
 # Named settings, as the VAR presets: what a server's ``quality=medium`` / ``low`` runs on a raster model. The

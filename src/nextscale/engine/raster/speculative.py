@@ -91,6 +91,12 @@ class AcceptRule(Protocol):
     @property
     def draft_init(self) -> str: ...
 
+    @property
+    def coupled(self) -> bool:
+        """Redraw a slot after a refusal by maximal coupling with its previous guess (MC-SJD) rather than
+        independently: the guess still follows the new ``p``, and stays what it was as often as that allows."""
+        ...
+
     def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
         """Probability [M] in [0, 1] of keeping each guess."""
         ...
@@ -143,6 +149,27 @@ def fresh_guesses(
     idx = torch.arange(w + 1, device=n_N.device).expand_as(ext)
     src = torch.where(anchor, idx, torch.zeros_like(idx)).cummax(dim=1).values  # nearest anchor at or left
     return ext.gather(1, src)[:, 1:]
+
+
+def coupled_redraw(
+    p_NlV: torch.Tensor, q_NlV: torch.Tensor, draft_Nl: torch.Tensor, coin_Nl: torch.Tensor, u_Nl: torch.Tensor
+) -> torch.Tensor:
+    """MC-SJD's Jacobi update (arXiv 2510.24211, by GSD's authors: coupled draft sampling): a new guess from ``p``,
+    maximally coupled with the old guess ``draft`` (drawn from ``q``) — keep it with probability ``min(1, p(d)/q(d))``,
+    else draw from ``norm(max(0, p - q))`` (``p`` where that is empty). The new guess follows ``p`` exactly, so the
+    acceptance test stays lossless, and it equals the old one with the largest probability any such draw can have:
+    as ``p`` settles between passes, guesses stop changing and get kept.
+
+    Uniforms: ``coin`` is the slot's acceptance coin of this pass, which decided nothing (the slot lies after the
+    refusal), ``u`` its inverse-CDF uniform; both are the slot's own, so the redraw stays independent of every other
+    slot and of the next pass's coin."""
+    N, l, V = p_NlV.shape
+    p_MV, q_MV, d_M = p_NlV.reshape(-1, V), q_NlV.reshape(-1, V), draft_Nl.reshape(-1)
+    p_d, q_d = p_MV.gather(1, d_M[:, None]).squeeze(1), q_MV.gather(1, d_M[:, None]).squeeze(1)
+    keep_M = coin_Nl.reshape(-1) * q_d < p_d  # u < min(1, p/q), without dividing (q(d) > 0 by construction)
+    res_MV = (p_MV - q_MV).clamp_min(0)
+    res_MV = torch.where(res_MV.sum(dim=-1, keepdim=True) > 0, res_MV, p_MV)
+    return torch.where(keep_M, d_M, sample_inverse_cdf(res_MV, u_Nl.reshape(-1))).view(N, l)
 
 
 def _check_window(window: int) -> None:
@@ -244,7 +271,10 @@ def _next_windows(
     redrawn from it, with q = p (the Jacobi update); the others get fresh guesses with a one-hot q."""
     N, l, V = p_NlV.shape
     w = batch.draft_Nw.shape[1]
-    jacobi_Nl = sample_inverse_cdf(p_NlV.reshape(-1, V), u_N3w[:, 1, :l].reshape(-1)).view(N, l)
+    if rule.coupled:
+        jacobi_Nl = coupled_redraw(p_NlV, batch.q_NwV[:, :l], batch.draft_Nw[:, :l], u_N3w[:, 0, :l], u_N3w[:, 1, :l])
+    else:
+        jacobi_Nl = sample_inverse_cdf(p_NlV.reshape(-1, V), u_N3w[:, 1, :l].reshape(-1)).view(N, l)
     src_Nw = torch.arange(w, device=p_NlV.device) + adv_N[:, None]  # the old slot each new slot continues
     computed_Nw = src_Nw < valid_N[:, None]
     src_Nw = src_Nw.clamp(max=l - 1)
