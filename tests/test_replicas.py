@@ -150,7 +150,8 @@ def test_flood_gets_429_with_retry_after_and_accepted_requests_complete(var_app)
 
 def test_killed_replica_loses_no_accepted_request_and_the_app_recovers(var_app):
     """Requests keep arriving; once both replicas are generating, one is killed. Every request the application
-    accepted comes back 200 with its seed's image (those on the dead replica sent again elsewhere)."""
+    accepted comes back 200 with its seed's image (those on the dead replica sent again elsewhere); every stream
+    ends with its images and [DONE], or with an error event naming the cause — none is cut off silently."""
     from nextscale.cli.common import load_pipeline
 
     pipe = load_pipeline(_args(VAR_FILES))
@@ -174,7 +175,14 @@ def test_killed_replica_loses_no_accepted_request_and_the_app_recovers(var_app):
                     seed += 1
                     after_kill += killed.is_set()
 
+            async def streamer() -> None:
+                body = {"prompt": "5", "stream": True, **SETTINGS}
+                while not killed.is_set() or len(streams) < 4:
+                    async with c.stream("POST", "/v1/images/generations", json=body) as r:
+                        streams.append((r.status_code, (await r.aread()).decode()))
+
             clients = [asyncio.ensure_future(client(1000 * (i + 1))) for i in range(6)]
+            clients.append(asyncio.ensure_future(streamer()))
             await asyncio.to_thread(wait_until, busy, 120, "both replicas generating")
             victim = _replica_actors()[0]
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
@@ -182,7 +190,12 @@ def test_killed_replica_loses_no_accepted_request_and_the_app_recovers(var_app):
             await asyncio.gather(*clients)
         return out
 
+    streams: list[tuple[int, str]] = []
     responses = asyncio.run(run())
+    for status, text in streams:
+        if status == 200:
+            finished = text.rstrip().endswith("data: [DONE]") and "image_generation.completed" in text
+            assert finished or ("event: error" in text and "replica stopped" in text), text[-300:]
     accepted = {s: r for s, r in responses.items() if r.status_code != 429}
     assert accepted and all(r.status_code == 200 for r in accepted.values()), {
         s: r.status_code for s, r in accepted.items()
