@@ -111,12 +111,12 @@ def test_invalid_bodies_get_422_naming_the_field(client, body, param, text):
 
 
 def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe):
-    """quality=high is exact, medium SJD (the balanced preset), low the fast preset; auto runs serve --speculative's
+    """quality=high is exact, medium MC-SJD (the balanced preset), low the fast preset; auto runs serve --speculative's
     method. Each gives the pipeline's images for that method and seed."""
     app = raster_app(pipe, plans=quality_plans(pipe, "sjd:window=3,init=repeat"))
     methods = {"auto": "sjd:window=3,init=repeat", "high": None, "medium": "balanced", "low": "fast"}
     # what each level resolved to on this model, as reported: the spec that rebuilds it (defaults left out)
-    reported = {"auto": ["sjd:window=3,init=repeat"], "high": [], "medium": ["sjd"], "low": ["gsd"]}
+    reported = {"auto": ["sjd:window=3,init=repeat"], "high": [], "medium": ["mcsjd:window=32"], "low": ["gsd"]}
     with TestClient(app) as c:
         assert c.get("/v1/models").json()["data"][0]["qualities"] == reported
         for quality, spec in methods.items():
