@@ -283,6 +283,8 @@ class Router:
         from ray.serve.exceptions import BackPressureError
         from starlette.responses import Response, StreamingResponse
 
+        from nextscale.serve.api import error
+
         last: BaseException | None = None
         for attempt in range(RETRIES):
             gen = self.stream.http.remote(*args)
@@ -297,11 +299,11 @@ class Router:
             except BackPressureError:
                 self.stats.rejected += 1
                 self._count(429)
-                return _error(
+                return error(
                     429,
                     f"every replica is full; retry in {self.stats.retry_after}s",
                     "overloaded",
-                    {"Retry-After": str(self.stats.retry_after)},
+                    headers={"Retry-After": str(self.stats.retry_after)},
                 )
             except Exception as e:
                 if not _replica_gone(e):
@@ -313,7 +315,7 @@ class Router:
             self._count(status)
             return Response(b"".join(chunks), status_code=status, headers=_plain(headers))
         self._count(503)
-        return _error(503, f"no replica could finish the request: {last}", "unavailable")
+        return error(503, f"no replica could finish the request: {last}", "unavailable")
 
     async def _relay(self, gen: Any) -> AsyncIterator[bytes]:
         try:
@@ -362,13 +364,6 @@ def _retry_after(headers: list[tuple[str, str]], default: int) -> int:
     return default
 
 
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Any:
-    from starlette.responses import JSONResponse
-
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 # ---- the application ----------------------------------------------------------------------------------------------
 def application(build_app: Callable[[], Any], settings: ReplicaSettings) -> Any:
     """The Ray Serve application: the router in front of the engine replicas, each holding ``build_app()``."""
@@ -382,7 +377,7 @@ def application(build_app: Callable[[], Any], settings: ReplicaSettings) -> Any:
 
 @dataclass
 class Running:
-    """A started application: ``stop()`` shuts it down (draining), and Ray too when ``start`` started it."""
+    """A started application: ``stop()`` shuts it down (draining), and Ray too when ``started_ray``."""
 
     port: int
     started_ray: bool
@@ -415,17 +410,12 @@ def _init(ray: Any, address: str | None) -> None:
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
 
 
-def start(
-    build_app: Callable[[], Any], settings: ReplicaSettings, host: str, port: int, address: str | None = None
-) -> Running:
-    """Start (or join, with ``address``) a Ray cluster, and run the application on ``host``:``port``; returns once
-    every replica is ready."""
-    ray = _ray()
+def start(build_app: Callable[[], Any], settings: ReplicaSettings, host: str, port: int) -> Running:
+    """Run the application on ``host``:``port`` of the Ray cluster this process is connected to; returns once every
+    replica is ready."""
+    _ray()
     from ray import serve
 
-    started = not ray.is_initialized()
-    if started:
-        _init(ray, address)
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(application(build_app, settings), name=APP_NAME, route_prefix="/", blocking=False)
@@ -434,7 +424,7 @@ def start(
         message = status.deployments["EngineReplica"].message if status else ""
         cause = next((ln for ln in reversed(message.splitlines()) if ln.strip()), str(e))
         raise ConfigError(f"the replicas failed to start: {cause.strip()}") from None
-    return Running(port, started)
+    return Running(port, started_ray=False)
 
 
 def run(build_app: Callable[[], Any], settings: ReplicaSettings, host: str, port: int, address: str | None) -> int:
@@ -452,8 +442,8 @@ def run(build_app: Callable[[], Any], settings: ReplicaSettings, host: str, port
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    running = start(build_app, settings, host, port, address)
-    running.started_ray = started
+    running = start(build_app, settings, host, port)
+    running.started_ray = started  # stop() shuts down the cluster this command started
     log.info(
         "serving %d replica(s) (%s each) on http://%s:%d through Ray Serve (playground at /)",
         settings.replicas,
