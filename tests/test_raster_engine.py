@@ -202,13 +202,15 @@ def test_each_family_refuses_the_others_requests(pipe):
         Engine(VARFamily(var, vae)).add_request(torch.tensor([1]), RasterParams(seed=0))
 
 
-# ---- speculative requests (SJD, GSD, LANTERN) ----------------------------------------------------------------------
+# ---- speculative requests (SJD, GSD, LANTERN, ZipAR) ----------------------------------------------------------------------
 SPECS = [
     "sjd:window=4",
     "sjd:window=3,init=repeat",
     "mcsjd:window=4",
     "gsd:window=4,dist=60,pdiff=0.2",
     "lantern:window=5,k=20",
+    "zipar:window=2",
+    "zipar:window=2+mcsjd:window=3",
 ]
 
 
@@ -256,7 +258,7 @@ def test_a_speculative_unit_costs_its_window_and_completes_the_tokens_every_imag
     engine.step()
     state = engine.requests[rid].state
     assert engine.last_iteration_tokens == 4 * 6
-    assert seq.si == state.t == int(state.decoder.batch.n_N.min()) >= 1
+    assert seq.si == state.t == int(state.decoder.batch.n_NG.min()) >= 1
     passes = 1
     while engine.has_unfinished():
         engine.step()

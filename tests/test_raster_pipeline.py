@@ -275,7 +275,7 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
     the_rule = Rule()
 
     class Config:
-        window = 3
+        window, zipar = 3, 0
 
         def rule(self, model, codebook_VD):
             calls["rule_model"], calls["codebook"] = model, codebook_VD
@@ -285,8 +285,8 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
         calls["spec"] = spec
         return Config()
 
-    def sample_speculative(model, labels_B, params, rule, window, generators=None, on_step=None):
-        calls["args"] = (model, labels_B.tolist(), params.top_k, rule, window)
+    def sample_speculative(model, labels_B, params, rule, window, generators=None, on_step=None, zipar=0):
+        calls["args"] = (model, labels_B.tolist(), params.top_k, rule, window, zipar)
         res = sample_raster(model, labels_B, params, generators, on_step)
         return RasterResult(res.tokens_BL, {"forward_passes": 7.5, "mean_accepted": 2.1})
 
@@ -301,7 +301,7 @@ def test_speculative_is_wired_to_the_speculative_loop(msvq_pipe, monkeypatch):
     exact = p([1, 2], seed=0, top_k=5, output_type="latent")
     assert calls["spec"] == "sjd:window=3" and calls["rule_model"] is p.transformer
     assert torch.equal(calls["codebook"], p.tokenizer.codebook()), "latent proximity from the tokenizer's codes"
-    assert calls["args"] == (p.transformer, [1, 2], 5, the_rule, 3)
+    assert calls["args"] == (p.transformer, [1, 2], 5, the_rule, 3, 0)
     assert torch.equal(out.tokens, exact.tokens)
     assert out.stats["forward_passes"] == 7.5 and out.stats["mean_accepted"] == 2.1
     assert out.stats["speculative"] == "sjd:window=3"

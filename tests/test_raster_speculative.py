@@ -6,7 +6,9 @@ sequences by teacher forcing, and 20000 SJD samples are compared with it by a ch
 count < 5 pooled; pass at p-value >= 1e-3). The same test must reject a classic mistake (drawing a refused slot from
 p instead of the residual), so it has power. Then: rule formulas on hand-made distributions, the per-row cached
 layout against teacher forcing, image i alone == image i in a batch for every rule, fewer passes than tokens where
-guesses get accepted, greedy == sample_raster, spec parsing and one-line errors.
+guesses get accepted, greedy == sample_raster, spec parsing and one-line errors. ZipAR (a decoding order, lossy):
+its own enumerated joint (stand-in token, masks, flush; a missing flush is detected), whole-row waiting is
+lossless, pass counts.
 """
 
 from __future__ import annotations
@@ -178,6 +180,95 @@ def test_coupled_redraw_keeps_the_old_guess_as_often_as_the_target_allows():
     assert (freq - p.view(-1).double()).abs().max() < 0.015, "the new guess follows p"
 
 
+# ---- ZipAR: the decoding order ------------------------------------------------------------------------------------
+def _target(logits_cond, logits_null, t: int) -> torch.Tensor:
+    """Plain sampling's distribution of token t (``DIST_PARAMS``) from teacher-forcing logits."""
+    guided = DIST_PARAMS.guided_at(t)
+    logits = cfg_guide(torch.cat((logits_cond, logits_null)), DIST_PARAMS.cfg_scale) if guided else logits_cond
+    return filter_logits_(logits.clone(), DIST_PARAMS.temperature, DIST_PARAMS.top_k, DIST_PARAMS.top_p).softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def zipar_joint(small) -> torch.Tensor:
+    """The joint of ZipAR with a 1-token window on the 2x2 grid, by teacher forcing, as the official code conditions
+    it. Pass 1 draws t0. Pass 2: row 0 draws t1 from [cls, t0]; row 1 starts, and the input before its first token
+    is t1, not drawn yet: a stand-in, the row above's last token (t0), at t1's position — t2 is drawn from
+    [cls, t0, t0]. Pass 3: t1's true keys replace the stand-in's (the flush), so t3 is drawn from [cls, t0, t1, t2]."""
+    X = torch.tensor(list(itertools.product(range(V8), repeat=L4)))
+    stand_in = X.clone()
+    stand_in[:, 1] = X[:, 0]
+    with torch.no_grad():
+        cond, null = (small(X, torch.full((len(X),), c)) for c in (LABEL, small.cfg.null_class))
+        cond2, null2 = (small(stand_in, torch.full((len(X),), c)) for c in (LABEL, small.cfg.null_class))
+    logp = torch.zeros(len(X), dtype=torch.float64)
+    for t in range(L4):
+        p = _target(cond2[:, t], null2[:, t], t) if t == 2 else _target(cond[:, t], null[:, t], t)
+        logp += p.gather(1, X[:, t : t + 1]).squeeze(1).double().log()
+    return logp.exp()
+
+
+def test_zipar_samples_its_own_conditioning(small, zipar_joint, exact_joint):
+    """Plain ZipAR (window 1, each row one token per pass) against the enumerated joint of its conditioning: the
+    stand-in token, the masks (row 1 never sees row 0's unfixed slot) and the flush are all in it."""
+    assert float((zipar_joint - exact_joint).abs().sum()) / 2 > 0.02, "ZipAR's target differs from raster order"
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, ExactRule(), 1, zipar=1)
+    x2, df, p_value, outside = chi_square(res.tokens_BL, zipar_joint)
+    assert outside == 0 and p_value >= 1e-3, f"chi-square {x2:.1f} on {df} df (p = {p_value:.2e})"
+    assert res.stats["forward_passes"] == 3  # rows of 2 tokens, the second starting one token later
+
+
+def test_zipar_without_the_flush_is_detected(small, zipar_joint, monkeypatch):
+    """Power: if row 0's last token never replaced its stand-in, t3 would see the stand-in's keys."""
+    from nextscale.engine.raster.speculative import _Batch
+
+    real_init = _Batch.__init__
+
+    def no_flush(self, *a, **k):
+        real_init(self, *a, **k)
+        self.flush_NG = _NeverTrue(self.flush_NG)
+
+    monkeypatch.setattr(_Batch, "__init__", no_flush)
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, ExactRule(), 1, zipar=1)
+    _, _, p_value, _ = chi_square(res.tokens_BL, zipar_joint)
+    assert p_value < 1e-6
+
+
+class _NeverTrue(torch.Tensor):
+    """A flag tensor that drops every write of True (the flush never gets scheduled)."""
+
+    @staticmethod
+    def __new__(cls, t):
+        return torch.Tensor._make_subclass(cls, t.clone())
+
+    def __setitem__(self, idx, value):
+        pass
+
+    def __getitem__(self, idx):
+        return _NeverTrue(torch.Tensor.__getitem__(self.as_subclass(torch.Tensor), idx))
+
+
+@pytest.mark.parametrize("rule, window", [(ExactRule(), 2), (ExactRule(coupled=True), 3), (ExactRule(), 1)])
+def test_zipar_waiting_for_whole_rows_is_raster_order_and_lossless(small, exact_joint, rule, window):
+    """A row that starts only when the row above is complete conditions on every earlier token: the lanes, their
+    masks and the acceptance rule together sample the exact joint."""
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, rule, window, zipar=2)
+    x2, df, p_value, outside = chi_square(res.tokens_BL, exact_joint)
+    assert outside == 0 and p_value >= 1e-3, f"chi-square {x2:.1f} on {df} df (p = {p_value:.2e})"
+
+
+@pytest.mark.parametrize("zipar", [1, 2, 4])
+def test_plain_zipar_makes_one_pass_per_token_of_the_longest_chain(model, zipar):
+    """With one-token windows row r starts ``zipar`` passes after row r-1, and each row takes a pass per token:
+    (rows - 1)·zipar + row length passes; greedy with zipar >= the row length is sample_raster's greedy."""
+    grid = model.cfg.grid_size
+    params = RasterParams(cfg_scale=2.0, cfg_interval=5, top_k=50, seed=4)
+    res = sample_speculative(model, LABELS, params, ExactRule(), 1, zipar=zipar)
+    assert res.stats["forward_passes_per_image"] == [(grid - 1) * zipar + grid] * len(LABELS)
+    greedy = RasterParams(cfg_scale=2.0, top_k=1, seed=0)
+    whole_rows = sample_speculative(model, LABELS, greedy, ExactRule(), 3, zipar=grid)
+    assert torch.equal(whole_rows.tokens_BL, sample_raster(model, LABELS, greedy).tokens_BL)
+
+
 # ---- the rules' formulas -------------------------------------------------------------------------------------------
 def _random_dists(M: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -277,7 +368,7 @@ def test_rows_at_different_positions_equal_teacher_forcing(kw):
         kv = RowKV.allocate(m, 3, 36 + 8)
         pos = torch.zeros(3, dtype=torch.long)
         first = m.forward_tokens(
-            torch.cat((m.embed_classes(LABELS), m.embed_tokens(idx[:, :3])), 1), RowWindows(kv, pos, 4, table)
+            torch.cat((m.embed_classes(LABELS), m.embed_tokens(idx[:, :3])), 1), RowWindows.windows(kv, pos, 4, table)
         )
         torch.testing.assert_close(first, full[:, :4], atol=2e-5, rtol=1e-5)
         pos = torch.full((3,), 4)
@@ -285,11 +376,11 @@ def test_rows_at_different_positions_equal_teacher_forcing(kw):
         fed = idx[:, 3:8].clone()
         garbage = torch.arange(5) >= kept[:, None]
         fed[garbage] = torch.randint(0, m.vocab_size, (int(garbage.sum()),), generator=g)
-        m.forward_tokens(m.embed_tokens(fed), RowWindows(kv, pos, 5, table))
+        m.forward_tokens(m.embed_tokens(fed), RowWindows.windows(kv, pos, 5, table))
         pos = pos + kept
         out = m.forward_tokens(
             m.embed_tokens(torch.stack([idx[r, p - 1 : p + 6] for r, p in enumerate(pos.tolist())])),
-            RowWindows(kv, pos, 7, table),
+            RowWindows.windows(kv, pos, 7, table),
         )
         for r, p in enumerate(pos.tolist()):
             torch.testing.assert_close(out[r], full[r, p : p + 7], atol=5e-5, rtol=1e-5)
@@ -306,17 +397,23 @@ def test_windows_running_off_the_grid_store_nothing_past_it():
         full = m(idx, LABELS)
         kv = RowKV.allocate(m, 3, 36)
         x = torch.cat((m.embed_classes(LABELS), m.embed_tokens(idx[:, :33])), 1)
-        m.forward_tokens(x, RowWindows(kv, torch.zeros(3, dtype=torch.long), 34, table))
+        m.forward_tokens(x, RowWindows.windows(kv, torch.zeros(3, dtype=torch.long), 34, table))
         pos = torch.tensor([30, 31, 33])  # windows of 6: positions up to 35, 36 and 38
         pad = torch.randint(0, m.vocab_size, (3, 3), generator=g)
         fed = torch.stack([torch.cat((idx[r, p - 1 :], pad[r]))[:6] for r, p in enumerate(pos.tolist())])
-        out = m.forward_tokens(m.embed_tokens(fed), RowWindows(kv, pos, 6, table))
+        out = m.forward_tokens(m.embed_tokens(fed), RowWindows.windows(kv, pos, 6, table))
     for r, p in enumerate(pos.tolist()):
         torch.testing.assert_close(out[r, : 36 - p], full[r, p:36], atol=5e-5, rtol=1e-5)
 
 
 # ---- sampling --------------------------------------------------------------------------------------------------------
-RULES = ["sjd:window=6", "sjd:window=5,init=repeat", "gsd:window=6,dist=60,pdiff=0.2", "lantern:window=6,k=50"]
+RULES = [
+    "sjd:window=6",
+    "sjd:window=5,init=repeat",
+    "gsd:window=6,dist=60,pdiff=0.2",
+    "lantern:window=6,k=50",
+    "zipar:window=2+mcsjd:window=4,init=repeat",
+]
 
 
 @pytest.mark.parametrize("spec", RULES)
@@ -367,10 +464,11 @@ def test_relaxed_rules_keep_more_guesses(model):
     assert relaxed.stats["forward_passes"] < exact.stats["forward_passes"]
 
 
-def test_on_step_reports_every_token_in_raster_order(model):
+@pytest.mark.parametrize("spec", ["sjd:window=4", "zipar:window=2+sjd:window=3"])
+def test_on_step_reports_every_token_in_raster_order(model, spec):
     seen: list[RasterStep] = []
     params = RasterParams(cfg_scale=2.0, cfg_interval=5, top_k=20, seed=2)
-    res = parse_speculative("sjd:window=4").sample(model, LABELS, params, on_step=seen.append)
+    res = parse_speculative(spec).sample(model, LABELS, params, on_step=seen.append)
     assert [s.t for s in seen] == list(range(36))
     assert [s.guided for s in seen] == [t <= 6 for t in range(36)]
     assert torch.equal(torch.stack([s.idx_B for s in seen], 1), res.tokens_BL)
@@ -396,13 +494,21 @@ def test_parse_specs_and_round_trip():
     for c in (SJD(), SJD(window=3, init="repeat"), GSD(size=2), Lantern(delta=0.2, k=7, window=5), MCSJD(window=4)):
         assert parse_speculative(c.spec()) == c
     assert Lantern(k=7).spec() == "lantern:k=7" and not Lantern.lossless and not GSD.lossless
+    # ZipAR is an order, not a rule: alone it is one-guess windows; with a method, that method per grid row.
+    assert parse_speculative("zipar") == SJD(window=1, zipar=8) and SJD(window=1, zipar=8).spec() == "zipar"
+    assert parse_speculative("zipar:window=4+sjd:window=8") == SJD(window=8, zipar=4)
+    assert parse_speculative("mcsjd + zipar:window=2") == MCSJD(zipar=2)
+    assert parse_speculative("zipar:window=3+balanced").zipar == 3  # a preset's method in that order
+    for c in (SJD(window=1, zipar=4), SJD(zipar=2), GSD(size=2, zipar=3), MCSJD(window=4, zipar=5)):
+        assert parse_speculative(c.spec()) == c
+    assert MCSJD(zipar=2).spec() == "zipar:window=2+mcsjd"
 
 
 @pytest.mark.parametrize(
     "spec, match",
     [
         ("medusa", "unknown speculative method 'medusa'; available: gsd, lantern, mcsjd, sjd"),
-        ("sjd:windw=4", "bad option 'windw=4'; options are key=value with key in: window, init, coupled"),
+        ("sjd:windw=4", "bad option 'windw=4'; options are key=value with key in: window, init, coupled, zipar"),
         ("sjd:window", "bad option 'window'"),
         ("lantern:k=many", "option k='many' is not a valid int"),
         ("lantern:delta=x", "option delta='x' is not a valid float"),
@@ -410,6 +516,10 @@ def test_parse_specs_and_round_trip():
         ("sjd:init=copy", "init must be one of random, repeat"),
         ("lantern:delta=-1", "lantern: k must be >= 1 and delta >= 0"),
         ("gsd:size=0", "gsd: size must be >= 1"),
+        ("zipar:window=0+sjd", "zipar: window must be an int >= 1"),
+        ("zipar+zipar", "at most one zipar part and one method"),
+        ("sjd+gsd", "one method, optionally with a zipar order"),
+        ("zipar:rows=2", "zipar: bad option 'rows=2'; options are key=value with key in: window"),
     ],
 )
 def test_bad_specs_give_one_line_errors(spec, match):

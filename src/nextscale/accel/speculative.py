@@ -59,6 +59,7 @@ real checkpoint in this environment).
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -201,6 +202,8 @@ class SpeculativeConfig:
     window: int = 16
     init: str = "random"
     coupled: bool = False  # MC-SJD's coupled redraws (``mcsjd`` is ``sjd`` with this on)
+    # ZipAR's decoding order (``zipar:window=N+...``): a grid row starts once the row above has fixed N tokens.
+    zipar: int = 0
 
     def __post_init__(self) -> None:
         w = self.window
@@ -208,6 +211,11 @@ class SpeculativeConfig:
             raise InvalidInputError(f"{self.name}: window must be an int >= 1 (guesses per pass), got {w!r}")
         if self.init not in DRAFT_INITS:
             raise InvalidInputError(f"{self.name}: init must be one of {', '.join(DRAFT_INITS)}, got {self.init!r}")
+        z = self.zipar
+        if isinstance(z, bool) or not isinstance(z, int) or z < 0:
+            raise InvalidInputError(
+                f"zipar: window must be an int >= 1 (tokens of a row before the next starts), got {z!r}"
+            )
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         """The acceptance rule for ``model`` (``codebook_VD``: latent vectors of the codes, where the rule uses
@@ -225,12 +233,32 @@ class SpeculativeConfig:
     ) -> RasterResult:
         """``sample_speculative`` with this method's rule and window."""
         return sample_speculative(
-            model, labels_B, params, self.rule(model, codebook_VD), self.window, generators, on_step
+            model, labels_B, params, self.rule(model, codebook_VD), self.window, generators, on_step, self.zipar
         )
 
     def spec(self) -> str:
-        """The spec string that rebuilds this config (defaults left out)."""
-        return spec_string(self.name, self)
+        """The spec string that rebuilds this config (defaults left out); ZipAR's order as its own part:
+        ``zipar:window=4+sjd``, or ``zipar:window=4`` alone for plain sampling in that order."""
+        if not self.zipar:
+            return spec_string(self.name, self)
+        rest = dataclasses.replace(self, zipar=0)
+        order = spec_string(ZIPAR, ZipAR(window=self.zipar))
+        return order if rest == ZIPAR_PLAIN else f"{order}+{rest.spec()}"
+
+
+ZIPAR = "zipar"
+
+
+@dataclass(frozen=True)
+class ZipAR:
+    """ZipAR's decoding order as a spec part (He et al., "ZipAR: Accelerating Auto-regressive Image Generation
+    through Spatial Locality", arXiv 2412.04062; code ThisisBillhe/ZipAR): ``window`` tokens of a grid row must be
+    fixed before the row below starts; then every started row advances in the same forward passes, each as its
+    own lane with the acceptance rule's window. Not a method of its own: ``zipar:window=N`` alone is plain
+    sampling in that order (a one-guess window, kept or redrawn from the target: sampling in distribution), and
+    ``zipar:window=N+sjd`` gives each row SJD's window. The official default is 8 on LlamaGen's 24x24 grid."""
+
+    window: int = 8
 
 
 SPECULATIVE: dict[str, type[SpeculativeConfig]] = {}
@@ -261,6 +289,10 @@ class SJD(SpeculativeConfig):
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         return ExactRule(draft_init=self.init, coupled=self.coupled)
+
+
+# ``zipar:window=N`` alone: one guess per pass and lane, tested against its target — sampling in distribution.
+ZIPAR_PLAIN = SJD(window=1)
 
 
 @register
@@ -343,6 +375,27 @@ def parse_speculative(spec: str | SpeculativeConfig) -> SpeculativeConfig:
         return spec
     if not isinstance(spec, str):
         raise InvalidInputError(f"speculative must be a spec string or a SpeculativeConfig, got {type(spec).__name__}")
+    parts = [p.strip() for p in spec.split("+")]
+    order = [p for p in parts if p.partition(":")[0].strip().lower() == ZIPAR]
+    if order:
+        if len(order) > 1 or len(parts) > 2:
+            raise InvalidInputError(
+                f"bad speculative spec {spec!r}: at most one zipar part and one method, as zipar:window=4+sjd"
+            )
+        z = ZipAR(**parse_options(ZIPAR, ZipAR, order[0].partition(":")[2]))
+        if isinstance(z.window, bool) or z.window < 1:
+            raise InvalidInputError(
+                f"zipar: window must be an int >= 1 (tokens of a row before the next starts), got {z.window!r}"
+            )
+        rest_parts = [p for p in parts if p is not order[0]]
+        base = parse_speculative(rest_parts[0]) if rest_parts else ZIPAR_PLAIN
+        if base.zipar:
+            raise InvalidInputError(f"bad speculative spec {spec!r}: zipar is given twice")
+        return dataclasses.replace(base, zipar=z.window)
+    if len(parts) > 1:
+        raise InvalidInputError(
+            f"bad speculative spec {spec!r}: one method, optionally with a zipar order (zipar:window=4+sjd)"
+        )
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
     if name in PRESETS and not rest.strip():

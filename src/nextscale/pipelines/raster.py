@@ -308,7 +308,7 @@ class LlamaGenPipeline(Pipeline):
     def speculative_config(self, speculative: Any) -> Any:
         """Parse a speculative-decoding spec (a string such as those of ``nextscale.accel.speculative``, a preset
         name — this model's ``speculative_presets`` first —, or a config object) before any sampling; the result has
-        ``.window`` and ``.rule(model)``."""
+        ``.window``, ``.zipar`` (0: raster order) and ``.rule(model)``."""
         if isinstance(speculative, str) and speculative.strip().lower() in self.speculative_presets:
             speculative = self.speculative_presets[speculative.strip().lower()]
         from nextscale.accel.speculative import parse_speculative
@@ -334,7 +334,7 @@ class LlamaGenPipeline(Pipeline):
         return self._plan(self.speculative_config(speculative))
 
     def _plan(self, spec: Any) -> SpeculativePlan:
-        return SpeculativePlan(spec.rule(self.transformer, self.tokenizer.codebook()), spec.window)
+        return SpeculativePlan(spec.rule(self.transformer, self.tokenizer.codebook()), spec.window, spec.zipar)
 
     # ---- serving ------------------------------------------------------------------------------------------------
     def engine_family(self, speculative: Any = None) -> RasterFamily:
@@ -433,7 +433,9 @@ class LlamaGenPipeline(Pipeline):
     ) -> RasterResult:
         if spec is not None:
             plan = self._plan(spec)
-            return sample_speculative(self.transformer, labels_B, params, plan.rule, plan.window, gens, on_step)
+            return sample_speculative(
+                self.transformer, labels_B, params, plan.rule, plan.window, gens, on_step, plan.zipar
+            )
         loop = reference_sample_raster if sampler == "reference" else sample_raster
         return loop(self.transformer, labels_B, params, gens, on_step)
 

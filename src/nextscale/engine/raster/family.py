@@ -94,9 +94,9 @@ class RasterFamily:
         if labels_B.ndim != 1:
             raise InvalidInputError(f"labels must be a 1-D tensor, got shape {tuple(labels_B.shape)}")
         self.gpt.check_labels(labels_B)
-        rows, tokens, unit_rows = raster_units(
-            params, labels_B.numel(), self.gpt.cfg.seq_len, plan.window if plan else 1
-        )
+        cfg = self.gpt.cfg
+        positions = plan.max_positions(cfg.grid_size, cfg.seq_len) if plan else 1
+        rows, tokens, unit_rows = raster_units(params, labels_B.numel(), cfg.seq_len, positions)
         return plan, Units(rows, tokens, unit_rows)
 
     def start(

@@ -53,12 +53,11 @@ class RowKV:
         return cls(k, v)
 
     def write(
-        self, layer: int, pos_R: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, T: int
+        self, layer: int, pos_Rl: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor, T: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store row r's new keys/values at positions ``pos_R[r] ..`` (those < ``max_len``); return every row's
+        """Store row r's new keys/values at positions ``pos_Rl[r]`` (those < ``max_len``); return every row's
         first T positions."""
         R, H, l, c = k_RHlc.shape
-        pos_Rl = pos_R[:, None] + torch.arange(l, device=pos_R.device)
         if int(pos_Rl.max()) < self.max_len:
             idx = pos_Rl.view(R, 1, l, 1).expand(R, H, l, c)
             self.k[layer].scatter_(2, idx, k_RHlc)
@@ -79,40 +78,57 @@ class RowKV:
 
 
 class RowWindows:
-    """A ``RasterLayout`` where row r covers positions ``pos_R[r] .. pos_R[r] + l - 1`` of its own sequence.
+    """A ``RasterLayout`` where query i of row r sits at sequence position ``q_pos_Rl[r, i]`` of that row's own
+    sequence and sees the keys ``visible_RlT[r, i]`` (default: every position up to its own). ``windows`` builds
+    the common case, one contiguous window ``pos_R[r] .. pos_R[r] + l - 1`` per row; ZipAR's lanes
+    (``engine.raster.speculative``) put several windows of one image, at different grid rows, in one row.
 
     The model turns q and k by the RoPE angles of ``start .. start + l - 1`` for every row; ``attend`` turns them
     on by (true angle - shared angle). ``start`` is 0 while every row is at 0 (the class-token call, no turn) and 1
     otherwise — a fixed anchor, so that a row's numbers do not depend on its batch-mates' positions. Position 0 is
-    never a shared position afterwards: its table entry is cos = sin = 0 (not invertible)."""
+    never a shared position afterwards: its table entry is cos = sin = 0 (not invertible).
+
+    Padding queries (a row with fewer positions than the call) sit at ``kv.max_len`` or beyond: their keys are not
+    stored and they see position 0 only (so their softmax is finite; nothing reads their outputs)."""
 
     ANCHOR = 1
 
-    def __init__(self, kv: RowKV, pos_R: torch.Tensor, l: int, table_Pc2: torch.Tensor):
-        device, P = pos_R.device, table_Pc2.shape[0]
-        self.kv, self.pos_R = kv, pos_R
-        first = bool((pos_R == 0).all())
-        if not first and bool((pos_R == 0).any()):
+    def __init__(
+        self, kv: RowKV, q_pos_Rl: torch.Tensor, table_Pc2: torch.Tensor, visible_RlT: torch.Tensor | None = None
+    ):
+        device, P = q_pos_Rl.device, table_Pc2.shape[0]
+        l = q_pos_Rl.shape[1]
+        self.kv, self.q_pos_Rl = kv, q_pos_Rl
+        real_Rl = q_pos_Rl < kv.max_len
+        first = bool((q_pos_Rl[:, 0] == 0).all())
+        if not first and bool((q_pos_Rl[:, 0] == 0).any()):
             raise RuntimeError("rows at position 0 must be called alone (their class token has no RoPE turn)")
         self.start = 0 if first else self.ANCHOR
-        j = torch.arange(l, device=device)
-        q_pos_Rl = pos_R[:, None] + j
-        self.T = min(int(pos_R.max()) + l, kv.max_len)
+        self.T = min(int(q_pos_Rl[real_Rl].max()) + 1 if bool(real_Rl.any()) else 1, kv.max_len)
         key_pos = torch.arange(self.T, device=device)
-        self.mask_R1lT = (key_pos <= q_pos_Rl[:, :, None]).unsqueeze(1)
+        if visible_RlT is None:
+            visible_RlT = key_pos <= q_pos_Rl[:, :, None]
+        else:
+            visible_RlT = visible_RlT[:, :, : self.T]
+        self.mask_R1lT = torch.where(real_Rl[:, :, None], visible_RlT, key_pos == 0).unsqueeze(1)
         self.delta_Rlc2: torch.Tensor | None = None
         if not first:
-            # Positions past the grid only hold padding (never kept); clamp them into the table.
             true_Rlc2 = table_Pc2[q_pos_Rl.clamp(max=P - 1)]
-            shared_lc2 = table_Pc2[self.start + j][None]
+            shared_lc2 = table_Pc2[self.start + torch.arange(l, device=device)][None]
             ct, st, cs, ss = true_Rlc2[..., 0], true_Rlc2[..., 1], shared_lc2[..., 0], shared_lc2[..., 1]
             delta = torch.stack((ct * cs + st * ss, st * cs - ct * ss), dim=-1)  # angle(true) - angle(shared)
-            at_anchor = (pos_R == self.start)[:, None, None, None]
+            # A query at its shared position turns by exactly nothing (not by a rounded cos(0), sin(0)).
+            same = (q_pos_Rl == self.start + torch.arange(l, device=device))[..., None, None]
             identity = torch.tensor([1.0, 0.0], device=device).expand_as(delta)
-            self.delta_Rlc2 = torch.where(at_anchor, identity, delta)
+            self.delta_Rlc2 = torch.where(same, identity, delta)
+
+    @classmethod
+    def windows(cls, kv: RowKV, pos_R: torch.Tensor, l: int, table_Pc2: torch.Tensor) -> RowWindows:
+        """Row r covers positions ``pos_R[r] .. pos_R[r] + l - 1``, causally (past the cache: padding)."""
+        return cls(kv, pos_R[:, None] + torch.arange(l, device=pos_R.device), table_Pc2)
 
     def attend(self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> torch.Tensor:
         if self.delta_Rlc2 is not None:
             q_RHlc, k_RHlc = rotate_pairs(q_RHlc, self.delta_Rlc2), rotate_pairs(k_RHlc, self.delta_Rlc2)
-        k_RHTc, v_RHTc = self.kv.write(layer, self.pos_R, k_RHlc, v_RHlc, self.T)
+        k_RHTc, v_RHTc = self.kv.write(layer, self.q_pos_Rl, k_RHlc, v_RHlc, self.T)
         return sdpa(q_RHlc, k_RHTc, v_RHTc, mask=self.mask_R1lT)  # the model's own call: GQA expansion, scale

@@ -115,14 +115,17 @@ def sample_inverse_cdf(weights_MV: torch.Tensor, u_M: torch.Tensor) -> torch.Ten
     return torch.searchsorted(cdf_MV, x_M1, right=True).squeeze(1).clamp_(max=weights_MV.shape[-1] - 1)
 
 
-def draw_uniforms(generators: Generators, images: Sequence[int], window: int, device: torch.device) -> torch.Tensor:
-    """This pass's uniforms [N, 3, window] (float64) for the active images: one call per image on its own
-    generator (so its stream does not depend on the batch), or one call for the batch on a shared generator."""
+def draw_uniforms(
+    generators: Generators, images: Sequence[int], lanes: int, window: int, device: torch.device
+) -> torch.Tensor:
+    """This pass's uniforms [N, 3, lanes, window] (float64) for the active images: one call per image on its own
+    generator (so its stream does not depend on the batch), or one call for the batch on a shared generator. With
+    one lane the stream is the one a [3, window] draw gives."""
     if isinstance(generators, torch.Generator):
-        return torch.rand(len(images), _DRAWS, window, dtype=torch.float64, device=device, generator=generators)
+        return torch.rand(len(images), _DRAWS, lanes, window, dtype=torch.float64, device=device, generator=generators)
     gens = list(generators)
     return torch.stack(
-        [torch.rand(_DRAWS, window, dtype=torch.float64, device=device, generator=gens[i]) for i in images]
+        [torch.rand(_DRAWS, lanes, window, dtype=torch.float64, device=device, generator=gens[i]) for i in images]
     )
 
 
@@ -179,16 +182,24 @@ def _check_window(window: int) -> None:
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
 class _Batch:
-    """The images still being sampled and their windows. Rows of the transformer (and of the KV cache): the
-    conditional row of every active image, then the null-class rows of those still guided, in image order."""
+    """The images still being sampled and their lanes. Rows of the transformer (and of the KV cache): the
+    conditional row of every active image, then the null-class rows of those still guided, in image order.
 
-    def __init__(self, labels_B: torch.Tensor, window: int, V: int, guided: bool):
-        B, device = labels_B.shape[0], labels_B.device
+    A lane is a stretch of the raster order decoded left to right with its own window: the whole grid (one lane per
+    image), or with ZipAR one grid row each. Per image and lane: ``n`` tokens fixed, ``started``, the window's
+    guesses and their q, and ``flush`` (the lane's successor started on a stand-in for the lane's last token, whose
+    true keys must be written once it is fixed). ``seen_NS``: KV positions later queries may attend to."""
+
+    def __init__(self, B: int, lanes: int, window: int, V: int, L: int, guided: bool, device: torch.device):
         self.img_N = torch.arange(B, device=device)
-        self.n_N = torch.zeros(B, dtype=torch.long, device=device)
-        self.draft_Nw = torch.zeros(B, window, dtype=torch.long, device=device)
-        self.q_NwV = torch.zeros(B, window, V, device=device)
         self.null_N = torch.full((B,), guided, dtype=torch.bool, device=device)
+        self.n_NG = torch.zeros(B, lanes, dtype=torch.long, device=device)
+        self.started_NG = torch.zeros(B, lanes, dtype=torch.bool, device=device)
+        self.started_NG[:, 0] = True
+        self.flush_NG = torch.zeros(B, lanes, dtype=torch.bool, device=device)
+        self.draft_NGw = torch.zeros(B, lanes, window, dtype=torch.long, device=device)
+        self.q_NGwV = torch.zeros(B, lanes, window, V, device=device)
+        self.seen_NS = torch.zeros(B, L, dtype=torch.bool, device=device)
 
     @property
     def rows_img(self) -> torch.Tensor:
@@ -203,8 +214,23 @@ class _Batch:
         if len(rows) != N + int(self.null_N.sum()):
             kv.keep(rows)
         self.null_N = null_N[keep_N]
-        for name in ("img_N", "n_N", "draft_Nw", "q_NwV"):
+        for name in ("img_N", "n_NG", "started_NG", "flush_NG", "draft_NGw", "q_NGwV", "seen_NS"):
             setattr(self, name, getattr(self, name)[keep_N])
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What ``inputs`` laid out for one pass, for ``advance``: the active lanes (image, lane) and where their
+    positions sit in the rows; ``valid``: tokens each lane predicts (0 for a flush)."""
+
+    ai_M: torch.Tensor
+    ag_M: torch.Tensor
+    off_M: torch.Tensor
+    l_M: torch.Tensor
+    valid_M: torch.Tensor
+    start_M: torch.Tensor
+    flush_M: torch.Tensor
+    q_pos_Nl: torch.Tensor
 
 
 def _target_probs(
@@ -221,90 +247,97 @@ def _target_probs(
     return filter_logits_(logits_NlV, params.temperature, params.top_k, params.top_p).softmax(dim=-1)
 
 
-def _inputs(
-    model: LlamaGen, batch: _Batch, labels_B: torch.Tensor, tokens_BL: torch.Tensor, l: int, params: RasterParams
-) -> torch.Tensor:
-    """Row inputs [R, l, C] at positions ``n .. n+l-1``: token n-1 (the class token at n = 0), then the guesses."""
-    rows_img = batch.rows_img
-    if bool((batch.n_N == 0).all()):  # the first pass (afterwards every image has fixed a token)
-        labels_R = cfg_labels(labels_B, model.cfg.null_class) if params.guided else labels_B
-        guesses = model.embed_tokens(batch.draft_Nw[rows_img, : l - 1])
-        return torch.cat((model.embed_classes(labels_R), guesses), dim=1)
-    last_N = tokens_BL[batch.img_N, batch.n_N - 1]
-    return model.embed_tokens(torch.cat((last_N[:, None], batch.draft_Nw[:, : l - 1]), dim=1)[rows_img])
-
-
 def _verify(
-    rule: AcceptRule, p_NlV: torch.Tensor, batch: _Batch, u_N3w: torch.Tensor, valid_N: torch.Tensor
+    rule: AcceptRule,
+    p_MlV: torch.Tensor,
+    draft_Ml: torch.Tensor,
+    q_MlV: torch.Tensor,
+    u_M3w: torch.Tensor,
+    valid_M: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Test the guesses left to right: (guesses kept before the first refusal [N], tokens fixed [N], the window's
-    tokens [N, l] — kept guesses, then at a refusal a draw from the rule's residual, or from p where it is zero)."""
-    N, l, V = p_NlV.shape
-    draft_Nl, q_NlV = batch.draft_Nw[:, :l], batch.q_NwV[:, :l]
-    a_Nl = rule.accept_prob(p_NlV.reshape(-1, V), q_NlV.reshape(-1, V), draft_Nl.reshape(-1)).view(N, l)
-    j_l = torch.arange(l, device=p_NlV.device)
-    ok_Nl = (u_N3w[:, 0, :l] < a_Nl) & (j_l < valid_N[:, None])
-    kept_N = ok_Nl.long().cumprod(dim=1).sum(dim=1)
-    refused_N = kept_N < valid_N
-    tokens_Nl = draft_Nl.clone()
-    r = refused_N.nonzero().view(-1)
+    """Test each lane's guesses left to right: (guesses kept before the first refusal [M], tokens fixed [M], the
+    window's tokens [M, l] — kept guesses, then at a refusal a draw from the rule's residual, or from p where it is
+    zero)."""
+    M, l, V = p_MlV.shape
+    a_Ml = rule.accept_prob(p_MlV.reshape(-1, V), q_MlV.reshape(-1, V), draft_Ml.reshape(-1)).view(M, l)
+    j_l = torch.arange(l, device=p_MlV.device)
+    ok_Ml = (u_M3w[:, 0, :l] < a_Ml) & (j_l < valid_M[:, None])
+    kept_M = ok_Ml.long().cumprod(dim=1).sum(dim=1)
+    refused_M = kept_M < valid_M
+    tokens_Ml = draft_Ml.clone()
+    r = refused_M.nonzero().view(-1)
     if len(r):
-        m = kept_N[r]
-        p_rV = p_NlV[r, m]
-        res_rV = rule.residual(p_rV, q_NlV[r, m], draft_Nl[r, m])
+        m = kept_M[r]
+        p_rV = p_MlV[r, m]
+        res_rV = rule.residual(p_rV, q_MlV[r, m], draft_Ml[r, m])
         res_rV = torch.where(res_rV.sum(dim=-1, keepdim=True) > 0, res_rV, p_rV)
-        tokens_Nl[r, m] = sample_inverse_cdf(res_rV, u_N3w[r, 1, m])
-    return kept_N, kept_N + refused_N.long(), tokens_Nl
+        tokens_Ml[r, m] = sample_inverse_cdf(res_rV, u_M3w[r, 1, m])
+    return kept_M, kept_M + refused_M.long(), tokens_Ml
 
 
 def _next_windows(
     rule: AcceptRule,
-    batch: _Batch,
-    p_NlV: torch.Tensor,
-    u_N3w: torch.Tensor,
-    adv_N: torch.Tensor,
-    valid_N: torch.Tensor,
-    last_N: torch.Tensor,
+    draft_Mw: torch.Tensor,
+    q_MwV: torch.Tensor,
+    p_MlV: torch.Tensor,
+    u_M3w: torch.Tensor,
+    adv_M: torch.Tensor,
+    valid_M: torch.Tensor,
+    last_M: torch.Tensor,
+    pos_M: torch.Tensor,
     grid: int,
-) -> None:
-    """Slide every window by the tokens it fixed. Slots this pass computed a p for (those after a refusal) are
-    redrawn from it, with q = p (the Jacobi update); the others get fresh guesses with a one-hot q."""
-    N, l, V = p_NlV.shape
-    w = batch.draft_Nw.shape[1]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slide every lane's window by the tokens it fixed (``pos_M``: the raster position of the new first slot).
+    Slots this pass computed a p for (those after a refusal) are redrawn from it, with q = p (the Jacobi update);
+    the others get fresh guesses with a one-hot q. Returns the new (guesses, q)."""
+    M, l, V = p_MlV.shape
+    w = draft_Mw.shape[1]
     if rule.coupled:
-        jacobi_Nl = coupled_redraw(p_NlV, batch.q_NwV[:, :l], batch.draft_Nw[:, :l], u_N3w[:, 0, :l], u_N3w[:, 1, :l])
+        jacobi_Ml = coupled_redraw(p_MlV, q_MwV[:, :l], draft_Mw[:, :l], u_M3w[:, 0, :l], u_M3w[:, 1, :l])
     else:
-        jacobi_Nl = sample_inverse_cdf(p_NlV.reshape(-1, V), u_N3w[:, 1, :l].reshape(-1)).view(N, l)
-    src_Nw = torch.arange(w, device=p_NlV.device) + adv_N[:, None]  # the old slot each new slot continues
-    computed_Nw = src_Nw < valid_N[:, None]
-    src_Nw = src_Nw.clamp(max=l - 1)
-    batch.n_N = batch.n_N + adv_N
-    draft_Nw = torch.where(computed_Nw, jacobi_Nl.gather(1, src_Nw), batch.draft_Nw)
-    draft_Nw = fresh_guesses(rule.draft_init, u_N3w[:, 2], ~computed_Nw, draft_Nw, last_N, batch.n_N, V, grid)
-    one_hot_NwV = torch.zeros_like(batch.q_NwV).scatter_(2, draft_Nw.unsqueeze(2), 1.0)
-    q_NwV = p_NlV.gather(1, src_Nw[:, :, None].expand(-1, -1, V))
-    batch.draft_Nw, batch.q_NwV = draft_Nw, torch.where(computed_Nw[:, :, None], q_NwV, one_hot_NwV)
+        jacobi_Ml = sample_inverse_cdf(p_MlV.reshape(-1, V), u_M3w[:, 1, :l].reshape(-1)).view(M, l)
+    src_Mw = torch.arange(w, device=p_MlV.device) + adv_M[:, None]  # the old slot each new slot continues
+    computed_Mw = src_Mw < valid_M[:, None]
+    src_Mw = src_Mw.clamp(max=l - 1)
+    new_Mw = torch.where(computed_Mw, jacobi_Ml.gather(1, src_Mw), draft_Mw)
+    new_Mw = fresh_guesses(rule.draft_init, u_M3w[:, 2], ~computed_Mw, new_Mw, last_M, pos_M, V, grid)
+    one_hot_MwV = torch.zeros_like(q_MwV).scatter_(2, new_Mw.unsqueeze(2), 1.0)
+    q_new_MwV = p_MlV.gather(1, src_Mw[:, :, None].expand(-1, -1, V))
+    return new_Mw, torch.where(computed_Mw[:, :, None], q_new_MwV, one_hot_MwV)
 
 
 @dataclass(frozen=True)
 class SpeculativePlan:
-    """How a raster request is decoded speculatively: an acceptance rule and the window (guesses per pass). The
-    engine's counterpart of a VAR request's ``RequestPlan``; ``LlamaGenPipeline.speculative_plan`` builds one from
-    a spec string."""
+    """How a raster request is decoded speculatively: an acceptance rule, the window (guesses per pass and lane)
+    and the decoding order — raster (``zipar = 0``) or ZipAR's (``zipar = N``: a grid row starts once the row above
+    has fixed N tokens; every started row then advances in the same passes). The engine's counterpart of a VAR
+    request's ``RequestPlan``; ``LlamaGenPipeline.speculative_plan`` builds one from a spec string."""
 
     rule: AcceptRule
     window: int
+    zipar: int = 0
 
     def __post_init__(self) -> None:
         _check_window(self.window)
         if self.rule.draft_init not in DRAFT_INITS:
             raise InvalidInputError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {self.rule.draft_init!r}")
+        if isinstance(self.zipar, bool) or not isinstance(self.zipar, int) or self.zipar < 0:
+            raise InvalidInputError(f"zipar must be an int >= 0 (0: raster order), got {self.zipar!r}")
+
+    def lanes(self, grid: int) -> int:
+        """Lanes per image: one per grid row with ZipAR, else one."""
+        return grid if self.zipar else 1
+
+    def max_positions(self, grid: int, seq_len: int) -> int:
+        """The most positions one row of a pass can feed (every lane a full window, or a flush), for the
+        scheduler's budget."""
+        return min(self.window * self.lanes(grid), seq_len)
 
 
 class SpeculativeDecoder:
-    """One speculative request: ``B`` images, each with its own window. *A pass feeds ``inputs()`` through the GPT
-    and ``advance`` verifies the windows with the pass's logits.* Who runs the GPT is the caller's business:
-    ``sample_speculative`` below, or the serving engine (``engine.raster.state.SpeculativeGeneration``).
+    """One speculative request: ``B`` images, each with its own lanes and windows. *A pass feeds ``inputs()``
+    through the GPT and ``advance`` verifies the windows with the pass's logits.* Who runs the GPT is the caller's
+    business: ``sample_speculative`` below, or the serving engine (``engine.raster.state.SpeculativeGeneration``).
 
     ``fixed``: tokens every image has fixed (raster positions ``< fixed`` are final for the whole request)."""
 
@@ -325,27 +358,22 @@ class SpeculativeDecoder:
             raise ValueError(f"a KV cache of {len(kv.k[0])} rows x {kv.max_len} positions is too small: {rows} x {L}")
         self.model, self.labels_B, self.params, self.rule, self.window = model, labels_B, params, plan.rule, w
         self.gens, self.kv, self.L, self.V, self.grid = generators, kv, L, V, cfg.grid_size
-        self.guided_T = torch.tensor([params.guided_at(t) for t in range(L + w)], device=device)
+        G = plan.lanes(self.grid)
+        self.G, self.zipar = G, min(plan.zipar, self.grid)  # more than a row: each row waits for the one above
+        self.lane_len = L // G
+        self.base_G = torch.arange(G, device=device) * self.lane_len  # each lane's first raster position
+        self.guided_L = torch.tensor([params.guided_at(t) for t in range(L)], device=device)
         self.last_guided = max((t for t in range(L) if params.guided_at(t)), default=-1)
         self.table_Pc2 = model.rope(0, cfg.num_positions, device)
         self.tokens_BL = torch.zeros(B, L, dtype=torch.long, device=device)
         self.passes_B = torch.zeros(B, dtype=torch.long, device=device)
         self.kept_B = torch.zeros(B, dtype=torch.long, device=device)
         self.calls = self.row_tokens = self.fixed = 0
-        self.batch = batch = _Batch(labels_B, w, V, params.guided)
+        self.batch = batch = _Batch(B, G, w, V, L, params.guided, device)
+        self._pass: _Pass | None = None
         # The first window: all fresh guesses (an image's first draw set; the empty window "fixed" nothing yet).
-        u_N3w = draw_uniforms(generators, range(B), w, device)
-        batch.draft_Nw = fresh_guesses(
-            self.rule.draft_init,
-            u_N3w[:, 2],
-            torch.ones_like(batch.draft_Nw, dtype=torch.bool),
-            batch.draft_Nw,
-            batch.draft_Nw[:, 0],
-            batch.n_N,
-            V,
-            self.grid,
-        )
-        batch.q_NwV.scatter_(2, batch.draft_Nw.unsqueeze(2), 1.0)
+        u_N3Gw = draw_uniforms(generators, range(B), G, w, device)
+        self._open_lanes(torch.zeros_like(batch.started_NG), batch.started_NG, u_N3Gw)
 
     @property
     def done(self) -> bool:
@@ -356,33 +384,141 @@ class SpeculativeDecoder:
         """Rows the next pass feeds (conditional rows of unfinished images, null rows of those still guided)."""
         return len(self.batch.img_N) + int(self.batch.null_N.sum())
 
+    def _open_lanes(self, was_NG: torch.Tensor, now_NG: torch.Tensor, u_N3Gw: torch.Tensor) -> None:
+        """Give the lanes that start now (``now & ~was``) a window of fresh guesses, from their own columns of this
+        pass's uniforms (a lane that did not run in the pass used none of them)."""
+        b = self.batch
+        ai, ag = (now_NG & ~was_NG).nonzero(as_tuple=True)
+        if not len(ai):
+            return
+        w, pos_M = self.window, self.base_G[ag]
+        draft_Mw = fresh_guesses(
+            self.rule.draft_init,
+            u_N3Gw[ai, 2, ag],
+            torch.ones(len(ai), w, dtype=torch.bool, device=pos_M.device),
+            b.draft_NGw[ai, ag],
+            torch.zeros_like(pos_M),
+            pos_M,
+            self.V,
+            self.grid,
+        )
+        b.draft_NGw[ai, ag] = draft_Mw
+        b.q_NGwV[ai, ag] = torch.zeros_like(b.q_NGwV[ai, ag]).scatter_(2, draft_Mw.unsqueeze(2), 1.0)
+
     def inputs(self) -> tuple[torch.Tensor, RowWindows]:
-        """This pass's rows [R, l, C] and their layout (each row at its own position, one KV row each)."""
-        batch = self.batch
-        l = min(self.window, self.L - int(batch.n_N.min()))
-        x_RlC = _inputs(self.model, batch, self.labels_B, self.tokens_BL, l, self.params)
-        return x_RlC, RowWindows(self.kv, batch.n_N[batch.rows_img], l, self.table_Pc2)
+        """This pass's rows [R, l, C] and their layout: every active lane's window of every image in the image's
+        row (each at its own positions, one KV row per transformer row)."""
+        b, device, w, Ln = self.batch, self.tokens_BL.device, self.window, self.lane_len
+        N, G = b.n_NG.shape
+        fin_NG = b.n_NG >= Ln
+        # A finished lane whose successor started on a stand-in feeds its true last token once (a flush) while any
+        # later lane of its image still has tokens to draw (their queries attend to it).
+        open_after_NG = torch.zeros_like(fin_NG)
+        if G > 1:
+            open_after_NG[:, :-1] = (~fin_NG).flip(1).long().cumsum(1).flip(1)[:, 1:] > 0
+        flush_NG = b.flush_NG & fin_NG & open_after_NG
+        active_NG = b.started_NG & (~fin_NG | flush_NG)
+        l_NG = torch.where(flush_NG, 1, (Ln - b.n_NG).clamp(max=w)) * active_NG
+        off_NG = l_NG.cumsum(1) - l_NG
+        ai, ag = active_NG.nonzero(as_tuple=True)
+        n_M, l_M, off_M = b.n_NG[ai, ag], l_NG[ai, ag], off_NG[ai, ag]
+        start_M = self.base_G[ag] + n_M  # the sequence position of the lane's first input (token start - 1)
+        l = int(l_NG.sum(1).max())
+        # The lane's first input: its last fixed token; a lane's start feeds the token before it in raster order —
+        # fixed if the lane above has finished, else (ZipAR) the lane above's last fixed token in its place, as the
+        # official code does; the lane above then owes a flush.
+        img_M = b.img_N[ai]
+        before_M = (start_M - 1).clamp(min=0)
+        stand_in_M = (n_M == 0) & (ag > 0)
+        if bool(stand_in_M.any()):
+            above_n_M = b.n_NG[ai, (ag - 1).clamp(min=0)]
+            aux_M = stand_in_M & (above_n_M < Ln)
+            b.flush_NG[ai[aux_M], ag[aux_M] - 1] = True
+            before_M = torch.where(aux_M, self.base_G[(ag - 1).clamp(min=0)] + above_n_M - 1, before_M)
+        first_M = self.tokens_BL[img_M, before_M]
+        j_w = torch.arange(w, device=device)
+        tok_Mw = torch.cat((first_M[:, None], b.draft_NGw[ai, ag, : w - 1]), dim=1)
+        in_Mw = j_w < l_M[:, None]
+        mi, mj = in_Mw.nonzero(as_tuple=True)
+        col = off_M[mi] + mj
+        q_pos_Nl = torch.full((N, l), self.kv.max_len, dtype=torch.long, device=device)  # padding: never stored
+        q_pos_Nl[ai[mi], col] = start_M[mi] + mj
+        if bool((b.n_NG == 0).all()):  # the first pass (afterwards every image has fixed a token)
+            labels_R = cfg_labels(self.labels_B, self.model.cfg.null_class) if self.params.guided else self.labels_B
+            guesses = self.model.embed_tokens(b.draft_NGw[b.rows_img, 0, : l - 1])
+            x_RlC = torch.cat((self.model.embed_classes(labels_R), guesses), dim=1)
+            visible_NlT = None
+        else:
+            tok_Nl = torch.zeros(N, l, dtype=torch.long, device=device)
+            tok_Nl[ai[mi], col] = tok_Mw[mi, mj]
+            x_RlC = self.model.embed_tokens(tok_Nl[b.rows_img])
+            # Query (lane, j) sees: positions up to its own that are seen (fixed before this pass), the first input
+            # of every lane (a fixed token, or a stand-in, written in this pass) and its own lane's inputs before it.
+            qstart_Nl = torch.full((N, l), self.kv.max_len, dtype=torch.long, device=device)
+            qstart_Nl[ai[mi], col] = start_M[mi]
+            firsts_NS = torch.zeros_like(b.seen_NS)
+            firsts_NS[ai, start_M] = True
+            key_S = torch.arange(self.L, device=device)
+            visible_NlT = (key_S <= q_pos_Nl[:, :, None]) & (
+                (b.seen_NS | firsts_NS)[:, None, :] | (key_S >= qstart_Nl[:, :, None])
+            )
+            visible_NlT = visible_NlT[b.rows_img]
+        valid_M = torch.where(flush_NG[ai, ag], 0, l_M)
+        self._pass = _Pass(ai, ag, off_M, l_M, valid_M, start_M, flush_NG[ai, ag], q_pos_Nl)
+        return x_RlC, RowWindows(self.kv, q_pos_Nl[b.rows_img], self.table_Pc2, visible_NlT)
 
     def advance(self, logits_RlV: torch.Tensor) -> None:
-        """Verify every window against this pass's logits [R, l, V], fix the accepted tokens, slide the windows;
-        finished images (and null rows with no guided token left) leave the batch."""
-        batch, L, device = self.batch, self.L, self.tokens_BL.device
+        """Verify every lane's window against this pass's logits [R, l, V], fix the accepted tokens, slide the
+        windows, start the lanes ZipAR lets start; finished images (and null rows with no guided token left) leave
+        the batch."""
+        b, L, device, ps = self.batch, self.L, self.tokens_BL.device, self._pass
+        assert ps is not None, "inputs() first"
+        self._pass = None
         R, l, _ = logits_RlV.shape
         self.calls, self.row_tokens = self.calls + 1, self.row_tokens + R * l
-        self.passes_B[batch.img_N] += 1
-        n_N = batch.n_N
-        guided_Nl = self.guided_T[n_N[:, None] + torch.arange(l, device=device)]
-        p_NlV = _target_probs(logits_RlV, batch, guided_Nl, self.params)
-        u_N3w = draw_uniforms(self.gens, batch.img_N.tolist(), self.window, device)
-        valid_N = (L - n_N).clamp(max=self.window)  # slots inside the grid
-        kept_N, adv_N, new_Nl = _verify(self.rule, p_NlV, batch, u_N3w, valid_N)
-        bi, ji = (torch.arange(l, device=device) < adv_N[:, None]).nonzero(as_tuple=True)
-        self.tokens_BL[batch.img_N[bi], n_N[bi] + ji] = new_Nl[bi, ji]
-        self.kept_B[batch.img_N] += kept_N
-        last_N = self.tokens_BL[batch.img_N, (n_N + adv_N - 1).clamp(max=L - 1)]
-        _next_windows(self.rule, batch, p_NlV, u_N3w, adv_N, valid_N, last_N, self.grid)
-        self.fixed = int(batch.n_N.min())  # images that finished earlier left the batch at n = L
-        batch.keep(batch.n_N < L, batch.null_N & (batch.n_N <= self.last_guided), self.kv)
+        self.passes_B[b.img_N] += 1
+        # The input at sequence position s predicts raster token s.
+        guided_Nl = self.guided_L[ps.q_pos_Nl.clamp(max=L - 1)]
+        p_NlV = _target_probs(logits_RlV, b, guided_Nl, self.params)
+        u_N3Gw = draw_uniforms(self.gens, b.img_N.tolist(), self.G, self.window, device)
+        ai, ag = ps.ai_M, ps.ag_M
+        wl = int(ps.l_M.max())
+        col_Mw = (ps.off_M[:, None] + torch.arange(wl, device=device)).clamp(max=l - 1)
+        p_MlV = p_NlV[ai[:, None], col_Mw]
+        u_M3w = u_N3Gw[ai, :, ag]
+        draft_Mw, q_MwV = b.draft_NGw[ai, ag], b.q_NGwV[ai, ag]
+        kept_M, adv_M, new_Ml = _verify(self.rule, p_MlV, draft_Mw[:, :wl], q_MwV[:, :wl], u_M3w, ps.valid_M)
+        n_M = b.n_NG[ai, ag]
+        pos0_M = self.base_G[ag] + n_M  # raster position of the window's first slot
+        mi, mj = (torch.arange(wl, device=device) < adv_M[:, None]).nonzero(as_tuple=True)
+        self.tokens_BL[b.img_N[ai[mi]], pos0_M[mi] + mj] = new_Ml[mi, mj]
+        self.kept_B.index_add_(0, b.img_N[ai], kept_M)
+        # KV positions now final: the lane's first input and the inputs that carried kept guesses.
+        si, sj = (torch.arange(wl, device=device) < adv_M.clamp(min=1)[:, None]).nonzero(as_tuple=True)
+        b.seen_NS[ai[si], ps.start_M[si] + sj] = True
+        n_M = n_M + adv_M
+        last_M = self.tokens_BL[b.img_N[ai], (self.base_G[ag] + n_M - 1).clamp(min=0, max=L - 1)]
+        new_Mw, new_q_MwV = _next_windows(
+            self.rule, draft_Mw, q_MwV, p_MlV, u_M3w, adv_M, ps.valid_M, last_M, self.base_G[ag] + n_M, self.grid
+        )
+        b.n_NG[ai, ag] = n_M
+        b.draft_NGw[ai, ag], b.q_NGwV[ai, ag] = new_Mw, new_q_MwV
+        b.flush_NG[ai[ps.flush_M], ag[ps.flush_M]] = False
+        if self.G > 1:  # ZipAR: a lane starts once the lane above has fixed `zipar` tokens
+            was_NG = b.started_NG.clone()
+            b.started_NG[:, 1:] |= b.started_NG[:, :-1] & (b.n_NG[:, :-1] >= self.zipar)
+            self._open_lanes(was_NG, b.started_NG, u_N3Gw)
+        prefix_N = self._prefix()
+        self.fixed = int(prefix_N.min())  # images that finished earlier left the batch at prefix L
+        b.keep(prefix_N < L, b.null_N & (prefix_N <= self.last_guided), self.kv)
+
+    def _prefix(self) -> torch.Tensor:
+        """Each active image's fixed raster prefix [N]: the position of its first token not fixed yet (L: none)."""
+        b = self.batch
+        open_NG = b.n_NG < self.lane_len
+        g_N = open_NG.long().argmax(dim=1)
+        at_N = self.base_G[g_N] + b.n_NG.gather(1, g_N[:, None]).squeeze(1)
+        return torch.where(open_NG.any(dim=1), at_N, torch.full_like(at_N, self.L))
 
     def stats(self) -> dict:
         passes = self.passes_B.double()
@@ -396,6 +532,7 @@ class SpeculativeDecoder:
             "row_tokens": self.row_tokens / B,
             "guided_steps": sum(self.params.guided_at(t) for t in range(self.L)),
             "window": self.window,
+            "zipar": self.zipar,
         }
 
 
@@ -408,8 +545,10 @@ def sample_speculative(
     window: int,
     generators: Generators | None = None,
     on_step: StepCallback | None = None,
+    zipar: int = 0,
 ) -> RasterResult:
-    """Sample ``labels_B`` with windows of ``window`` guesses verified per forward pass, kept by ``rule``.
+    """Sample ``labels_B`` with windows of ``window`` guesses verified per forward pass, kept by ``rule``; in raster
+    order, or with ``zipar = N`` in ZipAR's (a grid row starts once the row above has fixed N tokens).
 
     ``on_step`` gets a ``RasterStep`` per token t, in raster order, once every image has fixed token t (its logit
     fields are empty [0, V] tensors: a token's logits come from whichever pass fixed it). ``stats``:
@@ -417,7 +556,7 @@ def sample_speculative(
     pass, ``L / passes`` averaged over images), ``accepted_drafts`` (guesses kept per pass, mean over images),
     ``calls`` (transformer calls for the batch), ``row_tokens`` (row-positions computed per image), ``guided_steps``.
     """
-    plan = SpeculativePlan(rule, window)
+    plan = SpeculativePlan(rule, window, zipar)
     if labels_B.ndim != 1 or labels_B.numel() == 0:
         raise InvalidInputError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels_B.shape)}")
     B = labels_B.shape[0]

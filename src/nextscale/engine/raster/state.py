@@ -28,17 +28,18 @@ from nextscale.models.llamagen import LlamaGen
 
 
 def raster_units(
-    params: RasterParams, num_images: int, num_tokens: int, window: int = 1
+    params: RasterParams, num_images: int, num_tokens: int, positions: int = 1
 ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """The scheduler's view of a request: (KV rows it holds, query tokens per row of each unit, rows of each unit).
 
     One unit per token; a unit computes one position of every row still fed (both guidance rows while the token is
     guided, the conditional ones after ``cfg_interval``), so it costs that many tokens. A speculative request
-    (``window > 1``) computes ``window`` positions per row and pass, and a pass completes one or more units (the
-    engine tells the scheduler how many: the tokens every image has fixed)."""
+    computes up to ``positions`` per row and pass (``SpeculativePlan.max_positions``: its window, or its windows of
+    every ZipAR lane), and a pass completes one or more units (the engine tells the scheduler how many: the tokens
+    every image has fixed)."""
     rows = 2 * num_images if params.guided else num_images
     unit_rows = tuple(rows if params.guided_at(t) else num_images for t in range(num_tokens))
-    return rows, (window,) * num_tokens, unit_rows
+    return rows, (positions,) * num_tokens, unit_rows
 
 
 class _RasterRequest:
