@@ -1,4 +1,5 @@
 """The two dataset types: an image folder (one sub-folder per class) read lazily, and uint8 images held in memory.
+``CroppedFiles`` is the file-reading half of the image folder, shared with the captioned folder of ``captions.py``.
 
 Both return ``(image [C, H, W] float in [-1, 1], label int)`` and have ``class_names``, ``num_classes`` and
 ``channels``.
@@ -29,6 +30,11 @@ def check_size(size: int, name: str = "image_size") -> None:
         raise InvalidInputError(f"{name} must be an int >= 1, got {size!r}")
 
 
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be an int >= 0, got {seed!r}")
+
+
 # ----------------------------------------------------------------------------------------------- image folder
 
 
@@ -43,7 +49,7 @@ def _open_image(path: Path, channels: int) -> Image.Image:
         raise InvalidInputError(f"{path}: cannot read image: {e}") from e
 
 
-def _list_images(folder: Path, recursive: bool) -> list[Path]:
+def list_images(folder: Path, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
         p
@@ -54,64 +60,20 @@ def _list_images(folder: Path, recursive: bool) -> list[Path]:
     )
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Images under ``root``: one sub-folder per class (index = sorted folder name), searched recursively,
-    or, when ``root`` holds images and no sub-folders, a single class named after ``root`` (with class
-    sub-folders, images lying directly in ``root`` are ignored, as torchvision's ImageFolder does).
-
-    Transform of the official VAR code: shorter side to ``round(1.125 * image_size)`` (LANCZOS), then a random
-    crop (``train=True``) or the centre crop; ``hflip`` adds a random horizontal flip (in either mode). Random
-    choices are a function of ``(seed, epoch, index)`` (see ``set_epoch``), identical in any worker process.
+class CroppedFiles(torch.utils.data.Dataset):
+    """What the folder datasets share: the crop settings, ``set_epoch`` and ``load_image``, which reads one file
+    with the transform of the official VAR code: shorter side to ``round(1.125 * image_size)`` (LANCZOS), then a
+    random crop (``train=True``) or the centre crop; ``hflip`` adds a random horizontal flip (in either mode).
+    Random choices are a function of ``(seed, epoch, index)`` (see ``set_epoch``), identical in any worker process.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int,
-        channels: int = 3,
-        train: bool = True,
-        hflip: bool = False,
-        seed: int = 0,
-    ):
+    def __init__(self, image_size: int, channels: int, train: bool, hflip: bool, seed: int):
         check_size(image_size)
         check_channels(channels)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise InvalidInputError(f"seed must be an int >= 0, got {seed!r}")
-        self.root, self.image_size, self.channels = Path(root), image_size, channels
+        check_seed(seed)
+        self.image_size, self.channels = image_size, channels
         self.train, self.hflip, self.seed, self.epoch = train, hflip, seed, 0
         self.mid_size = round(1.125 * image_size)
-        if not self.root.is_dir():
-            raise InvalidInputError(
-                f"{self.root}: no such folder (expected a folder of images, or of class sub-folders of images)"
-            )
-        self.class_names, self.samples = self._scan()
-
-    def _scan(self) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
-        accepted = ", ".join(IMAGE_EXTENSIONS)
-        subdirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not subdirs:
-            files = _list_images(self.root, recursive=False)
-            if not files:
-                raise InvalidInputError(f"{self.root}: no images found (accepted extensions: {accepted}, any case)")
-            return (self.root.resolve().name or "images",), [(f, 0) for f in files]
-        samples: list[tuple[Path, int]] = []
-        for label, d in enumerate(subdirs):
-            files = _list_images(d, recursive=True)
-            if not files:
-                raise InvalidInputError(
-                    f"{self.root}: class folder {d.name!r} has no images (accepted "
-                    f"extensions: {accepted}, any case); remove it or add images"
-                )
-            samples += [(f, label) for f in files]
-        return tuple(d.name for d in subdirs), samples
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.samples]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random crops/flips of ``epoch`` (the same image gets a new crop every epoch)."""
@@ -119,12 +81,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise InvalidInputError(f"epoch must be an int >= 0, got {epoch!r}")
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        index = range(len(self.samples))[index]  # negative indices allowed; out of range -> IndexError
-        path, label = self.samples[index]
+    def load_image(self, path: Path, index: int) -> torch.Tensor:
+        """The file at ``path``, served as item ``index`` -> ``[C, image_size, image_size]`` float in [-1, 1]."""
         im = _open_image(path, self.channels)
         rng = np.random.default_rng(seed_of(self.seed, self.epoch, index))
         w, h = im.size
@@ -141,7 +99,68 @@ class ImageFolder(torch.utils.data.Dataset):
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = torch.from_numpy(np.array(im, dtype=np.uint8))
         arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
-        return arr.float().div_(127.5).sub_(1.0), label
+        return arr.float().div_(127.5).sub_(1.0)
+
+
+class ImageFolder(CroppedFiles):
+    """Images under ``root``: one sub-folder per class (index = sorted folder name), searched recursively,
+    or, when ``root`` holds images and no sub-folders, a single class named after ``root`` (with class
+    sub-folders, images lying directly in ``root`` are ignored, as torchvision's ImageFolder does).
+
+    Images are read with the transform of the official VAR code (see ``CroppedFiles``).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        channels: int = 3,
+        train: bool = True,
+        hflip: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(image_size, channels, train, hflip, seed)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InvalidInputError(
+                f"{self.root}: no such folder (expected a folder of images, or of class sub-folders of images)"
+            )
+        self.class_names, self.samples = self._scan()
+
+    def _scan(self) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+        accepted = ", ".join(IMAGE_EXTENSIONS)
+        subdirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not subdirs:
+            files = list_images(self.root, recursive=False)
+            if not files:
+                raise InvalidInputError(f"{self.root}: no images found (accepted extensions: {accepted}, any case)")
+            return (self.root.resolve().name or "images",), [(f, 0) for f in files]
+        samples: list[tuple[Path, int]] = []
+        for label, d in enumerate(subdirs):
+            files = list_images(d, recursive=True)
+            if not files:
+                raise InvalidInputError(
+                    f"{self.root}: class folder {d.name!r} has no images (accepted "
+                    f"extensions: {accepted}, any case); remove it or add images"
+                )
+            samples += [(f, label) for f in files]
+        return tuple(d.name for d in subdirs), samples
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = range(len(self.samples))[index]  # negative indices allowed; out of range -> IndexError
+        path, label = self.samples[index]
+        return self.load_image(path, index), label
 
 
 # ---------------------------------------------------------------------------------------- in-memory datasets

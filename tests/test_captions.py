@@ -1,0 +1,278 @@
+"""Captioned datasets: Hugging Face-style captioned image folders and the built-in ``fashion_pairs`` (hold-outs,
+canvas layout, determinism, prompt parsing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nextscale.data import (
+    FASHION_MNIST_CLASSES,
+    HELD_OUT_PAIRS,
+    HELD_OUT_TEMPLATES,
+    CaptionedImageFolder,
+    FashionPairs,
+    ImageFolder,
+    TensorImageDataset,
+    builtin,
+    fashion_mnist,
+    fashion_pairs,
+    parse_pair_prompt,
+    prompts,
+)
+from nextscale.data.captions import SEEN_TEMPLATES, SYNONYMS, TEMPLATES, _fill, _matches
+from nextscale.errors import InvalidInputError
+from nextscale.labels import resolve_label
+
+
+def _save(path: Path, seed: int, size: tuple[int, int] = (20, 14)) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _write_jsonl(root: Path, lines: list[object]) -> None:
+    (root / "metadata.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "captioned"
+    _save(root / "a.png", 0)
+    _save(root / "sub" / "b.JPG", 1, (9, 30))
+    _save(root / "unlisted.png", 2)
+    return root
+
+
+# ------------------------------------------------------------------------------------- captioned image folder
+
+
+def test_jsonl_folder(folder: Path):
+    _write_jsonl(
+        folder,
+        [
+            {"file_name": "a.png", "text": "a red square", "extra": 1},
+            "",
+            {"file_name": "sub/b.JPG", "text": "a tall thing"},
+            {"file_name": "a.png", "text": "the same image, another caption"},
+        ],
+    )
+    ds = CaptionedImageFolder(folder, image_size=8, train=False)
+    assert len(ds) == 3 and ds.num_unlisted == 1
+    assert ds.captions == ["a red square", "a tall thing", "the same image, another caption"]
+    image, caption = ds[1]
+    assert caption == "a tall thing" and image.shape == (3, 8, 8) and -1 <= image.min() <= image.max() <= 1
+    (folder / "only").mkdir()
+    (folder / "a.png").rename(folder / "only" / "a.png")
+    same, _ = ImageFolder(folder / "only", 8, train=False)[0]  # the image exactly as ImageFolder serves it
+    (folder / "only" / "a.png").rename(folder / "a.png")
+    assert torch.equal(ds[0][0], same) and torch.equal(ds[2][0], same)
+
+
+def test_csv_folder_and_random_crops(folder: Path):
+    csv_text = 'file_name,text,score\na.png,"a square, red",3\nsub/b.JPG,"two\nlines",1\n'
+    (folder / "metadata.csv").write_text("\ufeff" + csv_text, encoding="utf-8")  # with a byte-order mark
+    ds = CaptionedImageFolder(folder, image_size=8, channels=1, seed=5)
+    assert ds.captions == ["a square, red", "two\nlines"] and ds.num_unlisted == 1
+    assert ds[1][0].shape == (1, 8, 8)
+    again = CaptionedImageFolder(folder, image_size=8, channels=1, seed=5)
+    assert torch.equal(ds[1][0], again[1][0]) and not ds.hflip  # crops follow the seed; never mirrored
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        ([{"text": "x"}], r"metadata.jsonl:1: record has no 'file_name' \(its fields: 'text'\)"),
+        ([{"file_name": "a.png", "text": "ok"}, {"file_name": "a.png"}], r"metadata.jsonl:2: record has no 'text'"),
+        ([{"file_name": "a.png", "text": 3}], r"metadata.jsonl:1: text must be a string, got 3"),
+        (
+            [{"file_name": "a.png", "text": "ok"}, "", {"file_name": "nope.png", "text": "x"}],
+            r":3: file_name 'nope.png'",
+        ),
+        ([{"file_name": "a.png", "text": "  "}], r"metadata.jsonl:1: empty caption \(text\) for file_name 'a.png'"),
+        ([{"file_name": "notes.txt", "text": "x"}], r"file_name 'notes.txt' is not an image"),
+        ([{"file_name": "../a.png", "text": "x"}], r"file_name '../a.png' must be a relative path"),
+        (['{"file_name": "a.png", "text": '], r"metadata.jsonl:1: not valid JSON"),
+        (['["a.png", "x"]'], r"metadata.jsonl:1: expected a JSON object, got list"),
+        ([""], r"metadata.jsonl: no records"),
+    ],
+)
+def test_jsonl_errors_name_the_line_and_value(folder: Path, lines: list[object], match: str):
+    _write_jsonl(folder, lines)
+    with pytest.raises(InvalidInputError, match=match):
+        CaptionedImageFolder(folder, 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("file_name,caption\na.png,x\n", r"metadata.csv:1: no column text \(columns: file_name, caption\)"),
+        ("file_name,text\na.png,x\nsub/b.JPG\n", r"metadata.csv:3: record has no 'text'"),
+        ("file_name,text\na.png,\n", r"metadata.csv:2: empty caption \(text\) for file_name 'a.png'"),
+        ("file_name,text\nmissing/c.png,x\n", r"metadata.csv:2: file_name 'missing/c.png' does not exist"),
+    ],
+)
+def test_csv_errors_name_the_line_and_value(folder: Path, text: str, match: str):
+    (folder / "metadata.csv").write_text(text)
+    with pytest.raises(InvalidInputError, match=match):
+        CaptionedImageFolder(folder, 8)
+
+
+def test_metadata_file_errors(folder: Path, tmp_path: Path):
+    with pytest.raises(InvalidInputError, match=r"captioned: no metadata.jsonl or metadata.csv"):
+        CaptionedImageFolder(folder, 8)
+    _write_jsonl(folder, [{"file_name": "a.png", "text": "x"}])
+    (folder / "metadata.csv").write_text("file_name,text\na.png,x\n")
+    with pytest.raises(InvalidInputError, match=r"both metadata.jsonl and metadata.csv"):
+        CaptionedImageFolder(folder, 8)
+    with pytest.raises(InvalidInputError, match=r"no such folder"):
+        CaptionedImageFolder(tmp_path / "missing", 8)
+    with pytest.raises(InvalidInputError, match=r"seed must be an int >= 0, got -1"):
+        CaptionedImageFolder(folder, 8, seed=-1)
+
+
+def test_metadata_is_checked_before_any_image_is_read(folder: Path):
+    (folder / "a.png").write_bytes(b"not a png")
+    _write_jsonl(folder, [{"file_name": "a.png", "text": "x"}, {"file_name": "gone.png", "text": "y"}])
+    with pytest.raises(InvalidInputError, match=r"'gone.png' does not exist"):  # not the unreadable a.png
+        CaptionedImageFolder(folder, 8)
+    _write_jsonl(folder, [{"file_name": "a.png", "text": "x"}])
+    ds = CaptionedImageFolder(folder, 8)  # construction reads no image
+    with pytest.raises(InvalidInputError, match=r"a.png: cannot read image"):
+        ds[0]
+
+
+# --------------------------------------------------------------------------------------- prompts and parsing
+
+
+def test_synonyms_are_names_the_label_resolver_accepts():
+    for c, nouns in enumerate(SYNONYMS):
+        for noun in nouns:
+            assert resolve_label(noun, len(FASHION_MNIST_CLASSES), FASHION_MNIST_CLASSES) == c
+
+
+def test_parse_round_trips_every_template_pair_and_noun():
+    for t, template in enumerate(TEMPLATES):
+        for a, b in np.ndindex(10, 10):
+            for left in SYNONYMS[a]:
+                for right in SYNONYMS[b]:
+                    text = _fill(template, left, right)
+                    assert _matches(text) == {(t, a, b)}, text
+                    assert parse_pair_prompt(text) == (a, b)
+    assert parse_pair_prompt("  An ANKLE boot on the left and a T-shirt/top on the right. ") == (9, 0)
+    assert parse_pair_prompt("a cat on the left and a dog on the right") is None
+    assert parse_pair_prompt("3 and 5") is None
+    with pytest.raises(InvalidInputError, match=r"prompt must be a string, got int"):
+        parse_pair_prompt(3)  # type: ignore[arg-type]
+
+
+def test_prompt_kinds():
+    held_t = set(range(len(SEEN_TEMPLATES), len(TEMPLATES)))
+    sizes = {"seen": 90 * 6, "held-out-pairs": 10 * 6, "held-out-phrasings": 90 * 2, "all": 100 * 8}
+    for kind, size in sizes.items():
+        triples = prompts(kind)
+        assert len(triples) == size == len({p for p, _, _ in triples})
+        for prompt, a, b in triples:
+            ((t, pa, pb),) = _matches(prompt)
+            assert (pa, pb) == (a, b)
+            if kind != "all":
+                assert ((a, b) in HELD_OUT_PAIRS) == (kind == "held-out-pairs")
+                assert (t in held_t) == (kind == "held-out-phrasings")
+    assert {(a, b) for _, a, b in prompts("held-out-pairs")} == set(HELD_OUT_PAIRS)
+    assert len(HELD_OUT_TEMPLATES) == len(held_t)
+    with pytest.raises(InvalidInputError, match=r"kind must be one of seen, .*; got 'unseen'"):
+        prompts("unseen")
+
+
+def test_held_out_pairs_keep_each_class_and_mirror_in_training():
+    assert len(set(HELD_OUT_PAIRS)) == 10
+    assert sorted(a for a, _ in HELD_OUT_PAIRS) == sorted(b for _, b in HELD_OUT_PAIRS) == list(range(10))
+    assert not any((b, a) in HELD_OUT_PAIRS for a, b in HELD_OUT_PAIRS)
+
+
+# ------------------------------------------------------------------------------------------- fashion pairs
+
+
+def _check_canvases(ds: FashionPairs, items: TensorImageDataset, count: int) -> None:
+    s = items.image_size
+    top = s // 2
+    for i in range(count):
+        image, caption = ds[i]
+        assert image.shape == (ds.channels, 2 * s, 2 * s)
+        left, right = (items[int(j)] for j in (ds.left_item_N[i], ds.right_item_N[i]))
+        assert (left[1], right[1]) == (int(ds.left_label_N[i]), int(ds.right_label_N[i]))
+        assert torch.equal(image[:, top : top + s, :s], left[0].expand(ds.channels, -1, -1))
+        assert torch.equal(image[:, top : top + s, s:], right[0].expand(ds.channels, -1, -1))
+        assert (image[:, :top] == -1).all() and (image[:, top + s :] == -1).all()  # black bands
+        assert parse_pair_prompt(caption) == (left[1], right[1]), caption
+
+
+def test_canvas_halves_are_the_items_on_fake_items():
+    rng = np.random.default_rng(0)
+    items = TensorImageDataset(
+        rng.integers(0, 256, (40, 7, 7), dtype=np.uint8), np.arange(40) % 10, FASHION_MNIST_CLASSES
+    )
+    ds = FashionPairs(items, kind="held-out-pairs", seed=1, num=30, channels=3)
+    assert len(ds) == 30 and ds.image_size == 14
+    assert {(int(a), int(b)) for a, b in zip(ds.left_label_N, ds.right_label_N)} <= set(HELD_OUT_PAIRS)
+    _check_canvases(ds, items, 30)
+    with pytest.raises(InvalidInputError, match=r"items hold no 'Trouser'"):
+        FashionPairs(TensorImageDataset(items.images[:1].permute(0, 2, 3, 1).numpy(), [0], FASHION_MNIST_CLASSES))
+
+
+def test_fashion_pairs_argument_errors():
+    with pytest.raises(InvalidInputError, match=r"split must be 'train' or 'test', got 'val'"):
+        fashion_pairs("val")
+    with pytest.raises(InvalidInputError, match=r"size must be an even int >= 2 .*got 31"):
+        fashion_pairs("test", size=31)
+    with pytest.raises(InvalidInputError, match=r"train split is always kind 'seen'.*got 'held-out-pairs'"):
+        fashion_pairs("train", kind="held-out-pairs")
+    with pytest.raises(InvalidInputError, match=r"num must be an int >= 1, got 0"):
+        fashion_pairs("test", num=0)
+
+
+def _fashion_installed() -> bool:
+    try:
+        builtin.find_fashion_mnist()
+    except InvalidInputError:
+        return False
+    return True
+
+
+needs_fashion = pytest.mark.skipif(
+    not _fashion_installed(),
+    reason="Debian package dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)",
+)
+
+
+@needs_fashion
+def test_train_split_never_shows_held_out_pairs_or_phrasings():
+    ds = fashion_pairs("train", size=56, seed=0)  # 28-pixel items: no resize, fast
+    assert len(ds) == 60_000 and ds.kind == "seen"
+    pairs = set(zip(ds.left_label_N.tolist(), ds.right_label_N.tolist()))
+    assert len(pairs) == 90 and not pairs & set(HELD_OUT_PAIRS)
+    assert set(ds.template_N.tolist()) == set(range(len(SEEN_TEMPLATES)))
+    for i in range(0, len(ds), 20):  # 3,000 captions, read back through every template
+        ((t, a, b),) = _matches(ds.caption(i))
+        assert t < len(SEEN_TEMPLATES) and (a, b) == (int(ds.left_label_N[i]), int(ds.right_label_N[i]))
+
+
+@needs_fashion
+def test_fashion_pairs_canvases_match_the_test_items():
+    ds = fashion_pairs("test", size=32, seed=3, num=64)
+    assert ds.kind == "all" and ds.image_size == 32
+    _check_canvases(ds, fashion_mnist("test", size=16), 64)
+
+
+@needs_fashion
+def test_fashion_pairs_deterministic_per_seed():
+    a, b, c = (fashion_pairs("test", size=56, seed=s, num=200) for s in (7, 7, 8))
+    for name in ("left_item_N", "right_item_N", "template_N", "noun_N2"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert [a.caption(i) for i in range(200)] == [b.caption(i) for i in range(200)]
+    assert torch.equal(a[5][0], b[5][0]) and not torch.equal(a.left_item_N, c.left_item_N)
