@@ -6,6 +6,7 @@ one loop in ``nextscale.engine.raster.speculative``.
     parse_speculative("mcsjd")                            # lossless: coupled redraws (= "sjd:coupled=1")
     parse_speculative("gsd:size=7,pdiff=0.15,dist=0.5")   # lossy: group acceptance
     parse_speculative("lantern:delta=0.1,k=1000")         # lossy: relaxed acceptance over latent neighbours
+    parse_speculative("zipar:window=4+sjd")               # ZipAR's order: a row starts 4 tokens after the one above
     parse_speculative("fast")                             # a preset (PRESETS; a model folder may tune its own)
     cfg.rule(model) -> AcceptRule;  sample_speculative(model, labels, params, cfg.rule(model), cfg.window)
 
@@ -45,6 +46,12 @@ the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it
   (speculative sampling against the relaxed target, so a one-hot guess yields exactly p̃, within ``delta`` of p in
   total variation), where the official code zeroes q on x's k+1 nearest codes instead. Lossy by design; ``delta=0``
   is SJD.
+
+* ``zipar`` — a decoding order, not a rule (He et al., "ZipAR: Accelerating Auto-regressive Image Generation through
+  Spatial Locality", arXiv 2412.04062): ``zipar:window=N`` starts grid row r once row r-1 has fixed N tokens, then
+  advances every started row in the same passes; ``zipar:window=N+sjd`` gives each row SJD's window (any method
+  composes). Lossy by design: a token is conditioned on the tokens fixed before its pass, not on its whole raster
+  prefix. The loop: ``nextscale.engine.raster.speculative`` (lanes).
 
 Caution for both lossy rules, as in their official code: a guess the target's top-k / top-p removed (p(x) = 0) can
 still be kept — GSD through its group's mass, LANTERN with probability up to ``delta`` through its neighbours' mass.

@@ -25,6 +25,19 @@ One pass, per image (``n`` tokens fixed so far, a window of ``w`` guesses ``d_0 
 ``window = 1`` feeds only the last token: one fresh guess, tested against its own ``p`` — plain sampling in
 distribution (not in RNG stream: ``sample_raster`` draws differently).
 
+Lanes and ZipAR's order (He et al., "ZipAR: Accelerating Auto-regressive Image Generation through Spatial
+Locality", arXiv 2412.04062; code ThisisBillhe/ZipAR, ``generate_zipar.py``). The loop above runs per *lane*: in
+raster order an image has one lane, the whole grid; with ``zipar = N`` each grid row is a lane, and row r starts once
+row r-1 has fixed N tokens, so every started row advances in the same pass, each with its own window and the same
+rule. One transformer row holds all of an image's lane windows, each at its own positions, with a mask
+(``RowWindows``): a query sees the positions before it that were fixed before this pass, the first input of every
+lane (a fixed token) and its own lane's inputs before it — never another lane's guesses, nor a position not drawn
+yet. A row's first token is predicted from the token before it in raster order, the end of the row above, which is
+not drawn yet: as the official code, the row above's last fixed token stands in for it at its position, and once
+the row above is complete its true last token is fed once more (a *flush*, predicting nothing) so that later queries
+see its true keys. ZipAR conditions each token on fewer earlier tokens than raster order: lossy by design, whatever
+the rule (tested against its own enumerated joint distribution; ``zipar`` >= the row length is raster order).
+
 Batching. Images accept different numbers of tokens, so after the first pass every image sits at its own
 position: the loop keeps its keys and values in a per-row cache and calls the model with a layout that places each
 row at its own position (``engine.raster.row_kv``: ``RowKV``, ``RowWindows``).
@@ -34,11 +47,11 @@ The loop is a state object (``SpeculativeDecoder``: ``inputs()`` -> one GPT call
 per-row cache is the request's rows of the engine's KV pool: a cache of exactly L positions suffices, as positions
 past the grid (padding of windows that run off it) are never stored.
 
-RNG discipline: before its first pass and at every pass, image ``i`` draws exactly ``3 x window`` uniforms
-(float64) from its own generator — acceptance coins, inverse-CDF draws for the residual / Jacobi redraws, fresh
-guesses; slot j always uses column j — whatever its batch, its position or the call's length. Image i alone
-therefore equals image i in any batch (tested for every rule). With ``rng="official"`` (one generator for the
-batch) the batch is drawn at once and results depend on the batch.
+RNG discipline: before its first pass and at every pass, image ``i`` draws exactly ``3 x lanes x window``
+uniforms (float64) from its own generator — acceptance coins, inverse-CDF draws for the residual / Jacobi redraws,
+fresh guesses; slot j of lane g always uses column (g, j) — whatever its batch, its position or the call's
+length. Image i alone therefore equals image i in any batch (tested for every rule). With ``rng="official"`` (one
+generator for the batch) the batch is drawn at once and results depend on the batch.
 
 Cost notes: the per-image draws are a Python loop over the images (one generator call each per pass); everything
 else is vectorised over images, window slots and the vocabulary. Finished images and the null-class rows of images
