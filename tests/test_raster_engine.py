@@ -202,7 +202,7 @@ def test_each_family_refuses_the_others_requests(pipe):
         Engine(VARFamily(var, vae)).add_request(torch.tensor([1]), RasterParams(seed=0))
 
 
-# ---- speculative requests (SJD, GSD, LANTERN, ZipAR) ----------------------------------------------------------------------
+# ---- speculative requests (SJD, GSD, LANTERN, ZipAR, SJD-PAC) -----------------------------------------------------
 SPECS = [
     "sjd:window=4",
     "sjd:window=3,init=repeat",
@@ -211,6 +211,8 @@ SPECS = [
     "lantern:window=5,k=20",
     "zipar:window=2",
     "zipar:window=2+mcsjd:window=3",
+    "sjd-pac:window=4,tree=3",
+    "zipar:window=2+sjd-pac:window=3,tree=2",
 ]
 
 

@@ -23,6 +23,10 @@ the grid as SJD's LlamaGen script ``repeat_horizon``; the rule object carries it
   instead of independently from p. The guess still follows p, so the test stays lossless (tested as SJD's is), and
   it changes only where the target moved: guesses settle and get kept. ``coupled=1`` turns the same redraw on for
   any method (``gsd:coupled=1``).
+* ``sjd-pac`` — Kang et al., "SJD-PAC: Accelerating Speculative Jacobi Decoding via Proactive Drafting and Adaptive
+  Continuation" (CVPR 2026, arXiv 2603.18599): MC-SJD plus a tree of ``tree`` guesses per parent at the window's
+  first ``depth`` slots (``nextscale.engine.raster.tree``), each parent's children tested in order by recursive
+  rejection sampling without replacement. Lossless (tested as SJD's is). ``tree=K`` turns it on for any method.
 * ``gsd`` — So et al., "Grouped Speculative Decoding for Autoregressive Image Generation" (ICCV 2025), as its code
   (junhyukso/GSD) does it: the candidate group is the ``2·size`` codes around x's rank in the target (ranks
   ``r-size .. r+size-1`` ascending, x included), kept where ``|p(y) - p(x)| < pdiff`` and the squared distance of
@@ -101,6 +105,8 @@ class ExactRule:
 
     draft_init: str = "random"
     coupled: bool = field(default=False, kw_only=True)
+    tree: int = field(default=1, kw_only=True)  # SJD-PAC's proactive drafting: guesses per parent (1: a chain)
+    depth: int = field(default=2, kw_only=True)  # ... at the window's first `depth` slots
     lossless: ClassVar[bool] = True
 
     def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
@@ -209,6 +215,9 @@ class SpeculativeConfig:
     window: int = 16
     init: str = "random"
     coupled: bool = False  # MC-SJD's coupled redraws (``mcsjd`` is ``sjd`` with this on)
+    # SJD-PAC's proactive drafting: `tree` guesses per parent at the window's first `depth` slots (1: a chain).
+    tree: int = 1
+    depth: int = 2
     # ZipAR's decoding order (``zipar:window=N+...``): a grid row starts once the row above has fixed N tokens.
     zipar: int = 0
 
@@ -218,6 +227,13 @@ class SpeculativeConfig:
             raise InvalidInputError(f"{self.name}: window must be an int >= 1 (guesses per pass), got {w!r}")
         if self.init not in DRAFT_INITS:
             raise InvalidInputError(f"{self.name}: init must be one of {', '.join(DRAFT_INITS)}, got {self.init!r}")
+        t, d = self.tree, self.depth
+        if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 8 or not isinstance(d, int) or d < 1:
+            raise InvalidInputError(f"{self.name}: tree must be an int in 1..8 and depth >= 1, got {self.spec()}")
+        if t**d > 512:
+            raise InvalidInputError(
+                f"{self.name}: a tree of {t}^{d} leaves is too big (at most 512), got {self.spec()}"
+            )
         z = self.zipar
         if isinstance(z, bool) or not isinstance(z, int) or z < 0:
             raise InvalidInputError(
@@ -295,7 +311,7 @@ class SJD(SpeculativeConfig):
     lossless: ClassVar[bool] = True
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
-        return ExactRule(draft_init=self.init, coupled=self.coupled)
+        return ExactRule(draft_init=self.init, coupled=self.coupled, tree=self.tree, depth=self.depth)
 
 
 # ``zipar:window=N`` alone: one guess per pass and lane, tested against its target — sampling in distribution.
@@ -311,6 +327,18 @@ class MCSJD(SJD):
 
     name: ClassVar[str] = "mcsjd"
     coupled: bool = True
+
+
+@register
+@dataclass(frozen=True)
+class SJDPAC(SJD):
+    """SJD-PAC (arXiv 2603.18599): MC-SJD's coupled redraws (the paper's adaptive continuation) plus proactive
+    drafting — ``tree`` guesses per parent at the window's first ``depth`` slots, verified by recursive rejection
+    sampling. The paper's K = 4 and depth 3 counting the root (2 slots here). Lossless, as SJD."""
+
+    name: ClassVar[str] = "sjd-pac"
+    coupled: bool = True
+    tree: int = 4
 
 
 def group_radius(points_VD: torch.Tensor, k: int, sample: int = 512) -> float:
@@ -346,7 +374,9 @@ class GSD(SpeculativeConfig):
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         emb = _embeddings(model, codebook_VD).detach().to(model.output.weight.device)
         dist = group_radius(emb, 2 * self.size) if self.dist is None else float(self.dist)
-        return GroupRule(self.init, emb, self.size, float(self.pdiff), dist, coupled=self.coupled)
+        return GroupRule(
+            self.init, emb, self.size, float(self.pdiff), dist, coupled=self.coupled, tree=self.tree, depth=self.depth
+        )
 
 
 @register
@@ -365,7 +395,14 @@ class Lantern(SpeculativeConfig):
 
     def rule(self, model: LlamaGen, codebook_VD: torch.Tensor | None = None) -> AcceptRule:
         table = latent_neighbours(model, _embeddings(model, codebook_VD), self.k)
-        return RelaxedRule(self.init, table.to(model.output.weight.device), float(self.delta), coupled=self.coupled)
+        return RelaxedRule(
+            self.init,
+            table.to(model.output.weight.device),
+            float(self.delta),
+            coupled=self.coupled,
+            tree=self.tree,
+            depth=self.depth,
+        )
 
 
 # Named settings, as the VAR presets: what a server's ``quality=medium`` / ``low`` runs on a raster model. The
@@ -436,6 +473,7 @@ __all__ = [
     "GSD",
     "PRESETS",
     "SJD",
+    "SJDPAC",
     "SPECULATIVE",
     "ExactRule",
     "GroupRule",

@@ -174,9 +174,11 @@ class RasterLayout(Protocol):
     """Which positions a ``forward_tokens`` call covers and which keys each query sees.
 
     ``start`` is the sequence position of the call's first token (0 = the class token); the call covers
-    ``start .. start + l - 1`` of every row."""
+    ``start .. start + l - 1`` of every row. ``None``: the layout places every query itself (it turns q and k in
+    ``attend``), and the model's own rotation is the identity."""
 
-    start: int
+    @property
+    def start(self) -> int | None: ...
 
     def attend(self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> torch.Tensor:
         """Attention output [R, H, l, c]; ``k``/``v`` may have fewer heads (GQA)."""
@@ -361,7 +363,12 @@ class LlamaGen(nn.Module):
     # ---- transformer --------------------------------------------------------------------------------------
     def forward_tokens(self, x_RlC: torch.Tensor, layout: RasterLayout) -> torch.Tensor:
         """All blocks, the final norm and the head over the positions ``layout`` covers; logits [R, l, V] float32."""
-        cs_lc2 = self.rope(layout.start, x_RlC.shape[1], x_RlC.device)
+        l = x_RlC.shape[1]
+        if layout.start is None:  # cos 1, sin 0: x * 1 - y * 0 == x, exactly
+            cs_lc2 = torch.stack((torch.ones(l, self.cfg.head_dim // 2), torch.zeros(l, self.cfg.head_dim // 2)), -1)
+            cs_lc2 = cs_lc2.to(x_RlC.device)
+        else:
+            cs_lc2 = self.rope(layout.start, l, x_RlC.device)
         for i, layer in enumerate(self.layers):
             x_RlC = layer(x_RlC, cs_lc2, i, layout)
         return self.output(self.norm(x_RlC)).float()

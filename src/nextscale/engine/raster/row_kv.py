@@ -2,12 +2,11 @@
 
 Speculative decoding (``engine.raster.speculative``) batches images that have accepted different numbers of
 guesses, so after the first pass every image sits at its own position. Each row keeps its own KV length (``RowKV``)
-and one call covers positions ``n_r .. n_r + l - 1`` of every row ``r``, with a per-row causal mask over absolute
-positions (``RowWindows``). The model applies RoPE for ONE start (``layout.start``) to all rows, so the layout
-re-rotates q and k by the angle between each row's true position and the shared one before attending (2-D RoPE
-turns each pair by an angle; turns add; ``models.llamagen.rotate_pairs``). Everything a row sees — its RoPE turn,
-its mask — depends on that row only; batch-mates change nothing but float rounding in the attention sums. A
-model-side per-row position (``RasterLayout`` naming positions per row) would make the re-rotation unnecessary.
+and one call covers any positions of every row — a window ``n_r .. n_r + l - 1``, several windows (ZipAR's lanes),
+or a tree of guesses several of which share a position (SJD-PAC) — with a mask per query (``RowWindows``). The
+layout turns q and k by each query's own RoPE angles (``models.llamagen.rotate_pairs``; the model's own rotation is
+then the identity: ``start = None``). Everything a row sees — its RoPE turn, its mask — depends on that row only;
+batch-mates change nothing but float rounding in the attention sums.
 
 Shapes: ``R`` rows, ``H``/``Hkv`` query/key heads, ``l`` positions in this call, ``T`` cached positions attended
 over, ``c`` head dim, ``P`` RoPE positions.
@@ -83,27 +82,36 @@ class RowWindows:
     the common case, one contiguous window ``pos_R[r] .. pos_R[r] + l - 1`` per row; ZipAR's lanes
     (``engine.raster.speculative``) put several windows of one image, at different grid rows, in one row.
 
-    The model turns q and k by the RoPE angles of ``start .. start + l - 1`` for every row; ``attend`` turns them
-    on by (true angle - shared angle). ``start`` is 0 while every row is at 0 (the class-token call, no turn) and 1
-    otherwise — a fixed anchor, so that a row's numbers do not depend on its batch-mates' positions. Position 0 is
-    never a shared position afterwards: its table entry is cos = sin = 0 (not invertible).
+    Positions. The class-token call (every row at 0 .. l-1) lets the model apply its own RoPE (``start = 0``).
+    Every other call sets ``start = None``: the model's rotation is then the identity and ``attend`` turns each
+    query and key by its own position's angles, once — the same float32 operations as the model's, so a row's
+    numbers do not depend on its batch-mates' positions, and any number of queries may share a position.
 
     Padding queries (a row with fewer positions than the call) sit at ``kv.max_len`` or beyond: their keys are not
-    stored and they see position 0 only (so their softmax is finite; nothing reads their outputs)."""
+    stored and they see position 0 only (so their softmax is finite; nothing reads their outputs).
 
-    ANCHOR = 1
+    Deferred mode (``own_Rll`` given: a tree of guesses, several at one position): nothing is written during the
+    call. Each query attends to the cached keys ``visible_RlT`` allows and to this call's own keys ``own_Rll``
+    allows (query i sees input j); the call's keys and values are kept per layer, and ``commit`` writes the ones
+    that turned out to be kept at their positions."""
 
     def __init__(
-        self, kv: RowKV, q_pos_Rl: torch.Tensor, table_Pc2: torch.Tensor, visible_RlT: torch.Tensor | None = None
+        self,
+        kv: RowKV,
+        q_pos_Rl: torch.Tensor,
+        table_Pc2: torch.Tensor,
+        visible_RlT: torch.Tensor | None = None,
+        own_Rll: torch.Tensor | None = None,
     ):
         device, P = q_pos_Rl.device, table_Pc2.shape[0]
-        l = q_pos_Rl.shape[1]
-        self.kv, self.q_pos_Rl = kv, q_pos_Rl
+        self.kv, self.q_pos_Rl, self.own_Rll = kv, q_pos_Rl, own_Rll
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
         real_Rl = q_pos_Rl < kv.max_len
         first = bool((q_pos_Rl[:, 0] == 0).all())
         if not first and bool((q_pos_Rl[:, 0] == 0).any()):
             raise RuntimeError("rows at position 0 must be called alone (their class token has no RoPE turn)")
-        self.start = 0 if first else self.ANCHOR
+        self.start: int | None = 0 if first else None
         self.T = min(int(q_pos_Rl[real_Rl].max()) + 1 if bool(real_Rl.any()) else 1, kv.max_len)
         key_pos = torch.arange(self.T, device=device)
         if visible_RlT is None:
@@ -111,16 +119,10 @@ class RowWindows:
         else:
             visible_RlT = visible_RlT[:, :, : self.T]
         self.mask_R1lT = torch.where(real_Rl[:, :, None], visible_RlT, key_pos == 0).unsqueeze(1)
-        self.delta_Rlc2: torch.Tensor | None = None
-        if not first:
-            true_Rlc2 = table_Pc2[q_pos_Rl.clamp(max=P - 1)]
-            shared_lc2 = table_Pc2[self.start + torch.arange(l, device=device)][None]
-            ct, st, cs, ss = true_Rlc2[..., 0], true_Rlc2[..., 1], shared_lc2[..., 0], shared_lc2[..., 1]
-            delta = torch.stack((ct * cs + st * ss, st * cs - ct * ss), dim=-1)  # angle(true) - angle(shared)
-            # A query at its shared position turns by exactly nothing (not by a rounded cos(0), sin(0)).
-            same = (q_pos_Rl == self.start + torch.arange(l, device=device))[..., None, None]
-            identity = torch.tensor([1.0, 0.0], device=device).expand_as(delta)
-            self.delta_Rlc2 = torch.where(same, identity, delta)
+        if own_Rll is not None:
+            self.mask_R1lT = torch.cat((self.mask_R1lT, (own_Rll & real_Rl[:, :, None]).unsqueeze(1)), dim=-1)
+        # Padding positions past the table only hold padding (never stored): clamp them into it.
+        self.cs_Rlc2 = None if first else table_Pc2[q_pos_Rl.clamp(max=P - 1)]
 
     @classmethod
     def windows(cls, kv: RowKV, pos_R: torch.Tensor, l: int, table_Pc2: torch.Tensor) -> RowWindows:
@@ -128,7 +130,20 @@ class RowWindows:
         return cls(kv, pos_R[:, None] + torch.arange(l, device=pos_R.device), table_Pc2)
 
     def attend(self, layer: int, q_RHlc: torch.Tensor, k_RHlc: torch.Tensor, v_RHlc: torch.Tensor) -> torch.Tensor:
-        if self.delta_Rlc2 is not None:
-            q_RHlc, k_RHlc = rotate_pairs(q_RHlc, self.delta_Rlc2), rotate_pairs(k_RHlc, self.delta_Rlc2)
-        k_RHTc, v_RHTc = self.kv.write(layer, self.q_pos_Rl, k_RHlc, v_RHlc, self.T)
+        if self.cs_Rlc2 is not None:
+            q_RHlc, k_RHlc = rotate_pairs(q_RHlc, self.cs_Rlc2), rotate_pairs(k_RHlc, self.cs_Rlc2)
+        if self.own_Rll is not None:
+            self.new_k.append(k_RHlc)
+            self.new_v.append(v_RHlc)
+            k_RHTc = torch.cat((self.kv.k[layer][:, :, : self.T], k_RHlc), dim=2)
+            v_RHTc = torch.cat((self.kv.v[layer][:, :, : self.T], v_RHlc), dim=2)
+        else:
+            k_RHTc, v_RHTc = self.kv.write(layer, self.q_pos_Rl, k_RHlc, v_RHlc, self.T)
         return sdpa(q_RHlc, k_RHTc, v_RHTc, mask=self.mask_R1lT)  # the model's own call: GQA expansion, scale
+
+    def commit(self, rows_P: torch.Tensor, cols_P: torch.Tensor) -> None:
+        """Deferred mode: store input ``cols_P[i]`` of row ``rows_P[i]`` at its position, in every layer."""
+        pos_P = self.q_pos_Rl[rows_P, cols_P]
+        for layer, (k_RHlc, v_RHlc) in enumerate(zip(self.new_k, self.new_v, strict=True)):
+            self.kv.k[layer][rows_P, :, pos_P] = k_RHlc[rows_P, :, cols_P]
+            self.kv.v[layer][rows_P, :, pos_P] = v_RHlc[rows_P, :, cols_P]

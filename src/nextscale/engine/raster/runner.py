@@ -9,8 +9,7 @@ Positions. ``LlamaGen.forward_tokens`` turns every row by the RoPE angles of one
 layout here sets ``start`` to image token (0, 0), whose angles are all zero: the model's own rotation is then an
 exact identity (``x * 1 - y * 0 == x``), and ``attend`` turns q and k by each row's true position with the same
 float32 operations as the model's ``apply_rope``. Each row's numbers are therefore bit-identical to a call at its own
-position (``CachedCausal``) — unlike ``speculative.RowWindows``, whose turn by a difference of angles rounds twice,
-which its own loop tolerates but the engine's contract (an image equals the pipeline's, token for token) does not.
+position (``CachedCausal``), which the engine's contract (an image equals the pipeline's, token for token) needs.
 
 Shapes: ``N`` rows of the fused call, ``H``/``Hkv`` query/key heads, ``c`` head dim, ``P`` RoPE positions (1 + L).
 """

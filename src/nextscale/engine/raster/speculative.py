@@ -81,6 +81,7 @@ from nextscale.engine.raster.sampler import (
     check_request,
     filter_logits_,
 )
+from nextscale.engine.raster.tree import TreeTemplate, alternatives, fed_valid, tree_template
 from nextscale.engine.sampling import Generators, cfg_labels
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen
@@ -110,6 +111,14 @@ class AcceptRule(Protocol):
         independently: the guess still follows the new ``p``, and stays what it was as often as that allows."""
         ...
 
+    @property
+    def tree(self) -> int:
+        """Guesses per parent at the window's first ``depth`` slots (SJD-PAC's proactive drafting; 1: a chain)."""
+        ...
+
+    @property
+    def depth(self) -> int: ...
+
     def accept_prob(self, p_MV: torch.Tensor, q_MV: torch.Tensor, draft_M: torch.Tensor) -> torch.Tensor:
         """Probability [M] in [0, 1] of keeping each guess."""
         ...
@@ -129,17 +138,14 @@ def sample_inverse_cdf(weights_MV: torch.Tensor, u_M: torch.Tensor) -> torch.Ten
 
 
 def draw_uniforms(
-    generators: Generators, images: Sequence[int], lanes: int, window: int, device: torch.device
+    generators: Generators, images: Sequence[int], shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
-    """This pass's uniforms [N, 3, lanes, window] (float64) for the active images: one call per image on its own
-    generator (so its stream does not depend on the batch), or one call for the batch on a shared generator. With
-    one lane the stream is the one a [3, window] draw gives."""
+    """This pass's uniforms [N, *shape] (float64) for the active images: one call per image on its own generator
+    (so its stream does not depend on the batch), or one call for the batch on a shared generator."""
     if isinstance(generators, torch.Generator):
-        return torch.rand(len(images), _DRAWS, lanes, window, dtype=torch.float64, device=device, generator=generators)
+        return torch.rand(len(images), *shape, dtype=torch.float64, device=device, generator=generators)
     gens = list(generators)
-    return torch.stack(
-        [torch.rand(_DRAWS, lanes, window, dtype=torch.float64, device=device, generator=gens[i]) for i in images]
-    )
+    return torch.stack([torch.rand(*shape, dtype=torch.float64, device=device, generator=gens[i]) for i in images])
 
 
 def fresh_guesses(
@@ -203,7 +209,18 @@ class _Batch:
     guesses and their q, and ``flush`` (the lane's successor started on a stand-in for the lane's last token, whose
     true keys must be written once it is fixed). ``seen_NS``: KV positions later queries may attend to."""
 
-    def __init__(self, B: int, lanes: int, window: int, V: int, L: int, guided: bool, device: torch.device):
+    def __init__(
+        self,
+        B: int,
+        lanes: int,
+        window: int,
+        V: int,
+        L: int,
+        guided: bool,
+        device: torch.device,
+        tree: int = 1,
+        depth: int = 0,
+    ):
         self.img_N = torch.arange(B, device=device)
         self.null_N = torch.full((B,), guided, dtype=torch.bool, device=device)
         self.n_NG = torch.zeros(B, lanes, dtype=torch.long, device=device)
@@ -213,6 +230,9 @@ class _Batch:
         self.draft_NGw = torch.zeros(B, lanes, window, dtype=torch.long, device=device)
         self.q_NGwV = torch.zeros(B, lanes, window, V, device=device)
         self.seen_NS = torch.zeros(B, L, dtype=torch.bool, device=device)
+        # SJD-PAC: guesses 2..K of the first D slots, and whether a slot has them (its q is a computed distribution).
+        self.alt_NGDk = torch.zeros(B, lanes, depth, max(tree - 1, 0), dtype=torch.long, device=device)
+        self.tree_ok_NGD = torch.zeros(B, lanes, depth, dtype=torch.bool, device=device)
 
     @property
     def rows_img(self) -> torch.Tensor:
@@ -227,18 +247,19 @@ class _Batch:
         if len(rows) != N + int(self.null_N.sum()):
             kv.keep(rows)
         self.null_N = null_N[keep_N]
-        for name in ("img_N", "n_NG", "started_NG", "flush_NG", "draft_NGw", "q_NGwV", "seen_NS"):
+        names = ("img_N", "n_NG", "started_NG", "flush_NG", "draft_NGw", "q_NGwV", "seen_NS", "alt_NGDk", "tree_ok_NGD")
+        for name in names:
             setattr(self, name, getattr(self, name)[keep_N])
 
 
 @dataclass(frozen=True)
 class _Pass:
-    """What ``inputs`` laid out for one pass, for ``advance``: the active lanes (image, lane) and where their
-    positions sit in the rows; ``valid``: tokens each lane predicts (0 for a flush)."""
+    """What ``inputs`` laid out for one pass, for ``advance``: the active lanes (image, lane), the row column of
+    each of their fed nodes (-1: not fed), window slots; ``valid``: tokens each lane predicts (0 for a flush)."""
 
     ai_M: torch.Tensor
     ag_M: torch.Tensor
-    off_M: torch.Tensor
+    col_MF: torch.Tensor
     l_M: torch.Tensor
     valid_M: torch.Tensor
     start_M: torch.Tensor
@@ -319,6 +340,108 @@ def _next_windows(
     return new_Mw, torch.where(computed_Mw[:, :, None], q_new_MwV, one_hot_MwV)
 
 
+class _Draws:
+    """One pass's uniforms of the active images, by use. A chain draws [3, lanes, window] per image: acceptance
+    coins, inverse-CDF draws (residual, Jacobi redraws), fresh guesses; slot j of lane g uses column (g, j). With a
+    tree (SJD-PAC) each lane draws a coin per candidate (``TreeTemplate``), then the inverse-CDF and fresh-guess
+    columns per slot, then K-1 per tree slot for the next window's alternatives."""
+
+    def __init__(self, dec: SpeculativeDecoder, u: torch.Tensor):
+        self.u, self.tmpl, self.w = u, dec.tmpl, dec.window
+
+    def main(self, ai_M: torch.Tensor, ag_M: torch.Tensor) -> torch.Tensor:
+        """[M, 3, w]: the main path's coin, inverse-CDF and fresh-guess uniform per slot."""
+        if self.tmpl.K == 1:
+            return self.u[ai_M, :, ag_M]
+        C, w = self.tmpl.candidates, self.w
+        row_MU = self.u[ai_M, ag_M]
+        coins_Mw = row_MU[:, self.tmpl.main_cand_w.to(row_MU.device)]
+        return torch.stack((coins_Mw, row_MU[:, C : C + w], row_MU[:, C + w : C + 2 * w]), dim=1)
+
+    def coins(self, ai_M: torch.Tensor, ag_M: torch.Tensor) -> torch.Tensor:
+        """[M, C]: every candidate's coin."""
+        return self.u[ai_M, ag_M, : self.tmpl.candidates]
+
+    def alt(self, ai_M: torch.Tensor, ag_M: torch.Tensor) -> torch.Tensor:
+        """[M, D, K-1]: the draws of the next window's alternatives."""
+        t = self.tmpl
+        return self.u[ai_M, ag_M, t.candidates + 2 * self.w :].reshape(len(ai_M), t.D, t.K - 1)
+
+
+def _verify_tree(
+    rule: AcceptRule,
+    tmpl: TreeTemplate,
+    p_MFV: torch.Tensor,
+    p_MlV: torch.Tensor,
+    draft_Mw: torch.Tensor,
+    q_MwV: torch.Tensor,
+    alt_MDk: torch.Tensor,
+    tree_ok_MD: torch.Tensor,
+    valid_M: torch.Tensor,
+    coins_MC: torch.Tensor,
+    u_M3w: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_verify`` for a window whose first D slots are a tree (``nextscale.engine.raster.tree``): at each parent
+    its children are tested in order by recursive rejection sampling without replacement; after the tree the main
+    path continues as a chain. Returns (guesses kept, tokens fixed, the window's tokens [M, l], the fed node that
+    carries each kept slot's token [M, l] (0 where none))."""
+    M, l, _ = p_MlV.shape
+    device = p_MlV.device
+    ar = torch.arange(M, device=device)
+    child_cand_FK, child_fed_FK = tmpl.child_cand_FK.to(device), tmpl.child_fed_FK.to(device)
+    node_M = torch.zeros(M, dtype=torch.long, device=device)  # the root
+    alive_M = valid_M > 0
+    kept_M = torch.zeros(M, dtype=torch.long, device=device)
+    adv_M = torch.zeros_like(kept_M)
+    tokens_Ml = draft_Mw[:, :l].clone()
+    path_Ml = torch.zeros(M, l, dtype=torch.long, device=device)
+    D = min(tmpl.D, l)
+    for d in range(D):
+        live_M = alive_M & (d < valid_M)
+        p_MV, q_MV = p_MFV[ar, node_M], q_MwV[:, d]
+        acc_M = torch.full((M,), -1, dtype=torch.long, device=device)
+        for k in range(tmpl.K):
+            x_M = draft_Mw[:, d] if k == 0 else alt_MDk[:, d, k - 1]
+            test_M = live_M & (acc_M < 0) & (tree_ok_MD[:, d] if k else torch.ones_like(live_M))
+            if not bool(test_M.any()):
+                break
+            coin_M = coins_MC[ar, child_cand_FK[node_M, k].clamp(min=0)]
+            ok_M = test_M & (coin_M < rule.accept_prob(p_MV, q_MV, x_M))
+            acc_M = torch.where(ok_M, k, acc_M)
+            # After a refusal: p_{k+1} = norm(residual), q_{k+1} = q_k without x_k (the next guess was drawn so).
+            refused_M = (test_M & ~ok_M)[:, None]
+            res_MV = rule.residual(p_MV, q_MV, x_M)
+            res_MV = torch.where(res_MV.sum(-1, keepdim=True) > 0, res_MV, p_MV)
+            p_MV = torch.where(refused_M, res_MV / res_MV.sum(-1, keepdim=True), p_MV)
+            rest_MV = q_MV.scatter(1, x_M[:, None], 0.0)
+            rest_MV = torch.where(rest_MV.sum(-1, keepdim=True) > 0, rest_MV / rest_MV.sum(-1, keepdim=True), q_MV)
+            q_MV = torch.where(refused_M, rest_MV, q_MV)
+        accepted_M = acc_M >= 0
+        refused_M = live_M & ~accepted_M
+        guesses_MK = torch.cat((draft_Mw[:, d : d + 1], alt_MDk[:, d]), dim=1)
+        tokens_Ml[:, d] = torch.where(accepted_M, guesses_MK.gather(1, acc_M.clamp(min=0)[:, None]).squeeze(1), 0)
+        r = refused_M.nonzero().view(-1)
+        if len(r):
+            tokens_Ml[r, d] = sample_inverse_cdf(p_MV[r], u_M3w[r, 1, d])
+        kept_M += accepted_M.long()
+        adv_M += live_M.long()
+        child_M = child_fed_FK[node_M, acc_M.clamp(min=0)]
+        path_Ml[:, d] = torch.where(accepted_M, child_M.clamp(min=0), 0)
+        node_M = torch.where(accepted_M, child_M, node_M)
+        alive_M = live_M & accepted_M & (child_M >= 0)  # a guess without children ends the path
+    if l > D:  # the main path goes on as a chain
+        go = alive_M.nonzero().view(-1)
+        if len(go):
+            c_kept, c_adv, c_tok = _verify(
+                rule, p_MlV[go, D:], draft_Mw[go, D:l], q_MwV[go, D:l], u_M3w[go, :, D:], valid_M[go] - D
+            )
+            kept_M[go] += c_kept
+            adv_M[go] += c_adv
+            tokens_Ml[go, D:] = c_tok
+            path_Ml[go, D:] = tmpl.main_fed_w[D:l].to(device).clamp(min=0)
+    return kept_M, adv_M, tokens_Ml, path_Ml
+
+
 @dataclass(frozen=True)
 class SpeculativePlan:
     """How a raster request is decoded speculatively: an acceptance rule, the window (guesses per pass and lane)
@@ -342,9 +465,10 @@ class SpeculativePlan:
         return grid if self.zipar else 1
 
     def max_positions(self, grid: int, seq_len: int) -> int:
-        """The most positions one row of a pass can feed (every lane a full window, or a flush), for the
-        scheduler's budget."""
-        return min(self.window * self.lanes(grid), seq_len)
+        """The most positions one row of a pass can feed (every lane its full window and tree), for the scheduler's
+        budget."""
+        per_lane = tree_template(self.rule.tree, self.rule.depth if self.rule.tree > 1 else 0, self.window).fed
+        return min(per_lane * self.lanes(grid), seq_len * (1 + self.rule.tree))
 
 
 class SpeculativeDecoder:
@@ -382,11 +506,18 @@ class SpeculativeDecoder:
         self.passes_B = torch.zeros(B, dtype=torch.long, device=device)
         self.kept_B = torch.zeros(B, dtype=torch.long, device=device)
         self.calls = self.row_tokens = self.fixed = 0
-        self.batch = batch = _Batch(B, G, w, V, L, params.guided, device)
+        K, D = plan.rule.tree, (min(plan.rule.depth, w) if plan.rule.tree > 1 else 0)
+        self.tmpl = tree_template(K, D, w)
+        self._fed_slot_F = torch.tensor(self.tmpl.slot_F, device=device)
+        self._fed_k_F = torch.tensor([dg[-1] if dg else 0 for dg in self.tmpl.digits_F], device=device)
+        C = self.tmpl.candidates
+        self._u_shape = (_DRAWS, G, w) if K == 1 else (G, C + 2 * w + D * (K - 1))
+        self.batch = batch = _Batch(B, G, w, V, L, params.guided, device, K, D)
         self._pass: _Pass | None = None
+        self._layout: RowWindows | None = None
         # The first window: all fresh guesses (an image's first draw set; the empty window "fixed" nothing yet).
-        u_N3Gw = draw_uniforms(generators, range(B), G, w, device)
-        self._open_lanes(torch.zeros_like(batch.started_NG), batch.started_NG, u_N3Gw)
+        draws = _Draws(self, draw_uniforms(generators, range(B), self._u_shape, device))
+        self._open_lanes(torch.zeros_like(batch.started_NG), batch.started_NG, draws)
 
     @property
     def done(self) -> bool:
@@ -397,7 +528,7 @@ class SpeculativeDecoder:
         """Rows the next pass feeds (conditional rows of unfinished images, null rows of those still guided)."""
         return len(self.batch.img_N) + int(self.batch.null_N.sum())
 
-    def _open_lanes(self, was_NG: torch.Tensor, now_NG: torch.Tensor, u_N3Gw: torch.Tensor) -> None:
+    def _open_lanes(self, was_NG: torch.Tensor, now_NG: torch.Tensor, draws: _Draws) -> None:
         """Give the lanes that start now (``now & ~was``) a window of fresh guesses, from their own columns of this
         pass's uniforms (a lane that did not run in the pass used none of them)."""
         b = self.batch
@@ -407,7 +538,7 @@ class SpeculativeDecoder:
         w, pos_M = self.window, self.base_G[ag]
         draft_Mw = fresh_guesses(
             self.rule.draft_init,
-            u_N3Gw[ai, 2, ag],
+            draws.main(ai, ag)[:, 2],
             torch.ones(len(ai), w, dtype=torch.bool, device=pos_M.device),
             b.draft_NGw[ai, ag],
             torch.zeros_like(pos_M),
@@ -419,9 +550,10 @@ class SpeculativeDecoder:
         b.q_NGwV[ai, ag] = torch.zeros_like(b.q_NGwV[ai, ag]).scatter_(2, draft_Mw.unsqueeze(2), 1.0)
 
     def inputs(self) -> tuple[torch.Tensor, RowWindows]:
-        """This pass's rows [R, l, C] and their layout: every active lane's window of every image in the image's
-        row (each at its own positions, one KV row per transformer row)."""
-        b, device, w, Ln = self.batch, self.tokens_BL.device, self.window, self.lane_len
+        """This pass's rows [R, l, C] and their layout: every active lane's inputs of every image in the image's
+        row, each at its own position — the lane's last fixed token, then each guess that has a successor in the
+        window (the chain's, or with SJD-PAC's tree every guess of a slot before the last tree slot)."""
+        b, device, w, Ln, tmpl = self.batch, self.tokens_BL.device, self.window, self.lane_len, self.tmpl
         N, G = b.n_NG.shape
         fin_NG = b.n_NG >= Ln
         # A finished lane whose successor started on a stand-in feeds its true last token once (a flush) while any
@@ -431,14 +563,20 @@ class SpeculativeDecoder:
             open_after_NG[:, :-1] = (~fin_NG).flip(1).long().cumsum(1).flip(1)[:, 1:] > 0
         flush_NG = b.flush_NG & fin_NG & open_after_NG
         active_NG = b.started_NG & (~fin_NG | flush_NG)
-        l_NG = torch.where(flush_NG, 1, (Ln - b.n_NG).clamp(max=w)) * active_NG
-        off_NG = l_NG.cumsum(1) - l_NG
         ai, ag = active_NG.nonzero(as_tuple=True)
-        n_M, l_M, off_M = b.n_NG[ai, ag], l_NG[ai, ag], off_NG[ai, ag]
+        n_M = b.n_NG[ai, ag]
+        flush_M = flush_NG[ai, ag]
+        l_M = torch.where(flush_M, 1, (Ln - n_M).clamp(max=w))  # window slots this pass (a flush: its root only)
         start_M = self.base_G[ag] + n_M  # the sequence position of the lane's first input (token start - 1)
-        l = int(l_NG.sum(1).max())
-        # The lane's first input: its last fixed token; a lane's start feeds the token before it in raster order —
-        # fixed if the lane above has finished, else (ZipAR) the lane above's last fixed token in its place, as the
+        # Fed nodes per lane (columns of the row): the root, and guesses whose successors are in the window.
+        fed_MF = fed_valid(tmpl, b.tree_ok_NGD[ai, ag], l_M)
+        cnt_M = fed_MF.sum(dim=1)
+        cnt_NG = torch.zeros_like(b.n_NG).index_put_((ai, ag), cnt_M)
+        off_M = (cnt_NG.cumsum(1) - cnt_NG)[ai, ag]
+        l = int(cnt_NG.sum(1).max())
+        col_MF = torch.where(fed_MF, off_M[:, None] + fed_MF.long().cumsum(1) - 1, -1)
+        # The root: the lane's last fixed token; a lane's start feeds the token before it in raster order — fixed
+        # if the lane above has finished, else (ZipAR) the lane above's last fixed token in its place, as the
         # official code does; the lane above then owes a flush.
         img_M = b.img_N[ai]
         before_M = (start_M - 1).clamp(min=0)
@@ -448,44 +586,64 @@ class SpeculativeDecoder:
             aux_M = stand_in_M & (above_n_M < Ln)
             b.flush_NG[ai[aux_M], ag[aux_M] - 1] = True
             before_M = torch.where(aux_M, self.base_G[(ag - 1).clamp(min=0)] + above_n_M - 1, before_M)
-        first_M = self.tokens_BL[img_M, before_M]
-        j_w = torch.arange(w, device=device)
-        tok_Mw = torch.cat((first_M[:, None], b.draft_NGw[ai, ag, : w - 1]), dim=1)
-        in_Mw = j_w < l_M[:, None]
-        mi, mj = in_Mw.nonzero(as_tuple=True)
-        col = off_M[mi] + mj
+        # Node tokens: slot d's guess k (k = 0: the window's guess, else an SJD-PAC alternative).
+        guesses_MwK = b.draft_NGw[ai, ag].unsqueeze(2)
+        if tmpl.K > 1:
+            alt_MwK = torch.zeros(len(ai), w, tmpl.K - 1, dtype=torch.long, device=device)
+            alt_MwK[:, : tmpl.D] = b.alt_NGDk[ai, ag]
+            guesses_MwK = torch.cat((guesses_MwK, alt_MwK), dim=2)
+        slot_F, k_F = self._fed_slot_F.clamp(min=0), self._fed_k_F
+        tok_MF = torch.where(self._fed_slot_F >= 0, guesses_MwK[:, slot_F, k_F], self.tokens_BL[img_M, before_M, None])
+        mi, fi = fed_MF.nonzero(as_tuple=True)
+        col = col_MF[mi, fi]
         q_pos_Nl = torch.full((N, l), self.kv.max_len, dtype=torch.long, device=device)  # padding: never stored
-        q_pos_Nl[ai[mi], col] = start_M[mi] + mj
+        q_pos_Nl[ai[mi], col] = start_M[mi] + self._fed_slot_F[fi] + 1
+        own_RNll = None
         if bool((b.n_NG == 0).all()):  # the first pass (afterwards every image has fixed a token)
             labels_R = cfg_labels(self.labels_B, self.model.cfg.null_class) if self.params.guided else self.labels_B
             guesses = self.model.embed_tokens(b.draft_NGw[b.rows_img, 0, : l - 1])
             x_RlC = torch.cat((self.model.embed_classes(labels_R), guesses), dim=1)
             visible_NlT = None
+            if tmpl.K > 1:  # deferred writes: the class-token call is a plain chain (no tree before a refusal)
+                own_RNll = torch.ones(l, l, dtype=torch.bool, device=device).tril().expand(len(b.rows_img), l, l)
+                visible_NlT = torch.zeros(N, l, self.L, dtype=torch.bool, device=device)[b.rows_img]
         else:
             tok_Nl = torch.zeros(N, l, dtype=torch.long, device=device)
-            tok_Nl[ai[mi], col] = tok_Mw[mi, mj]
+            tok_Nl[ai[mi], col] = tok_MF[mi, fi]
             x_RlC = self.model.embed_tokens(tok_Nl[b.rows_img])
-            # Query (lane, j) sees: positions up to its own that are seen (fixed before this pass), the first input
-            # of every lane (a fixed token, or a stand-in, written in this pass) and its own lane's inputs before it.
-            qstart_Nl = torch.full((N, l), self.kv.max_len, dtype=torch.long, device=device)
-            qstart_Nl[ai[mi], col] = start_M[mi]
+            # Query (lane, node) sees: positions before its own that were fixed before this pass, the root of every
+            # lane (a fixed token, or a stand-in, fed in this pass) and the nodes above it in its own lane.
             firsts_NS = torch.zeros_like(b.seen_NS)
             firsts_NS[ai, start_M] = True
             key_S = torch.arange(self.L, device=device)
-            visible_NlT = (key_S <= q_pos_Nl[:, :, None]) & (
-                (b.seen_NS | firsts_NS)[:, None, :] | (key_S >= qstart_Nl[:, :, None])
-            )
+            if tmpl.K == 1:  # one chain per lane: its inputs are contiguous, so positions say it all
+                qstart_Nl = torch.full((N, l), self.kv.max_len, dtype=torch.long, device=device)
+                qstart_Nl[ai[mi], col] = start_M[mi]
+                visible_NlT = (key_S <= q_pos_Nl[:, :, None]) & (
+                    (b.seen_NS | firsts_NS)[:, None, :] | (key_S >= qstart_Nl[:, :, None])
+                )
+            else:  # a tree: several nodes share a position; this call's keys are attended apart from the cache's
+                visible_NlT = (key_S <= q_pos_Nl[:, :, None]) & (b.seen_NS & ~firsts_NS)[:, None, :]
+                lane_Nl = torch.full((N, l), -1, dtype=torch.long, device=device)
+                node_Nl = torch.zeros(N, l, dtype=torch.long, device=device)
+                lane_Nl[ai[mi], col], node_Nl[ai[mi], col] = mi, fi
+                same_Nll = (lane_Nl[:, :, None] == lane_Nl[:, None, :]) & (lane_Nl[:, :, None] >= 0)
+                above_Nll = tmpl.ancestor_FF.to(device)[node_Nl[:, :, None], node_Nl[:, None, :]]
+                root_of_other_Nll = (node_Nl == 0)[:, None, :] & (q_pos_Nl[:, None, :] <= q_pos_Nl[:, :, None])
+                own_RNll = ((same_Nll & above_Nll) | (~same_Nll & root_of_other_Nll))[b.rows_img]
             visible_NlT = visible_NlT[b.rows_img]
-        valid_M = torch.where(flush_NG[ai, ag], 0, l_M)
-        self._pass = _Pass(ai, ag, off_M, l_M, valid_M, start_M, flush_NG[ai, ag], q_pos_Nl)
-        return x_RlC, RowWindows(self.kv, q_pos_Nl[b.rows_img], self.table_Pc2, visible_NlT)
+        valid_M = torch.where(flush_M, 0, l_M)
+        self._pass = _Pass(ai, ag, col_MF, l_M, valid_M, start_M, flush_M, q_pos_Nl)
+        layout = RowWindows(self.kv, q_pos_Nl[b.rows_img], self.table_Pc2, visible_NlT, own_RNll)
+        self._layout = layout
+        return x_RlC, layout
 
     def advance(self, logits_RlV: torch.Tensor) -> None:
         """Verify every lane's window against this pass's logits [R, l, V], fix the accepted tokens, slide the
         windows, start the lanes ZipAR lets start; finished images (and null rows with no guided token left) leave
         the batch."""
-        b, L, device, ps = self.batch, self.L, self.tokens_BL.device, self._pass
-        assert ps is not None, "inputs() first"
+        b, L, device, ps, tmpl = self.batch, self.L, self.tokens_BL.device, self._pass, self.tmpl
+        assert ps is not None and self._layout is not None, "inputs() first"
         self._pass = None
         R, l, _ = logits_RlV.shape
         self.calls, self.row_tokens = self.calls + 1, self.row_tokens + R * l
@@ -493,14 +651,40 @@ class SpeculativeDecoder:
         # The input at sequence position s predicts raster token s.
         guided_Nl = self.guided_L[ps.q_pos_Nl.clamp(max=L - 1)]
         p_NlV = _target_probs(logits_RlV, b, guided_Nl, self.params)
-        u_N3Gw = draw_uniforms(self.gens, b.img_N.tolist(), self.G, self.window, device)
+        draws = _Draws(self, draw_uniforms(self.gens, b.img_N.tolist(), self._u_shape, device))
         ai, ag = ps.ai_M, ps.ag_M
+        M = len(ai)
         wl = int(ps.l_M.max())
-        col_Mw = (ps.off_M[:, None] + torch.arange(wl, device=device)).clamp(max=l - 1)
-        p_MlV = p_NlV[ai[:, None], col_Mw]
-        u_M3w = u_N3Gw[ai, :, ag]
+        # p at each fed node (the target of its children's slot); the main path's p per slot (root, main guesses).
+        p_MFV = p_NlV[ai[:, None], ps.col_MF.clamp(min=0)]
+        main_fed_w = torch.cat((torch.zeros(1, dtype=torch.long), tmpl.main_fed_w[: wl - 1])).to(device)
+        p_MlV = p_MFV[:, main_fed_w]
+        u_M3w = draws.main(ai, ag)
         draft_Mw, q_MwV = b.draft_NGw[ai, ag], b.q_NGwV[ai, ag]
-        kept_M, adv_M, new_Ml = _verify(self.rule, p_MlV, draft_Mw[:, :wl], q_MwV[:, :wl], u_M3w, ps.valid_M)
+        if tmpl.K == 1:
+            kept_M, adv_M, new_Ml = _verify(self.rule, p_MlV, draft_Mw[:, :wl], q_MwV[:, :wl], u_M3w, ps.valid_M)
+        else:
+            kept_M, adv_M, new_Ml, path_Ml = _verify_tree(
+                self.rule,
+                tmpl,
+                p_MFV,
+                p_MlV,
+                draft_Mw,
+                q_MwV,
+                b.alt_NGDk[ai, ag],
+                b.tree_ok_NGD[ai, ag],
+                ps.valid_M,
+                draws.coins(ai, ag),
+                u_M3w,
+            )
+            # Keep the keys of the root and of the kept guesses before the last fixed token (it is fed again).
+            ci, cj = (torch.arange(wl + 1, device=device) < adv_M[:, None]).nonzero(as_tuple=True)
+            fed_Ml1 = torch.cat((torch.zeros(M, 1, dtype=torch.long, device=device), path_Ml), dim=1)
+            cols = ps.col_MF[ci, fed_Ml1[ci, cj]]
+            img_k, null_row_N = ai[ci], len(b.img_N) + b.null_N.long().cumsum(0) - 1
+            has_null_k = b.null_N[img_k]
+            rows = torch.cat((img_k, null_row_N[img_k][has_null_k]))  # both rows of a guided image
+            self._layout.commit(rows, torch.cat((cols, cols[has_null_k])))
         n_M = b.n_NG[ai, ag]
         pos0_M = self.base_G[ag] + n_M  # raster position of the window's first slot
         mi, mj = (torch.arange(wl, device=device) < adv_M[:, None]).nonzero(as_tuple=True)
@@ -516,11 +700,16 @@ class SpeculativeDecoder:
         )
         b.n_NG[ai, ag] = n_M
         b.draft_NGw[ai, ag], b.q_NGwV[ai, ag] = new_Mw, new_q_MwV
+        if tmpl.K > 1:  # SJD-PAC: the next window's first D slots get K guesses where their q was computed
+            D = tmpl.D
+            computed_MD = torch.arange(D, device=device) + adv_M[:, None] < ps.valid_M[:, None]
+            alt_MDk, ok_MD = alternatives(new_q_MwV[:, :D], new_Mw[:, :D], draws.alt(ai, ag), computed_MD)
+            b.alt_NGDk[ai, ag], b.tree_ok_NGD[ai, ag] = alt_MDk, ok_MD
         b.flush_NG[ai[ps.flush_M], ag[ps.flush_M]] = False
         if self.G > 1:  # ZipAR: a lane starts once the lane above has fixed `zipar` tokens
             was_NG = b.started_NG.clone()
             b.started_NG[:, 1:] |= b.started_NG[:, :-1] & (b.n_NG[:, :-1] >= self.zipar)
-            self._open_lanes(was_NG, b.started_NG, u_N3Gw)
+            self._open_lanes(was_NG, b.started_NG, draws)
         prefix_N = self._prefix()
         self.fixed = int(prefix_N.min())  # images that finished earlier left the batch at prefix L
         b.keep(prefix_N < L, b.null_N & (prefix_N <= self.last_guided), self.kv)
