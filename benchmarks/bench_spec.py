@@ -1,4 +1,4 @@
-"""Speculative decoding for raster models (SJD, GSD, LANTERN) against plain next-token sampling.
+"""Speculative decoding for raster models (SJD, MC-SJD, SJD-PAC, GSD, LANTERN; ZipAR's order) against plain sampling.
 
     python benchmarks/bench_spec.py                        # both parts
     python benchmarks/bench_spec.py --part speed --reps 3  # the demo and a random GPT-B-shaped model

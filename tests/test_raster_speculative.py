@@ -261,11 +261,13 @@ def zipar_joint(small) -> torch.Tensor:
     return logp.exp()
 
 
-def test_zipar_samples_its_own_conditioning(small, zipar_joint, exact_joint):
+@pytest.mark.parametrize("rule", [ExactRule(), ExactRule(tree=3)], ids=["chain", "deferred-writes"])
+def test_zipar_samples_its_own_conditioning(small, zipar_joint, exact_joint, rule):
     """Plain ZipAR (window 1, each row one token per pass) against the enumerated joint of its conditioning: the
-    stand-in token, the masks (row 1 never sees row 0's unfixed slot) and the flush are all in it."""
+    stand-in token, the masks (row 1 never sees row 0's unfixed slot) and the flush are all in it. A tree rule (one
+    slot: no tree yet) runs the same with its keys written after the pass instead of during it."""
     assert float((zipar_joint - exact_joint).abs().sum()) / 2 > 0.02, "ZipAR's target differs from raster order"
-    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, ExactRule(), 1, zipar=1)
+    res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, rule, 1, zipar=1)
     x2, df, p_value, outside = chi_square(res.tokens_BL, zipar_joint)
     assert outside == 0 and p_value >= 1e-3, f"chi-square {x2:.1f} on {df} df (p = {p_value:.2e})"
     assert res.stats["forward_passes"] == 3  # rows of 2 tokens, the second starting one token later
@@ -308,6 +310,20 @@ def test_zipar_waiting_for_whole_rows_is_raster_order_and_lossless(small, exact_
     res = sample_speculative(small, torch.full((SAMPLES,), LABEL), DIST_PARAMS, rule, window, zipar=2)
     x2, df, p_value, outside = chi_square(res.tokens_BL, exact_joint)
     assert outside == 0 and p_value >= 1e-3, f"chi-square {x2:.1f} on {df} df (p = {p_value:.2e})"
+
+
+def test_deferred_key_writes_equal_writes_during_the_pass(model):
+    """A tree rule writes a pass's keys after verification (the roots — fixed tokens, stand-ins, flushes — and the
+    kept guesses). Greedy targets make the tokens a function of what each query sees: in raster order every rule
+    gives sample_raster's tokens, and ZipAR with one-token windows (whose schedule does not depend on the draws)
+    gives the chain's over several rows (a flush not written leaves the stand-in's keys for the rows below)."""
+    params = RasterParams(cfg_scale=2.0, cfg_interval=5, top_k=1, seed=0)
+    tree = ExactRule(coupled=True, tree=3)
+    assert torch.equal(
+        sample_speculative(model, LABELS, params, tree, 5).tokens_BL, sample_raster(model, LABELS, params).tokens_BL
+    )
+    chain = sample_speculative(model, LABELS, params, ExactRule(), 1, zipar=2).tokens_BL
+    assert torch.equal(sample_speculative(model, LABELS, params, tree, 1, zipar=2).tokens_BL, chain)
 
 
 @pytest.mark.parametrize("zipar", [1, 2, 4])

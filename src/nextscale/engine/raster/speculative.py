@@ -677,8 +677,9 @@ class SpeculativeDecoder:
                 draws.coins(ai, ag),
                 u_M3w,
             )
-            # Keep the keys of the root and of the kept guesses before the last fixed token (it is fed again).
-            ci, cj = (torch.arange(wl + 1, device=device) < adv_M[:, None]).nonzero(as_tuple=True)
+            # Keep the keys of the root (a fixed token, a stand-in or a flush) and of the kept guesses before the
+            # last fixed token (it is fed again).
+            ci, cj = (torch.arange(wl + 1, device=device) < adv_M.clamp(min=1)[:, None]).nonzero(as_tuple=True)
             fed_Ml1 = torch.cat((torch.zeros(M, 1, dtype=torch.long, device=device), path_Ml), dim=1)
             cols = ps.col_MF[ci, fed_Ml1[ci, cj]]
             img_k, null_row_N = ai[ci], len(b.img_N) + b.null_N.long().cumsum(0) - 1
