@@ -142,3 +142,21 @@ def ready(url: str) -> bool:
         return httpx.get(f"{url}/ready", timeout=30).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _fashion_installed() -> bool:
+    from nextscale.data import builtin
+    from nextscale.errors import InvalidInputError
+
+    try:
+        builtin.find_fashion_mnist()
+    except InvalidInputError:
+        return False
+    return True
+
+
+# Tests that read the real Fashion-MNIST files (CI installs them; `.ci/run`).
+needs_fashion = pytest.mark.skipif(
+    not _fashion_installed(),
+    reason="Debian package dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)",
+)

@@ -19,7 +19,6 @@ from nextscale.data import (
     FashionPairs,
     ImageFolder,
     TensorImageDataset,
-    builtin,
     fashion_mnist,
     fashion_pairs,
     parse_pair_prompt,
@@ -28,6 +27,8 @@ from nextscale.data import (
 from nextscale.data.captions import SEEN_TEMPLATES, SYNONYMS, TEMPLATES, _fill, _matches
 from nextscale.errors import InvalidInputError
 from nextscale.labels import resolve_label
+
+from .helpers import needs_fashion
 
 
 def _save(path: Path, seed: int, size: tuple[int, int] = (20, 14)) -> None:
@@ -234,20 +235,6 @@ def test_fashion_pairs_argument_errors():
         fashion_pairs("train", kind="held-out-pairs")
     with pytest.raises(InvalidInputError, match=r"num must be an int >= 1, got 0"):
         fashion_pairs("test", num=0)
-
-
-def _fashion_installed() -> bool:
-    try:
-        builtin.find_fashion_mnist()
-    except InvalidInputError:
-        return False
-    return True
-
-
-needs_fashion = pytest.mark.skipif(
-    not _fashion_installed(),
-    reason="Debian package dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)",
-)
 
 
 @needs_fashion

@@ -27,6 +27,8 @@ from nextscale.data import (
 )
 from nextscale.errors import ConfigError, InvalidInputError
 
+from .helpers import needs_fashion
+
 
 def _save(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -201,18 +203,7 @@ def test_fashion_mnist_env_var_and_missing(tmp_path: Path, monkeypatch: pytest.M
         fashion_mnist("train")
 
 
-def _fashion_installed() -> bool:
-    try:
-        builtin.find_fashion_mnist()
-    except InvalidInputError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not _fashion_installed(),
-    reason="Debian package dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)",
-)
+@needs_fashion
 def test_real_fashion_mnist():
     train, test = fashion_mnist("train"), fashion_mnist("test")
     assert (len(train), len(test)) == (60000, 10000)
