@@ -317,13 +317,13 @@ def test_a_models_speculative_presets_are_saved_and_take_precedence(msvq_pipe, t
     assert out.stats["speculative"] == "lantern:window=4,delta=0.2,k=9"
     tuned_fast = {"requested": "fast", "specs": ["lantern:window=4,delta=0.2,k=9"], "source": "model's tuned preset"}
     assert out.stats["resolved"] == tuned_fast == loaded.describe_accel("fast").as_dict()
-    assert str(p.describe_accel(" Fast ")) == "fast -> gsd (built-in preset)"
+    assert str(p.describe_accel(" Fast ")) == "fast -> sjd-pac:window=32 (built-in preset)"
     assert str(p.describe_accel("sjd:window=3")) == "sjd:window=3 -> sjd:window=3 (as given)"
     exact = p([1], seed=0, output_type="latent").stats["resolved"]
     assert exact == {"requested": "exact", "specs": [], "source": "default"}
     want = p([1], seed=0, speculative="lantern:window=4,delta=0.2,k=9", output_type="latent")
     assert torch.equal(out.tokens, want.tokens)
-    assert p([1], seed=0, speculative="fast", output_type="latent").stats["speculative"] == "gsd", "the default"
+    assert p([1], seed=0, speculative="fast", output_type="latent").stats["speculative"] == "sjd-pac:window=32"
     with pytest.raises(InvalidInputError, match="unknown speculative method 'nope'"):
         LlamaGenPipeline(p.transformer, p.vae, speculative_presets={"fast": "nope"})
 

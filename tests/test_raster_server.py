@@ -116,7 +116,12 @@ def test_quality_picks_speculative_decoding_and_images_equal_the_pipelines(pipe)
     app = raster_app(pipe, plans=quality_plans(pipe, "sjd:window=3,init=repeat"))
     methods = {"auto": "sjd:window=3,init=repeat", "high": None, "medium": "balanced", "low": "fast"}
     # what each level resolved to on this model, as reported: the spec that rebuilds it (defaults left out)
-    reported = {"auto": ["sjd:window=3,init=repeat"], "high": [], "medium": ["mcsjd:window=32"], "low": ["gsd"]}
+    reported = {
+        "auto": ["sjd:window=3,init=repeat"],
+        "high": [],
+        "medium": ["mcsjd:window=32"],
+        "low": ["sjd-pac:window=32"],
+    }
     with TestClient(app) as c:
         assert c.get("/v1/models").json()["data"][0]["qualities"] == reported
         for quality, spec in methods.items():

@@ -406,10 +406,11 @@ class Lantern(SpeculativeConfig):
 
 
 # Named settings, as the VAR presets: what a server's ``quality=medium`` / ``low`` runs on a raster model. The
-# choice and its measured fidelity on the bundled raster demo: benchmarks/RESULTS.md (bench_spec). balanced is
-# lossless: MC-SJD with a 32-guess window made 4.78x fewer passes than exact on the demo (SJD at 16: 3.29x), -0.8
-# points of accuracy and FD 1.05x at 150 per class, 2.36x the images/s at batch 1 (SJD 1.86x).
-PRESETS: dict[str, str] = {"balanced": "mcsjd:window=32", "fast": "gsd"}
+# choice and its measured fidelity on the bundled raster demo: benchmarks/RESULTS.md (bench_spec, "SJD-PAC and
+# ZipAR"). balanced: MC-SJD with a 32-guess window, lossless, the fastest wall clock measured on a CPU (4.8x fewer
+# passes than exact, 2.1-2.4x the images/s at batch 1). fast: SJD-PAC at the same window, also lossless and the
+# fewest passes measured (5.2x); no lossy rule measured beat either (GSD 3.4x; ZipAR lost 17+ points).
+PRESETS: dict[str, str] = {"balanced": "mcsjd:window=32", "fast": "sjd-pac:window=32"}
 
 
 def parse_speculative(spec: str | SpeculativeConfig) -> SpeculativeConfig:
