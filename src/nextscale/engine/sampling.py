@@ -143,3 +143,11 @@ def gumbel_soft_codes(
             noise[i].exponential_(generator=g)
     y_soft = ((logits - noise.log()) / tau).softmax(-1)
     return y_soft @ embedding_VC.unsqueeze(0)
+
+
+def sample_inverse_cdf(weights_MV: torch.Tensor, u_M: torch.Tensor) -> torch.Tensor:
+    """One draw per row from unnormalised weights, by the inverse CDF at uniform ``u`` (float64 sums, so one
+    uniform per draw suffices and the draw never lands on a zero-weight code)."""
+    cdf_MV = weights_MV.double().cumsum(dim=-1)
+    x_M1 = (u_M.double() * cdf_MV[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf_MV, x_M1, right=True).squeeze(1).clamp_(max=weights_MV.shape[-1] - 1)

@@ -82,7 +82,7 @@ from nextscale.engine.raster.sampler import (
     filter_logits_,
 )
 from nextscale.engine.raster.tree import TreeTemplate, alternatives, fed_valid, tree_template
-from nextscale.engine.sampling import Generators, cfg_labels
+from nextscale.engine.sampling import Generators, cfg_labels, sample_inverse_cdf
 from nextscale.errors import InvalidInputError
 from nextscale.models.llamagen import LlamaGen
 
@@ -129,14 +129,6 @@ class AcceptRule(Protocol):
 
 
 # ---- pure helpers --------------------------------------------------------------------------------------------------
-def sample_inverse_cdf(weights_MV: torch.Tensor, u_M: torch.Tensor) -> torch.Tensor:
-    """One draw per row from unnormalised weights, by the inverse CDF at uniform ``u`` (float64 sums, so one
-    uniform per draw suffices and the draw never lands on a zero-weight code)."""
-    cdf_MV = weights_MV.double().cumsum(dim=-1)
-    x_M1 = (u_M.double() * cdf_MV[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf_MV, x_M1, right=True).squeeze(1).clamp_(max=weights_MV.shape[-1] - 1)
-
-
 def draw_uniforms(
     generators: Generators, images: Sequence[int], shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
@@ -509,7 +501,7 @@ class SpeculativeDecoder:
         K, D = plan.rule.tree, (min(plan.rule.depth, w) if plan.rule.tree > 1 else 0)
         self.tmpl = tree_template(K, D, w)
         self._fed_slot_F = torch.tensor(self.tmpl.slot_F, device=device)
-        self._fed_k_F = torch.tensor([dg[-1] if dg else 0 for dg in self.tmpl.digits_F], device=device)
+        self._fed_k_F = torch.tensor(self.tmpl.k_F, device=device)
         C = self.tmpl.candidates
         self._u_shape = (_DRAWS, G, w) if K == 1 else (G, C + 2 * w + D * (K - 1))
         self.batch = batch = _Batch(B, G, w, V, L, params.guided, device, K, D)

@@ -34,6 +34,8 @@ from functools import cache
 
 import torch
 
+from nextscale.engine.sampling import sample_inverse_cdf
+
 
 @dataclass(frozen=True)
 class TreeTemplate:
@@ -60,6 +62,11 @@ class TreeTemplate:
     @property
     def fed(self) -> int:
         return len(self.slot_F)
+
+    @property
+    def k_F(self) -> tuple[int, ...]:
+        """Which guess of its slot each fed node holds (0 for the root and the main path)."""
+        return tuple(dg[-1] if dg else 0 for dg in self.digits_F)
 
     @property
     def candidates(self) -> int:
@@ -128,8 +135,6 @@ def fed_valid(tmpl: TreeTemplate, tree_ok_MD: torch.Tensor, l_M: torch.Tensor) -
 def draw_without(q_MV: torch.Tensor, taken_MV: torch.Tensor, u_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One draw per row from ``q`` without the codes ``taken``, renormalised, by the inverse CDF at ``u``; and
     whether the row had any mass left."""
-    from nextscale.engine.raster.speculative import sample_inverse_cdf
-
     rest_MV = q_MV.masked_fill(taken_MV, 0.0)
     has_M = rest_MV.sum(dim=-1) > 0
     return sample_inverse_cdf(torch.where(has_M[:, None], rest_MV, q_MV), u_M), has_M
