@@ -15,7 +15,8 @@ import torch
 
 from nextscale.cli.main import main
 from nextscale.errors import InvalidInputError
-from nextscale.pipelines.infinity import InfinityPipeline, parse_size
+from nextscale.models.infinity_scales import parse_size
+from nextscale.pipelines.infinity import InfinityPipeline
 from nextscale.pipelines.registry import family_of_file, family_of_folder
 
 FX = Path(__file__).parent / "fixtures" / "infinity-official"
@@ -114,7 +115,7 @@ def test_sizes_pick_the_nearest_template(pipe):
         ({"prompt": "x", "tau": 0}, "tau must be"),
         ({"prompt": "x", "size": "wide"}, "size must be (height, width) pixels"),
         ({"prompt": "x", "size": (0, 256)}, "height and width must be 1..16384 pixels"),
-        ({"prompt": "x", "pn": "2M"}, "pn must be one of 0.06M, 0.25M, 0.60M, 1M"),
+        ({"prompt": "x", "pn": "2M"}, "pn must be one of 0.04M, 0.06M, 0.25M, 0.60M, 1M"),
         ({"prompt": ["x", "y"], "negative_prompt": ["a", "b", "c"]}, "negative_prompt must be one string or one"),
         ({"prompt": "x", "num_images_per_prompt": 0}, "num_images_per_prompt must be an int >= 1"),
         ({"prompt": "x", "cfg_insertion_layer": -2}, "cfg_insertion_layer=-2 is outside a model of 2 blocks"),

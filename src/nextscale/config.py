@@ -15,6 +15,10 @@ from typing import Any
 
 from nextscale.errors import ConfigError
 
+# Infinity's pixel budgets (at 16 px per token) -> token grids per schedule (``models.infinity_scales``); "0.04M"
+# (192 x 192 square) is nextscale's, for small models. Here, without torch, so the CLI's flags can list them.
+PN_SCALES = {"0.04M": 6, "0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+
 # Guidance weights above this only saturate the softmax (at 1e308 the logits overflow to inf/nan): the one bound
 # that the sampling parameters of both families, the HTTP API and the CLI enforce.
 MAX_CFG = 100.0

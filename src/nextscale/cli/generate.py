@@ -30,6 +30,7 @@ from pathlib import Path
 
 from nextscale.cli.args import ASPECT, BATCH, CFG, COUNT, IMAGE_SIZE, SEED, TEMPERATURE, TOP_K, TOP_P, Float, Int
 from nextscale.cli.common import add_model_args, family_flags, load_pipeline, refuse_options, resolve_model, where
+from nextscale.config import PN_SCALES
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import check_writable
 from nextscale.images import auto_grid_cols
@@ -136,9 +137,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--pn",
-        choices=("0.06M", "0.25M", "0.60M", "1M"),
+        choices=tuple(PN_SCALES),
         default=None,
-        help="pixel budget: 0.06M = 256x256 ... 1M = 1024x1024 (default: the model's)",
+        help="pixel budget at 16 px per token: 0.06M = 256x256 ... 1M = 1024x1024 (default: the model's)",
     )
     r = p.add_argument_group("raster (LlamaGen) models only")
     r.add_argument(

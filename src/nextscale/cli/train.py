@@ -46,7 +46,13 @@ HELP = {
     "num_kv_heads": "key/value heads (grouped-query attention; default: num_heads)",
     "cond_drop": "share of labels replaced by the null class (classifier-free guidance)",
 }
-ARCH_NAMES = {"VARTrainConfig": "var", "LlamaGenTrainConfig": "llamagen"}
+ARCH_NAMES = {
+    "VARTrainConfig": "var",
+    "LlamaGenTrainConfig": "llamagen",
+    "InfinityTrainConfig": "infinity",
+    "VAETrainConfig": "msvq",
+    "BSQTrainConfig": "bsq",
+}
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -132,7 +138,10 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     if foreign:
         arch = ARCH_NAMES.get(cls.__name__, cls.__name__)
         flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
-        raise ConfigError(f"{flags}: not a setting of --arch {arch}; allowed archs: {', '.join(ARCH_NAMES.values())}")
+        archs = getattr(args, "archs", {})
+        having = [a for a, c in archs.items() if {f.name for f in dataclasses.fields(c)} >= set(foreign)]
+        where = f"a setting of --arch {', '.join(having)}" if having else "not a setting of one --arch"
+        raise ConfigError(f"{flags}: not a setting of --arch {arch} ({where})")
     kw = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return cls(**kw)
@@ -141,13 +150,24 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from nextscale.train.config import ARCHS, VAETrainConfig
+    from nextscale.train.config import ARCHS, VAE_ARCHS
 
-    jobs: tuple[tuple[str, tuple[type, ...], str], ...] = (
-        ("train-vae", (VAETrainConfig,), "train the VQ-VAE tokenizer (multi-scale; one scale for --arch llamagen)"),
-        ("train", tuple(ARCHS.values()), "train a transformer (VAR, or a LlamaGen raster GPT) on a trained tokenizer"),
+    jobs: tuple[tuple[str, dict[str, type], str, str], ...] = (
+        (
+            "train-vae",
+            VAE_ARCHS,
+            "train a tokenizer: the multi-scale VQ-VAE (msvq; one scale for LlamaGen) or Infinity's bitwise BSQ-VAE",
+            "tokenizer: msvq (VAR, LlamaGen; the default) or bsq (Infinity)",
+        ),
+        (
+            "train",
+            ARCHS,
+            "train a transformer (VAR, a LlamaGen raster GPT, or Infinity from captions) on a trained tokenizer",
+            "transformer family: var (the default), llamagen (a single-scale tokenizer) or infinity (a bsq tokenizer)",
+        ),
     )
-    for name, classes, text in jobs:
+    for name, archs, text, arch_help in jobs:
+        classes = tuple(archs.values())
         description = f"{text}. Runs under torchrun for DDP."
         if name == "train":
             description += (
@@ -155,12 +175,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "$XDG_CACHE_HOME/nextscale, else ~/.cache/nextscale (deleting it only costs the tokenizing again)."
             )
         p = sub.add_parser(name, help=text, description=description)
-        if len(classes) > 1:
-            p.add_argument(
-                "--arch",
-                default="var",
-                help=f"transformer family: {', '.join(ARCHS)} (default: var); llamagen needs a single-scale tokenizer",
-            )
+        p.add_argument("--arch", default=next(iter(archs)), choices=tuple(archs), help=arch_help)
         add_config_args(p, *classes)
         p.add_argument("--plot", action="store_true", help="write loss.png from metrics.jsonl at the end")
         p.add_argument(
@@ -170,7 +185,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "with the settings stored in the checkpoint",
         )
         fields = tuple(dict.fromkeys(f.name for c in classes for f in dataclasses.fields(c)))
-        p.set_defaults(func=run, config_cls=classes[0] if len(classes) == 1 else None, config_fields=fields)
+        p.set_defaults(func=run, archs=archs, config_fields=fields)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from nextscale.train.metrics_log import plot_losses
     from nextscale.train.runner import export_checkpoint, run_training
 
-    cls = args.config_cls or train_config_class(args.arch)
+    cls = train_config_class(args.arch, args.archs)
     if args.export:
         if not args.out_dir:
             raise ConfigError("--export needs --out-dir: the run folder whose checkpoint to export")

@@ -21,11 +21,12 @@ from nextscale.data.captions import (
     prompts,
 )
 from nextscale.data.datasets import IMAGE_EXTENSIONS, ImageFolder, TensorImageDataset
-from nextscale.data.load import BUILTIN, load_dataset
+from nextscale.data.load import BUILTIN, CAPTIONED_BUILTIN, load_captioned, load_dataset
 from nextscale.data.sampler import ShardedBatchSampler, seed_of
 
 __all__ = [
     "BUILTIN",
+    "CAPTIONED_BUILTIN",
     "FASHION_MNIST_CLASSES",
     "HELD_OUT_PAIRS",
     "HELD_OUT_TEMPLATES",
@@ -38,6 +39,7 @@ __all__ = [
     "fashion_mnist",
     "fashion_pairs",
     "find_fashion_mnist",
+    "load_captioned",
     "load_dataset",
     "mnist5k",
     "parse_pair_prompt",

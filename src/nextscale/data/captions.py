@@ -260,14 +260,22 @@ class FashionPairs(torch.utils.data.Dataset):
     class_names = FASHION_MNIST_CLASSES
 
     def __init__(
-        self, items: TensorImageDataset, kind: str = "all", seed: int = 0, num: int | None = None, channels: int = 1
+        self,
+        items: TensorImageDataset,
+        kind: str = "all",
+        seed: int = 0,
+        num: int | None = None,
+        channels: int = 1,
+        wide: bool = False,
     ):
         _check_pair_args(kind, seed, num, channels)
+        if not isinstance(wide, bool):
+            raise InvalidInputError(f"wide must be true or false, got {wide!r}")
         if items.class_names != FASHION_MNIST_CLASSES or items.channels != 1:
             raise InvalidInputError(
                 f"items must be grey Fashion-MNIST; got {items.channels} channel(s), classes {items.class_names}"
             )
-        self.items, self.kind, self.seed, self.channels = items, kind, seed, channels
+        self.items, self.kind, self.seed, self.channels, self.wide = items, kind, seed, channels, wide
         pairs, templates = _pairs_and_templates(kind)
         n = len(items) if num is None else num
         rng = np.random.default_rng(seed_of(seed))
@@ -286,7 +294,16 @@ class FashionPairs(torch.utils.data.Dataset):
 
     @property
     def image_size(self) -> int:
+        """The canvas width (and its height unless ``wide``)."""
         return 2 * self.items.image_size
+
+    @property
+    def height(self) -> int:
+        return self.items.image_size if self.wide else 2 * self.items.image_size
+
+    @property
+    def captions(self) -> list[str]:
+        return [self.caption(i) for i in range(len(self))]
 
     def caption(self, index: int) -> str:
         a, b = int(self.left_label_N[index]), int(self.right_label_N[index])
@@ -300,8 +317,8 @@ class FashionPairs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         index = range(len(self))[index]  # negative indices allowed; out of range -> IndexError
         s = self.items.image_size
-        canvas_1HW = torch.zeros((1, 2 * s, 2 * s), dtype=torch.uint8)
-        top = s // 2  # square items of half the canvas side, centred vertically: black bands above and below
+        canvas_1HW = torch.zeros((1, self.height, 2 * s), dtype=torch.uint8)
+        top = 0 if self.wide else s // 2  # square: items centred vertically, black bands above and below
         canvas_1HW[:, top : top + s, :s] = self.items.images[self.left_item_N[index]]
         canvas_1HW[:, top : top + s, s:] = self.items.images[self.right_item_N[index]]
         image_CHW = canvas_1HW.float().div_(127.5).sub_(1.0).expand(self.channels, -1, -1).contiguous()
@@ -316,17 +333,19 @@ def fashion_pairs(
     num: int | None = None,
     channels: int = 1,
     root: str | Path | None = None,
+    wide: bool = False,
 ) -> FashionPairs:
     """Captioned canvases of two Fashion-MNIST items side by side, e.g. "a bag to the right of a sandal".
 
     The canvas is square, ``size`` x ``size`` (``size`` even): the tokenizers, the VAR and LlamaGen configs and
-    ``ImageFolder``'s crops all take one int ``image_size``, so square images are all training supports. Each
-    half holds one item at ``size/2`` x ``size/2`` (``fashion_mnist(size=size // 2)``: size 64 gives the usual
-    28-in-32 padding), centred vertically on black. Items come from the Fashion-MNIST ``split``: "train" for
-    training, "test" for evaluation. ``kind`` picks the pairs and phrasings (see ``prompts``): "train" is always
-    "seen", so HELD_OUT_PAIRS and HELD_OUT_TEMPLATES never appear in it; "test" defaults to "all". ``num``
-    canvases (default: one per item of the split) are a pure function of ``seed``. ``root``: the Fashion-MNIST
-    files (see ``find_fashion_mnist``).
+    ``ImageFolder``'s crops all take one int ``image_size``, so square images are all training supports. Each half
+    holds one item at ``size/2`` x ``size/2`` (``fashion_mnist(size=size // 2)``: size 64 gives the usual 28-in-32
+    padding), centred vertically on black. ``wide``: a ``size/2`` x ``size`` canvas of just the two items (no
+    bands), for models that take non-square images (Infinity's h/w templates: the text-to-image demo). Items come
+    from the Fashion-MNIST ``split``: "train" for training, "test" for evaluation. ``kind`` picks the pairs and
+    phrasings (see ``prompts``): "train" is always "seen", so HELD_OUT_PAIRS and HELD_OUT_TEMPLATES never appear in
+    it; "test" defaults to "all". ``num`` canvases (default: one per item of the split) are a pure function of
+    ``seed``. ``root``: the Fashion-MNIST files (see ``find_fashion_mnist``).
     """
     if split not in ("train", "test"):
         raise InvalidInputError(f"fashion_pairs split must be 'train' or 'test', got {split!r}")
@@ -337,4 +356,4 @@ def fashion_pairs(
     if split == "train" and kind != "seen":
         raise InvalidInputError(f"the train split is always kind 'seen' (hold-outs stay out of training); got {kind!r}")
     _check_pair_args(kind, seed, num, channels)  # before reading 60,000 images
-    return FashionPairs(fashion_mnist(split, root=root, size=size // 2), kind, seed, num, channels)
+    return FashionPairs(fashion_mnist(split, root=root, size=size // 2), kind, seed, num, channels, wide)

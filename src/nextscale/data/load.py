@@ -1,10 +1,12 @@
-"""``load_dataset``: a built-in dataset's name or a folder path -> a dataset."""
+"""``load_dataset``: a built-in dataset's name or a folder path -> a labelled dataset; ``load_captioned`` -> a
+captioned one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from nextscale.data.builtin import fashion_mnist, mnist5k
+from nextscale.data.captions import CaptionedImageFolder, FashionPairs, fashion_pairs
 from nextscale.data.datasets import ImageFolder, TensorImageDataset, check_channels, check_size, convert_channels
 from nextscale.errors import InvalidInputError
 
@@ -57,3 +59,43 @@ def _folder_split(root: Path, split: str, image_size: int, channels: int, hflip:
             raise InvalidInputError(f"{root}: has {', '.join(sorted(subdirs))} but no {' or '.join(wanted)} folder")
         root = found[0]
     return ImageFolder(root, image_size, channels, train=split == "train", hflip=hflip, seed=seed)
+
+
+CAPTIONED_BUILTIN = ("fashion-pairs",)
+
+
+def load_captioned(
+    spec: str | Path,
+    split: str = "train",
+    image_size: int = 64,
+    channels: int | None = None,
+    root: str | Path | None = None,
+    seed: int = 0,
+) -> FashionPairs | CaptionedImageFolder:
+    """``"fashion-pairs"`` (the built-in captioned set: two Fashion-MNIST items side by side on an
+    ``image_size/2`` x ``image_size`` canvas, held-out pairs and phrasings never in "train") or a folder of images
+    with a ``metadata.jsonl`` / ``metadata.csv`` (``CaptionedImageFolder``; a folder whose only sub-folders are
+    train/val/test uses the one of ``split``). Items are ``(image, caption)``."""
+    if channels is not None:
+        check_channels(channels)
+    check_size(image_size)
+    split = "test" if split == "val" else split
+    if split not in ("train", "test"):
+        raise InvalidInputError(f"split must be 'train' or 'test' (or 'val'), got {split!r}")
+    name = str(spec).strip().lower()
+    if name in CAPTIONED_BUILTIN:
+        return fashion_pairs(split, image_size, seed=seed, channels=channels or 1, root=root, wide=True)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise InvalidInputError(
+            f"dataset {str(spec)!r}: not one of {', '.join(CAPTIONED_BUILTIN)} and not a folder of captioned images"
+        )
+    subdirs = {d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    if subdirs and subdirs <= {"train", "val", "test"} and not any(folder.glob("metadata.*")):
+        wanted = ["train"] if split == "train" else ["val", "test"]
+        found = [folder / s for s in wanted if (folder / s).is_dir()]
+        if not found:
+            raise InvalidInputError(f"{folder}: no {' or '.join(wanted)} sub-folder for the {split} split")
+        folder = found[0]
+    channels = 3 if channels is None else channels
+    return CaptionedImageFolder(folder, image_size, channels, train=split == "train", seed=seed)

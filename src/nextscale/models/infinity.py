@@ -167,6 +167,22 @@ def text_attention(
     return out.float()
 
 
+def text_attention_batched(
+    q_RlHc: torch.Tensor, k_rows: Sequence[torch.Tensor], v_rows: Sequence[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """The same attention over rows padded to the longest, with a key mask, in one SDPA call and the input's
+    dtype: what training uses (the per-row loop of ``text_attention`` costs a Python call per row and layer, and
+    its bf16 round trips only matter for matching the official numbers at inference)."""
+    k = nn.utils.rnn.pad_sequence(list(k_rows), batch_first=True).to(q_RlHc.dtype)  # [R, T, H, c]
+    v = nn.utils.rnn.pad_sequence(list(v_rows), batch_first=True).to(q_RlHc.dtype)
+    lens = torch.tensor([len(r) for r in k_rows], device=q_RlHc.device)
+    mask_R11T = (torch.arange(k.shape[1], device=q_RlHc.device) < lens[:, None]).view(len(k_rows), 1, 1, -1)
+    o = F.scaled_dot_product_attention(
+        q_RlHc.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask_R11T, scale=scale
+    )
+    return o.transpose(1, 2)
+
+
 class FastRMSNorm(nn.Module):
     """``FastRMSNorm`` without flash-attn's fused kernel (basic.py:34-35, 119-135): ``x*rsqrt(mean(x²)+eps)*w``."""
 
@@ -204,7 +220,10 @@ class PoolAttention(nn.Module):
         q_R1Hc = self.mat_q.repeat(R, 1, 1).to(kv.dtype).unsqueeze(1)
         ends = torch.tensor(lens).cumsum(0).tolist()
         spans = list(zip([0, *ends[:-1]], ends))
-        o = text_attention(q_R1Hc, [kv_bf[b:e, 0] for b, e in spans], [kv_bf[b:e, 1] for b, e in spans], self.scale)
+        attend = text_attention_batched if self.training else text_attention
+        if self.training:  # no bf16 round trip (see text_attention_batched)
+            kv_bf = kv
+        o = attend(q_R1Hc, [kv_bf[b:e, 0] for b, e in spans], [kv_bf[b:e, 1] for b, e in spans], self.scale)
         return self.proj(o.reshape(R, 1, -1)).squeeze(1)
 
 
@@ -238,13 +257,15 @@ class CrossAttention(nn.Module):
         """Keys and values of packed text tokens, [N, 2, H, c] in bfloat16 (what the kernel receives)."""
         N = ca_kv_ND.shape[0]
         kv = F.linear(ca_kv_ND, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
-        return kv.view(N, 2, self.num_heads, self.head_dim).contiguous().to(torch.bfloat16)
+        kv = kv.view(N, 2, self.num_heads, self.head_dim).contiguous()
+        return kv if self.training else kv.to(torch.bfloat16)  # training: no round trip (text_attention_batched)
 
     def forward(self, x_RlC: torch.Tensor, kv_rows: Sequence[torch.Tensor]) -> torch.Tensor:
         """``kv_rows[r]``: row r's [2, len_r, H, c] bf16 keys/values of this layer."""
         R, l, C = x_RlC.shape
         q = self.mat_q(x_RlC).view(R, l, self.num_heads, self.head_dim)
-        o = text_attention(q, [kv[0] for kv in kv_rows], [kv[1] for kv in kv_rows], self.scale)
+        attend = text_attention_batched if self.training else text_attention
+        o = attend(q, [kv[0] for kv in kv_rows], [kv[1] for kv in kv_rows], self.scale)
         return self.proj(o.reshape(R, l, C))
 
 
@@ -536,9 +557,17 @@ class Infinity(nn.Module):
         """All blocks and the head on the tokens ``layout`` describes; logits [R, l, V] in float32."""
         return self.logits(self.run_blocks(x, cond, layout, block_fn=block_fn), cond.cond_RD)
 
-    def forward(self, text: TextFeatures, x_BLd_wo_prefix: torch.Tensor, schedule: InfinitySchedule) -> torch.Tensor:
+    def forward(
+        self,
+        text: TextFeatures,
+        x_BLd_wo_prefix: torch.Tensor,
+        schedule: InfinitySchedule,
+        pad_to: int = TEACHER_FORCING_PAD,
+    ) -> torch.Tensor:
         """Teacher-forced logits [B, L, V] (official ``Infinity.forward`` without condition dropout: that is the
-        trainer's job). ``x_BLd_wo_prefix`` [B, L-1, d] are the inputs of scales 1.. (``BSQVAE.bsc_inputs``)."""
+        trainer's job). ``x_BLd_wo_prefix`` [B, L-1, d] are the inputs of scales 1.. (``BSQVAE.bsc_inputs``).
+        ``pad_to``: the sequence is padded to a multiple of it as the official forward pads it (1: no padding, the
+        same logits up to float rounding; what training uses)."""
         B, L = x_BLd_wo_prefix.shape[0], schedule.seq_len
         if x_BLd_wo_prefix.shape[1:] != (L - 1, self.cfg.bits):
             raise InvalidInputError(
@@ -552,7 +581,7 @@ class Infinity(nn.Module):
         x = torch.cat((sos, self.word_embed(x_BLd_wo_prefix.float())), dim=1)
         # Pad to a multiple of 128 as the official forward does (infinity.py:389-416): padded queries see key 0
         # only, real queries never see padded keys; kept so that the attention kernel's blocking is the same.
-        pad = -L % TEACHER_FORCING_PAD
+        pad = -L % pad_to
         level = torch.cat([torch.full((n,), i) for i, n in enumerate(schedule.lengths)]).view(1, L, 1)
         bias = torch.where(level >= level.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L)
         if pad:
@@ -564,6 +593,33 @@ class Infinity(nn.Module):
         layout = TeacherForcing(bias.type_as(x).to(x.device), rope2d_rows(self.cfg.head_dim, schedule, 0, L + pad))
         x = self.run_blocks(x, cond, layout)
         return self.logits(x[:, :L], cond.cond_RD)
+
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+        """A from-scratch initialisation as the official ``Infinity.init_weights`` (VAR's scheme): every Linear
+        trunc-normal with std sqrt(1/3C), biases 0; the head scaled by ``init_head``; the AdaLN scales and shifts by
+        ``init_adaln`` and the residual gammas by ``init_adaln_gamma``, so every block starts near the identity;
+        the attention and MLP output projections divided by sqrt(2 depth)."""
+        init_std = (1 / self.C / 3) ** 0.5
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight.data, std=init_std)
+                if m.bias is not None:
+                    m.bias.data.zero_()
+        self.head.weight.data.mul_(init_head)
+        head_ada = self.head_nm.ada_lin[-1]
+        assert isinstance(head_ada, nn.Linear)
+        head_ada.weight.data.mul_(init_adaln)
+        shared = self.shared_ada_lin[-1]
+        assert isinstance(shared, nn.Linear)
+        C = self.C
+        shared.weight.data[2 * C :].mul_(init_adaln)  # (gamma1, gamma2, scale1, scale2, shift1, shift2) x C
+        shared.weight.data[: 2 * C].mul_(init_adaln_gamma)
+        for block in self.layers:
+            block.ada_gss.data[:, :, 2:].mul_(init_adaln)
+            block.ada_gss.data[:, :, :2].mul_(init_adaln_gamma)
+            block.sa.proj.weight.data.div_((2 * self.depth) ** 0.5)
+            block.ca.proj.weight.data.div_((2 * self.depth) ** 0.5)
+            block.ffn.fc2.weight.data.div_((2 * self.depth) ** 0.5)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
     def linear_roles(self) -> tuple[list[str], list[str]]:

@@ -2,7 +2,9 @@
 
 Mirrors ``infinity/utils/dynamic_resolution.py`` and ``precompute_rope2d_freqs_grid`` (``basic.py:38-93``) of the
 official code: 8 aspect ratios plus their inverses give 15 templates (in the official dict order); each template
-has four schedules ('0.06M', '0.25M', '0.60M', '1M' = its first 7/10/12/13 token grids). A token is 16x16 pixels.
+has four schedules ('0.06M', '0.25M', '0.60M', '1M' = its first 7/10/12/13 token grids). A token is 16x16 pixels
+in both releases; nextscale adds '0.04M' (the first 6 grids) for small models, and a tokenizer with a smaller token
+stride (``BSQVAEConfig.token_stride``) makes proportionally smaller images from the same grids.
 
 RoPE-2D as released (``rope2d_normalized_by_hw=2``): the token at row i of an h x w scale sits at row
 ``round(i * H/h)`` of the template's 1M grid H x W (float32 product, round half to even), and likewise for
@@ -12,11 +14,14 @@ columns; its angles come from a 128 x 128 table (2048 px / 16).
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from nextscale.errors import ConfigError
+from nextscale.config import PN_SCALES
+from nextscale.errors import ConfigError, InvalidInputError
 
 TOKEN_STRIDE = 16  # pixels per token side (vae_stride in dynamic_resolution.py)
 ROPE_GRID = 2048 // 16  # side of the RoPE angle table (max_height = max_width in basic.py:38)
@@ -34,7 +39,6 @@ _RATIO2HWS_TEXT = {
     2.500: "1,1 2,2 5,2 10,4 15,6 20,8 25,10 30,12 40,16 50,20 65,26 80,32 100,40",
     3.000: "1,1 2,2 6,2 9,3 15,5 21,7 27,9 36,12 45,15 54,18 72,24 90,30 111,37",
 }
-PN_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 
 
 def _full_ratio2hws() -> dict[float, tuple[tuple[int, int], ...]]:
@@ -59,6 +63,7 @@ class InfinitySchedule:
     template: float
     pn: str
     grids: tuple[tuple[int, int], ...]
+    stride: int = TOKEN_STRIDE  # pixels per token side (the tokenizer's ``token_stride``)
 
     @property
     def num_scales(self) -> int:
@@ -84,7 +89,7 @@ class InfinitySchedule:
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels."""
         h, w = self.grids[-1]
-        return h * TOKEN_STRIDE, w * TOKEN_STRIDE
+        return h * self.stride, w * self.stride
 
     def scale_schedule(self) -> list[tuple[int, int, int]]:
         """The official ``scale_schedule`` argument, ``[(1, h, w), ...]``."""
@@ -96,6 +101,45 @@ class InfinitySchedule:
         return tuple((h * f, w * f) for h, w in self.grids)
 
 
+Size = tuple[int, int] | str  # (height, width) pixels, 'WIDTHxHEIGHT' or 'W:H'
+
+
+def parse_size(size: Size | None) -> tuple[float, tuple[int, int] | None]:
+    """``size`` -> (height / width, the pixel size asked for or None). ``(h, w)`` in pixels; ``"1024x576"`` is
+    width x height (OpenAI's convention); ``"16:9"`` an aspect ratio, width:height. None: square."""
+    if size is None:
+        return 1.0, None
+    if isinstance(size, str):
+        text = size.strip().lower()
+        m = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)", text)
+        if m:
+            w, h = int(m.group(1)), int(m.group(2))
+            return _ratio(h, w, size), (h, w)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)", text)
+        if m:
+            w_f, h_f = float(m.group(1)), float(m.group(2))
+            if w_f <= 0 or h_f <= 0:
+                raise InvalidInputError(f"aspect ratio {size!r} must be positive, e.g. '16:9'")
+            return h_f / w_f, None
+        raise InvalidInputError(
+            f"size must be (height, width) pixels, 'WIDTHxHEIGHT' like '1024x576' or an aspect ratio like '16:9', "
+            f"got {size!r}"
+        )
+    if (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        return _ratio(size[0], size[1], size), (int(size[0]), int(size[1]))
+    raise InvalidInputError(f"size must be (height, width) in pixels, 'WIDTHxHEIGHT' or 'W:H', got {size!r}")
+
+
+def _ratio(h: int, w: int, given: Any) -> float:
+    if not (1 <= h <= 16384 and 1 <= w <= 16384):
+        raise InvalidInputError(f"size {given!r}: height and width must be 1..16384 pixels")
+    return h / w
+
+
 def nearest_template(h_div_w: float) -> float:
     """``h_div_w_templates[argmin |templates - h_div_w|]`` (the first one on a tie, as numpy's argmin)."""
     if not h_div_w > 0 or h_div_w == float("inf"):
@@ -103,19 +147,20 @@ def nearest_template(h_div_w: float) -> float:
     return min(H_DIV_W_TEMPLATES, key=lambda t: abs(t - h_div_w))
 
 
-def schedule(h_div_w: float, pn: str = "1M") -> InfinitySchedule:
-    """The schedule of the template nearest to ``h_div_w`` with ``pn`` total pixels."""
+def schedule(h_div_w: float, pn: str = "1M", stride: int = TOKEN_STRIDE) -> InfinitySchedule:
+    """The schedule of the template nearest to ``h_div_w`` with ``pn`` total pixels (at 16 px per token; ``stride``:
+    the tokenizer's pixels per token)."""
     if pn not in PN_SCALES:
         raise ConfigError(f"pn must be one of {', '.join(PN_SCALES)}, got {pn!r}")
     template = nearest_template(h_div_w)
-    return InfinitySchedule(template, pn, _TEMPLATE_GRIDS[template][: PN_SCALES[pn]])
+    return InfinitySchedule(template, pn, _TEMPLATE_GRIDS[template][: PN_SCALES[pn]], stride)
 
 
-def template_sizes(pn: str) -> dict[str, InfinitySchedule]:
+def template_sizes(pn: str, stride: int = TOKEN_STRIDE) -> dict[str, InfinitySchedule]:
     """'WIDTHxHEIGHT' (pixels, OpenAI's order) -> schedule, for every template at ``pn``, in template order."""
     out = {}
     for t in H_DIV_W_TEMPLATES:
-        s = schedule(t, pn)
+        s = schedule(t, pn, stride)
         h, w = s.image_size
         out[f"{w}x{h}"] = s
     return out

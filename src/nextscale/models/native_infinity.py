@@ -84,6 +84,26 @@ def load_infinity_native(path: str | Path) -> tuple[Infinity, BSQVAE, str, dict[
     return transformer, vae, source, index
 
 
+def save_bsq_tokenizer(path: str | Path, vae: BSQVAE, extra_index: dict[str, Any] | None = None) -> Path:
+    """A tokenizer-only folder (``vae/`` component), as ``nextscale train-vae --arch bsq`` writes it."""
+
+    def fill(tmp: Path) -> None:
+        write_index(tmp, "BSQVAE", {"vae": ["nextscale", "BSQVAE"], **(extra_index or {})})
+        write_component(tmp, "vae", vae, None, _Config(vae.cfg))
+
+    return atomic_folder(Path(path), fill)
+
+
+def load_bsq_tokenizer(path: str | Path) -> BSQVAE:
+    """The bit tokenizer of a tokenizer folder (``train-vae --arch bsq``) or of an Infinity model folder."""
+    folder = Path(path)
+    if not (folder / "vae" / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not a tokenizer or Infinity model folder (no vae/config.json)")
+    vae = _load(folder, "vae", BSQVAEConfig)
+    assert isinstance(vae, BSQVAE)
+    return vae
+
+
 def text_encoder_parts(folder: Path, source: str) -> tuple[str, str]:
     """Where ``TextEncoder.from_pretrained`` reads the encoder and the tokenizer of a folder whose text encoder is
     ``source``: a stored encoder has its tokenizer in ``tokenizer/``."""

@@ -25,7 +25,15 @@ from nextscale.engine.params import RngMode
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import CheckpointError, ConfigError, InvalidInputError
 from nextscale.models.infinity import Infinity, InfinityConfig
-from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule, template_sizes
+from nextscale.models.infinity_scales import (
+    H_DIV_W_TEMPLATES,
+    PN_SCALES,
+    InfinitySchedule,
+    Size,
+    parse_size,
+    schedule,
+    template_sizes,
+)
 from nextscale.models.native_infinity import load_infinity_native, save_infinity_native, text_encoder_parts
 from nextscale.models.text_encoder import DEFAULT_T5, TextEncoder, TextFeatures
 from nextscale.models.tokenizers.bsq import BSQVAE
@@ -39,8 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The official scripts' settings (tools/run_infinity.py gen_one_img; README: cfg 3, tau 0.5) and the 2B's 1M pixels.
-DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97, "pn": "1M"}
-Size = tuple[int, int] | str
+# "size": the default image size ("WIDTHxHEIGHT" or "W:H"; None = square), for models trained on another shape.
+DEFAULT_SAMPLING: dict[str, Any] = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97, "pn": "1M", "size": None}
 
 
 @dataclass
@@ -79,36 +87,6 @@ def _pool_len(pn: str) -> int:
     return max(schedule(t, pn).seq_len for t in H_DIV_W_TEMPLATES)
 
 
-def parse_size(size: Size | None) -> tuple[float, tuple[int, int] | None]:
-    """``size`` -> (height / width, the pixel size asked for or None). ``(h, w)`` in pixels; ``"1024x576"`` is
-    width x height (OpenAI's convention); ``"16:9"`` an aspect ratio, width:height. None: square."""
-    if size is None:
-        return 1.0, None
-    if isinstance(size, str):
-        text = size.strip().lower()
-        m = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)", text)
-        if m:
-            w, h = int(m.group(1)), int(m.group(2))
-            return _ratio(h, w, size), (h, w)
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)", text)
-        if m:
-            w_f, h_f = float(m.group(1)), float(m.group(2))
-            if w_f <= 0 or h_f <= 0:
-                raise InvalidInputError(f"aspect ratio {size!r} must be positive, e.g. '16:9'")
-            return h_f / w_f, None
-        raise InvalidInputError(
-            f"size must be (height, width) pixels, 'WIDTHxHEIGHT' like '1024x576' or an aspect ratio like '16:9', "
-            f"got {size!r}"
-        )
-    if (
-        isinstance(size, (tuple, list))
-        and len(size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-    ):
-        return _ratio(size[0], size[1], size), (int(size[0]), int(size[1]))
-    raise InvalidInputError(f"size must be (height, width) in pixels, 'WIDTHxHEIGHT' or 'W:H', got {size!r}")
-
-
 def pn_from_name(path: str | Path) -> str | None:
     """The pixel budget a release's file name states (``infinity_125M_256x256.pth``), if any."""
     m = re.search(r"_(\d+)x(\d+)", Path(path).name)
@@ -116,12 +94,6 @@ def pn_from_name(path: str | Path) -> str | None:
         return None
     side = int(m.group(1))
     return {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}.get(side)
-
-
-def _ratio(h: int, w: int, given: Any) -> float:
-    if not (1 <= h <= 16384 and 1 <= w <= 16384):
-        raise InvalidInputError(f"size {given!r}: height and width must be 1..16384 pixels")
-    return h / w
 
 
 class InfinityPipeline(Pipeline):
@@ -179,6 +151,7 @@ class InfinityPipeline(Pipeline):
         self.text_encoder_source = text_encoder_source
         self._variants = {}  # transformed copies of the transformer (int8), made once
         self._init_settings(sampling_defaults, ())
+        self.schedule()  # a bad stored default size or pixel budget fails at load, not at the first call
         self.to(device, dtype)
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -277,17 +250,22 @@ class InfinityPipeline(Pipeline):
 
     @property
     def image_size(self) -> int:
-        """The side of the default (square) image in pixels."""
-        return schedule(1.0, self.sampling_defaults["pn"]).image_size[0]
+        """The longer side of the default image in pixels."""
+        return max(self.schedule()[0].image_size)
+
+    @property
+    def token_stride(self) -> int:
+        """Pixels per token side (16 for the releases)."""
+        return self.vae.cfg.token_stride
 
     def schedule(self, size: Size | None = None, pn: str | None = None) -> tuple[InfinitySchedule, dict[str, Any]]:
-        """The scale schedule for ``size`` (nearest aspect template) at ``pn`` (default: the model's), and what to
-        report about the choice."""
-        h_div_w, asked = parse_size(size)
+        """The scale schedule for ``size`` (nearest aspect template; default: the model's, else square) at ``pn``
+        (default: the model's), and what to report about the choice."""
+        h_div_w, asked = parse_size(self.sampling_defaults["size"] if size is None else size)
         pn = self.sampling_defaults["pn"] if pn is None else pn
         if pn not in PN_SCALES:
             raise InvalidInputError(f"pn must be one of {', '.join(PN_SCALES)}, got {pn!r}")
-        sched = schedule(h_div_w, pn)
+        sched = schedule(h_div_w, pn, self.token_stride)
         h, w = sched.image_size
         info: dict[str, Any] = {"template": sched.template, "pn": pn, "scales": sched.num_scales, "size": [h, w]}
         if size is not None:
@@ -298,7 +276,7 @@ class InfinityPipeline(Pipeline):
 
     def sizes(self, pn: str | None = None) -> list[str]:
         """Every image size this model samples at ``pn`` (default: the model's), as 'WIDTHxHEIGHT'."""
-        return list(template_sizes(self.sampling_defaults["pn"] if pn is None else pn))
+        return list(template_sizes(self.sampling_defaults["pn"] if pn is None else pn, self.token_stride))
 
     def sampling_params(
         self,
@@ -323,7 +301,7 @@ class InfinityPipeline(Pipeline):
     def suggested_batch_size(self, kv_budget_mb: float = 1024.0, cap: int = 64) -> int:
         """Images at once whose self-attention KV caches (both guidance rows, the default schedule) fit in
         ``kv_budget_mb``, at most ``cap``."""
-        seq_len = schedule(1.0, self.sampling_defaults["pn"]).seq_len
+        seq_len = self.schedule()[0].seq_len
         per_image = 2 * self.transformer.kv_row_bytes(seq_len)
         return max(1, min(cap, int(kv_budget_mb * 2**20 // per_image)))
 

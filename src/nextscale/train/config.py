@@ -32,7 +32,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_COUNT = 2**31 - 1  # steps, batch sizes, intervals: far beyond any run, and exact as a float (warm-up rounding)
 MAX_SEED = 2**63 - 1  # the CLI's seed bound; the task generators add small offsets, within torch's 64-bit seeds
 MAX_LR = 1.0  # an AdamW step moves each weight by about lr: beyond 1 no run converges
-GREY_DATASETS = ("fashion-mnist", "mnist5k")  # built-in sets of 1-channel images; folders are read as RGB
+GREY_DATASETS = ("fashion-mnist", "mnist5k", "fashion-pairs")  # built-in 1-channel sets; folders are read as RGB
 
 
 class Interval(NamedTuple):
@@ -69,6 +69,11 @@ INTS: dict[str, tuple[int, int]] = {
     "num_kv_heads": (1, 65_536),
     "pg0": (0, 4096),
     "loss_from_scale": (0, 4096),
+    "bits": (1, 64),
+    "base_ch": (1, 65_536),
+    "patch_size": (4, 16),
+    "text_channels": (128, 65_536),
+    "block_chunks": (1, 4096),
 }
 FLOATS: dict[str, Interval] = {
     "lr": Interval(0.0, MAX_LR, lo_open=True),
@@ -89,6 +94,8 @@ FLOATS: dict[str, Interval] = {
     "cond_drop": FRACTION,
     "label_smoothing": FRACTION,
     "progressive": Interval(0.0, 1.0),  # share of the steps over which scales are added; 0 = off
+    "entropy_weight": WEIGHT,
+    "bsc_strength": Interval(0.0, 1.0, hi_open=True),  # Bitwise Self-Correction: the largest bit-flip rate
 }
 INT_LISTS: dict[str, tuple[int, int]] = {"patch_nums": (1, 1024), "ch_mult": (1, 64)}
 
@@ -237,6 +244,55 @@ class VAETrainConfig(LoopConfig):
 
 
 @dataclass(frozen=True)
+class BSQTrainConfig(LoopConfig):
+    """Infinity's bitwise tokenizer (``BSQVAE``: multi-scale binary spherical quantization) from scratch
+    (``train-vae --arch bsq``). Defaults: the text-to-image demo's, on ``fashion-pairs`` (32 x 64 canvases, 4 px per
+    token, the 6 grids of Infinity's "0.04M" schedules)."""
+
+    data: str = "fashion-pairs"
+    image_size: int = 64  # the crop side (fashion-pairs: the canvas width; its height is half)
+    bits: int = 16
+    base_ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    patch_size: int = 4
+    pn: str = "0.04M"  # the scale schedule trained (of the images' aspect template)
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    l1_weight: float = 0.5
+    beta: float = 0.25  # commitment
+    entropy_weight: float = 0.1
+    export_name: ClassVar[str] = "tokenizer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from nextscale.config import PN_SCALES
+
+        check_choice("pn", self.pn, tuple(PN_SCALES))
+        self.bsq_config()  # the tokenizer's own shape rules (patch sizes, GroupNorm widths)
+
+    @property
+    def in_channels(self) -> int:
+        """1 for the grey built-in sets (fashion-pairs, fashion-mnist, mnist5k), else 3."""
+        return 1 if self.data in GREY_DATASETS else 3
+
+    def bsq_config(self) -> Any:
+        """The ``BSQVAEConfig`` this job trains."""
+        from nextscale.models.tokenizers.bsq import BSQVAEConfig
+
+        return BSQVAEConfig(
+            bits=self.bits,
+            base_ch=self.base_ch,
+            ch_mult=self.ch_mult,
+            num_res_blocks=self.num_res_blocks,
+            patch_size=self.patch_size,
+            in_channels=self.in_channels,
+            spatial_patchify=False,
+        )
+
+
+@dataclass(frozen=True)
 class VARTrainConfig(LoopConfig):
     """The VAR transformer on a frozen tokenizer (the official recipe). Defaults: the demo model."""
 
@@ -357,12 +413,78 @@ class LlamaGenTrainConfig(LoopConfig):
         )
 
 
+@dataclass(frozen=True)
+class InfinityTrainConfig(LoopConfig):
+    """An Infinity text-to-image transformer on a frozen bitwise tokenizer and a frozen T5 text encoder
+    (``train --arch infinity``), from captioned images (``fashion-pairs`` or a folder with ``metadata.jsonl``).
+    Infinity's objective: a binary cross-entropy per bit of every token of every scale, on Bitwise Self-Correction
+    inputs (``bsc_strength``: each scale's bits flipped at a rate drawn from 0..strength per step), with
+    ``cond_drop`` of the captions replaced by the learned null text (``cfg_uncond``) for guidance. Defaults: the
+    text-to-image demo's."""
+
+    data: str = "fashion-pairs"
+    tokenizer: str = ""  # a folder written by `train-vae --arch bsq`, or an Infinity model folder
+    text_encoder: str = ""  # a T5 folder (config.json + weights, its tokenizer beside or inside) or hub id
+    image_size: int = 64  # the crop side (fashion-pairs: the canvas width; its height is half)
+    pn: str = "0.04M"
+    depth: int = 6
+    embed_dim: int = 192
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    block_chunks: int = 1
+    drop_path_rate: float = 0.0
+    cond_drop: float = 0.1
+    bsc_strength: float = 0.3  # the official --noise_apply_strength
+    batch_size: int = 64
+    lr: float = 5e-4
+    grad_clip: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from nextscale.config import PN_SCALES
+
+        for name, what in (
+            ("tokenizer", "the folder written by `nextscale train-vae --arch bsq`"),
+            ("text_encoder", "a T5 encoder folder or hub id"),
+        ):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required: {what}")
+            check_text(name, getattr(self, name), what)
+        check_choice("pn", self.pn, tuple(PN_SCALES))
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    def infinity_config(self, token_bits: int, text_channels: int) -> Any:
+        """The ``InfinityConfig`` this job trains for a tokenizer of ``token_bits`` and an encoder of
+        ``text_channels`` (its own shape rules checked)."""
+        from nextscale.models.infinity import InfinityConfig
+
+        return InfinityConfig(
+            depth=self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            text_channels=text_channels,
+            bits=token_bits,
+            block_chunks=self.block_chunks,
+            mlp_ratio=self.mlp_ratio,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+
 # `nextscale train --arch NAME`: the transformer families the trainer builds.
-ARCHS: dict[str, type[LoopConfig]] = {"var": VARTrainConfig, "llamagen": LlamaGenTrainConfig}
+ARCHS: dict[str, type[LoopConfig]] = {
+    "var": VARTrainConfig,
+    "llamagen": LlamaGenTrainConfig,
+    "infinity": InfinityTrainConfig,
+}
+# `nextscale train-vae --arch NAME`: the tokenizers (multi-scale VQ for VAR and LlamaGen; bitwise for Infinity).
+VAE_ARCHS: dict[str, type[LoopConfig]] = {"msvq": VAETrainConfig, "bsq": BSQTrainConfig}
 
 
-def train_config_class(arch: str) -> type[LoopConfig]:
-    """The config class of ``--arch`` (one-line ``ConfigError`` for an unknown name)."""
-    if arch not in ARCHS:
-        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    return ARCHS[arch]
+def train_config_class(arch: str, archs: dict[str, type[LoopConfig]] | None = None) -> type[LoopConfig]:
+    """The config class of ``--arch`` among ``archs`` (default: the transformers; one-line ``ConfigError`` for an
+    unknown name)."""
+    archs = ARCHS if archs is None else archs
+    if arch not in archs:
+        raise ConfigError(f"arch must be one of {', '.join(archs)}, got {arch!r}")
+    return archs[arch]

@@ -27,7 +27,14 @@ from nextscale.errors import CheckpointError, ConfigError
 from nextscale.fileio import MODEL_INDEX, atomic_file, check_writable, folder_target
 from nextscale.train import dist
 from nextscale.train.checkpoint import LAST, newest_checkpoint, open_resume, remove_stale_temp_files
-from nextscale.train.config import LlamaGenTrainConfig, LoopConfig, VAETrainConfig, VARTrainConfig
+from nextscale.train.config import (
+    BSQTrainConfig,
+    InfinityTrainConfig,
+    LlamaGenTrainConfig,
+    LoopConfig,
+    VAETrainConfig,
+    VARTrainConfig,
+)
 from nextscale.train.loop import Task, train
 
 log = logging.getLogger("nextscale.train")
@@ -81,6 +88,8 @@ def preflight(cfg: LoopConfig) -> None:
     check_writable(out, f"out_dir {cfg.out_dir}")
     # The export ends the run: a folder there that the end of training may not replace is refused now, not then.
     folder_target(out / cfg.export_name, (MODEL_INDEX,))
+    if isinstance(cfg, InfinityTrainConfig) and not Path(cfg.tokenizer).exists():
+        raise ConfigError(f"tokenizer {cfg.tokenizer}: no such folder")
     if isinstance(cfg, (VARTrainConfig, LlamaGenTrainConfig)):
         from nextscale.train.tokens import token_cache_dir
 
@@ -112,6 +121,10 @@ def check_device_present(spec: str) -> None:
 def make_task(cfg: LoopConfig, info: dist.DistInfo, device: torch.device) -> Task:
     """The task of a training config: tokenizer (VAE), VAR, or raster GPT (LlamaGen). (``cast``: each task's
     ``model`` is its own module class, which a Protocol's mutable ``nn.Module`` attribute does not admit.)"""
+    if isinstance(cfg, BSQTrainConfig):
+        from nextscale.train.bsq_task import BSQTask
+
+        return cast(Task, BSQTask(cfg, info, device))
     if isinstance(cfg, VAETrainConfig):
         from nextscale.train.vae_task import VAETask
 
@@ -120,6 +133,10 @@ def make_task(cfg: LoopConfig, info: dist.DistInfo, device: torch.device) -> Tas
         from nextscale.train.var_task import VARTask
 
         return cast(Task, VARTask(cfg, info, device))
+    if isinstance(cfg, InfinityTrainConfig):
+        from nextscale.train.infinity_task import InfinityTask
+
+        return cast(Task, InfinityTask(cfg, info, device))
     if isinstance(cfg, LlamaGenTrainConfig):
         from nextscale.train.llamagen_task import LlamaGenTask
 

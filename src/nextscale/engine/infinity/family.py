@@ -40,7 +40,14 @@ from nextscale.engine.kv_cache import CompactKV, KVPool, KVSlot, compact_rows
 from nextscale.engine.var.plan import RequestPlan
 from nextscale.errors import InvalidInputError
 from nextscale.models.infinity import Infinity
-from nextscale.models.infinity_scales import H_DIV_W_TEMPLATES, PN_SCALES, InfinitySchedule, schedule, template_sizes
+from nextscale.models.infinity_scales import (
+    H_DIV_W_TEMPLATES,
+    PN_SCALES,
+    InfinitySchedule,
+    parse_size,
+    schedule,
+    template_sizes,
+)
 from nextscale.models.text_encoder import TextEncoder
 from nextscale.models.tokenizers.bsq import BSQVAE
 
@@ -177,14 +184,16 @@ class InfinityFamily:
     # ---- serving -----------------------------------------------------------------------------------------------
     def sizes(self, pn: str) -> dict[str, InfinitySchedule]:
         """'WIDTHxHEIGHT' -> schedule, for every template at ``pn``."""
-        return template_sizes(pn)
+        return template_sizes(pn, self.vae.cfg.token_stride)
 
     def serving_facts(self) -> ServingFacts:
         """A field the request leaves out takes the model's recommended value (``sampling_defaults``: cfg 3, tau 0.5,
-        top_k 900, top_p 0.97 officially); ``size`` is one of the templates at the model's pixel budget."""
+        top_k 900, top_p 0.97 officially); ``size`` is one of the templates at the model's pixel budget (default: the
+        model's default size, else square)."""
         d, pn = self.defaults, self.pns[0]
         sizes = self.sizes(pn)
-        square = schedule(1.0, pn)
+        h_div_w = 1.0 if d.get("size") is None else parse_size(d["size"])[0]
+        square = schedule(h_div_w, pn, self.vae.cfg.token_stride)
 
         def make_params(given: set[str], v: Mapping[str, Any], seed: int) -> InfinityParams:
             if v.get("more_smooth"):

@@ -28,6 +28,7 @@ from nextscale.config import check_int
 from nextscale.errors import ConfigError
 
 Grid = tuple[int, int]
+PATCH_SIZES = (4, 8, 16)  # pixels per latent pixel side; the releases use 16 and 8
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class BSQVAEConfig:
     """The official ``vae_model(...)``: base_ch 128, 2 res blocks, no attention, GroupNorm; ``bits`` = codebook_dim.
 
     ``patch_size`` 16 (ch_mult [1,2,4,4,4]) or 8 (ch_mult [1,2,4,4], the 8B's tokenizer whose 2x2 latent pixels
-    make one transformer token: spatial patchify)."""
+    make one transformer token: spatial patchify). ``spatial_patchify`` None means as released: on for patch 8 only.
+    Patch 4 (two down-samplings, no patchify: a token is 4x4 pixels) is nextscale's, for small images such as
+    the bundled text-to-image demo's 32x64 canvases."""
 
     bits: int = 32
     base_ch: int = 128
@@ -43,6 +46,7 @@ class BSQVAEConfig:
     num_res_blocks: int = 2
     patch_size: int = 16
     in_channels: int = 3
+    spatial_patchify: bool | None = None  # the official apply_spatial_patchify
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -50,8 +54,12 @@ class BSQVAEConfig:
         check_int("base_ch", self.base_ch)
         check_int("num_res_blocks", self.num_res_blocks)
         check_int("in_channels", self.in_channels)
-        if self.patch_size not in (8, 16):
-            raise ConfigError(f"patch_size must be 16 or 8 (spatial patchify), got {self.patch_size!r}")
+        if self.patch_size not in PATCH_SIZES:
+            raise ConfigError(f"patch_size must be one of {', '.join(map(str, PATCH_SIZES))}, got {self.patch_size!r}")
+        if self.spatial_patchify is not None and not isinstance(self.spatial_patchify, bool):
+            raise ConfigError(
+                f"spatial_patchify must be true, false or null (as released), got {self.spatial_patchify!r}"
+            )
         if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
             raise ConfigError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
         if len(self.ch_mult) < self.num_downsamples + 1:
@@ -68,13 +76,18 @@ class BSQVAEConfig:
 
     @property
     def patchify(self) -> bool:
-        """Whether a transformer token is 2x2 latent pixels (f8 tokenizer, ``apply_spatial_patchify=1``)."""
-        return self.patch_size == 8
+        """Whether a transformer token is 2x2 latent pixels (``apply_spatial_patchify=1``: the f8 release)."""
+        return self.patch_size == 8 if self.spatial_patchify is None else self.spatial_patchify
 
     @property
     def token_bits(self) -> int:
         """Bits per transformer token (``d_vae`` of the transformer)."""
         return self.bits * 4 if self.patchify else self.bits
+
+    @property
+    def token_stride(self) -> int:
+        """Pixels per transformer token side: 16 for both released tokenizers (f16; f8 with 2x2 patchify)."""
+        return self.patch_size * (2 if self.patchify else 1)
 
 
 def norm_groups(channels: int) -> int:
@@ -285,6 +298,38 @@ def latent_to_tokens(latent_Bd1HW: torch.Tensor, grid: Grid, patchify: bool) -> 
     return x.reshape(*x.shape[:2], -1).permute(0, 2, 1)
 
 
+def quantize_st(h_BdHW: torch.Tensor, grids: Sequence[Grid]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-scale BSQ with gradients, for training (``BSQVAE.forward``): (decoder input [B, d, H, W], commitment
+    loss, entropy loss). The same scales as ``BSQVAE.quantize``; see ``train.bsq_task`` for the losses."""
+    d = h_BdHW.shape[1]
+    full = grids[-1]
+    residual = h_BdHW.unsqueeze(2)  # [B, d, 1, H, W]: the official 5-D layout, so resampling matches inference
+    out: torch.Tensor | float = 0.0
+    commit = entropy = h_BdHW.new_zeros(())
+    for grid in grids:
+        z = residual if grid == full else F.interpolate(residual, size=(1, *grid), mode="area")
+        u = F.normalize(z, dim=1)
+        q = torch.where(u > 0, 1.0, -1.0) / d**0.5
+        commit = commit + (u - q.detach()).pow(2).sum(1).mean()
+        p = torch.sigmoid(2 * d**0.5 * u)  # soft bit: ~0.88 at the code's own value
+        per_pixel = _bit_entropy(p).mean()
+        batch = _bit_entropy(p.mean(dim=(0, 2, 3, 4))).mean()
+        entropy = entropy + per_pixel - batch
+        q_st = u + (q - u).detach()
+        if grid != full:
+            q_st = upsample_codes(q_st, full)
+        residual = residual - q_st
+        out = out + q_st
+    assert isinstance(out, torch.Tensor)
+    n = len(grids)
+    return out.squeeze(2), commit / n, entropy / n
+
+
+def _bit_entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
 class BSQVAE(nn.Module):
     """Encoder -> multi-scale BSQ -> decoder. Images are [B, 3, H, W] in [-1, 1] (RGB, as trained)."""
 
@@ -294,6 +339,11 @@ class BSQVAE(nn.Module):
         self.bits = cfg.bits
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+
+    def forward(self, img_BChw: torch.Tensor, grids: Sequence[Grid]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training: (reconstruction, commitment loss, entropy loss) through ``quantize_st`` over ``grids``."""
+        z, commit, entropy = quantize_st(self.encoder(img_BChw).float(), grids)
+        return self.decoder(z), commit, entropy
 
     def encode_features(self, img_BChw: torch.Tensor) -> torch.Tensor:
         """Continuous latent [B, d, H, W] float32 (``encode_for_raw_features``)."""
@@ -328,10 +378,21 @@ class BSQVAE(nn.Module):
 
     @torch.no_grad()
     def bsc_inputs(
-        self, h_BdHW: torch.Tensor, grids: Sequence[Grid], patchify: bool
+        self,
+        h_BdHW: torch.Tensor,
+        grids: Sequence[Grid],
+        patchify: bool,
+        flip_rates: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Teacher-forcing data as ``BitwiseSelfCorrection.flip_requant`` with no bit flips: the transformer input
-        of scales 1.. ``x_BLd_wo_prefix`` [B, L - 1, d_t] and the target bits of every scale [B, l, d_t]."""
+        """Teacher-forcing data as ``BitwiseSelfCorrection.flip_requant``: the transformer input of scales 1..
+        ``x_BLd_wo_prefix`` [B, L - 1, d_t] and the target bits of every scale [B, l, d_t].
+
+        ``flip_rates[si]`` (training; None: no flips, the exact tokens): scale si's bits are flipped with that
+        probability (``generator`` draws which) before they join the running sum, as a sampler's mistakes would;
+        later scales quantise the residual left by the flipped sum, so their targets are the bits that correct
+        the mistakes (Bitwise Self-Correction, Infinity section 3.3). Each scale's target is its bits before the
+        flips."""
         codes = h_BdHW.unsqueeze(2)
         B, last = codes.shape[0], len(grids) - 1
         cum: torch.Tensor | int = 0
@@ -342,6 +403,10 @@ class BSQVAE(nn.Module):
                 residual = F.interpolate(residual, size=(1, *grid), mode="area").contiguous()
             q, bits = bsq_quantize(residual)
             bits_list.append(bits)
+            rate = 0.0 if flip_rates is None else float(flip_rates[si])
+            if rate > 0:
+                flip = torch.rand(bits.shape, generator=generator, device="cpu").to(bits.device) < rate
+                q = bits_to_codes(torch.where(flip, 1 - bits, bits).float())
             cum = cum + upsample_codes(q, grids[-1]).contiguous()
             if si < last:
                 assert isinstance(cum, torch.Tensor)

@@ -1,0 +1,197 @@
+"""Text-to-image training of an Infinity transformer: ``nextscale train --arch infinity``.
+
+Infinity's objective (Han et al. 2024, section 3): the bitwise tokenizer's bits of every scale are the labels, one
+binary cross-entropy per bit (logits ``[B, L, 2d]`` read as d pairs, as the sampler reads them), averaged over every
+bit of every token. Inputs are Bitwise Self-Correction's (``BSQVAE.bsc_inputs`` with flips): each step draws a
+flip rate per scale from {0, 0.01, .., bsc_strength} (the official ``noise_apply_strength`` draw), so the model
+sees running sums with mistakes and learns the bits that correct them. ``cond_drop`` of the captions (drawn for the
+global batch: the same run on 1 or N processes) are replaced by the learned null text ``cfg_uncond[:len]``, which
+is what classifier-free guidance samples the unconditional branch with, so it learns from exactly those rows.
+
+Images are encoded per batch by the frozen tokenizer (BSC needs the continuous latent, which a token cache would
+have to hold in full; the encoder is a few percent of a step), the captions once, by the frozen text encoder, into
+the cache all runs share (``train.text_cache``).
+
+The export is a native Infinity folder (``InfinityPipeline.from_pretrained``): the transformer, the tokenizer, and
+the text encoder stored beside them, with the schedule trained on as the model's default size and pixel budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextscale.data import ShardedBatchSampler, load_captioned
+from nextscale.errors import ConfigError
+from nextscale.models.infinity import Infinity
+from nextscale.models.infinity_scales import InfinitySchedule, schedule
+from nextscale.models.native_infinity import load_bsq_tokenizer, save_infinity_native
+from nextscale.models.text_encoder import TextEncoder, TextFeatures
+from nextscale.train import dist
+from nextscale.train.config import InfinityTrainConfig
+from nextscale.train.text_cache import cached_caption_features
+
+log = logging.getLogger("nextscale.train")
+
+
+def image_schedule(height: int, width: int, pn: str, stride: int) -> InfinitySchedule:
+    """The schedule whose last grid makes ``height`` x ``width`` pixel images (its aspect template at ``pn``)."""
+    sched = schedule(height / width, pn, stride)
+    if sched.image_size != (height, width):
+        h, w = sched.image_size
+        raise ConfigError(
+            f"images are {height}x{width} px; the pn {pn} schedule of their aspect template makes {h}x{w} px at "
+            f"{stride} px per token: pick --pn or --image-size"
+        )
+    return sched
+
+
+def size_text(sched: InfinitySchedule) -> str:
+    """'WIDTHxHEIGHT' of a schedule's images (the pipeline's ``size``)."""
+    h, w = sched.image_size
+    return f"{w}x{h}"
+
+
+def bit_ce(logits_BLV: torch.Tensor, bits_BLd: torch.Tensor) -> torch.Tensor:
+    """Per-bit cross-entropy [B, L, d] of logits read as (bit 0, bit 1) pairs."""
+    B, L, d = bits_BLd.shape
+    ce = F.cross_entropy(logits_BLV.float().reshape(B * L * d, 2), bits_BLd.reshape(-1).long(), reduction="none")
+    return ce.view(B, L, d)
+
+
+class InfinityTask:
+    def __init__(self, cfg: InfinityTrainConfig, info: dist.DistInfo, device: torch.device):
+        self.cfg, self.info, self.device = cfg, info, device
+        self.vae = load_bsq_tokenizer(cfg.tokenizer).to(device).eval().requires_grad_(False)
+        self.text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
+        inf_cfg = cfg.infinity_config(self.vae.cfg.token_bits, self.text_encoder.channels)
+        with torch.device("meta"):  # the transformer's shape is refused before the data is read
+            Infinity(inf_cfg)
+        channels = self.vae.cfg.in_channels
+        stride = self.vae.cfg.token_stride
+        self.train_ds = load_captioned(cfg.data, "train", cfg.image_size, channels, cfg.data_root, cfg.seed)
+        self.val_ds = load_captioned(cfg.data, "test", cfg.image_size, channels, cfg.data_root, cfg.seed)
+        _, height, width = self.train_ds[0][0].shape
+        self.schedule = image_schedule(height, width, cfg.pn, stride)
+        self.vae_grids = list(self.schedule.vae_grids(self.vae.cfg.patchify))
+        torch.manual_seed(cfg.seed)
+        self.model = Infinity(inf_cfg)
+        self.model.init_weights()
+        self.model.train()
+        self.generators = {
+            "data": torch.Generator().manual_seed(cfg.seed + 101),
+            "flips": torch.Generator().manual_seed(cfg.seed + 131),
+        }
+        per_rank = cfg.batch_size // info.world_size
+        self.sampler = ShardedBatchSampler(len(self.train_ds), per_rank, cfg.seed, info.rank, info.world_size)
+        self.images_per_step = cfg.batch_size
+        # Last: the one slow step (encoding the distinct captions; then cached).
+        train_caps, val_caps = self.train_ds.captions, self.val_ds.captions
+        self.text = cached_caption_features(self.text_encoder, train_caps + val_caps, info)
+        self.train_ids = torch.tensor([self.text.index[c] for c in train_caps])
+        self.val_ids = torch.tensor([self.text.index[c] for c in val_caps])
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images [B, C, H, W], caption ids [B], dropped [B] bool) of this rank for every step from ``start_step``."""
+        world = self.info.world_size
+        for _step, epoch, idx in self.sampler.batches(start_step):
+            if hasattr(self.train_ds, "set_epoch"):
+                self.train_ds.set_epoch(epoch)
+            drop = torch.rand(len(idx) * world, generator=self.generators["data"]) < self.cfg.cond_drop
+            imgs = torch.stack([self.train_ds[int(i)][0] for i in idx])
+            yield imgs.to(self.device), self.train_ids[idx], drop.view(world, -1)[self.info.rank]
+
+    def text_rows(self, model: Infinity, ids: torch.Tensor, drop: torch.Tensor) -> TextFeatures:
+        """The batch's text features; a dropped caption becomes the learned null text of its length (trained)."""
+        rows = self.text.rows(ids.tolist())
+        out = [model.cfg_uncond[: len(r)] if d else r.to(self.device) for r, d in zip(rows, drop.tolist())]
+        return TextFeatures(torch.cat(out), tuple(len(r) for r in rows))
+
+    def flip_rates(self) -> list[float]:
+        """One rate per scale from {0, 0.01, .., bsc_strength} (``np.random.randint(0, 100*s + 1) * 0.01``)."""
+        top = round(100 * self.cfg.bsc_strength)
+        draws = torch.randint(0, top + 1, (len(self.vae_grids),), generator=self.generators["flips"])
+        return [0.01 * int(v) for v in draws]
+
+    def inputs(self, imgs: torch.Tensor, flips: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forcing input [B, L-1, d] and target bits [B, L, d] of ``imgs``."""
+        with torch.no_grad():
+            h = self.vae.encode_features(imgs)
+            x, gt = self.vae.bsc_inputs(h, self.vae_grids, self.vae.cfg.patchify, flips, self.generators["flips"])
+        return x, torch.cat(gt, 1)
+
+    # ---- loss --------------------------------------------------------------------------------------------------
+    def loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], step: int, micro: int, n: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        imgs, ids, drop = (t.chunk(n)[micro] for t in batch)
+        inf = dist.unwrap(model)
+        assert isinstance(inf, Infinity)
+        x_in, gt_BLd = self.inputs(imgs, self.flip_rates() if self.cfg.bsc_strength > 0 else None)
+        logits = model(self.text_rows(inf, ids, drop), x_in, self.schedule, pad_to=1)
+        ce_BLd = bit_ce(logits, gt_BLd)
+        loss = ce_BLd.mean()
+        with torch.no_grad():
+            B, L, d = gt_BLd.shape
+            acc = (logits.reshape(B, L, d, 2).argmax(-1) == gt_BLd).float().mean().item()
+        return loss / n, {"loss": loss.item(), "bit_acc": acc}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, max_images: int = 512) -> dict[str, float]:
+        """Validation bit cross-entropy and accuracy (exact inputs, no flips) per scale, and the loss with the null
+        text: ``text_gain`` (nats per bit) is what the caption is worth, the signal guidance amplifies."""
+        inf = dist.unwrap(model)
+        assert isinstance(inf, Infinity)
+        n = min(max_images, len(self.val_ds))
+        S = self.schedule.num_scales
+        ce_s, hit_s, ce_null = torch.zeros(S), torch.zeros(S), 0.0
+        for start in range(0, n, 128):
+            idx = range(start, min(start + 128, n))
+            imgs = torch.stack([self.val_ds[i][0] for i in idx]).to(self.device)
+            ids = self.val_ids[list(idx)]
+            x_in, gt = self.inputs(imgs, None)
+            for null in (False, True):
+                drop = torch.full((len(idx),), null)
+                logits = inf(self.text_rows(inf, ids, drop), x_in, self.schedule, pad_to=1)
+                ce = bit_ce(logits, gt)
+                if null:
+                    ce_null += float(ce.mean(dim=(1, 2)).sum())
+                    continue
+                B, L, d = gt.shape
+                hit = (logits.reshape(B, L, d, 2).argmax(-1) == gt).float()
+                for si, (b, e) in enumerate(self.schedule.begin_ends):
+                    ce_s[si] += float(ce[:, b:e].mean(dim=(1, 2)).sum())
+                    hit_s[si] += float(hit[:, b:e].mean(dim=(1, 2)).sum())
+        w = torch.tensor(self.schedule.lengths, dtype=torch.float)
+        loss = float((ce_s * w).sum() / w.sum() / n)
+        out = {"loss": loss, "bit_acc": float((hit_s * w).sum() / w.sum() / n), "text_gain": ce_null / n - loss}
+        out.update({f"bit_acc_s{si}": float(hit_s[si] / n) for si in range(S)})
+        return out
+
+    # ---- state, export -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def export(self, out_dir: Path, model: nn.Module) -> Path:
+        """A native Infinity folder at ``out_dir/model``: this run's schedule is the model's default size."""
+        inf = dist.unwrap(model)
+        assert isinstance(inf, Infinity)
+        extra: dict[str, Any] = {
+            "trained_on": self.cfg.data,
+            "sampling_defaults": {"pn": self.cfg.pn, "size": size_text(self.schedule)},
+        }
+        return save_infinity_native(out_dir / self.cfg.export_name, inf.eval(), self.vae, self.text_encoder, extra)

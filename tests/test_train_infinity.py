@@ -1,0 +1,282 @@
+"""Text-to-image training: the bitwise tokenizer (``train-vae --arch bsq``), the tiny T5 text encoder built from
+captions, the text-feature cache, and Infinity's objective (``train --arch infinity``: bit labels, Bitwise
+Self-Correction, condition dropout to the learned null text), end to end into a model folder that
+``InfinityPipeline`` samples from."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nextscale.errors import ConfigError
+from nextscale.models.infinity import text_attention, text_attention_batched
+from nextscale.models.infinity_scales import schedule
+from nextscale.models.tokenizers.bsq import BSQVAE, BSQVAEConfig, quantize_st
+
+CAPTION_NOUNS = ("ring", "cross", "stripes")
+
+
+def tiny_bsq(**kw) -> BSQVAE:
+    cfg = BSQVAEConfig(**{"bits": 6, "base_ch": 24, "ch_mult": (1, 1, 1), "num_res_blocks": 1, "patch_size": 4, **kw})
+    torch.manual_seed(0)
+    return BSQVAE(cfg).eval()
+
+
+# ---- the tokenizer's shapes and its training path ------------------------------------------------------------
+def test_bsq_patch_sizes_and_token_stride():
+    assert BSQVAEConfig().token_stride == 16 and not BSQVAEConfig().patchify
+    f8 = BSQVAEConfig(ch_mult=(1, 2, 4, 4), patch_size=8)
+    assert f8.patchify and f8.token_stride == 16 and f8.token_bits == 4 * f8.bits  # as released
+    p4 = BSQVAEConfig(ch_mult=(1, 2, 2), patch_size=4)
+    assert not p4.patchify and p4.token_stride == 4
+    assert BSQVAEConfig(ch_mult=(1, 2, 4, 4), patch_size=8, spatial_patchify=False).token_stride == 8
+    with pytest.raises(ConfigError, match="patch_size must be one of 4, 8, 16, got 2"):
+        BSQVAEConfig(patch_size=2)
+    with pytest.raises(ConfigError, match="spatial_patchify must be true, false or null"):
+        BSQVAEConfig(spatial_patchify="yes")
+
+
+def test_small_schedule_at_a_small_stride():
+    wide = schedule(0.5, "0.04M", stride=4)
+    assert wide.grids == ((1, 1), (2, 2), (2, 4), (3, 6), (5, 10), (8, 16))
+    assert wide.image_size == (32, 64) and wide.seq_len == 209
+    assert schedule(1.0, "0.04M").image_size == (192, 192)  # 16 px per token: the releases' stride
+
+
+def test_training_quantizer_is_the_sampling_one():
+    """The straight-through quantizer the tokenizer trains with gives the decoder exactly the latent that
+    ``quantize`` (the tokens the transformer learns and samples) gives: the code sum of every scale."""
+    vae = tiny_bsq()
+    grids = list(schedule(1.0, "0.04M", stride=4).vae_grids(False))
+    h = vae.encode_features(torch.rand(3, 3, 48, 48) * 2 - 1)
+    z_train, commit, entropy = quantize_st(h, grids)
+    z_sample, bits = vae.quantize(h, grids)
+    torch.testing.assert_close(z_train, z_sample, rtol=0, atol=2e-6)
+    assert [tuple(b.shape[2:4]) for b in bits] == grids
+    assert commit.item() > 0 and torch.isfinite(entropy)
+    recon, *_ = vae(torch.rand(2, 3, 48, 48), grids)
+    assert recon.shape == (2, 3, 48, 48)
+
+
+def test_bitwise_self_correction_flips():
+    vae = tiny_bsq()
+    grids = list(schedule(1.0, "0.04M", stride=4).vae_grids(False))
+    h = vae.encode_features(torch.rand(4, 3, 48, 48) * 2 - 1)
+    x0, gt0 = vae.bsc_inputs(h, grids, False)
+    x_none, gt_none = vae.bsc_inputs(h, grids, False, [0.0] * len(grids))
+    assert torch.equal(x0, x_none) and all(torch.equal(a, b) for a, b in zip(gt0, gt_none))
+    # flips at the last scale change no input (nothing follows it) and no target
+    x_last, gt_last = vae.bsc_inputs(h, grids, False, [0.0] * 5 + [0.5], torch.Generator().manual_seed(0))
+    assert torch.equal(x_last, x0) and all(torch.equal(a, b) for a, b in zip(gt_last, gt0))
+    # flips at scale 2: its own targets stay the true bits; the next input and the later targets correct them
+    rates = [0.0, 0.0, 0.3, 0.0, 0.0, 0.0]
+    x2, gt2 = vae.bsc_inputs(h, grids, False, rates, torch.Generator().manual_seed(0))
+    assert all(torch.equal(gt2[si], gt0[si]) for si in range(3))
+    begin3 = sum(a * b for a, b in grids[1:3])  # x holds the inputs of scales 1.. (scale 0 is the text token)
+    assert torch.equal(x2[:, :begin3], x0[:, :begin3]) and not torch.equal(x2[:, begin3:], x0[:, begin3:])
+    assert not torch.equal(gt2[3], gt0[3])
+
+
+def test_batched_text_attention_matches_the_varlen_one():
+    g = torch.Generator().manual_seed(0)
+    lens = (3, 7, 1)
+    q = torch.randn(3, 5, 2, 16, generator=g)
+    k = [torch.randn(n, 2, 16, generator=g) for n in lens]
+    v = [torch.randn(n, 2, 16, generator=g) for n in lens]
+    exact = text_attention(q, [t.to(torch.bfloat16) for t in k], [t.to(torch.bfloat16) for t in v], 0.25)
+    batched = text_attention_batched(q, k, v, 0.25)
+    # the varlen path rounds q, k, v and the output to bf16 as the official kernel does: 3 roundings of 2^-9
+    torch.testing.assert_close(batched, exact, rtol=0.02, atol=0.02)
+
+
+# ---- the text encoder and the feature cache ----------------------------------------------------------------
+def captions(n: int = 40) -> list[str]:
+    return [f"a {CAPTION_NOUNS[i % 3]} on the left and a {CAPTION_NOUNS[(i // 3) % 3]} on the right" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def text_encoder_dir(tmp_path_factory) -> Path:
+    from nextscale.train.text_encoder import TinyT5Config, caption_tokenizer, tiny_t5
+
+    folder = tmp_path_factory.mktemp("t5")
+    tok = caption_tokenizer(captions())
+    enc = tiny_t5(tok, TinyT5Config(d_model=128, num_layers=1, num_heads=2, d_ff=128))
+    enc.encoder.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_caption_tokenizer_reads_any_text(text_encoder_dir):
+    from nextscale.models.text_encoder import TextEncoder
+
+    enc = TextEncoder.from_pretrained(text_encoder_dir)
+    tok = enc.tokenizer
+    ids = tok("A Ring on the left and a cross on the right").input_ids
+    assert ids == tok("a ring on the left and a cross on the right").input_ids  # lowercased
+    assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0
+    assert len(ids) == 12  # one token per caption word, then </s>
+    unseen = tok("a purple giraffe!").input_ids
+    assert tok.unk_token_id not in unseen and len(unseen) > 4  # pieces, not <unk>
+    feats = enc.encode(["a ring on the left and a cross on the right", "giraffe"], pad_to_max_length=False)
+    assert feats.lens == (12, len(tok("giraffe").input_ids)) and feats.channels == 128
+
+
+def test_slot_training_changes_the_encoder_and_freezes_it(text_encoder_dir):
+    from nextscale.models.text_encoder import TextEncoder
+    from nextscale.train.text_encoder import slot_accuracy, train_slots
+
+    enc = TextEncoder.from_pretrained(text_encoder_dir)
+    caps = captions(36)
+    slots = torch.tensor([[i % 3, (i // 3) % 3] for i in range(36)])
+    before = {k: v.clone() for k, v in enc.encoder.state_dict().items()}
+    heads, last = train_slots(enc, caps, slots, [3, 3], steps=40, batch_size=16, lr=3e-3)
+    assert not enc.encoder.training and not any(p.requires_grad for p in enc.encoder.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in enc.encoder.state_dict().items())
+    assert 0.0 <= slot_accuracy(enc, heads, caps, slots) <= 1.0 and last["loss"] > 0
+    with pytest.raises(Exception, match="slots_NS must be"):
+        train_slots(enc, caps, slots[:5], [3, 3], steps=1)
+
+
+def test_text_features_are_cached_by_encoder_and_captions(text_encoder_dir, tmp_path, monkeypatch, caplog):
+    from nextscale.models.text_encoder import TextEncoder
+    from nextscale.train import dist
+    from nextscale.train.text_cache import cache_path, cached_caption_features, encode_captions
+
+    monkeypatch.setenv("NEXTSCALE_CACHE", str(tmp_path))
+    enc = TextEncoder.from_pretrained(text_encoder_dir)
+    caps = captions(12) + captions(3)  # repeats are encoded once
+    first = cached_caption_features(enc, caps, dist.DistInfo())
+    assert len(first.captions) == 9 and cache_path(enc, first.captions).is_file()
+    with caplog.at_level(logging.INFO, logger="nextscale.train"):
+        again = cached_caption_features(enc, caps, dist.DistInfo())
+    assert "reusing the cached text features" in caplog.text
+    assert torch.equal(again.kv_NC, first.kv_NC) and torch.equal(again.lens_N, first.lens_N)
+    # the packed rows are the encoder's own features of each caption (padded to the longest: same up to rounding)
+    direct = encode_captions(enc, first.captions[:1])
+    torch.testing.assert_close(first.rows([0])[0], direct.rows([0])[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        enc.encoder.shared.weight.add_(0.01)
+    assert cache_path(enc, first.captions) != cache_path(TextEncoder.from_pretrained(text_encoder_dir), first.captions)
+    cache_path(enc, first.captions).parent.mkdir(parents=True, exist_ok=True)
+    bad = cache_path(TextEncoder.from_pretrained(text_encoder_dir), first.captions)
+    bad.write_bytes(b"not a tensor file")
+    with caplog.at_level(logging.WARNING, logger="nextscale.train"):
+        healed = cached_caption_features(TextEncoder.from_pretrained(text_encoder_dir), caps, dist.DistInfo())
+    assert "unreadable" in caplog.text and torch.equal(healed.kv_NC, first.kv_NC)
+
+
+# ---- end to end: a captioned folder -> tokenizer -> transformer -> pipeline -----------------------------------
+def make_captioned_folder(root: Path, n: int = 24) -> Path:
+    """Square RGB images of a ring, a cross or stripes, captioned with their noun in metadata.jsonl."""
+    import numpy as np
+
+    root.mkdir(parents=True)
+    yy, xx = np.mgrid[0:48, 0:48] / 48
+    records = []
+    for i in range(n):
+        c = i % 3
+        if c == 0:
+            m = np.abs(np.hypot(xx - 0.5, yy - 0.5) - 0.3) < 0.06
+        elif c == 1:
+            m = (np.abs(xx - 0.5) < 0.08) | (np.abs(yy - 0.5) < 0.08)
+        else:
+            m = np.sin((xx + 0.1 * i) * 20) > 0
+        Image.fromarray((np.stack([m, m, ~m], -1) * 255).astype(np.uint8)).save(root / f"{i:02d}.png")
+        records.append({"file_name": f"{i:02d}.png", "text": f"a {CAPTION_NOUNS[c]}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_encoder_dir):
+    """A tokenizer and a transformer trained a few steps each on a captioned folder, through the CLI."""
+    from nextscale.cli.main import main
+
+    root = tmp_path_factory.mktemp("t2i")
+    data = make_captioned_folder(root / "data")
+    common = ["--data", str(data), "--image-size", "48", "--pn", "0.04M", "--no-progress", "--log-every", "2"]
+    tok_args = ["--bits", "6", "--base-ch", "24", "--ch-mult", "1,1,1", "--batch-size", "8", "--eval-every", "4"]
+    assert main(["train-vae", "--arch", "bsq", *common, *tok_args, "--out-dir", str(root / "vae"), "--steps", "4"]) == 0
+    inf_args = [
+        *common,
+        "--tokenizer",
+        str(root / "vae" / "tokenizer"),
+        "--text-encoder",
+        str(text_encoder_dir),
+        "--depth",
+        "2",
+        "--embed-dim",
+        "64",
+        "--num-heads",
+        "2",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "3",
+        "--steps",
+        "6",
+        "--cond-drop",
+        "0.5",
+    ]
+    assert main(["train", "--arch", "infinity", *inf_args, "--out-dir", str(root / "inf")]) == 0
+    return root, inf_args
+
+
+def test_trained_model_samples_at_its_training_size(trained):
+    from nextscale.pipelines.infinity import InfinityPipeline
+
+    root, _ = trained
+    assert (root / "vae" / "tokenizer" / "model_index.json").is_file()
+    val = [json.loads(line) for line in (root / "inf" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in val if r["split"] == "val"]
+    assert evals and all(0.0 < r["bit_acc"] <= 1.0 and "text_gain" in r for r in evals)
+    pipe = InfinityPipeline.from_pretrained(root / "inf" / "model")
+    assert pipe.sampling_defaults["pn"] == "0.04M" and pipe.sampling_defaults["size"] == "48x48"
+    assert pipe.token_stride == 4 and pipe.image_size == 48
+    out = pipe(["a ring", "a purple giraffe"], seed=3, output_type="pt")  # any text: pieces, never refused
+    assert out.images.shape == (2, 3, 48, 48)
+    assert out.stats["schedule"]["size"] == [48, 48] and out.stats["schedule"]["scales"] == 6
+    index = json.loads((root / "inf" / "model" / "model_index.json").read_text())
+    assert index["sampling_defaults"] == {"pn": "0.04M", "size": "48x48"}
+
+
+def test_a_resumed_infinity_run_equals_an_uninterrupted_one(trained):
+    """Bitwise Self-Correction draws flips from a checkpointed generator: a run killed and resumed ends with the
+    weights of one that never stopped."""
+    from nextscale.cli.main import main
+
+    root, inf_args = trained
+    out = root / "inf-resumed"
+    assert main(["train", "--arch", "infinity", *inf_args, "--out-dir", str(out), "--stop-after", "4"]) == 0
+    assert main(["train", "--arch", "infinity", *inf_args, "--out-dir", str(out), "--resume"]) == 0
+    a = load_file(str(root / "inf" / "model" / "transformer" / "model.safetensors"))
+    b = load_file(str(out / "model" / "transformer" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_condition_dropout_trains_the_learned_null_text(trained):
+    """Dropped captions become ``cfg_uncond[:len]``: those rows learn, the rows past every caption's length not."""
+    from nextscale.models.infinity import official_uncond_rows
+
+    root, _ = trained
+    rows = load_file(str(root / "inf" / "model" / "transformer" / "model.safetensors"))["cfg_uncond"].float()
+    init = official_uncond_rows(rows.shape[0], rows.shape[1])
+    assert not torch.equal(rows[:2], init[:2])
+    assert torch.equal(rows[16:], init[16:])  # captions here are "a ring" etc.: at most a few tokens
+
+
+def test_training_flags_are_checked_per_arch(tmp_path, capsys):
+    from nextscale.cli.main import main
+
+    assert main(["train-vae", "--arch", "bsq", "--vocab-size", "64", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--vocab-size: not a setting of --arch bsq (a setting of --arch msvq)" in capsys.readouterr().err
+    assert main(["train", "--arch", "infinity", "--tokenizer", str(tmp_path), "--out-dir", str(tmp_path / "y")]) == 2
+    assert "text_encoder is required" in capsys.readouterr().err
+    assert main(["train-vae", "--arch", "bsq", "--pn", "3M", "--out-dir", str(tmp_path / "z")]) == 2
+    assert "pn must be one of 0.04M" in capsys.readouterr().err
