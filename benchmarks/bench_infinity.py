@@ -15,6 +15,13 @@ and preset, interleaved with exact in one process: median time, the ratio to exa
 rows x tokens through the transformer, the linear layers' share of the work) and peak KV bytes (self-attention
 cache, what ``scalekv``/``hack`` compress). The machine's bf16/fp32 GEMM peak is measured in the same run.
 Prints markdown tables and writes JSON.
+
+``--part fidelity`` measures what each method costs in prompt following on the bundled text-to-image model
+(``demo-fmnist-t2i``): the same prompts and seeds as exact, the pair accuracy of seen prompts, held-out pairs and
+held-out phrasings (the bundled demo classifier reads each half) and the halves' Fréchet distance to real test items
+(``jobs.prompt_quality``)::
+
+    python benchmarks/bench_infinity.py --part fidelity --images 300
 """
 
 from __future__ import annotations
@@ -140,6 +147,41 @@ def bench_shape(
     return cells, f"### {title}\n\n{table}\n"
 
 
+def fidelity(model: str, names: list[str], images: int, seed: int) -> tuple[dict[str, Any], str]:
+    """Prompt following and FD of every method on ``model``, with exact's prompts and seeds."""
+    from nextscale.data import fashion_mnist
+    from nextscale.eval.classifier import load_classifier
+    from nextscale.jobs.prompt_quality import KINDS, prompt_quality, real_item_scale
+    from nextscale.models.native import bundled_model_dir
+    from nextscale.pipelines.infinity import InfinityPipeline
+
+    pipe = InfinityPipeline.from_pretrained(model)
+    net = load_classifier(bundled_model_dir("demo-fmnist") / "classifier")
+    train, test = fashion_mnist("train", size=32), fashion_mnist("test", size=32)
+    real = (test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy())
+    scale = real_item_scale(net, train.images[:10000].permute(0, 2, 3, 1).numpy(), real[0])["FD-classifier"]
+    counts = dict.fromkeys(KINDS, images)
+    reports: dict[str, Any] = {}
+    rows = []
+    for name in names:
+        accel = METHODS[name] or None
+        r = prompt_quality(pipe, net, real, counts, {"seed": seed, "accel": accel})
+        r["fd_ratio"] = r["FD-classifier"] / scale
+        reports[name] = r
+        ex = reports[names[0]]
+        cells = [name]
+        for kind in KINDS:
+            acc, acc0 = r[kind]["pair_accuracy"], ex[kind]["pair_accuracy"]
+            cells.append(f"{100 * acc:.1f}" + ("" if name == names[0] else f" ({100 * (acc - acc0):+.1f})"))
+        cells.append(f"{r['fd_ratio']:.2f}x")
+        rows.append(cells)
+        print(" | ".join(cells), flush=True)
+    d = pipe.sampling_defaults
+    title = f"fidelity on {model}: {images} images per prompt kind, seed {seed}, cfg {d['cfg']}, tau {d['tau']}"
+    headers = ["method", *(f"pairs {k} %" for k in KINDS), "FD halves / real"]
+    return {"real_fd": scale, "reports": reports}, f"### {title}\n\n{markdown_table(headers, rows)}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
@@ -151,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", default=",".join(METHODS), help=f"comma-separated, exact first; of: {', '.join(METHODS)}"
     )
     ap.add_argument("--json", default="benchmarks/results/bench_infinity.json")
+    ap.add_argument("--part", choices=("speed", "fidelity"), default="speed")
+    ap.add_argument("--model", default="demo-fmnist-t2i", help="fidelity: the text-to-image model")
+    ap.add_argument("--images", type=int, default=300, help="fidelity: images per prompt kind")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if not names or names[0] != "exact" or any(n not in METHODS for n in names):
@@ -160,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"bf16": gemm_peak_gflops(torch.bfloat16), "fp32": gemm_peak_gflops(torch.float32)}
     print(f"machine: {info}; GEMM peak GFLOP/s: bf16 {peaks['bf16']:.0f}, fp32 {peaks['fp32']:.0f}", flush=True)
     out: dict[str, Any] = {"machine": info, "gemm_peak_gflops": peaks, "dtype": str(dtype), "shapes": {}}
+    if args.part == "fidelity":
+        result, text = fidelity(args.model, names, args.images, args.seed)
+        print(text, flush=True)
+        out["fidelity"] = {"table": text, **result}
+        print(f"wrote {write_json(args.json, out)}")
+        return 0
     for shape in SHAPES if args.shape == "all" else [args.shape]:
         cells, text = bench_shape(shape, dtype, args.device, args.reps, args.batch, names)
         print(text, flush=True)

@@ -137,6 +137,7 @@ class InfinityPipeline(Pipeline):
         dtype: torch.dtype | str = torch.float32,
         sampling_defaults: dict[str, Any] | None = None,
         text_encoder_source: str | None = None,
+        accel_presets: dict[str, list[str]] | None = None,
     ):
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
@@ -149,6 +150,8 @@ class InfinityPipeline(Pipeline):
         # Where the text encoder came from when it is not stored with the model (a hub id): what save_pretrained
         # writes instead of 11 GB of T5 weights.
         self.text_encoder_source = text_encoder_source
+        # A model's own presets (model_index.json "accel_presets": chosen by measuring it), over the built-in ones.
+        self.accel_presets = dict(accel_presets or {})
         self._variants = {}  # transformed copies of the transformer (int8), made once
         self._init_settings(sampling_defaults, ())
         self.schedule()  # a bad stored default size or pixel budget fails at load, not at the first call
@@ -207,6 +210,7 @@ class InfinityPipeline(Pipeline):
             dtype,
             sampling_defaults=index.get("sampling_defaults"),
             text_encoder_source=None if stored else source,
+            accel_presets=index.get("accel_presets"),
         )
 
     def save_pretrained(
@@ -218,6 +222,8 @@ class InfinityPipeline(Pipeline):
         if isinstance(text, str) and Path(text).is_dir():
             text = self.text_encoder  # a local folder is not portable: store it
         extra = self._saved_settings()
+        if self.accel_presets:
+            extra["accel_presets"] = self.accel_presets
         return save_infinity_native(path, self.transformer, self.vae, text, extra or None, transformer_dtype, overwrite)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> InfinityPipeline:
@@ -443,10 +449,11 @@ class InfinityPipeline(Pipeline):
         return PlanContext(heights, m.depth, None, m.cfg.num_heads, grids=sched.grids, family=self.family)
 
     def _methods(self, accel: AccelArg, sched: InfinitySchedule) -> list[Accel]:
-        """The methods ``accel`` resolves to on ``sched`` (Infinity's built-in presets), those that run here only."""
+        """The methods ``accel`` resolves to on ``sched`` (the model's presets, else Infinity's built-in ones), those
+        that run here only."""
         from nextscale.accel import resolve
 
-        methods = resolve(accel, self.plan_context(sched))
+        methods = resolve(accel, self.plan_context(sched), self.accel_presets)
         for m in methods:
             if m.name == "code":
                 raise InvalidInputError(
@@ -484,7 +491,7 @@ class InfinityPipeline(Pipeline):
 
         sched = self.schedule(None, pn)[0]
         self._methods(accel, sched)
-        return describe(accel, self.plan_context(sched))
+        return describe(accel, self.plan_context(sched), self.accel_presets)
 
     def schedule_plans(self, accel: AccelArg) -> SchedulePlans | None:
         """``accel`` as the engine takes it: a plan for every schedule a request may have (None: exact)."""

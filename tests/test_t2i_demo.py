@@ -1,0 +1,61 @@
+"""The bundled text-to-image model (``demo-fmnist-t2i``): loads by name, draws the two items a prompt asks for on
+their sides (seen prompts, held-out pairs, held-out phrasings), takes any text, and the CLI writes its images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nextscale import InfinityPipeline
+from nextscale.cli.main import main
+from nextscale.eval.classifier import load_classifier
+from nextscale.jobs.prompt_quality import pair_scores, prompt_set, sample_prompts
+from nextscale.models.native import bundled_model_dir
+
+NAME = "demo-fmnist-t2i"
+# Floors well under the measured figures (quality.json, README), for 40 images of each kind: a model that stopped
+# following its prompts (or a sampler that lost the text) falls far below them.
+FLOORS = {"seen": 0.6, "held-out-pairs": 0.15, "held-out-phrasings": 0.3}
+
+
+@pytest.fixture(scope="module")
+def pipe() -> InfinityPipeline:
+    return InfinityPipeline.from_pretrained(NAME)
+
+
+def test_bundled_t2i_model_is_small_and_complete():
+    folder = bundled_model_dir(NAME)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, f"bundled text-to-image model is {size / 2**20:.1f} MB"
+    for name in ("transformer/model.safetensors", "vae/model.safetensors", "text_encoder/config.json", "quality.json"):
+        assert (folder / name).is_file(), name
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "InfinityPipeline"
+    assert index["sampling_defaults"]["size"] == "64x32" and index["sampling_defaults"]["pn"] == "0.04M"
+
+
+def test_loads_by_name_and_draws_a_32x64_canvas(pipe):
+    assert pipe.token_stride == 4 and pipe.image_size == 64
+    out = pipe(["a sneaker on the left and a bag on the right", "a purple giraffe riding a bicycle"], seed=0)
+    assert [im.size for im in out.images] == [(64, 32), (64, 32)]  # any text makes an image (pieces, not refusals)
+    assert out.stats["schedule"]["scales"] == 6 and out.stats["schedule"]["size"] == [32, 64]
+
+
+@pytest.mark.parametrize("kind", list(FLOORS))
+def test_follows_its_prompts(pipe, kind):
+    net = load_classifier(bundled_model_dir("demo-fmnist") / "classifier")
+    asked = prompt_set(kind, 40)
+    images = sample_prompts(pipe, asked, {"seed": 7}, batch_size=40)
+    scores = pair_scores(net, images, asked)
+    assert scores["pair_accuracy"] >= FLOORS[kind], (kind, scores)
+
+
+def test_generate_cli_writes_the_prompted_images(tmp_path):
+    out = tmp_path / "pair.png"
+    argv = ["generate", "--model", NAME, "--prompt", "a bag to the right of a dress", "--num", "2", "-o", str(out)]
+    assert main([*argv, "--seed", "1"]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[0] >= 32 and grid.shape[1] >= 2 * 64
