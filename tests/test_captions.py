@@ -201,10 +201,10 @@ def test_held_out_pairs_keep_each_class_and_mirror_in_training():
 
 def _check_canvases(ds: FashionPairs, items: TensorImageDataset, count: int) -> None:
     s = items.image_size
-    top = s // 2
+    top = 0 if ds.wide else s // 2
     for i in range(count):
         image, caption = ds[i]
-        assert image.shape == (ds.channels, 2 * s, 2 * s)
+        assert image.shape == (ds.channels, s if ds.wide else 2 * s, 2 * s)
         left, right = (items[int(j)] for j in (ds.left_item_N[i], ds.right_item_N[i]))
         assert (left[1], right[1]) == (int(ds.left_label_N[i]), int(ds.right_label_N[i]))
         assert torch.equal(image[:, top : top + s, :s], left[0].expand(ds.channels, -1, -1))
@@ -219,9 +219,12 @@ def test_canvas_halves_are_the_items_on_fake_items():
         rng.integers(0, 256, (40, 7, 7), dtype=np.uint8), np.arange(40) % 10, FASHION_MNIST_CLASSES
     )
     ds = FashionPairs(items, kind="held-out-pairs", seed=1, num=30, channels=3)
-    assert len(ds) == 30 and ds.image_size == 14
+    assert len(ds) == 30 and ds.image_size == 14 and ds.height == 14
     assert {(int(a), int(b)) for a, b in zip(ds.left_label_N, ds.right_label_N)} <= set(HELD_OUT_PAIRS)
     _check_canvases(ds, items, 30)
+    wide = FashionPairs(items, kind="held-out-pairs", seed=1, num=30, wide=True)  # the items alone, no bands
+    assert wide.height == 7 and wide.image_size == 14 and wide.captions == ds.captions
+    _check_canvases(wide, items, 30)
     with pytest.raises(InvalidInputError, match=r"items hold no 'Trouser'"):
         FashionPairs(TensorImageDataset(items.images[:1].permute(0, 2, 3, 1).numpy(), [0], FASHION_MNIST_CLASSES))
 
@@ -254,6 +257,18 @@ def test_fashion_pairs_canvases_match_the_test_items():
     ds = fashion_pairs("test", size=32, seed=3, num=64)
     assert ds.kind == "all" and ds.image_size == 32
     _check_canvases(ds, fashion_mnist("test", size=16), 64)
+
+
+@needs_fashion
+def test_load_captioned_reads_fashion_pairs_wide_and_folders(folder: Path):
+    from nextscale.data import load_captioned
+
+    ds = load_captioned("fashion-pairs", "val", 64)  # "val" is the test split, as load_dataset reads it
+    assert ds[0][0].shape == (1, 32, 64) and ds.kind == "all" and len(ds) == 10_000
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a disc"}) + "\n")
+    assert isinstance(load_captioned(folder, "train", 16), CaptionedImageFolder)
+    with pytest.raises(InvalidInputError, match=r"dataset 'nowhere': not one of fashion-pairs and not a folder"):
+        load_captioned("nowhere")
 
 
 @needs_fashion

@@ -436,7 +436,8 @@ class InfinityTrainConfig(LoopConfig):
     cond_drop: float = 0.1
     bsc_strength: float = 0.3  # the official --noise_apply_strength
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
+    warmup: float = 0.03
     grad_clip: float = 2.0
 
     def __post_init__(self) -> None:
