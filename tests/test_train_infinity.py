@@ -68,19 +68,28 @@ def test_bitwise_self_correction_flips():
     vae = tiny_bsq()
     grids = list(schedule(1.0, "0.04M", stride=4).vae_grids(False))
     h = vae.encode_features(torch.rand(4, 3, 48, 48) * 2 - 1)
+    g = torch.Generator().manual_seed(0)
+
+    def masks(rates: list[float]) -> list[torch.Tensor]:
+        return [torch.rand(4, 1, a, b, 6, generator=g) < r for (a, b), r in zip(grids, rates)]
+
     x0, gt0 = vae.bsc_inputs(h, grids, False)
-    x_none, gt_none = vae.bsc_inputs(h, grids, False, [0.0] * len(grids))
+    x_none, gt_none = vae.bsc_inputs(h, grids, False, masks([0.0] * len(grids)))
     assert torch.equal(x0, x_none) and all(torch.equal(a, b) for a, b in zip(gt0, gt_none))
     # flips at the last scale change no input (nothing follows it) and no target
-    x_last, gt_last = vae.bsc_inputs(h, grids, False, [0.0] * 5 + [0.5], torch.Generator().manual_seed(0))
+    x_last, gt_last = vae.bsc_inputs(h, grids, False, masks([0.0] * 5 + [0.5]))
     assert torch.equal(x_last, x0) and all(torch.equal(a, b) for a, b in zip(gt_last, gt0))
     # flips at scale 2: its own targets stay the true bits; the next input and the later targets correct them
-    rates = [0.0, 0.0, 0.3, 0.0, 0.0, 0.0]
-    x2, gt2 = vae.bsc_inputs(h, grids, False, rates, torch.Generator().manual_seed(0))
+    x2, gt2 = vae.bsc_inputs(h, grids, False, masks([0.0, 0.0, 0.3, 0.0, 0.0, 0.0]))
     assert all(torch.equal(gt2[si], gt0[si]) for si in range(3))
     begin3 = sum(a * b for a, b in grids[1:3])  # x holds the inputs of scales 1.. (scale 0 is the text token)
     assert torch.equal(x2[:, :begin3], x0[:, :begin3]) and not torch.equal(x2[:, begin3:], x0[:, begin3:])
     assert not torch.equal(gt2[3], gt0[3])
+    # the flipped scale's contribution is exactly the codes of the flipped bits: flipping every bit of scale 0
+    # negates its code, which the residual of scale 1 then carries
+    x_all, _ = vae.bsc_inputs(h, grids, False, [torch.ones(4, 1, 1, 1, 6, dtype=torch.bool), *[None] * 5])
+    first = x0[:, :4].reshape(4, 2, 2, 6)  # scale 1's input: scale 0's code upsampled (1x1 -> constant)
+    torch.testing.assert_close(x_all[:, :4].reshape(4, 2, 2, 6), -first)
 
 
 def test_batched_text_attention_matches_the_varlen_one():
@@ -280,3 +289,31 @@ def test_training_flags_are_checked_per_arch(tmp_path, capsys):
     assert "text_encoder is required" in capsys.readouterr().err
     assert main(["train-vae", "--arch", "bsq", "--pn", "3M", "--out-dir", str(tmp_path / "z")]) == 2
     assert "pn must be one of 0.04M" in capsys.readouterr().err
+
+
+def test_two_process_ddp_and_accumulation_match_one_process(trained, tmp_path):
+    """Caption drops and bit flips are drawn for the global batch: 2 DDP processes, and one process accumulating
+    2 micro-batches, train the weights one process does in one batch (also on steps that drop no caption)."""
+    import os
+    import subprocess
+    import sys
+
+    _, inf_args = trained
+    args = [*inf_args, "--steps", "3", "--cond-drop", "0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "nextscale", "train", "--arch", "infinity", *args]
+    subprocess.run([*cli, "--out-dir", str(tmp_path / "one")], check=True, capture_output=True, env=env)
+    subprocess.run([*cli, "--out-dir", str(tmp_path / "acc"), "--grad-accum", "2"], check=True, capture_output=True)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
+    res = subprocess.run(
+        [*ddp, "-m", "nextscale", "train", "--arch", "infinity", *args, "--out-dir", str(tmp_path / "ddp")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ref = load_file(str(tmp_path / "one" / "model" / "transformer" / "model.safetensors"))
+    for run in ("acc", "ddp"):
+        got = load_file(str(tmp_path / run / "model" / "transformer" / "model.safetensors"))
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-4, msg=f"{run}: {k}")

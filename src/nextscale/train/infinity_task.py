@@ -98,15 +98,18 @@ class InfinityTask:
         self.val_ids = torch.tensor([self.text.index[c] for c in val_caps])
 
     # ---- data ------------------------------------------------------------------------------------------------
-    def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images [B, C, H, W], caption ids [B], dropped [B] bool) of this rank for every step from ``start_step``."""
-        world = self.info.world_size
+    def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(images [B, C, H, W], caption ids [B], dropped [B] bool, bit flips [B, bits of all scales] bool) of this
+        rank for every step from ``start_step``. Drops and flips are drawn for the global batch, each rank takes its
+        slice: a run is the same on 1 or N processes and with any gradient accumulation."""
+        world, rank = self.info.world_size, self.info.rank
         for _step, epoch, idx in self.sampler.batches(start_step):
             if hasattr(self.train_ds, "set_epoch"):
                 self.train_ds.set_epoch(epoch)
             drop = torch.rand(len(idx) * world, generator=self.generators["data"]) < self.cfg.cond_drop
+            flips = self.flip_masks(len(idx) * world).view(world, len(idx), -1)[rank]
             imgs = torch.stack([self.train_ds[int(i)][0] for i in idx])
-            yield imgs.to(self.device), self.train_ids[idx], drop.view(world, -1)[self.info.rank]
+            yield imgs.to(self.device), self.train_ids[idx], drop.view(world, -1)[rank], flips
 
     def text_rows(self, model: Infinity, ids: torch.Tensor, drop: torch.Tensor) -> TextFeatures:
         """The batch's text features; a dropped caption becomes the learned null text of its length (trained)."""
@@ -114,30 +117,42 @@ class InfinityTask:
         out = [model.cfg_uncond[: len(r)] if d else r.to(self.device) for r, d in zip(rows, drop.tolist())]
         return TextFeatures(torch.cat(out), tuple(len(r) for r in rows))
 
-    def flip_rates(self) -> list[float]:
-        """One rate per scale from {0, 0.01, .., bsc_strength} (``np.random.randint(0, 100*s + 1) * 0.01``)."""
+    def flip_masks(self, n: int) -> torch.Tensor:
+        """Which bits of ``n`` images Bitwise Self-Correction flips, [n, bits of all scales] (scale by scale, each
+        [h, w, d] flattened): each scale at one rate from {0, 0.01, .., bsc_strength} for the whole batch (the
+        official ``np.random.randint(0, 100*s + 1) * 0.01``)."""
+        gen, d = self.generators["flips"], self.vae.bits
         top = round(100 * self.cfg.bsc_strength)
-        draws = torch.randint(0, top + 1, (len(self.vae_grids),), generator=self.generators["flips"])
-        return [0.01 * int(v) for v in draws]
+        rates = torch.randint(0, top + 1, (len(self.vae_grids),), generator=gen).float() * 0.01
+        return torch.cat([torch.rand(n, h * w * d, generator=gen) < r for (h, w), r in zip(self.vae_grids, rates)], 1)
 
-    def inputs(self, imgs: torch.Tensor, flips: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forcing input [B, L-1, d] and target bits [B, L, d] of ``imgs``."""
+    def inputs(self, imgs: torch.Tensor, flips_BN: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forcing input [B, L-1, d] and target bits [B, L, d] of ``imgs``, with the bit flips ``flips_BN``
+        (``flip_masks``; None: the exact tokens)."""
+        masks = None
+        if flips_BN is not None:
+            B, d = len(imgs), self.vae.bits
+            sizes = [h * w * d for h, w in self.vae_grids]
+            masks = [m.view(B, 1, h, w, d) for m, (h, w) in zip(flips_BN.split(sizes, 1), self.vae_grids)]
         with torch.no_grad():
             h = self.vae.encode_features(imgs)
-            x, gt = self.vae.bsc_inputs(h, self.vae_grids, self.vae.cfg.patchify, flips, self.generators["flips"])
+            x, gt = self.vae.bsc_inputs(h, self.vae_grids, self.vae.cfg.patchify, masks)
         return x, torch.cat(gt, 1)
 
     # ---- loss --------------------------------------------------------------------------------------------------
     def loss(
         self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], step: int, micro: int, n: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        imgs, ids, drop = (t.chunk(n)[micro] for t in batch)
+        imgs, ids, drop, flips = (t.chunk(n)[micro] for t in batch)
         inf = dist.unwrap(model)
         assert isinstance(inf, Infinity)
-        x_in, gt_BLd = self.inputs(imgs, self.flip_rates() if self.cfg.bsc_strength > 0 else None)
+        x_in, gt_BLd = self.inputs(imgs, flips)
         logits = model(self.text_rows(inf, ids, drop), x_in, self.schedule, pad_to=1)
         ce_BLd = bit_ce(logits, gt_BLd)
-        loss = ce_BLd.mean()
+        # The null text is used outside the module's forward (it replaces dropped captions); a zero term keeps it in
+        # every step's graph, so DDP, which expects a gradient for every parameter, also gets one on a step that
+        # dropped no caption.
+        loss = ce_BLd.mean() + 0.0 * inf.cfg_uncond[0, 0]
         with torch.no_grad():
             B, L, d = gt_BLd.shape
             acc = (logits.reshape(B, L, d, 2).argmax(-1) == gt_BLd).float().mean().item()

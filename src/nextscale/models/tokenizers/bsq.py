@@ -382,17 +382,15 @@ class BSQVAE(nn.Module):
         h_BdHW: torch.Tensor,
         grids: Sequence[Grid],
         patchify: bool,
-        flip_rates: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+        flips: Sequence[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher-forcing data as ``BitwiseSelfCorrection.flip_requant``: the transformer input of scales 1..
         ``x_BLd_wo_prefix`` [B, L - 1, d_t] and the target bits of every scale [B, l, d_t].
 
-        ``flip_rates[si]`` (training; None: no flips, the exact tokens): scale si's bits are flipped with that
-        probability (``generator`` draws which) before they join the running sum, as a sampler's mistakes would;
-        later scales quantise the residual left by the flipped sum, so their targets are the bits that correct
-        the mistakes (Bitwise Self-Correction, Infinity section 3.3). Each scale's target is its bits before the
-        flips."""
+        ``flips[si]`` (training; None: no flips, the exact tokens): a bool mask of scale si's bits [B, 1, h, w, d]
+        to flip before they join the running sum, as a sampler's mistakes would; later scales quantise the residual
+        left by the flipped sum, so their targets are the bits that correct the mistakes (Bitwise Self-Correction,
+        Infinity section 3.3). Each scale's target is its bits before the flips."""
         codes = h_BdHW.unsqueeze(2)
         B, last = codes.shape[0], len(grids) - 1
         cum: torch.Tensor | int = 0
@@ -403,10 +401,9 @@ class BSQVAE(nn.Module):
                 residual = F.interpolate(residual, size=(1, *grid), mode="area").contiguous()
             q, bits = bsq_quantize(residual)
             bits_list.append(bits)
-            rate = 0.0 if flip_rates is None else float(flip_rates[si])
-            if rate > 0:
-                flip = torch.rand(bits.shape, generator=generator, device="cpu").to(bits.device) < rate
-                q = bits_to_codes(torch.where(flip, 1 - bits, bits).float())
+            flip = None if flips is None else flips[si]
+            if flip is not None:
+                q = bits_to_codes(torch.where(flip.to(bits.device), 1 - bits, bits).float())
             cum = cum + upsample_codes(q, grids[-1]).contiguous()
             if si < last:
                 assert isinstance(cum, torch.Tensor)
