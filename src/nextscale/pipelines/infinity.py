@@ -351,8 +351,9 @@ class InfinityPipeline(Pipeline):
         each a number or one value per scale; ``top_k`` matters only as 1 (greedy bits), ``top_p`` (0.97) fixes a
         bit whose other value is at most 3% likely. ``negative_prompt``: replaces the learned null text of the
         unguided branch (one for all prompts, or one each). ``size``: (height, width) pixels, 'WIDTHxHEIGHT' or
-        'W:H' -> the nearest aspect template, at ``pn`` pixels ("0.06M", "0.25M", "0.60M", "1M"; default the
-        model's); ``stats["schedule"]`` says what ran. ``cfg_insertion_layer=-k`` guides the hidden states after
+        'W:H' -> the nearest aspect template (default: the model's size, else square), at ``pn`` pixels ("0.04M",
+        "0.06M", "0.25M", "0.60M", "1M" at 16 px per token; default the model's); ``stats["schedule"]`` says what
+        ran. ``cfg_insertion_layer=-k`` guides the hidden states after
         block depth-k instead of the logits. With ``rng="per_image"`` image i draws from a generator seeded by
         (seed, first_image_index + i); ``"official"`` draws the batch from one generator as the official code.
         ``accel``: acceleration plug-ins, as VAR's (spec strings, plug-in objects or a preset: ``"exact"``,

@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nextscale.data import ShardedBatchSampler, load_captioned, load_dataset
+from nextscale.data.captions import METADATA_FILES
 from nextscale.data.load import CAPTIONED_BUILTIN
 from nextscale.errors import ConfigError
 from nextscale.models.infinity_scales import schedule
@@ -41,13 +43,13 @@ from nextscale.train.vae_task import psnr
 log = logging.getLogger("nextscale.train")
 
 
-def images_dataset(cfg: BSQTrainConfig, split: str):
-    """The images of ``cfg.data`` (captions or labels are ignored): a captioned set or a labelled one."""
-    name = str(cfg.data).strip().lower()
+def images_dataset(cfg: BSQTrainConfig, split: str) -> Any:
+    """The images of ``cfg.data`` (their captions or labels are not used): a captioned set (``fashion-pairs``, a
+    folder with a metadata file) or a labelled one (``fashion-mnist``, ``mnist5k``, a class-folder tree)."""
     folder = Path(cfg.data)
-    if name in CAPTIONED_BUILTIN or (
-        folder.is_dir() and any((folder / f).is_file() for f in ("metadata.jsonl", "metadata.csv"))
-    ):
+    captioned = str(cfg.data).strip().lower() in CAPTIONED_BUILTIN
+    captioned = captioned or (folder.is_dir() and any((folder / f).is_file() for f in METADATA_FILES))
+    if captioned:
         return load_captioned(cfg.data, split, cfg.image_size, cfg.in_channels, root=cfg.data_root, seed=cfg.seed)
     return load_dataset(cfg.data, split, cfg.image_size, cfg.in_channels, root=cfg.data_root, seed=cfg.seed)
 
