@@ -21,7 +21,9 @@ Prints markdown tables and writes JSON.
 held-out phrasings (the bundled demo classifier reads each half) and the halves' Fréchet distance to real test items
 (``jobs.prompt_quality``)::
 
-    python benchmarks/bench_infinity.py --part fidelity --images 300
+    python benchmarks/bench_infinity.py --part fidelity --images 300 --batch 32 --reps 3
+
+and the wall clock of each method there (``--batch`` seen prompts per repetition, interleaved with exact).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ METHODS = {
     "cfg-cutoff:last=3 + fastvar:skip=": ["cfg-cutoff:last=3", "fastvar:skip="],
     "cfg-cutoff:last=3 + fastvar": ["cfg-cutoff:last=3", "fastvar"],
     "cfg-cutoff:last=4 + fastvar:skip=": ["cfg-cutoff:last=4", "fastvar:skip="],
+    # candidates for models of few scales (the text-to-image demo's 6: its last two are 85 % of the tokens)
+    "cfg-cutoff:last=2": ["cfg-cutoff:last=2"],
+    "cfg-cutoff:last=2 + fastvar:skip=": ["cfg-cutoff:last=2", "fastvar:skip="],
 }
 TEXT_TOKENS = 32
 
@@ -147,9 +152,12 @@ def bench_shape(
     return cells, f"### {title}\n\n{table}\n"
 
 
-def fidelity(model: str, names: list[str], images: int, seed: int) -> tuple[dict[str, Any], str]:
-    """Prompt following and FD of every method on ``model``, with exact's prompts and seeds."""
+def fidelity(
+    model: str, names: list[str], images: int, seed: int, reps: int, speed_batch: int
+) -> tuple[dict[str, Any], str]:
+    """Prompt following and FD of every method on ``model``, with exact's prompts and seeds; and its speed."""
     from nextscale.data import fashion_mnist
+    from nextscale.data.captions import prompts
     from nextscale.eval.classifier import load_classifier
     from nextscale.jobs.prompt_quality import KINDS, prompt_quality, real_item_scale
     from nextscale.models.native import bundled_model_dir
@@ -176,9 +184,20 @@ def fidelity(model: str, names: list[str], images: int, seed: int) -> tuple[dict
         cells.append(f"{r['fd_ratio']:.2f}x")
         rows.append(cells)
         print(" | ".join(cells), flush=True)
+    # Wall clock on this model, interleaved with exact: one batch of ``speed_batch`` seen prompts per repetition.
+    asked = [p for p, _, _ in prompts("seen")[:speed_batch]]
+    cells = [Cell(name, {"batch": speed_batch}) for name in names]
+
+    def run(name: str) -> Any:
+        return lambda: pipe(asked, seed=seed, accel=METHODS[name] or None, output_type="pt")
+
+    interleave(cells, [run(n) for n in names], reps)
+    for row, c in zip(rows, cells):
+        row.append(f"{cells[0].median_s / c.median_s:.2f}x")
+        reports[c.name]["wall"] = c.to_dict()
     d = pipe.sampling_defaults
     title = f"fidelity on {model}: {images} images per prompt kind, seed {seed}, cfg {d['cfg']}, tau {d['tau']}"
-    headers = ["method", *(f"pairs {k} %" for k in KINDS), "FD halves / real"]
+    headers = ["method", *(f"pairs {k} %" for k in KINDS), "FD halves / real", f"x exact (wall, batch {speed_batch})"]
     return {"real_fd": scale, "reports": reports}, f"### {title}\n\n{markdown_table(headers, rows)}\n"
 
 
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info}; GEMM peak GFLOP/s: bf16 {peaks['bf16']:.0f}, fp32 {peaks['fp32']:.0f}", flush=True)
     out: dict[str, Any] = {"machine": info, "gemm_peak_gflops": peaks, "dtype": str(dtype), "shapes": {}}
     if args.part == "fidelity":
-        result, text = fidelity(args.model, names, args.images, args.seed)
+        result, text = fidelity(args.model, names, args.images, args.seed, args.reps, args.batch)
         print(text, flush=True)
         out["fidelity"] = {"table": text, **result}
         print(f"wrote {write_json(args.json, out)}")
