@@ -41,6 +41,7 @@ from nextscale.eval.classifier import load_classifier
 from nextscale.fileio import atomic_folder
 from nextscale.jobs.prompt_quality import KINDS, prompt_quality, real_item_scale
 from nextscale.models.native import bundled_model_dir
+from nextscale.models.text_encoder import save_tokenizer
 from nextscale.pipelines.infinity import InfinityPipeline
 from nextscale.train.config import BSQTrainConfig, InfinityTrainConfig
 from nextscale.train.runner import run_training
@@ -71,7 +72,7 @@ def build_text_encoder(folder: Path, steps: int, seed: int) -> dict:
 
     def fill(tmp: Path) -> None:
         encoder.encoder.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+        save_tokenizer(tok, tmp)
         (tmp / "slots.json").write_text(json.dumps(report, indent=2) + "\n")
 
     atomic_folder(folder, fill, ("slots.json",), overwrite=False)

@@ -16,9 +16,14 @@ from nextscale.jobs.prompt_quality import pair_scores, prompt_set, sample_prompt
 from nextscale.models.native import bundled_model_dir
 
 NAME = "demo-fmnist-t2i"
-# Floors well under the measured figures (quality.json, README), for 40 images of each kind: a model that stopped
-# following its prompts (or a sampler that lost the text) falls far below them.
-FLOORS = {"seen": 0.6, "held-out-pairs": 0.15, "held-out-phrasings": 0.3}
+# Floors well under the measured figures (quality.json, README: 76 % and 60 % of pairs; 55 % of right halves for
+# held-out phrasings, whose pairs it mostly misses) for 40 images of each kind; chance is 1 % of pairs, 10 % of halves.
+# A model that stopped following its prompts (or a sampler that lost the text) falls far below them.
+FLOORS = {
+    "seen": ("pair_accuracy", 0.5),
+    "held-out-pairs": ("pair_accuracy", 0.3),
+    "held-out-phrasings": ("right_accuracy", 0.3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,8 @@ def test_follows_its_prompts(pipe, kind):
     asked = prompt_set(kind, 40)
     images = sample_prompts(pipe, asked, {"seed": 7}, batch_size=40)
     scores = pair_scores(net, images, asked)
-    assert scores["pair_accuracy"] >= FLOORS[kind], (kind, scores)
+    metric, floor = FLOORS[kind]
+    assert scores[metric] >= floor, (kind, scores)
 
 
 def test_generate_cli_writes_the_prompted_images(tmp_path):
@@ -59,3 +65,13 @@ def test_generate_cli_writes_the_prompted_images(tmp_path):
     assert main([*argv, "--seed", "1"]) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape[0] >= 32 and grid.shape[1] >= 2 * 64
+
+
+def test_its_presets_are_the_ones_measured_on_it(pipe):
+    """On 6 scales the last two hold 85 % of the tokens: the built-in presets (made for 13) cost it 48-70 points,
+    so the model carries its own, measured with bench_infinity --part fidelity (benchmarks/RESULTS.md)."""
+    assert pipe.describe_accel("balanced").specs == ()
+    fast = pipe.describe_accel("fast")
+    assert fast.specs == ("hack",) and fast.source == "model's tuned preset"
+    out = pipe(["a coat on the left and a sandal on the right"], seed=2, accel="fast")
+    assert out.stats["resolved"]["specs"] == ["hack"]

@@ -111,13 +111,15 @@ def captions(n: int = 40) -> list[str]:
 
 @pytest.fixture(scope="module")
 def text_encoder_dir(tmp_path_factory) -> Path:
+    from nextscale.models.text_encoder import save_tokenizer
     from nextscale.train.text_encoder import TinyT5Config, caption_tokenizer, tiny_t5
 
     folder = tmp_path_factory.mktemp("t5")
     tok = caption_tokenizer(captions())
     enc = tiny_t5(tok, TinyT5Config(d_model=128, num_layers=1, num_heads=2, d_ff=128))
     enc.encoder.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tokenizer(tok, folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     return folder
 
 

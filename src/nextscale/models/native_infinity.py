@@ -18,7 +18,7 @@ from nextscale.fileio import atomic_folder
 from nextscale.models.infinity import Infinity, InfinityConfig
 from nextscale.models.infinity_weights import build_bsq_vae, build_infinity, check_infinity_pair
 from nextscale.models.native import INDEX, WEIGHTS, read_json, read_weights, write_component, write_index
-from nextscale.models.text_encoder import TextEncoder
+from nextscale.models.text_encoder import TextEncoder, save_tokenizer
 from nextscale.models.tokenizers.bsq import BSQVAE, BSQVAEConfig
 
 PIPELINE = "InfinityPipeline"
@@ -46,7 +46,9 @@ def save_infinity_native(
         components: dict[str, Any] = {"transformer": ["nextscale", "Infinity"], "vae": ["nextscale", "BSQVAE"]}
         if isinstance(text_encoder, TextEncoder):
             components[TEXT_ENCODER] = ["transformers", type(text_encoder.encoder).__name__]
-            components[TOKENIZER] = ["transformers", type(text_encoder.tokenizer).__name__]
+            name = type(text_encoder.tokenizer).__name__
+            # transformers 5's generic fast tokenizer class; 4.x knows it as PreTrainedTokenizerFast (save_tokenizer)
+            components[TOKENIZER] = ["transformers", "PreTrainedTokenizerFast" if name == "TokenizersBackend" else name]
         else:
             components[SOURCE_KEY] = str(text_encoder)
         write_index(tmp, PIPELINE, {**components, **(extra_index or {})})
@@ -54,7 +56,7 @@ def save_infinity_native(
         write_component(tmp, "vae", vae, None, _Config(vae.cfg))
         if isinstance(text_encoder, TextEncoder):
             text_encoder.encoder.save_pretrained(tmp / TEXT_ENCODER, safe_serialization=True)
-            text_encoder.tokenizer.save_pretrained(tmp / TOKENIZER)
+            save_tokenizer(text_encoder.tokenizer, tmp / TOKENIZER)
 
     return atomic_folder(Path(path), fill, (INDEX,), overwrite)
 

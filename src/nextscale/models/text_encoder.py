@@ -9,6 +9,7 @@ when an encoder is built (the ``t2i`` extra).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,18 @@ class TextFeatures:
         if len(parts) == 1:
             return parts[0]
         return TextFeatures(torch.cat([p.kv_compact for p in parts]), tuple(n for p in parts for n in p.lens))
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """``tokenizer.save_pretrained(folder)``, loadable by transformers 4 and 5: transformers 5 names a generic fast
+    tokenizer's class ``TokenizersBackend``, which 4.x does not know; ``PreTrainedTokenizerFast`` both load."""
+    tokenizer.save_pretrained(folder)
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _transformers() -> ModuleType:
