@@ -176,7 +176,8 @@ def test_train_vae_makes_a_single_scale_tokenizer(tokenizer):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--arch", "nope"], "arch must be one of var, llamagen, got 'nope'"),
+        (["train", "--arch", "nope"], "arch must be one of var, llamagen, infinity, got 'nope'"),
+        (["train-vae", "--arch", "nope"], "arch must be one of msvq, bsq, got 'nope'"),
         (
             ["train", "--arch", "llamagen", "--tokenizer", "t", "--loss-from-scale", "2", "--mlp-ratio", "2"],
             "--mlp-ratio, --loss-from-scale: not a setting of --arch llamagen",

@@ -175,7 +175,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "$XDG_CACHE_HOME/nextscale, else ~/.cache/nextscale (deleting it only costs the tokenizing again)."
             )
         p = sub.add_parser(name, help=text, description=description)
-        p.add_argument("--arch", default=next(iter(archs)), choices=tuple(archs), help=arch_help)
+        p.add_argument("--arch", default=next(iter(archs)), help=arch_help)
         add_config_args(p, *classes)
         p.add_argument("--plot", action="store_true", help="write loss.png from metrics.jsonl at the end")
         p.add_argument(
