@@ -156,6 +156,18 @@ def schedule(h_div_w: float, pn: str = "1M", stride: int = TOKEN_STRIDE) -> Infi
     return InfinitySchedule(template, pn, _TEMPLATE_GRIDS[template][: PN_SCALES[pn]], stride)
 
 
+def image_schedule(height: int, width: int, pn: str, stride: int) -> InfinitySchedule:
+    """The schedule whose last grid makes ``height`` x ``width`` pixel images (its aspect template at ``pn``)."""
+    sched = schedule(height / width, pn, stride)
+    if sched.image_size != (height, width):
+        h, w = sched.image_size
+        raise ConfigError(
+            f"images are {height}x{width} px; the pn {pn} schedule of their aspect template makes {h}x{w} px at "
+            f"{stride} px per token: pick --pn or --image-size"
+        )
+    return sched
+
+
 def template_sizes(pn: str, stride: int = TOKEN_STRIDE) -> dict[str, InfinitySchedule]:
     """'WIDTHxHEIGHT' (pixels, OpenAI's order) -> schedule, for every template at ``pn``, in template order."""
     out = {}

@@ -33,7 +33,7 @@ from nextscale.data import ShardedBatchSampler, load_captioned, load_dataset
 from nextscale.data.captions import METADATA_FILES
 from nextscale.data.load import CAPTIONED_BUILTIN
 from nextscale.errors import ConfigError
-from nextscale.models.infinity_scales import schedule
+from nextscale.models.infinity_scales import image_schedule
 from nextscale.models.native_infinity import save_bsq_tokenizer
 from nextscale.models.tokenizers.bsq import BSQVAE, Grid, bits_to_codes, upsample_codes
 from nextscale.train import dist
@@ -66,12 +66,7 @@ class BSQTask:
         stride = vae_cfg.token_stride
         if height % stride or width % stride:
             raise ConfigError(f"images of {height}x{width} px do not divide into {stride} px tokens")
-        sched = schedule(height / width, cfg.pn, stride)
-        if sched.image_size != (height, width):
-            raise ConfigError(
-                f"images are {height}x{width} px; the {cfg.pn} schedule of their aspect template makes "
-                f"{sched.image_size[0]}x{sched.image_size[1]} px at {stride} px per token: pick --pn or --image-size"
-            )
+        sched = image_schedule(height, width, cfg.pn, stride)
         self.schedule = sched
         self.grids = list(sched.vae_grids(vae_cfg.patchify))
         torch.manual_seed(cfg.seed)
@@ -115,7 +110,7 @@ class BSQTask:
         for chunk in imgs.split(128):
             h = vae.encode_features(chunk)
             _, bits_list = vae.quantize(h, self.grids)
-            _, summed = _prefix_sums(bits_list, self.grids)
+            summed = _prefix_sums(bits_list, self.grids)
             for si, s in enumerate(summed):
                 prefix_recons[si].append(vae.decode(s))
             ones += torch.stack([b.reshape(-1, vae.bits).float().mean(0) for b in bits_list]).mean(0).cpu()
@@ -139,16 +134,13 @@ class BSQTask:
         return save_bsq_tokenizer(out_dir / self.cfg.export_name, vae, extra)
 
 
-def _prefix_sums(bits_list: list[torch.Tensor], grids: list[Grid]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _prefix_sums(bits_list: list[torch.Tensor], grids: list[Grid]) -> list[torch.Tensor]:
     """The decoder input after each scale (codes from the bits, upsampled and summed as sampling does)."""
     full = grids[-1]
-    total: torch.Tensor | None = None
+    total: torch.Tensor | float = 0.0
     sums = []
     for bits, grid in zip(bits_list, grids):
         codes = bits_to_codes(bits)
-        if grid != full:
-            codes = upsample_codes(codes, full)
-        total = codes if total is None else total + codes
+        total = total + (codes if grid == full else upsample_codes(codes, full))
         sums.append(total.squeeze(2))
-    assert total is not None
-    return total.squeeze(2), sums
+    return sums

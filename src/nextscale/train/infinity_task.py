@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.data import ShardedBatchSampler, load_captioned
-from nextscale.errors import ConfigError
 from nextscale.models.infinity import Infinity
-from nextscale.models.infinity_scales import InfinitySchedule, schedule
+from nextscale.models.infinity_scales import InfinitySchedule, image_schedule
 from nextscale.models.native_infinity import load_bsq_tokenizer, save_infinity_native
 from nextscale.models.text_encoder import TextEncoder, TextFeatures
 from nextscale.train import dist
@@ -38,18 +37,6 @@ from nextscale.train.config import InfinityTrainConfig
 from nextscale.train.text_cache import cached_caption_features
 
 log = logging.getLogger("nextscale.train")
-
-
-def image_schedule(height: int, width: int, pn: str, stride: int) -> InfinitySchedule:
-    """The schedule whose last grid makes ``height`` x ``width`` pixel images (its aspect template at ``pn``)."""
-    sched = schedule(height / width, pn, stride)
-    if sched.image_size != (height, width):
-        h, w = sched.image_size
-        raise ConfigError(
-            f"images are {height}x{width} px; the pn {pn} schedule of their aspect template makes {h}x{w} px at "
-            f"{stride} px per token: pick --pn or --image-size"
-        )
-    return sched
 
 
 def size_text(sched: InfinitySchedule) -> str:
