@@ -7,8 +7,10 @@ Data: ``fashion-pairs``, two Fashion-MNIST train items side by side on a 32 x 64
 ("a sneaker on the left and a bag on the right", "bag to the right of sneaker", ...); ten ordered pairs and two
 phrasings never appear in training (``data.captions``).
 
-1. text encoder: a byte-pair tokenizer built from the training captions and a 2-layer, width-128 T5 encoder, trained
-   to read which item each caption puts on each side (``train.text_encoder.train_slots``), then frozen;
+1. text encoder: a 4-layer, width-128 T5 encoder and a byte-pair tokenizer, trained to read which item a caption puts
+   on each side (``train.text_encoder.train_slots``) from captions of the training pairs drawn from a phrasing
+   grammar that has the six seen phrasings as instances (``data.captions.varied_captions``: never a held-out
+   phrasing or a word only those have), then frozen;
 2. tokenizer: Infinity's bitwise BSQ-VAE (16 bits per latent pixel, 4 px per token: Infinity's "0.04M" grids,
    1x1 .. 8x16, are the 32 x 64 canvas) with ``train-vae --arch bsq``;
 3. transformer: an Infinity of depth 6, width 192 with ``train --arch infinity`` (bit labels, Bitwise
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from nextscale.data import fashion_mnist, fashion_pairs
-from nextscale.data.captions import prompts
+from nextscale.data.captions import prompts, varied_captions
 from nextscale.eval.classifier import load_classifier
 from nextscale.fileio import atomic_folder
 from nextscale.jobs.prompt_quality import KINDS, prompt_quality, real_item_scale
@@ -47,21 +49,23 @@ from nextscale.train.runner import run_training
 from nextscale.train.text_encoder import TinyT5Config, caption_tokenizer, slot_accuracy, tiny_t5, train_slots
 
 ROOT = Path(__file__).resolve().parents[1]
+TEXT_ENCODER = TinyT5Config(num_layers=4)
 log = logging.getLogger("build_t2i")
 
 
 def build_text_encoder(folder: Path, steps: int, seed: int) -> dict:
-    """Steps 1: tokenizer + tiny T5 trained to read the slots of the training captions, saved to ``folder``."""
+    """Step 1: tokenizer + tiny T5 trained to read the slots of grammar captions of the training pairs, saved to
+    ``folder``."""
     report_path = folder / "slots.json"
     if report_path.is_file():
         return json.loads(report_path.read_text())
     train = fashion_pairs("train", 64, wide=True)
-    captions = train.captions
     slots = torch.stack([train.left_label_N, train.right_label_N], dim=1)
-    tok = caption_tokenizer(list(dict.fromkeys(captions)))
-    encoder = tiny_t5(tok, TinyT5Config(), seed=seed)
+    captions, said = varied_captions(slots, seed=seed)
+    tok = caption_tokenizer(list(dict.fromkeys(train.captions + captions)))
+    encoder = tiny_t5(tok, TEXT_ENCODER, seed=seed)
     t0 = time.perf_counter()
-    heads, last = train_slots(encoder, captions, slots, [10, 10], steps=steps, lr=2e-3, seed=seed)
+    heads, last = train_slots(encoder, captions, said, [10, 10], steps=steps, lr=1e-3, seed=seed)
     report = {"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "train_last_step": last}
     for kind in KINDS:
         ps = prompts(kind)
@@ -82,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "runs" / "t2i"), help="run folders (checkpoints, metrics)")
     p.add_argument("--out", default=str(bundled_model_dir("demo-fmnist-t2i")))
-    p.add_argument("--text-steps", type=int, default=2500)
+    p.add_argument("--text-steps", type=int, default=5000)
     p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--steps", type=int, default=1500, help="transformer steps (64 canvases each)")
-    p.add_argument("--cfgs", default="1,2,3,4", help="guidance values to evaluate")
+    p.add_argument("--steps", type=int, default=2000, help="transformer steps (64 canvases each)")
+    p.add_argument("--cfgs", default="3,4,5,6", help="guidance values to evaluate")
     p.add_argument("--taus", default="0.5,1.0", help="temperatures to evaluate (grid with --cfgs)")
     p.add_argument("--images", type=int, default=300, help="images per prompt kind for each setting")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.save_pretrained(tmp_out, transformer_dtype=torch.float16)
     build = {
         "command": "python scripts/build_t2i_model.py " + " ".join(sys.argv[1:]),
-        "text_encoder": {"steps": args.text_steps, "config": TinyT5Config().__dict__},
+        "text_encoder": {"steps": args.text_steps, "config": TEXT_ENCODER.__dict__},
         "tokenizer": vae_cfg.to_dict(),
         "transformer": inf_cfg.to_dict(),
         "seconds": times,

@@ -4,6 +4,7 @@ canvas layout, determinism, prompt parsing)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,16 @@ from nextscale.data import (
     parse_pair_prompt,
     prompts,
 )
-from nextscale.data.captions import SEEN_TEMPLATES, SYNONYMS, TEMPLATES, _fill, _matches
+from nextscale.data.captions import (
+    _KNOWN_WORDS,
+    _NOUNS,
+    SEEN_TEMPLATES,
+    SYNONYMS,
+    TEMPLATES,
+    _fill,
+    _matches,
+    varied_captions,
+)
 from nextscale.errors import InvalidInputError
 from nextscale.labels import resolve_label
 
@@ -188,6 +198,64 @@ def test_prompt_kinds():
     assert len(HELD_OUT_TEMPLATES) == len(held_t)
     with pytest.raises(InvalidInputError, match=r"kind must be one of seen, .*; got 'unseen'"):
         prompts("unseen")
+
+
+def _read_varied(text: str) -> tuple[int, int]:
+    """The pair a ``varied_captions`` caption says, read by the grammar's rules independently of the generator: a
+    side label ("left:") binds to the next noun, any other side word to the noun before it, and a relative clause
+    ("... to the left of ...") to its first noun; a noun with no side takes the other's, two bare ones read left
+    to right; the side a caption of one item leaves out reads -1."""
+    nouns = "|".join(re.escape(n) for n in sorted(_NOUNS, key=len, reverse=True))
+    found = [(m.group(1), m.group(2), m.group(3)) for m in re.finditer(rf"\b({nouns})\b|\b(left|right)\b(:?)", text)]
+    classes = [_NOUNS[n] for n, _, _ in found if n]
+    assert len(classes) in (1, 2), text
+    side: dict[int, str] = {}
+    seen_nouns = 0
+    for noun, word, label in found:
+        if noun:
+            seen_nouns += 1
+        elif label:
+            side[seen_nouns] = word  # the next noun
+        elif " of " in text:
+            side[0] = word
+        else:
+            assert seen_nouns, text
+            side[seen_nouns - 1] = word
+    if not side:
+        return classes[0], classes[1]
+    k, word = next(iter(side.items()))
+    if len(classes) == 1:
+        return (classes[0], -1) if word == "left" else (-1, classes[0])
+    if len(side) == 2:
+        assert side[0] != side[1], text
+    on_left = k if word == "left" else 1 - k
+    return classes[on_left], classes[1 - on_left]
+
+
+def test_varied_captions_say_their_pair_and_keep_the_hold_outs_out():
+    pairs = torch.tensor([[a, b] for a, b in np.ndindex(10, 10)] * 30)
+    plain, said = varied_captions(pairs, seed=3, fillers=0.0)
+    assert plain == varied_captions(pairs, seed=3, fillers=0.0)[0] != varied_captions(pairs, seed=4, fillers=0.0)[0]
+    one = (said < 0).any(1)
+    assert 0.1 < one.float().mean() < 0.25 and not (said < 0).all(1).any()  # one in six names a single item
+    assert torch.equal(said[~one], pairs[~one]) and torch.equal(said.clamp(min=0) + pairs * (said < 0), pairs)
+    for text, truth in zip(plain, said.tolist()):
+        assert _read_varied(text) == tuple(truth), text
+    # the six seen phrasings are instances of the grammar; the held-out ones never come out of it
+    assert {t for text in plain for t, _, _ in _matches(text)} == set(range(len(SEEN_TEMPLATES)))
+    padded, said_padded = varied_captions(pairs, seed=3, fillers=0.5)
+    words = [set(re.findall(r"[a-z]+", text)) for text in padded]
+    assert not any(w & {"with", "its"} for w in words)
+    assert not any(t >= len(SEEN_TEMPLATES) for text in padded for t, _, _ in _matches(text))
+    known = re.compile(rf"\b({'|'.join(sorted(_KNOWN_WORDS))})\b")
+    made_up = [len(re.findall(r"[a-z]+", text)) - len(known.findall(text)) for text in padded]
+    assert 0.3 < sum(n > 0 for n in made_up) / len(made_up) < 0.7  # about half get a made-up word
+    for text, truth in zip(padded, said_padded.tolist()):
+        assert _read_varied(text) == tuple(truth), text  # made-up words never change what a caption says
+    with pytest.raises(InvalidInputError, match=r"fillers must be a probability in \[0, 1\), got 1.5"):
+        varied_captions(pairs, fillers=1.5)
+    with pytest.raises(InvalidInputError, match=r"pairs_N2 must be \[N, 2\] \(left, right class\), got \(3,\)"):
+        varied_captions(torch.zeros(3, dtype=torch.long))
 
 
 def test_held_out_pairs_keep_each_class_and_mirror_in_training():

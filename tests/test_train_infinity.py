@@ -132,6 +132,9 @@ def test_caption_tokenizer_reads_any_text(text_encoder_dir):
     assert ids == tok("a ring on the left and a cross on the right").input_ids  # lowercased
     assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0
     assert len(ids) == 12  # one token per caption word, then </s>
+    labelled = tok("left: a ring, right: a cross").input_ids  # punctuation is its own token: "left:" is "left"
+    assert tok.convert_ids_to_tokens(labelled[:5]) == ["▁left", ":", "▁a", "▁ring", ","]
+    assert (labelled[0], labelled[3], labelled[5]) == (ids[4], ids[1], ids[10])  # the words of "... on the left"
     unseen = tok("a purple giraffe!").input_ids
     assert tok.unk_token_id not in unseen and len(unseen) > 4  # pieces, not <unk>
     feats = enc.encode(["a ring on the left and a cross on the right", "giraffe"], pad_to_max_length=False)
@@ -140,16 +143,23 @@ def test_caption_tokenizer_reads_any_text(text_encoder_dir):
 
 def test_slot_training_changes_the_encoder_and_freezes_it(text_encoder_dir):
     from nextscale.models.text_encoder import TextEncoder
-    from nextscale.train.text_encoder import slot_accuracy, train_slots
+    from nextscale.train.text_encoder import SlotHeads, slot_accuracy, train_slots
 
     enc = TextEncoder.from_pretrained(text_encoder_dir)
     caps = captions(36)
     slots = torch.tensor([[i % 3, (i // 3) % 3] for i in range(36)])
     before = {k: v.clone() for k, v in enc.encoder.state_dict().items()}
-    heads, last = train_slots(enc, caps, slots, [3, 3], steps=40, batch_size=16, lr=3e-3)
+    unsaid = slots.clone()
+    unsaid[:, 1] = -1  # no caption says slot 1: it gets no loss, so its head never moves
+    torch.manual_seed(0)
+    heads, last = train_slots(enc, caps, unsaid, [3, 3], steps=40, batch_size=16, lr=3e-3)
     assert not enc.encoder.training and not any(p.requires_grad for p in enc.encoder.parameters())
     assert any(not torch.equal(before[k], v) for k, v in enc.encoder.state_dict().items())
     assert 0.0 <= slot_accuracy(enc, heads, caps, slots) <= 1.0 and last["loss"] > 0
+    torch.manual_seed(0)  # the heads' initialisation, as train_slots drew it
+    fresh = SlotHeads(128, [3, 3])
+    assert torch.equal(heads.heads[1].weight, fresh.heads[1].weight)
+    assert not torch.equal(heads.heads[0].weight, fresh.heads[0].weight)
     with pytest.raises(Exception, match="slots_NS must be"):
         train_slots(enc, caps, slots[:5], [3, 3], steps=1)
 

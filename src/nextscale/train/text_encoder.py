@@ -51,7 +51,8 @@ def caption_tokenizer(captions: Sequence[str], vocab_size: int = 256) -> object:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    # punctuation its own token: "bag," and "left:" are "bag" and "left" to the encoder, as in any phrasing
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=ALPHABET, show_progress=False
@@ -137,10 +138,12 @@ def train_slots(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
+    warmup: float = 0.05,
 ) -> tuple[SlotHeads, dict[str, float]]:
     """Train ``encoder`` (in place; left frozen again) to read slot ``s`` of caption ``n`` as class
-    ``slots_NS[n, s]`` of ``num_classes[s]``; returns the heads (for ``slot_accuracy`` on held-out captions) and
-    the last step's loss and accuracy (all slots right)."""
+    ``slots_NS[n, s]`` of ``num_classes[s]`` (-1: the caption does not say; no loss), ``lr`` warmed up linearly over
+    the first ``warmup`` of the steps then decayed linearly; returns the heads (for ``slot_accuracy`` on held-out
+    captions) and the last step's loss and accuracy (all slots right)."""
     if slots_NS.ndim != 2 or slots_NS.shape != (len(captions), len(num_classes)):
         raise InvalidInputError(
             f"slots_NS must be [{len(captions)} captions, {len(num_classes)} slots], got {tuple(slots_NS.shape)}"
@@ -156,14 +159,17 @@ def train_slots(
         idx = torch.randint(len(captions), (batch_size,), generator=gen)
         logits = _read_slots(encoder, heads, [captions[i] for i in idx.tolist()])
         target_BS = slots_NS[idx]
-        loss = sum(F.cross_entropy(lg, target_BS[:, s]) for s, lg in enumerate(logits)) / len(logits)
+        said_BS = target_BS >= 0  # a slot no caption of the batch says stays out of the graph (no decay either)
+        terms = [F.cross_entropy(lg[said_BS[:, s]], target_BS[said_BS[:, s], s]) for s, lg in enumerate(logits)]
+        loss = sum(t for s, t in enumerate(terms) if said_BS[:, s].any()) / len(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
-        for g in opt.param_groups:  # linear decay: the last steps settle
-            g["lr"] = lr * (1 - step / steps)
+        for g in opt.param_groups:  # linear warm-up, then linear decay: the last steps settle
+            g["lr"] = lr * min((step + 1) / max(warmup * steps, 1), 1 - step / steps)
         opt.step()
         with torch.no_grad():
-            right = torch.stack([lg.argmax(-1) == target_BS[:, s] for s, lg in enumerate(logits)]).all(0)
+            right = torch.stack([(lg.argmax(-1) == target_BS[:, s]) | ~said_BS[:, s] for s, lg in enumerate(logits)])
+            right = right.all(0)
         loss_v, acc_v = float(loss.detach()), float(right.float().mean())
         if (step + 1) % 100 == 0:
             log.info("text encoder step %d/%d: loss %.4f, slot accuracy %.3f", step + 1, steps, loss_v, acc_v)
