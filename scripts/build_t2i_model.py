@@ -50,6 +50,11 @@ from nextscale.train.text_encoder import TinyT5Config, caption_tokenizer, slot_a
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_ENCODER = TinyT5Config(num_layers=4)
+# The model's own presets: the fastest setting measured within each preset's budget (balanced 2, fast 5 points of
+# pair accuracy; bench_infinity.py --part fidelity, benchmarks/RESULTS.md). On its 6 scales the last two hold 85 % of
+# the tokens: every method that saves time there costs 8-75 points, and those within 5 (hack, int8) save none on a
+# CPU, so both presets run exact.
+ACCEL_PRESETS: dict[str, list[str]] = {"balanced": [], "fast": []}
 log = logging.getLogger("build_t2i")
 
 
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(rows, key=lambda r: (r["seen"]["pair_accuracy"], -r["fd_ratio"]))
     defaults = {k: best["settings"][k] for k in ("cfg", "tau")}
     pipe.sampling_defaults.update(defaults)  # pn and size: the training schedule's, from the export
+    pipe.accel_presets = dict(ACCEL_PRESETS)
     quality = {"real_train_vs_test": scale, "chosen": defaults, "settings": rows, "text_encoder": text_report}
 
     out = Path(args.out)

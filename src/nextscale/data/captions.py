@@ -1,6 +1,6 @@
 """Captioned images, for text-to-image training: Hugging Face ``imagefolder`` folders (``CaptionedImageFolder``) and
 the built-in ``fashion_pairs`` (two Fashion-MNIST items side by side, with held-out pairs and phrasings to measure
-compositional generalisation).
+compositional generalisation), and ``varied_captions``, the phrasing grammar a text encoder learns those pairs from.
 
 Both return ``(image [C, H, W] float in [-1, 1], caption str)``, the image exactly as ``ImageFolder`` serves it.
 This module knows nothing of text encoders or tokenizers: captions stay strings. Shape letters: ``N`` items of a
