@@ -322,9 +322,9 @@ def varied_captions(pairs_N2: torch.Tensor, seed: int = 0, fillers: float = 0.3)
     for n, (a, b) in enumerate(pairs_N2.tolist()):
         while True:
             text, only = _phrase(a, b, rng, fillers)
-            if not _HELD_OUT_ONLY_WORDS & set(
-                text.replace(",", " ").replace(";", " ").replace(":", " ").split()
-            ) and not any(t in held for t, _, _ in _matches(text)):
+            if _HELD_OUT_ONLY_WORDS.isdisjoint(re.findall(r"[a-z]+", text)) and not any(
+                t in held for t, _, _ in _matches(text)
+            ):
                 break
         out.append(text)
         if only is not None:

@@ -150,6 +150,8 @@ def train_slots(
         )
     check_int("steps", steps)
     check_int("batch_size", batch_size)
+    if not 0 <= warmup < 1:
+        raise InvalidInputError(f"warmup must be a fraction of the steps in [0, 1), got {warmup!r}")
     model = encoder.encoder.train().requires_grad_(True)
     heads = SlotHeads(int(model.config.d_model), num_classes)
     opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01)
@@ -160,8 +162,11 @@ def train_slots(
         logits = _read_slots(encoder, heads, [captions[i] for i in idx.tolist()])
         target_BS = slots_NS[idx]
         said_BS = target_BS >= 0  # a slot no caption of the batch says stays out of the graph (no decay either)
-        terms = [F.cross_entropy(lg[said_BS[:, s]], target_BS[said_BS[:, s], s]) for s, lg in enumerate(logits)]
-        loss = sum(t for s, t in enumerate(terms) if said_BS[:, s].any()) / len(logits)
+        loss = sum(
+            F.cross_entropy(lg[said_BS[:, s]], target_BS[said_BS[:, s], s])
+            for s, lg in enumerate(logits)
+            if said_BS[:, s].any()
+        ) / len(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
         for g in opt.param_groups:  # linear warm-up, then linear decay: the last steps settle
