@@ -9,7 +9,8 @@ train on a 2-core CPU and has that geometry:
 
 1. tokenizer: multi-scale VQ-VAE on Fashion-MNIST at 32x32 with ONE down-sampling stage (latent 16x16), the
    official scales 1,2,3,4,5,6,8,10,13,16 (codebook 512 x 16);
-2. drafter: VAR depth 6, width 192 on that tokenizer;
+2. drafter: VAR depth 6, width 192 on that tokenizer, then trained on from those weights with a fresh schedule
+   (a warm restart: ``--drafter-more-steps``; the first run alone left exact samples at 86 % class accuracy);
 3. refiner: VAR depth 2, width 128 on the same tokenizer (~1/7 of the drafter's per-token cost, as VAR-d16 vs
    VAR-d30 in the CoDe paper) — CoDe's small model for the late scales;
 4. quality: class accuracy and Fréchet distance of exact samples with the demo model's bundled classifier;
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "src" / "nextscale" / "assets" / "testbed-fmnist"))
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--drafter-steps", type=int, default=1000)
+    p.add_argument(
+        "--drafter-more-steps",
+        type=int,
+        default=1000,
+        help="steps of a second drafter run that starts from the first's weights with a fresh schedule (0: none)",
+    )
     p.add_argument("--refiner-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cfg", type=float, default=1.5, help="guidance of the recommended sampling settings")
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (tokenizer / "model_index.json").is_file() and not _run(vae_cfg):
         return 3
 
-    def var_cfg(name: str, depth: int, width: int, heads: int, steps: int) -> VARTrainConfig:
+    def var_cfg(name: str, depth: int, width: int, heads: int, steps: int, **kw: str) -> VARTrainConfig:
         return VARTrainConfig(
             tokenizer=str(tokenizer),
             out_dir=str(work / name),
@@ -107,16 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             ckpt_every=50,
             log_every=25,
             **common,
+            **kw,
         )
 
     drafter_cfg = var_cfg("drafter", 6, 192, 3, args.drafter_steps)
     refiner_cfg = var_cfg("refiner", 2, 128, 2, args.refiner_steps)
-    for cfg in (drafter_cfg, refiner_cfg):
+    stages = {"drafter": drafter_cfg, "refiner": refiner_cfg}
+    if args.drafter_more_steps:
+        init = str(work / "drafter" / "model")
+        stages["drafter_more"] = var_cfg("drafter_more", 6, 192, 3, args.drafter_more_steps, init_from=init)
+    for cfg in stages.values():
         if not (Path(cfg.out_dir) / "model" / "model_index.json").is_file() and not _run(cfg):
             return 3
 
     # Evaluate the weights exactly as they will ship (transformers rounded to float16).
-    drafter, vae, _ = load_native(work / "drafter" / "model")
+    drafter, vae, _ = load_native(work / ("drafter_more" if args.drafter_more_steps else "drafter") / "model")
     refiner, _, _ = load_native(work / "refiner" / "model")
     staged = work / "staged"
     save_native(staged, drafter, vae, transformer_dtype=torch.float16)
@@ -144,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         components={"refiner": refiner},
     )
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    record = {
-        name: portable(c.to_dict(), work)
-        for name, c in (("vae", vae_cfg), ("drafter", drafter_cfg), ("refiner", refiner_cfg))
-    }
+    record = {name: portable(c.to_dict(), work) for name, c in {"vae": vae_cfg, **stages}.items()}
     record["command"] = "python scripts/build_testbed_model.py --work WORK"
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
