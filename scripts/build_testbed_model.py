@@ -15,7 +15,9 @@ train on a 2-core CPU and has that geometry:
    VAR-d30 in the CoDe paper) — CoDe's small model for the late scales;
 4. quality: class accuracy and Fréchet distance of exact samples with the demo model's bundled classifier;
 5. writes ``src/nextscale/assets/testbed-fmnist``: the drafter's folder, whose ``model_index.json`` names the
-   refiner (a ``refiner/`` component beside ``transformer/``); transformers stored in float16.
+   refiner (a ``refiner/`` component beside ``transformer/``); transformers stored in float16;
+6. calibrates KV compression on the written folder (``nextscale calibrate-kv --samples 40``: ``kv_budgets.json``,
+   which scalekv and hack plan with).
 
 Each training step resumes from its checkpoint when the command is run again (e.g. after being killed).
 Needs Debian's ``dataset-fashion-mnist``.
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 from build_demo_model import portable
 
+from nextscale.cli.main import main as cli
 from nextscale.config import PATCH_NUMS_256
 from nextscale.data import load_dataset
 from nextscale.engine.var.params import SamplingParams
@@ -44,6 +47,7 @@ from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION_SAMPLES = 40
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         components={"refiner": refiner},
     )
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if cli(["calibrate-kv", "--model", str(out), "--samples", str(CALIBRATION_SAMPLES)]):
+        return 3
     record = {name: portable(c.to_dict(), work) for name, c in {"vae": vae_cfg, **stages}.items()}
     record["command"] = "python scripts/build_testbed_model.py --work WORK"
+    record["kv_calibration"] = f"nextscale calibrate-kv --model OUT --samples {CALIBRATION_SAMPLES}"
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MB)")

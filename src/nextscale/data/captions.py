@@ -269,17 +269,9 @@ _KNOWN_WORDS = frozenset(
 )
 
 
-def _phrase(
-    left: int, right: int, rng: np.random.Generator, fillers: float, strangers: float
-) -> tuple[str, int | None]:
-    """A caption of the pair and the side whose class it does not say (0 left, 1 right; None: it says both)."""
+def _phrase(left: int, right: int, rng: np.random.Generator, fillers: float) -> tuple[str, int | None]:
+    """A caption of the pair and the side it alone names (0 left, 1 right; None: it names both items)."""
     nouns = [str(rng.choice(SYNONYMS[c])).replace(" ", "\0") for c in (left, right)]  # one word: "ankle boot"
-    stranger = None
-    if strangers and rng.random() < strangers:  # (no draw at 0: the captions of a seed stay what they were)
-        stranger = int(rng.integers(2))
-        nouns[stranger] = "bag"
-        while nouns[stranger] in _KNOWN_WORDS:  # a made-up noun that is a real word would be no stranger
-            nouns[stranger] = "".join(rng.choice(_FILLER_LETTERS, size=int(rng.integers(3, 8))))
 
     def noun(k: int) -> str:
         return _article(nouns[k]) if rng.random() < 0.7 else nouns[k]
@@ -288,7 +280,7 @@ def _phrase(
         return str(rng.choice(forms)).format(s=_SIDES[k])
 
     order = [0, 1] if rng.random() < 0.5 else [1, 0]
-    form, only = int(rng.integers(5 if stranger is not None else 6)), None
+    form, only = int(rng.integers(6)), None
     if form == 0:  # both sides named after their nouns
         clauses = [f"{noun(k)} {side(k, _SIDE_AFTER)}" for k in order]
     elif form == 1:  # side labels
@@ -307,43 +299,36 @@ def _phrase(
     words = str(rng.choice(_JOINERS)).join(clauses).split(" ")
     while rng.random() < fillers:  # words it never saw: an encoder must read around them
         filler = "".join(rng.choice(_FILLER_LETTERS, size=int(rng.integers(2, 6))))
-        if filler in _KNOWN_WORDS:  # a made-up "bag" or "left" would change what the caption says
+        if filler in _KNOWN_WORDS:
             continue
         words.insert(int(rng.integers(len(words) + 1)), filler)
-    return " ".join(words).replace("\0", " "), (1 - only if only is not None else stranger)
+    return " ".join(words).replace("\0", " "), only
 
 
-def varied_captions(
-    pairs_N2: torch.Tensor, seed: int = 0, fillers: float = 0.3, strangers: float = 0.0
-) -> tuple[list[str], torch.Tensor]:
+def varied_captions(pairs_N2: torch.Tensor, seed: int = 0, fillers: float = 0.3) -> tuple[list[str], torch.Tensor]:
     """A caption for each ``(left_class, right_class)`` row of ``pairs_N2`` from the grammar above (a pure function
     of ``seed``), never one a held-out template reads and never with a word only held-out templates have, and the
     ``[N, 2]`` classes each caption says: ``pairs_N2``, with -1 for the side of a caption that names one item
     (one in six). Each caption gets a made-up word (2-5 random letters) with probability ``fillers``, another with
-    the same probability, and so on: a text encoder trained on them learns to read past words it does not know.
-    With probability ``strangers`` one item is a made-up noun (3-7 letters) whose side reads -1: the other side must
-    then be read from the caption's side words and order alone, not from which nouns usually come together (the
-    shortcut that misreads a held-out pair as its mirror)."""
+    the same probability, and so on: a text encoder trained on them learns to read past words it does not know."""
     check_seed(seed)
     if pairs_N2.ndim != 2 or pairs_N2.shape[1] != 2:
         raise InvalidInputError(f"pairs_N2 must be [N, 2] (left, right class), got {tuple(pairs_N2.shape)}")
     if not 0 <= fillers < 1:
         raise InvalidInputError(f"fillers must be a probability in [0, 1), got {fillers!r}")
-    if not 0 <= strangers <= 1:
-        raise InvalidInputError(f"strangers must be a probability in [0, 1], got {strangers!r}")
     rng = np.random.default_rng(seed_of(seed))
     held = set(range(len(SEEN_TEMPLATES), len(TEMPLATES)))
     out, slots_N2 = [], pairs_N2.clone()
     for n, (a, b) in enumerate(pairs_N2.tolist()):
         while True:
-            text, unsaid = _phrase(a, b, rng, fillers, strangers)
+            text, only = _phrase(a, b, rng, fillers)
             if _HELD_OUT_ONLY_WORDS.isdisjoint(re.findall(r"[a-z]+", text)) and not any(
                 t in held for t, _, _ in _matches(text)
             ):
                 break
         out.append(text)
-        if unsaid is not None:
-            slots_N2[n, unsaid] = -1
+        if only is not None:
+            slots_N2[n, 1 - only] = -1
     return out, slots_N2
 
 
