@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from build_demo_model import portable
 
 from nextscale.data import fashion_mnist, fashion_pairs
 from nextscale.data.captions import prompts, varied_captions
@@ -187,15 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     build = {
         "command": "python scripts/build_t2i_model.py " + " ".join(sys.argv[1:]),
         "text_encoder": {"steps": args.text_steps, "config": TEXT_ENCODER.__dict__},
-        "tokenizer": vae_cfg.to_dict(),
-        "transformer": inf_cfg.to_dict(),
+        "tokenizer": portable(vae_cfg.to_dict(), work),
+        "transformer": portable(inf_cfg.to_dict(), work),
         "seconds": times,
         "torch": torch.__version__,
     }
-    for cfg_d in (build["tokenizer"], build["transformer"]):
-        for k, v in list(cfg_d.items()):
-            if isinstance(v, str) and Path(v).is_relative_to(work):
-                cfg_d[k] = str(Path("WORK") / Path(v).relative_to(work))
     (tmp_out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     (tmp_out / "quality.json").write_text(json.dumps(quality, indent=2, default=float) + "\n")
     if out.exists():

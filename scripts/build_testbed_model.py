@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3
 
     # Evaluate the weights exactly as they will ship (transformers rounded to float16).
-    drafter, vae, _ = load_native(work / ("drafter_more" if args.drafter_more_steps else "drafter") / "model")
+    drafter, vae, _ = load_native(Path(stages.get("drafter_more", drafter_cfg).out_dir) / "model")
     refiner, _, _ = load_native(work / "refiner" / "model")
     staged = work / "staged"
     save_native(staged, drafter, vae, transformer_dtype=torch.float16)
