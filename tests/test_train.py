@@ -411,6 +411,27 @@ def test_fine_tuning_onto_a_different_number_of_classes(tmp_path, tokenizer, dat
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
+def test_a_tokenizer_trains_on_from_the_weights_of_one_of_its_shape(tmp_path, tokenizer, data_dir, caplog):
+    """``init_from`` for a tokenizer: the run starts from its weights (a step at a learning rate of ~0 exports
+    them as they were), and one of another shape is refused naming the difference."""
+    kw = {**VAE_KW, "steps": 1, "lr": 1e-9, "warmup": 0.0, "dead_code_every": 0}
+    with _train_logs(caplog):
+        tuned = run_training(
+            VAETrainConfig(data=str(data_dir), out_dir=str(tmp_path / "on"), init_from=str(tokenizer), **kw)
+        )
+    assert f"initialised from {tokenizer}" in caplog.text
+    a = load_file(tokenizer / "vae" / "model.safetensors")
+    b = load_file(Path(tuned["export"]) / "vae" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    wider = VAETrainConfig(
+        data=str(data_dir), out_dir=str(tmp_path / "wider"), init_from=str(tokenizer), **{**kw, "vocab_size": 64}
+    )
+    with pytest.raises(ConfigError, match=r"a tokenizer of another shape: vocab_size 32 \(this run: 64\)"):
+        run_training(wider)
+
+
 @pytest.mark.parametrize("kind", ["var", "vae"])
 def test_bf16_autocast_training_runs_and_exports_float32_weights(tmp_path, tokenizer, data_dir, kind):
     # the quantizer's nearest-code search must stay in float32 under autocast (it fails on mixed dtypes)
@@ -522,6 +543,7 @@ def test_every_numeric_setting_declares_its_range():
         (["train", "--steps", "abc"], "argument --steps: expected an integer in 1..2_147_483_647, got 'abc'"),
         (["train", "--lr", "nan"], "argument --lr: expected a finite number > 0 and <= 1, got 'nan'"),
         (["train-vae", "--patch-nums", "1,x"], "argument --patch-nums: expected comma-separated integers in 1..1024"),
+        (["train-vae", "--init-from", "/nonexistent/tok"], "init_from /nonexistent/tok: no such folder or file"),
         (["train", "--tokenizer", "t", "--cond-drop", "1"], "cond_drop must be a finite number in [0, 1), got 1.0"),
     ],
 )

@@ -210,11 +210,16 @@ class VAETrainConfig(LoopConfig):
     vq_weight: float = 1.0
     beta: float = 0.25
     dead_code_every: int = 50  # re-seed codes unused for this many steps (0 = never)
+    # Start from the weights of a tokenizer of this job's shape (a tokenizer or model folder, or an official
+    # vae_*.pth): a longer run, or one on new images, without starting over.
+    init_from: str | None = None
     export_name: ClassVar[str] = "tokenizer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.vqvae_config()  # the tokenizer's own shape rules (increasing scales, GroupNorm widths)
+        if self.init_from is not None:
+            check_text("init_from", self.init_from, "a tokenizer folder, a model folder or an official vae_*.pth")
         if self.image_size != self.patch_nums[-1] * 2 ** (len(self.ch_mult) - 1):
             raise ConfigError(
                 f"image_size {self.image_size} != patch_nums[-1] * 2**(len(ch_mult)-1) = "

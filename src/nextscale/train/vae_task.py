@@ -8,6 +8,7 @@ codebook stays in use (reported per scale at every evaluation, with reconstructi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from nextscale.config import VQVAEConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
-from nextscale.models.native_var import save_tokenizer
+from nextscale.errors import ConfigError
+from nextscale.models.native_var import load_tokenizer, save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.train import dist
 from nextscale.train.config import VAETrainConfig
@@ -32,17 +35,40 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
 
 
+# Settings that do not shape the weights a run starts from: the loss's beta, dropout, and the scales (a tokenizer
+# may be trained on to other scales; its shared quant_resi convolutions are the same).
+_NOT_SHAPE = ("beta", "dropout", "patch_nums")
+
+
+def _pretrained(path: str, want: VQVAEConfig) -> VQVAE:
+    """The tokenizer at ``path``, refused unless its shape is ``want``'s (naming each difference)."""
+    vae = load_tokenizer(path, want.patch_nums)
+    have = vae.cfg
+    diff = [
+        f"{f.name} {getattr(have, f.name)!r} (this run: {getattr(want, f.name)!r})"
+        for f in dataclasses.fields(want)
+        if f.name not in _NOT_SHAPE and getattr(have, f.name) != getattr(want, f.name)
+    ]
+    if diff:
+        raise ConfigError(f"init_from {path}: a tokenizer of another shape: {', '.join(diff)}")
+    return vae
+
+
 class VAETask:
     def __init__(self, cfg: VAETrainConfig, info: dist.DistInfo, device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
         vae_cfg = cfg.vqvae_config()
         with torch.device("meta"):  # its shape is refused before the data is read (no memory, no time)
             VQVAE(vae_cfg)
+        pretrained = _pretrained(cfg.init_from, vae_cfg) if cfg.init_from is not None else None
         self.train_ds = load_dataset(cfg.data, "train", cfg.image_size, cfg.in_channels, root=cfg.data_root)
         self.val_ds = load_dataset(cfg.data, "test", cfg.image_size, cfg.in_channels, root=cfg.data_root)
         torch.manual_seed(cfg.seed)
         self.model = VQVAE(vae_cfg).train()
         nn.init.uniform_(self.model.quantize.embedding.weight, -1 / cfg.vocab_size, 1 / cfg.vocab_size)
+        if pretrained is not None:
+            self.model.load_state_dict(pretrained.state_dict(), strict=True)
+            log.info("initialised from %s", cfg.init_from)
         self.generators = {
             "data": torch.Generator().manual_seed(cfg.seed + 17),
             "codes": torch.Generator().manual_seed(cfg.seed + 29),
