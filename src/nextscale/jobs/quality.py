@@ -78,6 +78,35 @@ def conditional_quality(
     return report
 
 
+@torch.inference_mode()
+def reconstruction_quality(
+    vae: Any,
+    net: FeatureNet,
+    real_train: tuple[np.ndarray, np.ndarray],
+    real_test: tuple[np.ndarray, np.ndarray],
+    net_name: str = "classifier",
+    batch_size: int = 250,
+) -> dict[str, float]:
+    """What a tokenizer alone costs: ``real_train``'s images encoded and decoded by ``vae`` (``img_to_recon``, images
+    in [-1, 1]), scored as samples are (accuracy of their labels, Fréchet distance to ``real_test``, its ratio to the
+    real train-vs-test distance), with their PSNR against the originals. A model's samples cannot beat this floor."""
+    nc = int(real_train[1].max()) + 1
+    fd_key = f"FD-{net_name}"
+    real = evaluate(real_train[0], real_test[0], net, None, net_name)
+    x_NCHW = torch.from_numpy(real_train[0]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    rec_NCHW = torch.cat(
+        [vae.img_to_recon(x_NCHW[i : i + batch_size]).float() for i in range(0, len(x_NCHW), batch_size)]
+    )
+    mse = float(torch.mean((rec_NCHW.clamp(-1, 1) - x_NCHW) ** 2))
+    r = evaluate(to_uint8_nhwc(rec_NCHW.add(1).div(2)), real_test[0], net, real_train[1], net_name, num_classes=nc)
+    return {
+        fd_key: r[fd_key],
+        "fd_ratio": r[fd_key] / real[fd_key],
+        "class_accuracy": r["class_accuracy"],
+        "psnr": float("inf") if mse == 0 else 10 * float(np.log10(4.0 / mse)),
+    }
+
+
 def choose_defaults(
     settings: Sequence[Mapping[str, Any]], accuracy_target: float
 ) -> tuple[dict[str, Any], Mapping[str, Any]]:
