@@ -198,6 +198,14 @@ def test_prompt_kinds():
     assert len(HELD_OUT_TEMPLATES) == len(held_t)
     with pytest.raises(InvalidInputError, match=r"kind must be one of seen, .*; got 'unseen'"):
         prompts("unseen")
+    chosen = [(0, 4), (9, 3)]  # other pairs, in a kind's phrasings (a validation set of training pairs)
+    triples = prompts("seen", chosen)
+    assert len(triples) == 2 * len(SEEN_TEMPLATES)
+    assert {t for p, _, _ in triples for t, _, _ in _matches(p)} == set(range(len(SEEN_TEMPLATES)))
+    assert [(a, b) for p, a, b in triples] == [pair for pair in chosen for _ in SEEN_TEMPLATES]
+    assert all({(a, b)} == {(x, y) for _, x, y in _matches(p)} for p, a, b in triples)
+    with pytest.raises(InvalidInputError, match=r"pairs must be \(left, right\) classes in 0..9; got \(3, 10\)"):
+        prompts("seen", [(3, 10)])
 
 
 def _read_varied(text: str) -> tuple[int, int]:

@@ -164,6 +164,25 @@ def test_slot_training_changes_the_encoder_and_freezes_it(text_encoder_dir):
         train_slots(enc, caps, slots[:5], [3, 3], steps=1)
 
 
+def test_a_frozen_encoder_probe_trains_the_heads_alone_and_reports_each_step(text_encoder_dir):
+    from nextscale.models.text_encoder import TextEncoder
+    from nextscale.train.text_encoder import read_slots, train_slots
+
+    enc = TextEncoder.from_pretrained(text_encoder_dir)
+    caps = captions(36)
+    slots = torch.tensor([[i % 3, (i // 3) % 3] for i in range(36)])
+    before = {k: v.clone() for k, v in enc.encoder.state_dict().items()}
+    seen: list[int] = []
+    heads, _ = train_slots(
+        enc, caps, slots, [3, 3], steps=5, batch_size=8, freeze_encoder=True, on_step=lambda n, h: seen.append(n)
+    )
+    assert seen == [1, 2, 3, 4, 5]
+    assert all(torch.equal(before[k], v) for k, v in enc.encoder.state_dict().items())
+    assert not enc.encoder.training and not any(p.requires_grad for p in enc.encoder.parameters())
+    logits = read_slots(enc, heads, caps[:4])
+    assert [tuple(lg.shape) for lg in logits] == [(4, 3), (4, 3)]
+
+
 def test_text_features_are_cached_by_encoder_and_captions(text_encoder_dir, tmp_path, monkeypatch, caplog):
     from nextscale.models.text_encoder import TextEncoder
     from nextscale.train import dist

@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -211,11 +212,16 @@ def _pairs_and_templates(kind: str) -> tuple[list[tuple[int, int]], list[int]]:
     }[kind]
 
 
-def prompts(kind: str) -> list[tuple[str, int, int]]:
+def prompts(kind: str, pairs: Sequence[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
     """``(prompt, left_class, right_class)`` for every (pair, template) of ``kind``: "seen" (training pairs and
     phrasings: 90 x 6), "held-out-pairs" (HELD_OUT_PAIRS in seen phrasings: 10 x 6), "held-out-phrasings" (training
-    pairs in HELD_OUT_TEMPLATES: 90 x 2) or "all" (100 x 8). A class with two nouns alternates between them."""
-    pairs, templates = _pairs_and_templates(kind)
+    pairs in HELD_OUT_TEMPLATES: 90 x 2) or "all" (100 x 8). A class with two nouns alternates between them.
+    ``pairs``: these ordered class pairs instead of the kind's, in its phrasings (a validation set of pairs)."""
+    kind_pairs, templates = _pairs_and_templates(kind)
+    if pairs is None:
+        pairs = kind_pairs
+    elif bad := [p for p in pairs if len(p) != 2 or not all(0 <= c < len(SYNONYMS) for c in p)]:
+        raise InvalidInputError(f"pairs must be (left, right) classes in 0..{len(SYNONYMS) - 1}; got {bad[0]!r}")
     out = []
     for i, ((a, b), t) in enumerate(itertools.product(pairs, templates)):
         left, right = SYNONYMS[a][i % len(SYNONYMS[a])], SYNONYMS[b][i % len(SYNONYMS[b])]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +122,8 @@ class SlotHeads(nn.Module):
         return [head(pooled_BSC[:, s]) for s, head in enumerate(self.heads)]
 
 
-def _read_slots(encoder: TextEncoder, heads: SlotHeads, captions: Sequence[str]) -> list[torch.Tensor]:
+def read_slots(encoder: TextEncoder, heads: SlotHeads, captions: Sequence[str]) -> list[torch.Tensor]:
+    """Each slot's logits ``[N, classes]`` for ``captions``, as ``heads`` read the encoder's output."""
     tokens = encoder.tokenizer(list(captions), padding="longest", return_tensors="pt")
     model = encoder.encoder
     h = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)["last_hidden_state"]
@@ -139,11 +140,15 @@ def train_slots(
     lr: float = 1e-3,
     seed: int = 0,
     warmup: float = 0.05,
+    freeze_encoder: bool = False,
+    on_step: Callable[[int, SlotHeads], None] | None = None,
 ) -> tuple[SlotHeads, dict[str, float]]:
     """Train ``encoder`` (in place; left frozen again) to read slot ``s`` of caption ``n`` as class
     ``slots_NS[n, s]`` of ``num_classes[s]`` (-1: the caption does not say; no loss), ``lr`` warmed up linearly over
     the first ``warmup`` of the steps then decayed linearly; returns the heads (for ``slot_accuracy`` on held-out
-    captions) and the last step's loss and accuracy (all slots right)."""
+    captions) and the last step's loss and accuracy (all slots right). ``freeze_encoder``: train the heads alone, a
+    probe of what the encoder's features already say. ``on_step(steps done, heads)`` runs after every step (a
+    learning curve on held-out captions)."""
     if slots_NS.ndim != 2 or slots_NS.shape != (len(captions), len(num_classes)):
         raise InvalidInputError(
             f"slots_NS must be [{len(captions)} captions, {len(num_classes)} slots], got {tuple(slots_NS.shape)}"
@@ -152,14 +157,15 @@ def train_slots(
     check_int("batch_size", batch_size)
     if not 0 <= warmup < 1:
         raise InvalidInputError(f"warmup must be a fraction of the steps in [0, 1), got {warmup!r}")
-    model = encoder.encoder.train().requires_grad_(True)
+    model = encoder.encoder.train(not freeze_encoder).requires_grad_(not freeze_encoder)
     heads = SlotHeads(int(model.config.d_model), num_classes)
-    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01)
+    trained = [*heads.parameters()] + ([] if freeze_encoder else [*model.parameters()])
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     loss_v = acc_v = 0.0
     for step in range(steps):
         idx = torch.randint(len(captions), (batch_size,), generator=gen)
-        logits = _read_slots(encoder, heads, [captions[i] for i in idx.tolist()])
+        logits = read_slots(encoder, heads, [captions[i] for i in idx.tolist()])
         target_BS = slots_NS[idx]
         said_BS = target_BS >= 0  # a slot no caption of the batch says stays out of the graph (no decay either)
         loss = sum(
@@ -178,6 +184,8 @@ def train_slots(
         loss_v, acc_v = float(loss.detach()), float(right.float().mean())
         if (step + 1) % 100 == 0:
             log.info("text encoder step %d/%d: loss %.4f, slot accuracy %.3f", step + 1, steps, loss_v, acc_v)
+        if on_step is not None:
+            on_step(step + 1, heads)
     model.eval().requires_grad_(False)
     return heads.eval().requires_grad_(False), {"loss": loss_v, "acc": acc_v}
 
@@ -185,5 +193,5 @@ def train_slots(
 @torch.no_grad()
 def slot_accuracy(encoder: TextEncoder, heads: SlotHeads, captions: Sequence[str], slots_NS: torch.Tensor) -> float:
     """Share of ``captions`` whose every slot ``heads`` reads right."""
-    logits = _read_slots(encoder, heads, captions)
+    logits = read_slots(encoder, heads, captions)
     return float(torch.stack([lg.argmax(-1) == slots_NS[:, s] for s, lg in enumerate(logits)]).all(0).float().mean())
