@@ -38,9 +38,11 @@ ROOT = Path(os.environ.get("NEXTSCALE_INFINITY_FIXTURES") or Path(__file__).pare
 # default, or a CPU without AVX-512) fp32 sums round differently. Measured there (2026-12-06, both levels, one
 # thread): T5 features 1.7e-6, the text path 2.3e-6, the official init rows of a short cfg_uncond 1.3e-7, and, since
 # the cross-attention rounds q/kv to bf16 (one fp32 ulp can move a value by a bf16 step), teacher-forcing logits
-# 1.8e-3 and per-scale sampling logits 1.7e-2 — with bits identical at every scale and the images within 6e-6.
+# 1.8e-3 and per-scale sampling logits 1.7e-2 — with bits identical at every scale and the images within 6e-6. On
+# a CPU without AVX-512 (2026-12-07, AVX2 and default levels, 1 and 2 threads) the tokenizer's encoder features
+# (|h| up to 3.7) differ by up to 1.04e-5, the quantized latents by 1.2e-6 and the reconstructions by 4.5e-6.
 SAME_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX512"
-TEXT_TOL, TOL = (1e-6, 1e-5) if SAME_KERNELS else (5e-6, 1e-5)
+TEXT_TOL, TOL = (1e-6, 1e-5) if SAME_KERNELS else (5e-6, 2e-5)
 TF_LOGIT_TOL, LOGIT_TOL = (TOL, TOL) if SAME_KERNELS else (5e-3, 5e-2)
 # Prompts of each run (README "Runs" table); run e guides with the negative prompt.
 RUN_PROMPTS = {"a": ["p0", "p1"], "b": ["p0", "p1"], "c": ["p1"], "d": ["p0"], "e": ["p0"], "f": ["p1"], "g": ["p0"]}
