@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     real_train = balanced_subset(train_ds.images, train_ds.labels, args.per_class, 10)
     real_test = balanced_subset(test_ds.images, test_ds.labels, args.per_class, 10)
     report = conditional_quality(pipe, clf, real_train, real_test, settings, args.per_class)
-    report["tokenizer_reconstructions"] = reconstruction_quality(pipe.vae, clf, real_train, real_test)
+    real_fd = report["real_train_vs_test"]["FD-classifier"]
+    report["tokenizer_reconstructions"] = reconstruction_quality(pipe.vae, clf, real_train, real_test, real_fd=real_fd)
     defaults, best = choose_defaults(report["settings"], ACC_TARGET)
     ok = best["class_accuracy"] >= ACC_TARGET and best["fd_ratio"] <= FD_RATIO_TARGET
     report.update(

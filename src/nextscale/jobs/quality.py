@@ -17,7 +17,7 @@ import torch
 
 from nextscale.engine.params import SeededParams
 from nextscale.eval.evaluate import evaluate
-from nextscale.eval.metrics import FeatureNet
+from nextscale.eval.metrics import FeatureNet, psnr
 from nextscale.images import to_uint8_nhwc
 from nextscale.jobs import SamplingPipeline
 
@@ -86,24 +86,26 @@ def reconstruction_quality(
     real_test: tuple[np.ndarray, np.ndarray],
     net_name: str = "classifier",
     batch_size: int = 250,
+    real_fd: float | None = None,
 ) -> dict[str, float]:
     """What a tokenizer alone costs: ``real_train``'s images encoded and decoded by ``vae`` (``img_to_recon``, images
     in [-1, 1]), scored as samples are (accuracy of their labels, Fréchet distance to ``real_test``, its ratio to the
-    real train-vs-test distance), with their PSNR against the originals. A model's samples cannot beat this floor."""
+    real train-vs-test distance: ``real_fd`` where the caller has it), with their PSNR against the originals. A model's
+    samples cannot beat this floor."""
     nc = int(real_train[1].max()) + 1
     fd_key = f"FD-{net_name}"
-    real = evaluate(real_train[0], real_test[0], net, None, net_name)
+    if real_fd is None:
+        real_fd = evaluate(real_train[0], real_test[0], net, None, net_name)[fd_key]
     x_NCHW = torch.from_numpy(real_train[0]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     rec_NCHW = torch.cat(
         [vae.img_to_recon(x_NCHW[i : i + batch_size]).float() for i in range(0, len(x_NCHW), batch_size)]
     )
-    mse = float(torch.mean((rec_NCHW.clamp(-1, 1) - x_NCHW) ** 2))
     r = evaluate(to_uint8_nhwc(rec_NCHW.add(1).div(2)), real_test[0], net, real_train[1], net_name, num_classes=nc)
     return {
         fd_key: r[fd_key],
-        "fd_ratio": r[fd_key] / real[fd_key],
+        "fd_ratio": r[fd_key] / real_fd,
         "class_accuracy": r["class_accuracy"],
-        "psnr": float("inf") if mse == 0 else 10 * float(np.log10(4.0 / mse)),
+        "psnr": psnr(rec_NCHW, x_NCHW),
     }
 
 

@@ -33,12 +33,12 @@ from nextscale.data import ShardedBatchSampler, load_captioned, load_dataset
 from nextscale.data.captions import METADATA_FILES
 from nextscale.data.load import CAPTIONED_BUILTIN
 from nextscale.errors import ConfigError
+from nextscale.eval.metrics import psnr
 from nextscale.models.infinity_scales import image_schedule
 from nextscale.models.native_infinity import save_bsq_tokenizer
 from nextscale.models.tokenizers.bsq import BSQVAE, Grid, bits_to_codes, upsample_codes
 from nextscale.train import dist
 from nextscale.train.config import BSQTrainConfig
-from nextscale.train.vae_task import psnr
 
 log = logging.getLogger("nextscale.train")
 

@@ -21,18 +21,13 @@ from torch import nn
 from nextscale.config import VQVAEConfig
 from nextscale.data import ShardedBatchSampler, load_dataset
 from nextscale.errors import ConfigError
+from nextscale.eval.metrics import psnr
 from nextscale.models.native_var import load_tokenizer, save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.train import dist
 from nextscale.train.config import VAETrainConfig
 
 log = logging.getLogger("nextscale.train")
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.float().clamp(-1, 1), b.float()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
 
 
 # Settings that do not shape the weights a run starts from: the loss's beta, dropout, and the scales (a tokenizer
