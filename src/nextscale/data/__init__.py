@@ -20,7 +20,7 @@ from nextscale.data.captions import (
     parse_pair_prompt,
     prompts,
 )
-from nextscale.data.datasets import IMAGE_EXTENSIONS, ImageFolder, TensorImageDataset
+from nextscale.data.datasets import IMAGE_EXTENSIONS, ImageFolder, TensorImageDataset, psnr
 from nextscale.data.load import BUILTIN, CAPTIONED_BUILTIN, load_captioned, load_dataset
 from nextscale.data.sampler import ShardedBatchSampler, seed_of
 
@@ -44,6 +44,7 @@ __all__ = [
     "mnist5k",
     "parse_pair_prompt",
     "prompts",
+    "psnr",
     "read_idx",
     "seed_of",
 ]

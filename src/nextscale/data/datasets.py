@@ -20,6 +20,14 @@ from nextscale.errors import InvalidInputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in this package's [-1, 1] convention (peak-to-peak 2); ``a`` is clamped first. Lives
+    with the datasets because both the tokenizer trainers (train) and the quality reports (jobs, via eval) use it,
+    and data is the one layer below both."""
+    mse = torch.nn.functional.mse_loss(a.float().clamp(-1, 1), b.float()).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
 def check_channels(channels: int) -> None:
     if channels not in (1, 3):
         raise InvalidInputError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")

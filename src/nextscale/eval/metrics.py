@@ -15,7 +15,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nextscale.errors import InvalidInputError
 from nextscale.fileio import atomic_file
@@ -274,9 +273,3 @@ def load_npz_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise InvalidInputError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
     return mu, sigma
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.float().clamp(-1, 1), b.float()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from nextscale.data import psnr
 from nextscale.engine.params import SeededParams
 from nextscale.eval.evaluate import evaluate
-from nextscale.eval.metrics import FeatureNet, psnr
+from nextscale.eval.metrics import FeatureNet
 from nextscale.images import to_uint8_nhwc
 from nextscale.jobs import SamplingPipeline
 

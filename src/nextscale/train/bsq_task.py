@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextscale.data import ShardedBatchSampler, load_captioned, load_dataset
+from nextscale.data import ShardedBatchSampler, load_captioned, load_dataset, psnr
 from nextscale.data.captions import METADATA_FILES
 from nextscale.data.load import CAPTIONED_BUILTIN
 from nextscale.errors import ConfigError
-from nextscale.eval.metrics import psnr
 from nextscale.models.infinity_scales import image_schedule
 from nextscale.models.native_infinity import save_bsq_tokenizer
 from nextscale.models.tokenizers.bsq import BSQVAE, Grid, bits_to_codes, upsample_codes

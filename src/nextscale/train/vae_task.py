@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.config import VQVAEConfig
-from nextscale.data import ShardedBatchSampler, load_dataset
+from nextscale.data import ShardedBatchSampler, load_dataset, psnr
 from nextscale.errors import ConfigError
-from nextscale.eval.metrics import psnr
 from nextscale.models.native_var import load_tokenizer, save_tokenizer
 from nextscale.models.tokenizers.msvq import VQVAE
 from nextscale.train import dist
