@@ -300,6 +300,34 @@ def test_a_resumed_infinity_run_equals_an_uninterrupted_one(trained):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_infinity_run_fine_tunes_from_a_model_folder(trained, capsys):
+    """``--init-from``: the run starts from the folder's transformer (a step at a learning rate of ~0 exports it as
+    it was; its architecture wins over the depth given), and one that reads other bits is refused naming both."""
+    import dataclasses
+
+    from nextscale.cli.main import main
+    from nextscale.errors import CheckpointError
+    from nextscale.models.native_infinity import load_infinity_native
+    from nextscale.train.infinity_task import InfinityTask
+
+    root, inf_args = trained
+    source = root / "inf" / "model"
+    args = [*inf_args, "--steps", "1", "--lr", "1e-9", "--warmup", "0", "--depth", "1"]
+    ft = ["train", "--arch", "infinity", *args, "--init-from"]
+    assert main([*ft, str(source), "--out-dir", str(root / "ft")]) == 0
+    assert f"initialised from {source}" in capsys.readouterr().err
+    a = load_file(str(source / "transformer" / "model.safetensors"))
+    b = load_file(str(root / "ft" / "model" / "transformer" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), atol=1e-5, rtol=0)
+    want = dataclasses.replace(load_infinity_native(source)[0].cfg, bits=12)
+    with pytest.raises(CheckpointError, match=r"cannot fine-tune from it here: token bits \(the tokenizer's\) 6 != 12"):
+        InfinityTask._pretrained(str(source), want)
+    assert main([*ft, str(root / "nope"), "--out-dir", str(root / "x")]) == 2
+    assert f"init_from {root / 'nope'}: no such folder or file" in capsys.readouterr().err
+
+
 def test_condition_dropout_trains_the_learned_null_text(trained):
     """Dropped captions become ``cfg_uncond[:len]``: those rows learn, the rows past every caption's length not."""
     from nextscale.models.infinity import official_uncond_rows

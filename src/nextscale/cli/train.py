@@ -28,8 +28,9 @@ HELP = {
     "data": "fashion-mnist, mnist5k, or an image folder (one sub-folder per class)",
     "out_dir": "run folder: checkpoints/, metrics.jsonl, the exported model",
     "tokenizer": "folder written by `nextscale train-vae` (or a model folder / official vae .pth)",
-    "init_from": "start from these weights: var, a native model folder or an official var_d*.pth; msvq, a "
-    "tokenizer of this run's shape (tokenizer or model folder, or an official vae .pth)",
+    "init_from": "start from these weights: var, a native model folder or an official var_d*.pth; infinity, an "
+    "Infinity model folder or an official transformer file of this tokenizer's bits and this encoder's width; msvq, "
+    "a tokenizer of this run's shape (tokenizer or model folder, or an official vae .pth)",
     "steps": "optimizer steps in total",
     "batch_size": "global batch size (all ranks x accumulation)",
     "resume": "continue from out_dir/checkpoints/last.pt (prev.pt if killed while writing it) if it exists",

@@ -430,6 +430,9 @@ class InfinityTrainConfig(LoopConfig):
     data: str = "fashion-pairs"
     tokenizer: str = ""  # a folder written by `train-vae --arch bsq`, or an Infinity model folder
     text_encoder: str = ""  # a T5 folder (config.json + weights, its tokenizer beside or inside) or hub id
+    # Fine-tune from an Infinity model folder or an official transformer file (infinity_*.pth, a shard folder):
+    # its architecture replaces depth/width/heads; its bits and text width must be this run's tokenizer's/encoder's.
+    init_from: str | None = None
     image_size: int = 64  # the crop side (fashion-pairs: the canvas width; its height is half)
     pn: str = "0.04M"
     depth: int = 6
@@ -456,6 +459,8 @@ class InfinityTrainConfig(LoopConfig):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required: {what}")
             check_text(name, getattr(self, name), what)
+        if self.init_from is not None:
+            check_text("init_from", self.init_from, "an Infinity model folder or an official transformer file")
         check_choice("pn", self.pn, tuple(PN_SCALES))
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")

@@ -18,6 +18,7 @@ the text encoder stored beside them, with the schedule trained on as the model's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextscale.data import ShardedBatchSampler, load_captioned
-from nextscale.models.infinity import Infinity
+from nextscale.errors import CheckpointError
+from nextscale.models.infinity import Infinity, InfinityConfig
 from nextscale.models.infinity_scales import InfinitySchedule, image_schedule
-from nextscale.models.native_infinity import load_bsq_tokenizer, save_infinity_native
+from nextscale.models.infinity_weights import load_official_infinity
+from nextscale.models.native_infinity import load_bsq_tokenizer, load_infinity_native, save_infinity_native
 from nextscale.models.text_encoder import TextEncoder, TextFeatures
 from nextscale.train import dist
 from nextscale.train.config import InfinityTrainConfig
@@ -68,8 +71,14 @@ class InfinityTask:
         self.schedule = image_schedule(height, width, cfg.pn, stride)
         self.vae_grids = list(self.schedule.vae_grids(self.vae.cfg.patchify))
         torch.manual_seed(cfg.seed)
+        pretrained = self._pretrained(cfg.init_from, inf_cfg) if cfg.init_from else None
+        if pretrained is not None:  # fine-tuning: the architecture is the pretrained one's
+            inf_cfg = dataclasses.replace(pretrained.cfg, drop_path_rate=cfg.drop_path_rate)
         self.model = Infinity(inf_cfg)
         self.model.init_weights()
+        if pretrained is not None:
+            self.model.load_state_dict({k: v.float() for k, v in pretrained.state_dict().items()}, strict=True)
+            log.info("initialised from %s", cfg.init_from)
         self.model.train()
         self.generators = {
             "data": torch.Generator().manual_seed(cfg.seed + 101),
@@ -83,6 +92,18 @@ class InfinityTask:
         self.text = cached_caption_features(self.text_encoder, train_caps + val_caps, info)
         self.train_ids = torch.tensor([self.text.index[c] for c in train_caps])
         self.val_ids = torch.tensor([self.text.index[c] for c in val_caps])
+
+    @staticmethod
+    def _pretrained(source: str, want: InfinityConfig) -> Infinity:
+        """The transformer of an Infinity model folder or an official file, refused (naming both values) unless
+        it reads this run's tokens and text features."""
+        p = Path(source)
+        pre = load_infinity_native(p)[0] if (p / "model_index.json").is_file() else load_official_infinity(p)
+        for name, what in (("bits", "token bits (the tokenizer's)"), ("text_channels", "text width (the encoder's)")):
+            have, need = getattr(pre.cfg, name), getattr(want, name)
+            if have != need:
+                raise CheckpointError(f"init_from {source}: cannot fine-tune from it here: {what} {have} != {need}")
+        return pre
 
     # ---- data ------------------------------------------------------------------------------------------------
     def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, ...]]:

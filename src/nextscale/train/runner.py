@@ -90,7 +90,7 @@ def preflight(cfg: LoopConfig) -> None:
     folder_target(out / cfg.export_name, (MODEL_INDEX,))
     if isinstance(cfg, InfinityTrainConfig) and not Path(cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer {cfg.tokenizer}: no such folder")
-    if isinstance(cfg, VAETrainConfig) and cfg.init_from is not None and not Path(cfg.init_from).exists():
+    if isinstance(cfg, (VAETrainConfig, InfinityTrainConfig)) and cfg.init_from and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from {cfg.init_from}: no such folder or file")
     if isinstance(cfg, (VARTrainConfig, LlamaGenTrainConfig)):
         from nextscale.train.tokens import token_cache_dir
