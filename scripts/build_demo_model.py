@@ -51,12 +51,15 @@ ACC_TARGET, FD_RATIO_TARGET = 0.95, 5.0
 
 
 def portable(cfg: dict, work: Path) -> dict:
-    """The config with run folders written relative to the ``--work`` folder (``WORK/...``), so the shipped
-    build record names no path of the machine that built it."""
+    """The config with run folders written relative to the ``--work`` folder (``WORK/...``) and repository paths
+    (an ``init_from`` model) relative to the repository, so the shipped build record names no path of the machine
+    that built it."""
 
     def rel(v: object) -> object:
         if isinstance(v, str) and Path(v).is_relative_to(work):
             return str(Path("WORK") / Path(v).relative_to(work))
+        if isinstance(v, str) and Path(v).is_absolute():
+            return shown(Path(v))
         return v
 
     return {k: rel(v) for k, v in cfg.items()}

@@ -21,7 +21,9 @@ phrasings never appear in training (``data.captions``).
 5. writes ``src/nextscale/assets/demo-fmnist-t2i`` (transformer stored in float16).
 
 Each training step resumes from its checkpoint if the command is run again; the text encoder is rebuilt only if
-its folder is missing. Needs Debian's ``dataset-fashion-mnist``. Runtime on 2 AVX512-BF16 cores: see the README.
+its folder is missing. ``--init-from src/nextscale/assets/demo-fmnist-t2i`` trains on from the shipped model
+instead of from scratch (its tokenizer kept; ``--text-steps 0`` keeps its encoder too). Needs Debian's
+``dataset-fashion-mnist``. Runtime on 2 AVX512-BF16 cores: see the README.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from build_demo_model import portable
+from build_demo_model import portable, shown
 
 from nextscale.data import fashion_mnist, fashion_pairs
 from nextscale.data.captions import prompts, varied_captions
@@ -43,7 +45,7 @@ from nextscale.eval.classifier import load_classifier
 from nextscale.fileio import atomic_folder
 from nextscale.jobs.prompt_quality import KINDS, prompt_quality, real_item_scale
 from nextscale.models.native import bundled_model_dir
-from nextscale.models.text_encoder import save_tokenizer
+from nextscale.models.text_encoder import TextEncoder, save_tokenizer
 from nextscale.pipelines.infinity import InfinityPipeline
 from nextscale.train.config import BSQTrainConfig, InfinityTrainConfig
 from nextscale.train.runner import run_training
@@ -59,24 +61,35 @@ ACCEL_PRESETS: dict[str, list[str]] = {"balanced": [], "fast": []}
 log = logging.getLogger("build_t2i")
 
 
-def build_text_encoder(folder: Path, steps: int, seed: int) -> dict:
+def build_text_encoder(folder: Path, steps: int, seed: int, init: Path | None = None) -> dict:
     """Step 1: tokenizer + tiny T5 trained to read the slots of grammar captions of the training pairs, saved to
-    ``folder``."""
+    ``folder``. ``init``: a t2i model folder whose encoder and tokenizer are trained on for ``steps`` more (0: kept
+    as they are, with that model's report)."""
     report_path = folder / "slots.json"
     if report_path.is_file():
         return json.loads(report_path.read_text())
     train = fashion_pairs("train", 64, wide=True)
     slots = torch.stack([train.left_label_N, train.right_label_N], dim=1)
     captions, said = varied_captions(slots, seed=seed)
-    tok = caption_tokenizer(list(dict.fromkeys(train.captions + captions)))
-    encoder = tiny_t5(tok, TEXT_ENCODER, seed=seed)
-    t0 = time.perf_counter()
-    heads, last = train_slots(encoder, captions, said, [10, 10], steps=steps, lr=1e-3, seed=seed)
-    report = {"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "train_last_step": last}
-    for kind in KINDS:
-        ps = prompts(kind)
-        truth = torch.tensor([[a, b] for _, a, b in ps])
-        report[f"slot_accuracy_{kind}"] = slot_accuracy(encoder, heads, [p for p, _, _ in ps], truth)
+    if init is not None:
+        encoder = TextEncoder.from_pretrained(init / "text_encoder")
+        tok = encoder.tokenizer
+        earlier = json.loads((init / "quality.json").read_text())["text_encoder"]
+        report = {"init_from": shown(init), "init_report": earlier}
+    else:
+        tok = caption_tokenizer(list(dict.fromkeys(train.captions + captions)))
+        encoder = tiny_t5(tok, TEXT_ENCODER, seed=seed)
+        report = {}
+    if steps:
+        t0 = time.perf_counter()
+        heads, last = train_slots(encoder, captions, said, [10, 10], steps=steps, lr=1e-3, seed=seed)
+        report.update({"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "train_last_step": last})
+        for kind in KINDS:
+            ps = prompts(kind)
+            truth = torch.tensor([[a, b] for _, a, b in ps])
+            report[f"slot_accuracy_{kind}"] = slot_accuracy(encoder, heads, [p for p, _, _ in ps], truth)
+    elif init is None:
+        raise SystemExit("--text-steps 0 keeps an encoder: it needs --init-from")
     log.info("text encoder: %s", report)
 
     def fill(tmp: Path) -> None:
@@ -100,14 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=300, help="images per prompt kind for each setting")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="a t2i model folder (e.g. the shipped demo) to train on from: its tokenizer is kept as it is (new "
+        "tokens would void what the transformer learned), its text encoder trained --text-steps more (0: kept) and "
+        "its transformer --steps more",
+    )
     args = p.parse_args(argv)
+    if args.init_from is not None and not (args.init_from / "model_index.json").is_file():
+        p.error(f"--init-from {args.init_from}: not a model folder (no model_index.json)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work)
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
     text_folder = work / "text_encoder"
-    text_report = build_text_encoder(text_folder, args.text_steps, args.seed)
+    text_report = build_text_encoder(text_folder, args.text_steps, args.seed, args.init_from)
     times["text_encoder_s"] = round(time.perf_counter() - t0, 1)
 
     vae_cfg = BSQTrainConfig(
@@ -122,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision,
         seed=args.seed,
     )
-    tokenizer = work / "vae" / "tokenizer"
+    tokenizer = work / "vae" / "tokenizer" if args.init_from is None else args.init_from
     t0 = time.perf_counter()
     if not (tokenizer / "model_index.json").is_file():
         run_training(vae_cfg)
@@ -132,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=str(work / "infinity"),
         tokenizer=str(tokenizer),
         text_encoder=str(text_folder),
+        init_from=None if args.init_from is None else str(args.init_from),
         steps=args.steps,
         batch_size=64,
         lr=1e-3,
@@ -188,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     build = {
         "command": "python scripts/build_t2i_model.py " + " ".join(sys.argv[1:]),
         "text_encoder": {"steps": args.text_steps, "config": TEXT_ENCODER.__dict__},
-        "tokenizer": portable(vae_cfg.to_dict(), work),
+        "init_from": shown(args.init_from),
+        "tokenizer": portable(vae_cfg.to_dict(), work) if args.init_from is None else shown(args.init_from),
         "transformer": portable(inf_cfg.to_dict(), work),
         "seconds": times,
         "torch": torch.__version__,
