@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     init = Path(args.init_from).resolve() if args.init_from else None
     if init is not None and not (init / "model_index.json").is_file():
         p.error(f"--init-from {init}: not a model folder (no model_index.json)")
+    # The build record of the model trained on, read now: --out may be that folder, replaced at the end. Kept in
+    # the new record, so a model trained on in several runs says every run that made it.
+    init_build = json.loads((init / "build.json").read_text()) if init and (init / "build.json").is_file() else None
 
     vae_cfg = VAETrainConfig(
         data="fashion-mnist",
@@ -237,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                 "var": {**portable(var_cfg.to_dict(), work), "init_from": shown(init)},
                 "command": "python scripts/build_demo_model.py --work WORK"
                 + (f" --init-from {shown(init)}" if init else "")
-                + (f" --precision {args.precision}" if args.precision != "fp32" else ""),
+                + (f" --precision {args.precision}" if args.precision != "fp32" else "")
+                + f" --vae-steps {args.vae_steps} --var-steps {args.var_steps}",
+                **({"init_build": init_build} if init_build is not None else {}),
             },
             indent=2,
         )
