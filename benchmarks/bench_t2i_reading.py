@@ -2,6 +2,7 @@
 
     python benchmarks/bench_t2i_reading.py --part misses            # the bundled demo-fmnist-t2i (~3 min here)
     python benchmarks/bench_t2i_reading.py --part encoder --steps 15000 --every 1000   # ~22 min on 2 cores
+    python benchmarks/bench_t2i_reading.py --part guidance --cfgs 1,2,3,6 --taus 0.5,1  # ~1 min a setting
 
 ``--part misses`` (a model folder, default the bundled ``demo-fmnist-t2i``, at its sampling defaults): for seen
 prompts and held-out pairs, the share of images with both halves right, with the mirror pair drawn, and with only the
@@ -14,7 +15,12 @@ canvases of each kind, the ceiling of every pair accuracy.
 T5 and slot heads on ``varied_captions``) on the training pairs *minus* ten validation pairs V = (c, c+4 mod 10),
 each class once on each side with its mirror still trained on, as the held-out pairs are. Its slot accuracy on V
 every ``--every`` steps chooses a recipe without looking at the held-out pairs; held-out pairs and phrasings are
-reported beside it. Results: ``benchmarks/RESULTS.md`` ("Held-out pairs: where the misses come from").
+reported beside it.
+
+``--part guidance``: pair accuracy of every prompt kind and the halves' FD ratio over a grid of guidance (cfg) and
+temperature (tau), the build's quality sweep (``jobs.prompt_quality.guidance_sweep``) over any grid: how much of
+the held-out pairs guidance trades for seen ones. Results: ``benchmarks/RESULTS.md`` ("Held-out pairs: where the
+misses come from").
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ import numpy as np
 import torch
 
 from nextscale.bench import machine_info, markdown_table, write_json
-from nextscale.data import fashion_pairs
+from nextscale.data import fashion_mnist, fashion_pairs
 from nextscale.data.captions import prompts, varied_captions
 from nextscale.eval.classifier import load_classifier
 from nextscale.images import to_uint8_nhwc
-from nextscale.jobs.prompt_quality import KINDS, prompt_set, read_pairs, sample_prompts
+from nextscale.jobs.prompt_quality import (
+    KINDS,
+    guidance_sweep,
+    prompt_set,
+    read_pairs,
+    real_item_scale,
+    sample_prompts,
+)
 from nextscale.models.native import bundled_model_dir
 from nextscale.train.text_encoder import (
     SlotHeads,
@@ -152,15 +165,42 @@ def part_encoder(steps: int, every: int, layers: int, seed: int) -> dict[str, An
     return {"steps": steps, "layers": layers, "seed": seed, "validation_pairs": VALIDATION_PAIRS, "curve": curve}
 
 
+def part_guidance(model: str, images: int, grid: list[tuple[float, float]], seed: int) -> dict[str, Any]:
+    from nextscale.pipelines.infinity import InfinityPipeline
+
+    pipe = InfinityPipeline.from_pretrained(model)
+    net = load_classifier(bundled_model_dir("demo-fmnist") / "classifier")
+    items_train, items_test = fashion_mnist("train", size=32), fashion_mnist("test", size=32)
+    real_test = (items_test.images.permute(0, 2, 3, 1).numpy(), items_test.labels.numpy())
+    scale = real_item_scale(net, items_train.images[:10000].permute(0, 2, 3, 1).numpy(), real_test[0])
+    t0 = time.perf_counter()
+    rows = guidance_sweep(pipe, net, real_test, scale, dict.fromkeys(KINDS, images), grid, seed)
+    seconds = time.perf_counter() - t0
+    print(
+        markdown_table(
+            ["cfg", "tau", *KINDS, "FD ratio"],
+            [
+                [f"{r['settings']['cfg']:g}", f"{r['settings']['tau']:g}"]
+                + [_pct(r[k]["pair_accuracy"]) for k in KINDS]
+                + [f"{r['fd_ratio']:.0f}x"]
+                for r in rows
+            ],
+        )
+    )
+    return {"model": str(model), "images": images, "seed": seed, "scale": scale, "rows": rows, "seconds": seconds}
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("misses", "encoder"), required=True)
-    p.add_argument("--model", default=str(bundled_model_dir("demo-fmnist-t2i")), help="misses: a model folder")
-    p.add_argument("--images", type=int, default=300, help="misses: images per prompt kind")
+    p.add_argument("--part", choices=("misses", "encoder", "guidance"), required=True)
+    p.add_argument("--model", default=str(bundled_model_dir("demo-fmnist-t2i")), help="misses, guidance: a model")
+    p.add_argument("--images", type=int, default=300, help="misses, guidance: images per prompt kind")
+    p.add_argument("--cfgs", default="1,2,3,6", help="guidance: cfg values (a grid with --taus)")
+    p.add_argument("--taus", default="0.5,1", help="guidance: temperatures")
     p.add_argument("--probe-steps", type=int, default=1500, help="misses: steps of the linear reader")
     p.add_argument("--steps", type=int, default=15000, help="encoder: training steps")
     p.add_argument("--every", type=int, default=1000, help="encoder: evaluate every so many steps")
@@ -171,10 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("images", "probe_steps", "steps", "every", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        grid = [(float(c), float(tt)) for c in args.cfgs.split(",") for tt in args.taus.split(",")]
+    except ValueError:
+        p.error(f"--cfgs and --taus must be comma-separated numbers, got {args.cfgs!r} and {args.taus!r}")
+    if any(c < 0 or tt <= 0 for c, tt in grid):
+        p.error(f"cfg must be >= 0 and tau > 0, got --cfgs {args.cfgs} --taus {args.taus}")
     info = machine_info()
     print(f"# machine: {info}")
     if args.part == "misses":
         result = part_misses(args.model, args.images, args.probe_steps, args.seed)
+    elif args.part == "guidance":
+        result = part_guidance(args.model, args.images, grid, args.seed)
     else:
         result = part_encoder(args.steps, args.every, args.layers, args.seed)
     write_json(args.out or f"benchmarks/results/t2i_reading_{args.part}.json", {"machine": info, **result})

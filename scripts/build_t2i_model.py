@@ -43,7 +43,7 @@ from nextscale.data import fashion_mnist, fashion_pairs
 from nextscale.data.captions import prompts, varied_captions
 from nextscale.eval.classifier import load_classifier
 from nextscale.fileio import atomic_folder
-from nextscale.jobs.prompt_quality import KINDS, prompt_quality, real_item_scale
+from nextscale.jobs.prompt_quality import KINDS, guidance_sweep, real_item_scale
 from nextscale.models.native import bundled_model_dir
 from nextscale.models.text_encoder import TextEncoder, save_tokenizer
 from nextscale.pipelines.infinity import InfinityPipeline
@@ -179,23 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     real_test = (items_test.images.permute(0, 2, 3, 1).numpy(), items_test.labels.numpy())
     scale = real_item_scale(net, items_train.images[:10000].permute(0, 2, 3, 1).numpy(), real_test[0])
     counts = dict.fromkeys(KINDS, args.images)
-    rows = []
+    grid = [(float(c), float(t)) for c in args.cfgs.split(",") for t in args.taus.split(",")]
+
+    def logged(r: dict) -> None:
+        s = r["settings"]
+        log.info(
+            "cfg %.1f tau %.2f: pairs seen %.3f, held-out pairs %.3f, held-out phrasings %.3f, FD ratio %.1f",
+            s["cfg"],
+            s["tau"],
+            r["seen"]["pair_accuracy"],
+            r["held-out-pairs"]["pair_accuracy"],
+            r["held-out-phrasings"]["pair_accuracy"],
+            r["fd_ratio"],
+        )
+
     t0 = time.perf_counter()
-    for cfg in (float(c) for c in args.cfgs.split(",")):
-        for tau in (float(t) for t in args.taus.split(",")):
-            settings = {"cfg": cfg, "tau": tau, "seed": args.seed}
-            r = prompt_quality(pipe, net, real_test, counts, settings)
-            r["fd_ratio"] = r["FD-classifier"] / scale["FD-classifier"]
-            rows.append(r)
-            log.info(
-                "cfg %.1f tau %.2f: pairs seen %.3f, held-out pairs %.3f, held-out phrasings %.3f, FD ratio %.1f",
-                cfg,
-                tau,
-                r["seen"]["pair_accuracy"],
-                r["held-out-pairs"]["pair_accuracy"],
-                r["held-out-phrasings"]["pair_accuracy"],
-                r["fd_ratio"],
-            )
+    rows = guidance_sweep(pipe, net, real_test, scale, counts, grid, args.seed, on_row=logged)
     times["quality_s"] = round(time.perf_counter() - t0, 1)
     best = max(rows, key=lambda r: (r["seen"]["pair_accuracy"], -r["fd_ratio"]))
     defaults = {k: best["settings"][k] for k in ("cfg", "tau")}

@@ -12,7 +12,7 @@ from PIL import Image
 from nextscale import InfinityPipeline
 from nextscale.cli.main import main
 from nextscale.eval.classifier import load_classifier
-from nextscale.jobs.prompt_quality import pair_scores, prompt_set, sample_prompts
+from nextscale.jobs.prompt_quality import guidance_sweep, pair_scores, prompt_quality, prompt_set, sample_prompts
 from nextscale.models.native import bundled_model_dir
 
 NAME = "demo-fmnist-t2i"
@@ -57,6 +57,29 @@ def test_follows_its_prompts(pipe, kind):
     scores = pair_scores(net, images, asked)
     metric, floor = FLOORS[kind]
     assert scores[metric] >= floor, (kind, scores)
+
+
+def test_a_guidance_sweep_is_prompt_quality_at_each_setting(pipe):
+    """The build's sweep (and ``bench_t2i_reading --part guidance``): one row per (cfg, tau) in order, each the
+    report ``prompt_quality`` gives for that setting with the same seed, its FD divided by the given scale."""
+    from nextscale.data import fashion_mnist
+
+    net = load_classifier(bundled_model_dir("demo-fmnist") / "classifier")
+    items = fashion_mnist("test", size=32)
+    real = (items.images[:500].permute(0, 2, 3, 1).numpy(), items.labels[:500].numpy())
+    counts = {"seen": 6, "held-out-pairs": 6}
+    seen_rows = []
+    rows = guidance_sweep(
+        pipe, net, real, {"FD-classifier": 2.0}, counts, [(1.0, 1.0), (6.0, 0.5)], 3, on_row=seen_rows.append
+    )
+    assert rows == seen_rows and [r["settings"] for r in rows] == [
+        {"cfg": 1.0, "tau": 1.0, "seed": 3},
+        {"cfg": 6.0, "tau": 0.5, "seed": 3},
+    ]
+    direct = prompt_quality(pipe, net, real, counts, {"cfg": 6.0, "tau": 0.5, "seed": 3})
+    assert {k: v for k, v in rows[1].items() if k != "fd_ratio"} == direct
+    assert rows[1]["fd_ratio"] == direct["FD-classifier"] / 2.0
+    assert rows[0]["seen"] != rows[1]["seen"] or rows[0]["FD-classifier"] != rows[1]["FD-classifier"]
 
 
 def test_generate_cli_writes_the_prompted_images(tmp_path):

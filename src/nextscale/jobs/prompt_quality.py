@@ -11,7 +11,7 @@ Image i of a kind is seeded by (seed, i): the same images for every setting and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,6 +93,29 @@ def prompt_quality(
     r = evaluate(np.concatenate(all_halves), real_items[0], net, None, net_name)
     report[fd_key] = r[fd_key]
     return report
+
+
+def guidance_sweep(
+    pipe: Any,
+    net: FeatureNet,
+    real_items: tuple[np.ndarray, np.ndarray],
+    scale: Mapping[str, float],
+    counts: dict[str, int],
+    grid: Sequence[tuple[float, float]],
+    seed: int = 0,
+    net_name: str = "classifier",
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``prompt_quality`` at each (cfg, tau) of ``grid`` with the same seed, each row with ``fd_ratio``: its FD over
+    ``scale`` (``real_item_scale``). ``on_row(row)`` runs after each setting (progress, logs)."""
+    rows = []
+    for cfg, tau in grid:
+        row = prompt_quality(pipe, net, real_items, counts, {"cfg": cfg, "tau": tau, "seed": seed}, net_name)
+        row["fd_ratio"] = row[f"FD-{net_name}"] / scale[f"FD-{net_name}"]
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
 
 
 def real_item_scale(
