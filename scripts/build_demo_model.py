@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "build.json").write_text(
         json.dumps(
             {
-                "vae": {**portable(vae_cfg.to_dict(), work), "init_from": shown(init)},
-                "var": {**portable(var_cfg.to_dict(), work), "init_from": shown(init)},
+                "vae": portable(vae_cfg.to_dict(), work),  # init_from included, shown relative to the repository
+                "var": portable(var_cfg.to_dict(), work),
                 "command": "python scripts/build_demo_model.py --work WORK"
                 + (f" --init-from {shown(init)}" if init else "")
                 + (f" --precision {args.precision}" if args.precision != "fp32" else "")
