@@ -41,7 +41,7 @@ from nextscale.engine.var.params import SamplingParams
 from nextscale.eval.classifier import load_classifier, save_classifier, train_classifier
 from nextscale.jobs.quality import balanced_subset, choose_defaults, conditional_quality, reconstruction_quality
 from nextscale.jobs.tune import CANDIDATES, Budget, tune, write_presets
-from nextscale.models.native_var import save_native
+from nextscale.models.native_var import load_tokenizer, save_native, save_tokenizer
 from nextscale.pipelines.var import VARPipeline
 from nextscale.train.config import VAETrainConfig, VARTrainConfig
 from nextscale.train.runner import run_training
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="run folders (checkpoints, metrics)")
     p.add_argument("--out", default=str(ROOT / "src" / "nextscale" / "assets" / "demo-fmnist"))
-    p.add_argument("--vae-steps", type=int, default=2400)
+    p.add_argument(
+        "--vae-steps", type=int, default=2400, help="tokenizer steps; 0 (with --init-from) keeps that model's tokenizer"
+    )
     p.add_argument("--var-steps", type=int, default=1300)
     p.add_argument("--cfgs", default="1.0,1.5,2.0,3.0", help="guidance values to evaluate")
     p.add_argument("--top-ps", default="0,0.9", help="top-p values to evaluate (grid with --cfgs)")
@@ -125,22 +127,36 @@ def main(argv: list[str] | None = None) -> int:
     # the new record, so a model trained on in several runs says every run that made it.
     init_build = json.loads((init / "build.json").read_text()) if init and (init / "build.json").is_file() else None
 
-    vae_cfg = VAETrainConfig(
-        data="fashion-mnist",
-        out_dir=str(work / "vae"),
-        batch_size=64,
-        steps=args.vae_steps,
-        lr=2e-3,
-        eval_every=400,
-        ckpt_every=100,
-        log_every=50,
-        resume=True,
-        precision=args.precision,
-        init_from=str(init) if init else None,
+    if args.vae_steps < 0 or args.var_steps < 1:
+        p.error(f"--vae-steps {args.vae_steps} --var-steps {args.var_steps}: need --vae-steps >= 0, --var-steps >= 1")
+    if args.vae_steps == 0 and init is None:
+        p.error("--vae-steps 0 keeps the tokenizer of --init-from FOLDER: give one (from scratch it must be trained)")
+    vae_cfg = (
+        VAETrainConfig(
+            data="fashion-mnist",
+            out_dir=str(work / "vae"),
+            batch_size=64,
+            steps=args.vae_steps,
+            lr=2e-3,
+            eval_every=400,
+            ckpt_every=100,
+            log_every=50,
+            resume=True,
+            precision=args.precision,
+            init_from=str(init) if init else None,
+        )
+        if args.vae_steps > 0
+        else None
     )
     tokenizer = work / "vae" / "tokenizer"
     if not (tokenizer / "model_index.json").is_file():
-        run_training(vae_cfg)
+        if vae_cfg is None:
+            # The transformer alone trains on: its tokens stay the ones it was trained on (a retrained tokenizer
+            # moves every code under it, and its reconstructions already score far better than the samples).
+            assert init is not None  # checked with the arguments
+            save_tokenizer(tokenizer, load_tokenizer(init))
+        else:
+            run_training(vae_cfg)
 
     var_cfg = VARTrainConfig(
         data="fashion-mnist",
@@ -236,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "build.json").write_text(
         json.dumps(
             {
-                "vae": portable(vae_cfg.to_dict(), work),  # init_from included, shown relative to the repository
+                # init_from included, shown relative to the repository
+                "vae": {"kept_from": shown(init)} if vae_cfg is None else portable(vae_cfg.to_dict(), work),
                 "var": portable(var_cfg.to_dict(), work),
                 "command": "python scripts/build_demo_model.py --work WORK"
                 + (f" --init-from {shown(init)}" if init else "")
