@@ -15,7 +15,8 @@ canvases of each kind, the ceiling of every pair accuracy.
 T5 and slot heads on ``varied_captions``) on the training pairs *minus* ten validation pairs V = (c, c+4 mod 10),
 each class once on each side with its mirror still trained on, as the held-out pairs are. Its slot accuracy on V
 every ``--every`` steps chooses a recipe without looking at the held-out pairs; held-out pairs and phrasings are
-reported beside it.
+reported beside it. ``--words``: the encoder also learns to tag each noun with its side and class (``train_slots``'s
+``spans``, from ``data.captions.noun_spans``).
 
 ``--part guidance``: pair accuracy of every prompt kind and the halves' FD ratio over a grid of guidance (cfg) and
 temperature (tau), the build's quality sweep (``jobs.prompt_quality.guidance_sweep``) over any grid: how much of
@@ -35,7 +36,7 @@ import torch
 
 from nextscale.bench import machine_info, markdown_table, write_json
 from nextscale.data import fashion_mnist, fashion_pairs
-from nextscale.data.captions import prompts, varied_captions
+from nextscale.data.captions import noun_spans, prompts, varied_captions
 from nextscale.eval.classifier import load_classifier
 from nextscale.images import to_uint8_nhwc
 from nextscale.jobs.prompt_quality import (
@@ -138,9 +139,10 @@ def part_misses(model: str, images: int, probe_steps: int, seed: int) -> dict[st
     return out
 
 
-def part_encoder(steps: int, every: int, layers: int, seed: int) -> dict[str, Any]:
+def part_encoder(steps: int, every: int, layers: int, seed: int, words: bool = False) -> dict[str, Any]:
     train, slots_N2 = _training_slots(VALIDATION_PAIRS)
     captions, said_N2 = varied_captions(slots_N2, seed=seed)
+    spans = [noun_spans(c, tuple(s)) for c, s in zip(captions, said_N2.tolist())] if words else None
     encoder = tiny_t5(
         caption_tokenizer(list(dict.fromkeys(train.captions + captions))), TinyT5Config(num_layers=layers), seed
     )
@@ -156,13 +158,20 @@ def part_encoder(steps: int, every: int, layers: int, seed: int) -> dict[str, An
         curve.append(row)
         print(f"step {done}: " + ", ".join(f"{k} {_pct(row[k])}" for k in asked), flush=True)
 
-    train_slots(encoder, captions, said_N2, [10, 10], steps=steps, lr=1e-3, seed=seed, on_step=on_step)
+    train_slots(encoder, captions, said_N2, [10, 10], steps=steps, lr=1e-3, seed=seed, on_step=on_step, spans=spans)
     print(
         markdown_table(
             ["step", *asked, "seconds"], [[r["step"], *(_pct(r[k]) for k in asked), r["seconds"]] for r in curve]
         )
     )
-    return {"steps": steps, "layers": layers, "seed": seed, "validation_pairs": VALIDATION_PAIRS, "curve": curve}
+    return {
+        "steps": steps,
+        "layers": layers,
+        "words": words,
+        "seed": seed,
+        "validation_pairs": VALIDATION_PAIRS,
+        "curve": curve,
+    }
 
 
 def part_guidance(model: str, images: int, grid: list[tuple[float, float]], seed: int) -> dict[str, Any]:
@@ -205,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=15000, help="encoder: training steps")
     p.add_argument("--every", type=int, default=1000, help="encoder: evaluate every so many steps")
     p.add_argument("--layers", type=int, default=4, help="encoder: T5 layers")
+    p.add_argument(
+        "--words", action="store_true", help="encoder: also tag each noun with its side and class (train_slots spans)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/t2i_reading_<part>.json)")
     args = p.parse_args(argv)
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.part == "guidance":
         result = part_guidance(args.model, args.images, grid, args.seed)
     else:
-        result = part_encoder(args.steps, args.every, args.layers, args.seed)
+        result = part_encoder(args.steps, args.every, args.layers, args.seed, args.words)
     write_json(args.out or f"benchmarks/results/t2i_reading_{args.part}.json", {"machine": info, **result})
     return 0
 

@@ -40,7 +40,7 @@ import torch
 from build_demo_model import portable, shown
 
 from nextscale.data import fashion_mnist, fashion_pairs
-from nextscale.data.captions import prompts, varied_captions
+from nextscale.data.captions import noun_spans, prompts, varied_captions
 from nextscale.eval.classifier import load_classifier
 from nextscale.fileio import atomic_folder
 from nextscale.jobs.prompt_quality import KINDS, guidance_sweep, real_item_scale
@@ -61,10 +61,11 @@ ACCEL_PRESETS: dict[str, list[str]] = {"balanced": [], "fast": []}
 log = logging.getLogger("build_t2i")
 
 
-def build_text_encoder(folder: Path, steps: int, seed: int, init: Path | None = None) -> dict:
+def build_text_encoder(folder: Path, steps: int, seed: int, init: Path | None = None, words: bool = False) -> dict:
     """Step 1: tokenizer + tiny T5 trained to read the slots of grammar captions of the training pairs, saved to
     ``folder``. ``init``: a t2i model folder whose encoder and tokenizer are trained on for ``steps`` more (0: kept
-    as they are, with that model's report)."""
+    as they are, with that model's report). ``words``: also tag each noun with its side and class (``train_slots``'s
+    ``spans``)."""
     report_path = folder / "slots.json"
     if report_path.is_file():
         return json.loads(report_path.read_text())
@@ -82,8 +83,11 @@ def build_text_encoder(folder: Path, steps: int, seed: int, init: Path | None = 
         report = {}
     if steps:
         t0 = time.perf_counter()
-        heads, last = train_slots(encoder, captions, said, [10, 10], steps=steps, lr=1e-3, seed=seed)
-        report.update({"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "train_last_step": last})
+        spans = [noun_spans(c, tuple(s)) for c, s in zip(captions, said.tolist())] if words else None
+        heads, last = train_slots(encoder, captions, said, [10, 10], steps=steps, lr=1e-3, seed=seed, spans=spans)
+        report.update(
+            {"steps": steps, "words": words, "seconds": round(time.perf_counter() - t0, 1), "train_last_step": last}
+        )
         for kind in KINDS:
             ps = prompts(kind)
             truth = torch.tensor([[a, b] for _, a, b in ps])
@@ -106,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "t2i"), help="run folders (checkpoints, metrics)")
     p.add_argument("--out", default=str(bundled_model_dir("demo-fmnist-t2i")))
     p.add_argument("--text-steps", type=int, default=5000)
+    p.add_argument(
+        "--text-words",
+        action="store_true",
+        help="the text encoder also learns to tag each noun with its side and class (reads held-out pairs better: "
+        "benchmarks/RESULTS.md)",
+    )
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--steps", type=int, default=2000, help="transformer steps (64 canvases each)")
     p.add_argument("--cfgs", default="3,4,5,6", help="guidance values to evaluate")
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     text_folder = work / "text_encoder"
-    text_report = build_text_encoder(text_folder, args.text_steps, args.seed, args.init_from)
+    text_report = build_text_encoder(text_folder, args.text_steps, args.seed, args.init_from, args.text_words)
     times["text_encoder_s"] = round(time.perf_counter() - t0, 1)
 
     vae_cfg = BSQTrainConfig(
@@ -209,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.save_pretrained(tmp_out, transformer_dtype=torch.float16)
     build = {
         "command": "python scripts/build_t2i_model.py " + " ".join(sys.argv[1:]),
-        "text_encoder": {"steps": args.text_steps, "config": TEXT_ENCODER.__dict__},
+        "text_encoder": {"steps": args.text_steps, "words": args.text_words, "config": TEXT_ENCODER.__dict__},
         "init_from": shown(args.init_from),
         "tokenizer": portable(vae_cfg.to_dict(), work) if args.init_from is None else shown(args.init_from),
         "transformer": portable(inf_cfg.to_dict(), work),

@@ -33,6 +33,7 @@ from nextscale.data.captions import (
     TEMPLATES,
     _fill,
     _matches,
+    noun_spans,
     varied_captions,
 )
 from nextscale.errors import InvalidInputError
@@ -264,6 +265,28 @@ def test_varied_captions_say_their_pair_and_keep_the_hold_outs_out():
         varied_captions(pairs, fillers=1.5)
     with pytest.raises(InvalidInputError, match=r"pairs_N2 must be \[N, 2\] \(left, right class\), got \(3,\)"):
         varied_captions(torch.zeros(3, dtype=torch.long))
+
+
+def test_noun_spans_say_each_nouns_side_and_class():
+    text = "An Ankle boot on the left, right: a T-shirt"
+    spans = noun_spans(text, (9, 0))
+    assert [(text[a:b], side, c) for a, b, side, c in spans] == [("Ankle boot", 0, 9), ("T-shirt", 1, 0)]
+    assert [s[2:] for s in noun_spans("a t-shirt/top to the right of an ankle boot", (9, 0))] == [(1, 0), (0, 9)]
+    assert [s[2:] for s in noun_spans("bag and bag", (8, 8))] == [(-1, 8), (-1, 8)]  # which bag: not the noun's to say
+    assert [s[2:] for s in noun_spans("right: a top", (-1, 0))] == [(1, 0)]
+    assert noun_spans("a blurb of qualms", (3, 4)) == []  # made-up words are no nouns ("blurb" holds no "b")
+    pairs = torch.tensor([[a, b] for a, b in np.ndindex(10, 10)] * 3)
+    for text, said in zip(*varied_captions(pairs, seed=1)):
+        spans = noun_spans(text, tuple(said.tolist()))
+        assert sorted(c for *_, c in spans) == sorted(c for c in said.tolist() if c >= 0), text
+    with pytest.raises(
+        InvalidInputError, match=r"caption 'a bag and a coat' names 'coat', not a class it says \(8, 5\)"
+    ):
+        noun_spans("a bag and a coat", (8, 5))
+    with pytest.raises(
+        InvalidInputError, match=r"said must be \(left, right\) classes, -1 for a side not named; got \(8,\)"
+    ):
+        noun_spans("a bag", (8,))
 
 
 def test_held_out_pairs_keep_each_class_and_mirror_in_training():

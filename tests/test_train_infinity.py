@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from nextscale.errors import ConfigError
+from nextscale.errors import ConfigError, InvalidInputError
 from nextscale.models.infinity import text_attention, text_attention_batched
 from nextscale.models.infinity_scales import schedule
 from nextscale.models.tokenizers.bsq import BSQVAE, BSQVAEConfig, quantize_st
@@ -162,6 +162,58 @@ def test_slot_training_changes_the_encoder_and_freezes_it(text_encoder_dir):
     assert not torch.equal(heads.heads[0].weight, fresh.heads[0].weight)
     with pytest.raises(Exception, match="slots_NS must be"):
         train_slots(enc, caps, slots[:5], [3, 3], steps=1)
+
+
+def test_word_targets_label_the_tokens_of_each_span(text_encoder_dir):
+    from nextscale.models.text_encoder import TextEncoder
+    from nextscale.train.text_encoder import word_targets
+
+    tok = TextEncoder.from_pretrained(text_encoder_dir).tokenizer
+    texts = ["a ring on the left and a cross on the right", "left: stripes"]
+    t = tok(texts, padding="longest", return_tensors="pt", return_offsets_mapping=True)
+    ring, cross, stripes = (texts[0].index("ring"), 0, 1), (texts[0].index("cross"), 1, -1), (6, -1, 2)
+    spans = [[(a, a + len(w), slot, value) for (a, slot, value), w in zip((ring, cross), ("ring", "cross"))]]
+    spans.append([(stripes[0], stripes[0] + len("stripes"), stripes[1], stripes[2])])
+    slot_BN, value_BN = word_targets(t.offset_mapping, t.attention_mask, spans, slots=2, values=3)
+    words = [tok.convert_ids_to_tokens(ids) for ids in t.input_ids.tolist()]
+    assert words[0][1] == "▁ring" and words[0][7] == "▁cross" and "▁stripes" in words[1]
+    # "▁ring" covers the space before "ring" and still is the word; -1 (not known) is no loss, as padding is
+    assert slot_BN[0].tolist() == [2, 0, 2, 2, 2, 2, 2, 1, 2, 2, 2, 2]  # </s> (no characters) reads none
+    assert value_BN[0].tolist() == [3, 1, 3, 3, 3, 3, 3, -100, 3, 3, 3, 3]
+    k = words[1].index("▁stripes")
+    assert slot_BN[1, k] == -100 and value_BN[1, k] == 2 and slot_BN[1, k + 2 :].eq(-100).all()
+
+
+def test_word_spans_train_a_tagger_beside_the_slot_heads(text_encoder_dir):
+    from nextscale.models.text_encoder import TextEncoder
+    from nextscale.train.text_encoder import train_slots
+
+    caps = captions(36)
+    slots = torch.tensor([[i % 3, (i // 3) % 3] for i in range(36)])
+    spans = []
+    for text, (a, b) in zip(caps, slots.tolist()):
+        first = text.index(" ", 2)  # "a ring on ...": the first noun ends at the next space
+        second = text.index(CAPTION_NOUNS[b], first + len(" on the left and a "))
+        spans.append([(2, first, 0, a), (second, second + len(CAPTION_NOUNS[b]), 1, b)])
+    runs = {}
+    for name, kw in (("slots", {}), ("words", {"spans": spans})):
+        enc = TextEncoder.from_pretrained(text_encoder_dir)
+        torch.manual_seed(0)
+        _, last = train_slots(enc, caps, slots, [3, 3], steps=20, batch_size=8, lr=3e-3, **kw)
+        runs[name] = (enc.encoder.state_dict(), last)
+    # the same data order and heads, so the encoders differ by the tagging loss alone
+    assert any(not torch.equal(v, runs["words"][0][k]) for k, v in runs["slots"][0].items())
+    assert runs["words"][1]["loss"] > 0
+    enc = TextEncoder.from_pretrained(text_encoder_dir)
+    bad = [list(s) for s in spans]
+    bad[3] = [(2, 99, 0, 1)]
+    with pytest.raises(InvalidInputError, match=r"span \(2, 99, 0, 1\) of caption 3 .*0 <= start < end <= \d+"):
+        train_slots(enc, caps, slots, [3, 3], steps=1, spans=bad)
+    bad[3] = [(2, 6, 0, 3)]  # slot 0 has 3 classes
+    with pytest.raises(InvalidInputError, match=r"span \(2, 6, 0, 3\) of caption 3"):
+        train_slots(enc, caps, slots, [3, 3], steps=1, spans=bad)
+    with pytest.raises(InvalidInputError, match=r"spans must give one list per caption \(36\), got 2"):
+        train_slots(enc, caps, slots, [3, 3], steps=1, spans=spans[:2])
 
 
 def test_a_frozen_encoder_probe_trains_the_heads_alone_and_reports_each_step(text_encoder_dir):

@@ -171,6 +171,7 @@ PROMPT_KINDS = ("seen", "held-out-pairs", "held-out-phrasings", "all")
 # valid class labels too. Nothing is invented ("tee", "boot") that the resolver would refuse.
 SYNONYMS: tuple[tuple[str, ...], ...] = tuple(tuple(name.lower().split("/")) for name in FASHION_MNIST_CLASSES)
 _NOUNS = {noun: c for c, nouns in enumerate(SYNONYMS) for noun in (*nouns, FASHION_MNIST_CLASSES[c].lower())}
+_NOUN_CHOICE = "|".join(re.escape(n) for n in sorted(_NOUNS, key=len, reverse=True))  # longest first: "t-shirt/top"
 
 
 def _article(noun: str) -> str:
@@ -182,7 +183,6 @@ def _fill(template: str, left: str, right: str) -> str:
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    nouns = "|".join(re.escape(n) for n in sorted(_NOUNS, key=len, reverse=True))  # longest first: "t-shirt/top"
     parts = []
     for piece in re.split(r"(\{\w+\})", template):
         field = piece.strip("{}") if piece.startswith("{") else None
@@ -190,7 +190,7 @@ def _template_regex(template: str) -> re.Pattern[str]:
             parts.append(re.escape(piece))
         else:
             side = field.removeprefix("a_")
-            parts.append(("an? " if field.startswith("a_") else "") + f"(?P<{side}>{nouns})")
+            parts.append(("an? " if field.startswith("a_") else "") + f"(?P<{side}>{_NOUN_CHOICE})")
     return re.compile("".join(parts))
 
 
@@ -336,6 +336,27 @@ def varied_captions(pairs_N2: torch.Tensor, seed: int = 0, fillers: float = 0.3)
         if only is not None:
             slots_N2[n, 1 - only] = -1
     return out, slots_N2
+
+
+_NOUN_RE = re.compile(rf"\b({_NOUN_CHOICE})\b", re.IGNORECASE)
+
+
+def noun_spans(text: str, said: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """``(start, end, side, class)`` of each class noun in caption ``text`` (its characters ``text[start:end]``,
+    longest noun first: "ankle boot", not "boot"), where ``said`` is the ``(left, right)`` classes the caption says
+    (-1 for a side it does not name, as ``varied_captions`` gives them): side 0 (left) or 1 (right), or -1 when
+    both sides hold that class and the noun alone cannot tell which. The word labels a text encoder can be taught
+    to carry on each noun (``train.text_encoder.train_slots``'s ``spans``)."""
+    if len(said) != 2:
+        raise InvalidInputError(f"said must be (left, right) classes, -1 for a side not named; got {said!r}")
+    left, right = said
+    out = []
+    for m in _NOUN_RE.finditer(text):
+        c = _NOUNS[m.group(1).lower()]
+        if c not in (left, right):
+            raise InvalidInputError(f"caption {text!r} names {m.group(1)!r}, not a class it says ({left}, {right})")
+        out.append((m.start(), m.end(), -1 if left == right else (0 if c == left else 1), c))
+    return out
 
 
 def _check_pair_args(kind: str, seed: int, num: int | None, channels: int) -> None:

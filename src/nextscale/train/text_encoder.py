@@ -14,7 +14,9 @@
   head classifies it; the encoder is trained through it. Why: a text-to-image transformer trained from scratch on a
   few thousand captions sees every phrasing only through the images it gets; an encoder that already says which
   noun fills which place lets the image model's cross-attention learn one mapping for every phrasing, including
-  phrasings it never saw (``prompt_following`` measures that). The heads are thrown away; the encoder is then frozen.
+  phrasings it never saw (``prompt_following`` measures that). With ``spans`` (the characters of each noun, its
+  slot and class) a ``WordTagger`` also classifies every token on its own, so a noun's side and class sit on the
+  noun. The heads are thrown away; the encoder is then frozen.
 
 Requires the ``t2i`` extra (``transformers``, which brings ``tokenizers``).
 """
@@ -25,6 +27,7 @@ import logging
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,12 +125,68 @@ class SlotHeads(nn.Module):
         return [head(pooled_BSC[:, s]) for s, head in enumerate(self.heads)]
 
 
+Span = tuple[int, int, int, int]  # (start, end, slot, value): characters [start, end) of a caption name it
+
+
+class WordTagger(nn.Module):
+    """Two linear heads on each output token: which slot the word it belongs to fills (or none), and with what value
+    (or none). Each token is classified from its own vector alone, so what a noun says ends up on the noun."""
+
+    def __init__(self, dim: int, slots: int, values: int):
+        super().__init__()
+        self.slot, self.value = nn.Linear(dim, slots + 1), nn.Linear(dim, values + 1)  # the last index: none
+
+    def forward(self, h_BNC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slot(h_BNC), self.value(h_BNC)
+
+
+def word_targets(
+    offsets_BN2: torch.Tensor, mask_BN: torch.Tensor, spans: Sequence[Sequence[Span]], slots: int, values: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the ``(slot, value)`` a ``WordTagger`` should read: those of the span its characters overlap
+    (its ``offsets_BN2``, as a fast tokenizer gives them: "▁bag" covers the space before "bag"), ``slots`` /
+    ``values`` (none) for a token in no span, -100 (no loss) for padding and for a span's -1 (not known)."""
+    slot_BN = torch.full(mask_BN.shape, slots, dtype=torch.long)
+    value_BN = torch.full(mask_BN.shape, values, dtype=torch.long)
+    for b, caption_spans in enumerate(spans):
+        start_N, end_N = offsets_BN2[b, :, 0], offsets_BN2[b, :, 1]
+        for start, end, slot, value in caption_spans:
+            inside_N = (torch.maximum(start_N, torch.tensor(start)) < torch.minimum(end_N, torch.tensor(end))) & (
+                end_N > start_N  # special tokens have no characters
+            )
+            slot_BN[b, inside_N] = slot if slot >= 0 else -100
+            value_BN[b, inside_N] = value if value >= 0 else -100
+    pad_BN = ~mask_BN.bool()
+    return slot_BN.masked_fill(pad_BN, -100), value_BN.masked_fill(pad_BN, -100)
+
+
+def _encoded(encoder: TextEncoder, captions: Sequence[str], offsets: bool = False) -> tuple[Any, torch.Tensor]:
+    tokens = encoder.tokenizer(list(captions), padding="longest", return_tensors="pt", return_offsets_mapping=offsets)
+    h = encoder.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)["last_hidden_state"]
+    return tokens, h
+
+
 def read_slots(encoder: TextEncoder, heads: SlotHeads, captions: Sequence[str]) -> list[torch.Tensor]:
     """Each slot's logits ``[N, classes]`` for ``captions``, as ``heads`` read the encoder's output."""
-    tokens = encoder.tokenizer(list(captions), padding="longest", return_tensors="pt")
-    model = encoder.encoder
-    h = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)["last_hidden_state"]
+    tokens, h = _encoded(encoder, captions)
     return heads(h, tokens.attention_mask)
+
+
+def _check_spans(spans: Sequence[Sequence[Span]], captions: Sequence[str], num_classes: Sequence[int]) -> None:
+    if len(spans) != len(captions):
+        raise InvalidInputError(f"spans must give one list per caption ({len(captions)}), got {len(spans)}")
+    for n, (caption_spans, text) in enumerate(zip(spans, captions)):
+        for span in caption_spans:
+            ok = len(span) == 4 and all(isinstance(v, int) for v in span)
+            if ok:
+                start, end, slot, value = span
+                ok = 0 <= start < end <= len(text) and -1 <= slot < len(num_classes)
+                ok = ok and -1 <= value < (num_classes[slot] if slot >= 0 else max(num_classes))
+            if not ok:
+                raise InvalidInputError(
+                    f"span {span!r} of caption {n} ({text!r}): need (start, end, slot, value) ints with "
+                    f"0 <= start < end <= {len(text)}, slot in -1..{len(num_classes) - 1}, value -1 or a class of it"
+                )
 
 
 def train_slots(
@@ -142,13 +201,23 @@ def train_slots(
     warmup: float = 0.05,
     freeze_encoder: bool = False,
     on_step: Callable[[int, SlotHeads], None] | None = None,
+    spans: Sequence[Sequence[Span]] | None = None,
 ) -> tuple[SlotHeads, dict[str, float]]:
     """Train ``encoder`` (in place; left frozen again) to read slot ``s`` of caption ``n`` as class
     ``slots_NS[n, s]`` of ``num_classes[s]`` (-1: the caption does not say; no loss), ``lr`` warmed up linearly over
     the first ``warmup`` of the steps then decayed linearly; returns the heads (for ``slot_accuracy`` on held-out
     captions) and the last step's loss and accuracy (all slots right). ``freeze_encoder``: train the heads alone, a
     probe of what the encoder's features already say. ``on_step(steps done, heads)`` runs after every step (a
-    learning curve on held-out captions)."""
+    learning curve on held-out captions).
+
+    ``spans``: per caption, the words that name a slot's filler, ``(start, end, slot, value)`` (slot or value -1:
+    not known; ``data.captions.noun_spans``). A ``WordTagger`` then also learns, from each token's vector alone,
+    which slot its word fills and with what value, and the loss is the mean of both objectives (the tagging one
+    the sum of its two heads'). Why: the slot
+    queries read a caption as a whole, and an encoder can satisfy them with a code for the pair (on the Fashion-MNIST
+    pairs, held-out pairs read right 75 % of the time); tagging each noun with its own side and class puts that on
+    the noun, where it cannot depend on what the other noun is (benchmarks/RESULTS.md). Needs a fast tokenizer
+    (character offsets)."""
     if slots_NS.ndim != 2 or slots_NS.shape != (len(captions), len(num_classes)):
         raise InvalidInputError(
             f"slots_NS must be [{len(captions)} captions, {len(num_classes)} slots], got {tuple(slots_NS.shape)}"
@@ -157,15 +226,22 @@ def train_slots(
     check_int("batch_size", batch_size)
     if not 0 <= warmup < 1:
         raise InvalidInputError(f"warmup must be a fraction of the steps in [0, 1), got {warmup!r}")
+    if spans is not None:
+        _check_spans(spans, captions, num_classes)
+        if not getattr(encoder.tokenizer, "is_fast", False):
+            raise InvalidInputError("spans need a fast tokenizer (character offsets of each token)")
     model = encoder.encoder.train(not freeze_encoder).requires_grad_(not freeze_encoder)
     heads = SlotHeads(int(model.config.d_model), num_classes)
-    trained = [*heads.parameters()] + ([] if freeze_encoder else [*model.parameters()])
+    tagger = None if spans is None else WordTagger(int(model.config.d_model), len(num_classes), max(num_classes))
+    trained = [*heads.parameters()] + ([] if tagger is None else [*tagger.parameters()])
+    trained += [] if freeze_encoder else [*model.parameters()]
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     loss_v = acc_v = 0.0
     for step in range(steps):
         idx = torch.randint(len(captions), (batch_size,), generator=gen)
-        logits = read_slots(encoder, heads, [captions[i] for i in idx.tolist()])
+        tokens, h_BNC = _encoded(encoder, [captions[i] for i in idx.tolist()], offsets=tagger is not None)
+        logits = heads(h_BNC, tokens.attention_mask)
         target_BS = slots_NS[idx]
         said_BS = target_BS >= 0  # a slot no caption of the batch says stays out of the graph (no decay either)
         loss = sum(
@@ -173,6 +249,18 @@ def train_slots(
             for s, lg in enumerate(logits)
             if said_BS[:, s].any()
         ) / len(logits)
+        if tagger is not None:
+            slot_BN, value_BN = word_targets(
+                tokens.offset_mapping,
+                tokens.attention_mask,
+                [spans[i] for i in idx.tolist()],  # type: ignore[index]
+                len(num_classes),
+                max(num_classes),
+            )
+            slot_BNK, value_BNK = tagger(h_BNC)
+            tag_loss = F.cross_entropy(slot_BNK.flatten(0, 1), slot_BN.flatten(), ignore_index=-100)
+            tag_loss = tag_loss + F.cross_entropy(value_BNK.flatten(0, 1), value_BN.flatten(), ignore_index=-100)
+            loss = (loss + tag_loss) / 2  # the two objectives weighed equally, as measured
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
         for g in opt.param_groups:  # linear warm-up, then linear decay: the last steps settle
