@@ -17,7 +17,8 @@
 
 ``--init-from FOLDER`` (e.g. ``src/nextscale/assets/demo-fmnist``) starts both trainings from that model's weights
 with a fresh schedule (a warm restart: a longer run without repeating the first) and reuses its classifier, so the
-figures stay comparable with every other bundled model's. Each training step resumes from its checkpoint if the
+figures stay comparable with every other bundled model's; with ``--vae-steps 0`` its tokenizer is kept as it is and
+only the transformer trains on. Each training step resumes from its checkpoint if the
 command is run again (e.g. after being killed), and the tuning report is reused while the weights, defaults and
 candidates are the same (``WORK/accel.json``). The quality report also holds what the tokenizer alone costs
 (``tokenizer_reconstructions``: its reconstructions scored as samples are). Needs Debian's
