@@ -151,9 +151,8 @@ def word_targets(
     for b, caption_spans in enumerate(spans):
         start_N, end_N = offsets_BN2[b, :, 0], offsets_BN2[b, :, 1]
         for start, end, slot, value in caption_spans:
-            inside_N = (torch.maximum(start_N, torch.tensor(start)) < torch.minimum(end_N, torch.tensor(end))) & (
-                end_N > start_N  # special tokens have no characters
-            )
+            # overlaps [start, end) and has characters (special tokens have none)
+            inside_N = (start_N.clamp(min=start) < end_N.clamp(max=end)) & (end_N > start_N)
             slot_BN[b, inside_N] = slot if slot >= 0 else -100
             value_BN[b, inside_N] = value if value >= 0 else -100
     pad_BN = ~mask_BN.bool()
