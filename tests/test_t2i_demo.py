@@ -16,13 +16,14 @@ from nextscale.jobs.prompt_quality import guidance_sweep, pair_scores, prompt_qu
 from nextscale.models.native import bundled_model_dir
 
 NAME = "demo-fmnist-t2i"
-# Floors well under the measured figures (quality.json, README: 82 %, 44 % and 71 % of pairs at 300 images) for 40
+# Floors well under the measured figures (quality.json, README: 83 %, 76 % and 73 % of pairs at 300 images) for 40
 # images of each kind, 3 standard deviations or more below them; chance is 1 % of pairs. A model that stopped
-# following its prompts (or a sampler or text encoder that lost the text) falls far below them.
+# following its prompts (or a sampler or text encoder that lost the text) falls far below them; the held-out-pairs
+# floor is above the 44 % the model drew before its text encoder learned to tag each noun.
 FLOORS = {
-    "seen": ("pair_accuracy", 0.55),
-    "held-out-pairs": ("pair_accuracy", 0.2),
-    "held-out-phrasings": ("pair_accuracy", 0.45),
+    "seen": ("pair_accuracy", 0.6),
+    "held-out-pairs": ("pair_accuracy", 0.5),
+    "held-out-phrasings": ("pair_accuracy", 0.5),
 }
 
 
