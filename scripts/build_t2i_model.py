@@ -18,8 +18,8 @@ phrasings never appear in training (``data.captions``).
    Self-Correction, 10 % of captions dropped to the learned null text);
 4. quality: pair accuracy of seen prompts, held-out pairs and held-out phrasings, read by the bundled demo
    classifier on each half, and the halves' Fréchet distance to real test items, for a grid of guidance settings;
-   of the settings within one standard error of the best seen-pair accuracy, the one
-   with the lowest FD becomes the model's default (``jobs.prompt_quality.choose_setting``) (``quality.json``);
+   of the settings within one standard error of the best seen-pair accuracy, the one with the lowest FD becomes
+   the model's default (``jobs.prompt_quality.choose_setting``; the sweep is in ``quality.json``);
 5. writes ``src/nextscale/assets/demo-fmnist-t2i`` (transformer stored in float16).
 
 Each training step resumes from its checkpoint if the command is run again; the text encoder is rebuilt only if
